@@ -1,0 +1,41 @@
+# Symmetric TCP splice: the two commands a user needs are
+#   make testbed up      build the namespaces, start the services, print what is where
+#   make test            run the test suite (as root: it builds its own namespaces)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+# `make testbed up|down|status|...`: the words after `testbed` go to the CLI.
+ifeq (testbed,$(firstword $(MAKECMDGOALS)))
+  TESTBED_ARGS := $(wordlist 2,$(words $(MAKECMDGOALS)),$(MAKECMDGOALS))
+  $(eval $(TESTBED_ARGS):;@:)
+endif
+
+.PHONY: testbed test lint sysdeps venv experiments clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(STAMP)
+
+# Debian packages the testbed and the tests drive (installed only if missing).
+sysdeps:
+	@bash scripts/install-sysdeps.sh
+
+testbed: $(STAMP) sysdeps
+	$(PY) -m testbed $(or $(TESTBED_ARGS),status)
+
+test: $(STAMP) sysdeps
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

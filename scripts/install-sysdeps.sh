@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install the Debian packages the testbed uses, only those that are missing.
+# curl: the real SOCKS/HTTP client; tcpdump: link captures; iptables: the
+# NFQUEUE hook of link shaping; iperf3: bulk baselines; microsocks and
+# dante-server: real SOCKS servers the experiments compare against.
+set -euo pipefail
+declare -A need=(
+  [curl]=curl [tcpdump]=tcpdump [iptables]=iptables [iperf3]=iperf3
+  [microsocks]=microsocks [danted]=dante-server
+)
+missing=()
+for cmd in "${!need[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("${need[$cmd]}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing Debian packages: ${missing[*]} (run as root, or apt-get install them)" >&2
+    exit 1
+  fi
+  echo "installing: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
