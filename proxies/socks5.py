@@ -1,0 +1,351 @@
+"""Plain SOCKS5 proxy: kernel sockets, bytes copied through user space.
+
+This is the baseline the thesis measures TCP splice against (chapter 6).
+Negotiation is ``socks5_protocol.Negotiation``; this module is only the I/O
+shell: accept, read the handshake, connect, then relay.
+
+Relay: one thread per direction, each blocking in the kernel so the GIL is
+free while bytes move. Two copy strategies (``--copy``):
+
+* ``splice``: socket -> pipe -> socket with os.splice(), no copy into Python.
+  SPLICE_F_MORE is deliberately not set: it makes TCP hold back small writes
+  (~200 ms) waiting for more, which would stall request/response traffic.
+* ``buffer``: recv_into() a large preallocated buffer, then sendall().
+
+Half-close (RFC 9293 s.3.6): EOF from one side becomes shutdown(SHUT_WR)
+towards the other, whose direction keeps flowing; both sockets close when
+both directions have seen EOF. An error on either socket (a reset, mostly)
+aborts the pair: the surviving side is closed with SO_LINGER 0, i.e. reset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import enum
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+
+from proxies.socks5_protocol import (
+    MAX_REQUEST_LEN,
+    Connect,
+    Credentials,
+    Negotiation,
+    Reject,
+    Reply,
+    SendToClient,
+    build_reply,
+    reply_for_connect_error,
+)
+
+log = logging.getLogger("proxies.socks5")
+
+COPY_BUFFER_SIZE = 256 * 1024
+PIPE_SIZE = 1024 * 1024
+HANDSHAKE_TIMEOUT = 30.0  # a client that never finishes its handshake does not hold a thread
+DRAIN_TIMEOUT = 1.0
+LISTEN_BACKLOG = 1024
+THREAD_STACK_SIZE = 256 * 1024  # two threads per connection: keep their stacks small
+
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+class CopyStrategy(enum.Enum):
+    SPLICE = "splice"
+    BUFFER = "buffer"
+
+
+def default_copy_strategy() -> CopyStrategy:
+    # splice measured faster on loopback here (see docs in the report); the
+    # buffer copy is the fallback where os.splice does not exist.
+    return CopyStrategy.SPLICE if hasattr(os, "splice") else CopyStrategy.BUFFER
+
+
+@dataclass(slots=True)
+class RelayPair:
+    """The two sockets of one proxied connection and how far each direction got."""
+
+    client: socket.socket
+    server: socket.socket
+    directions_open: int = 2
+    aborted: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def finish_direction(self) -> None:
+        with self.lock:
+            self.directions_open -= 1
+            last = self.directions_open == 0
+        if last:
+            self.client.close()
+            self.server.close()
+
+    def abort(self) -> None:
+        """Reset both sides and wake the other direction's thread."""
+        with self.lock:
+            if self.aborted:
+                return
+            self.aborted = True
+        for sock in (self.client, self.server):
+            try:
+                # Linger 0: close() will send RST instead of FIN.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                # SHUT_RD sends nothing on TCP but wakes a reader blocked in
+                # recv()/splice() with EOF, so the other thread can finish.
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+
+
+def _copy_buffer(source: socket.socket, sink: socket.socket) -> None:
+    buffer = bytearray(COPY_BUFFER_SIZE)
+    view = memoryview(buffer)
+    while True:
+        count = source.recv_into(buffer)
+        if count == 0:
+            return
+        sink.sendall(view[:count])
+
+
+def _copy_splice(source: socket.socket, sink: socket.socket) -> None:
+    read_end, write_end = os.pipe()
+    try:
+        # A smaller default pipe (64 KiB) is slower but still correct.
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(write_end, _F_SETPIPE_SZ, PIPE_SIZE)
+        source_fd, sink_fd = source.fileno(), sink.fileno()
+        while True:
+            count = os.splice(source_fd, write_end, PIPE_SIZE)
+            if count == 0:
+                return
+            while count:
+                count -= os.splice(read_end, sink_fd, count)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+_COPIERS: dict[CopyStrategy, Callable[[socket.socket, socket.socket], None]] = {
+    CopyStrategy.SPLICE: _copy_splice,
+    CopyStrategy.BUFFER: _copy_buffer,
+}
+
+
+def _relay_direction(
+    pair: RelayPair, source: socket.socket, sink: socket.socket, strategy: CopyStrategy
+) -> None:
+    try:
+        _COPIERS[strategy](source, sink)
+        if not pair.aborted:
+            sink.shutdown(socket.SHUT_WR)  # carry the FIN across, keep the other way open
+    except OSError as exc:
+        log.debug("relay error %s, resetting both sides", exc)
+        pair.abort()
+    finally:
+        pair.finish_direction()
+
+
+def relay(client: socket.socket, server: socket.socket, strategy: CopyStrategy) -> None:
+    """Copy both directions until both are done; runs server->client in this thread."""
+    pair = RelayPair(client, server)
+    upstream = threading.Thread(
+        target=_relay_direction,
+        args=(pair, client, server, strategy),
+        name="socks5-up",
+        daemon=True,
+    )
+    upstream.start()
+    _relay_direction(pair, server, client, strategy)
+
+
+def _connect(host: str, port: int, timeout: float) -> socket.socket:
+    """Try each address of DST in turn (getaddrinfo order), like create_connection()."""
+    last_error: OSError | None = None
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            last_error = exc
+            continue
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    raise last_error if last_error is not None else OSError(errno.EHOSTUNREACH, "no address")
+
+
+def _close_gently(sock: socket.socket) -> None:
+    """Close after a reply so it is read: unread input at close() would send RST."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(DRAIN_TIMEOUT)
+        while sock.recv(4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    credentials: Credentials | None = None
+    connect_timeout: float = 10.0
+    copy: CopyStrategy = field(default_factory=default_copy_strategy)
+
+
+def _negotiate(client: socket.socket, config: ProxyConfig) -> Connect | None:
+    negotiation = Negotiation(config.credentials)
+    while True:
+        data = client.recv(MAX_REQUEST_LEN)
+        if not data:
+            return None
+        for event in negotiation.receive(data):
+            if isinstance(event, SendToClient):
+                client.sendall(event.data)
+            elif isinstance(event, Reject):
+                log.info("rejected %s: %s", client.getpeername(), event.reason)
+                client.sendall(event.data)
+                _close_gently(client)
+                return None
+            else:
+                return event
+
+
+def serve_client(client: socket.socket, config: ProxyConfig) -> None:
+    """One client connection, start to end (its own thread)."""
+    try:
+        client.settimeout(HANDSHAKE_TIMEOUT)
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connect = _negotiate(client, config)
+        if connect is None:
+            client.close()
+            return
+        request = connect.request
+        try:
+            server = _connect(request.host, request.port, config.connect_timeout)
+        except OSError as exc:
+            code = reply_for_connect_error(exc)
+            log.info("connect %s:%d failed: %s -> %s", request.host, request.port, exc, code.name)
+            client.sendall(build_reply(code))
+            _close_gently(client)
+            return
+        try:
+            bound = server.getsockname()
+            client.sendall(build_reply(Reply.SUCCEEDED, (bound[0], bound[1])))
+            client.settimeout(None)
+            if connect.early_data:
+                server.sendall(connect.early_data)
+        except OSError:
+            server.close()
+            raise
+        log.debug("relaying %s <-> %s:%d", client.getpeername(), request.host, request.port)
+        relay(client, server, config.copy)
+    except OSError as exc:
+        log.info("client dropped during negotiation: %s", exc)
+        client.close()
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """ADDR:PORT, or [IPv6]:PORT."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise argparse.ArgumentTypeError(f"expected ADDR:PORT, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def open_listener(address: tuple[str, int]) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(address)
+        listener.listen(LISTEN_BACKLOG)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+class _Stop(Exception):
+    """Raised by the SIGTERM handler to leave the accept loop."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _Stop
+
+
+def serve(listener: socket.socket, config: ProxyConfig) -> None:
+    """Accept forever; each client gets its own thread."""
+    while True:
+        client, peer = listener.accept()
+        log.debug("accepted %s", peer)
+        threading.Thread(
+            target=serve_client, args=(client, config), name="socks5-client", daemon=True
+        ).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m proxies.socks5", description="Plain copy-loop SOCKS5 proxy (CONNECT)."
+    )
+    parser.add_argument("--listen", type=parse_listen, required=True, metavar="ADDR:PORT")
+    parser.add_argument("--user", help="require RFC 1929 username/password")
+    parser.add_argument("--password")
+    parser.add_argument("--connect-timeout", type=float, default=10.0, metavar="S")
+    parser.add_argument(
+        "--copy",
+        choices=[strategy.value for strategy in CopyStrategy],
+        default=default_copy_strategy().value,
+        help="how bytes are relayed (default: %(default)s)",
+    )
+    parser.add_argument("--log-level", default="WARNING", metavar="L")
+    args = parser.parse_args(argv)
+    if (args.user is None) != (args.password is None):
+        parser.error("--user and --password go together")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s socks5 %(levelname)s %(message)s"
+    )
+    credentials = None
+    if args.user is not None:
+        credentials = Credentials(args.user.encode(), args.password.encode())
+    copy = CopyStrategy(args.copy)
+    if copy is CopyStrategy.SPLICE and not hasattr(os, "splice"):
+        log.warning("os.splice unavailable, copying through a buffer")
+        copy = CopyStrategy.BUFFER
+    config = ProxyConfig(credentials, args.connect_timeout, copy)
+
+    host, port = args.listen
+    try:
+        listener = open_listener(args.listen)
+    except OSError as exc:
+        print(f"socks5: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+        return 1
+    threading.stack_size(THREAD_STACK_SIZE)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    print("ready", flush=True)
+    log.info("listening on %s:%d, copy=%s", host, port, config.copy.value)
+    try:
+        serve(listener, config)
+    except (_Stop, KeyboardInterrupt):
+        log.info("stopping")
+    finally:
+        listener.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
