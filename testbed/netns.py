@@ -1,0 +1,140 @@
+"""Network namespaces: create, remove, run code and programs inside them.
+
+Namespaces are the named kind that `ip netns` also sees (a bind mount under
+/run/netns), created and removed through pyroute2, never by shelling out to
+`ip`.  Programs are started inside a namespace by a setns(2) in the child
+between fork and exec, so no helper binary (nsenter, ip) is needed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import netns as _pr_netns
+
+NETNS_RUN_DIR = Path("/run/netns")
+_CLONE_NEWNET = 0x40000000
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+class NamespaceError(RuntimeError):
+    """A namespace operation failed; the message says which namespace and why."""
+
+
+def exists(name: str) -> bool:
+    return (NETNS_RUN_DIR / name).exists()
+
+
+def create(name: str) -> None:
+    """Create namespace `name` if it does not exist yet (idempotent)."""
+    if not exists(name):
+        _pr_netns.create(name)
+
+
+def remove(name: str) -> None:
+    """Remove namespace `name`; its interfaces vanish with it.  Idempotent."""
+    if exists(name):
+        _pr_netns.remove(name)
+
+
+def list_names(prefix: str) -> list[str]:
+    """Names of the existing namespaces that start with `prefix`."""
+    if not NETNS_RUN_DIR.is_dir():
+        return []
+    return sorted(p.name for p in NETNS_RUN_DIR.iterdir() if p.name.startswith(prefix))
+
+
+def inode(name: str) -> int:
+    """The namespace's identity (inode of its nsfs file), to find processes inside it."""
+    return os.stat(NETNS_RUN_DIR / name).st_ino
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def _preexec(name: str) -> Callable[[], None]:
+    path = str(NETNS_RUN_DIR / name)
+    if not exists(name):
+        raise NamespaceError(f"namespace {name!r} does not exist (is the testbed up?)")
+
+    def enter() -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            _setns(fd)
+        finally:
+            os.close(fd)
+        os.setsid()  # own process group: stopping it never signals our caller
+
+    return enter
+
+
+def popen(name: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+    """Start `argv` inside namespace `name` (in its own session/process group)."""
+    return subprocess.Popen(list(argv), preexec_fn=_preexec(name), **kwargs)
+
+
+def run(
+    name: str,
+    argv: Sequence[str],
+    *,
+    check: bool = False,
+    timeout: float | None = 60,
+    **kwargs: Any,
+) -> subprocess.CompletedProcess[str]:
+    """Run `argv` inside namespace `name` to completion, capturing text output."""
+    kwargs.setdefault("capture_output", True)
+    kwargs.setdefault("text", True)
+    return subprocess.run(
+        list(argv), preexec_fn=_preexec(name), check=check, timeout=timeout, **kwargs
+    )
+
+
+def write_sysctl(name: str, key: str, value: str | int) -> None:
+    """Set a sysctl inside namespace `name`.
+
+    /proc/sys/net is per network namespace as seen by the *opener*, so the
+    write happens in a short-lived child that entered the namespace.
+    """
+    path = "/proc/sys/" + key.replace(".", "/")
+    code = "import sys; open(sys.argv[1], 'w').write(sys.argv[2])"
+    res = run(name, [sys.executable, "-c", code, path, str(value)], timeout=10)
+    if res.returncode != 0:
+        msg = res.stderr.strip().splitlines()[-1:] or ["unknown error"]
+        raise NamespaceError(f"sysctl {key}={value} in {name}: {msg[0]}")
+
+
+def read_sysctl(name: str, key: str) -> str:
+    path = "/proc/sys/" + key.replace(".", "/")
+    code = "import sys; print(open(sys.argv[1]).read().strip())"
+    res = run(name, [sys.executable, "-c", code, path], timeout=10)
+    if res.returncode != 0:
+        raise NamespaceError(f"sysctl {key} in {name}: {res.stderr.strip()}")
+    return res.stdout.strip()
+
+
+def pids_in(name: str) -> list[int]:
+    """PIDs of the processes whose network namespace is `name`."""
+    if not exists(name):
+        return []
+    target = inode(name)
+    found: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}/ns/net").st_ino == target:
+                found.append(int(entry))
+        except OSError:
+            continue  # the process exited while we looked
+    return found

@@ -1,0 +1,114 @@
+"""The thesis's three-host topology (Fig. 6.1) as plain data.
+
+    client ===[wire cp]=== proxy ===[wire ps]=== server
+  192.0.2.2          192.0.2.1 | 203.0.113.1         203.0.113.2
+
+Every link runs through a *wire*: a namespace holding a Linux bridge with
+two veth ports.  The wire is where link shaping happens (delay, loss, rate,
+...), mid-path, so neither sender's qdisc or socket is touched.  (tc netem
+would be the usual tool, but this kernel is built without sch_netem; see
+docs/testbed.md and testbed/shaping.py.)
+
+The proxy forwards between its links: it is the thesis's "router" baseline.
+The splice daemon's TUN (198.51.100.0/24) is routed from the proxy too, and
+its addresses are deliberately not local to the proxy namespace (DESIGN.md).
+
+Names: every namespace is ``<prefix>-<role>``; every host-side interface is
+``<prefix>-<xy>`` (x the host, y the peer), so cleanup can remove exactly what
+a testbed made and several testbeds can live side by side.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+DEFAULT_PREFIX = "tsplice"
+# IFNAMSIZ is 16 including the NUL: "<prefix>-xy" must fit in 15 characters.
+MAX_PREFIX_LEN = 12
+_PREFIX_RE = re.compile(r"^[a-z][a-z0-9]*$")
+
+# Addresses: documentation ranges only (RFC 5737).
+CLIENT_NET = "192.0.2.0/24"
+SERVER_NET = "203.0.113.0/24"
+SPLICE_NET = "198.51.100.0/24"  # routed into the splice daemon's TUN
+
+
+@dataclass(frozen=True, slots=True)
+class HostSpec:
+    role: str  # "client", "proxy", "server"
+    forwarding: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LinkSpec:
+    """A link between two hosts, with its two addresses (one /24 per link)."""
+
+    name: str  # "client-proxy"
+    short: str  # "cp": names the wire namespace and the interfaces
+    a: str  # host role on side A
+    b: str  # host role on side B
+    a_addr: str
+    b_addr: str
+    prefixlen: int = 24
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    hosts: tuple[HostSpec, ...]
+    links: tuple[LinkSpec, ...]
+    # Default gateways: host role -> gateway address.
+    gateways: dict[str, str] = field(default_factory=dict)
+
+    def link(self, name: str) -> LinkSpec:
+        for spec in self.links:
+            if name in (spec.name, spec.short):
+                return spec
+        names = ", ".join(s.name for s in self.links)
+        raise KeyError(f"unknown link {name!r} (links: {names})")
+
+    def host(self, role: str) -> HostSpec:
+        for spec in self.hosts:
+            if spec.role == role:
+                return spec
+        roles = ", ".join(h.role for h in self.hosts)
+        raise KeyError(f"unknown host {role!r} (hosts: {roles})")
+
+
+THESIS = Topology(
+    hosts=(HostSpec("client"), HostSpec("proxy", forwarding=True), HostSpec("server")),
+    links=(
+        LinkSpec("client-proxy", "cp", "client", "proxy", "192.0.2.2", "192.0.2.1"),
+        LinkSpec("proxy-server", "ps", "proxy", "server", "203.0.113.1", "203.0.113.2"),
+    ),
+    gateways={"client": "192.0.2.1", "server": "203.0.113.1"},
+)
+
+
+def check_prefix(prefix: str) -> str:
+    """Validate a name prefix: short, lowercase, so derived names stay legal."""
+    if not _PREFIX_RE.match(prefix) or len(prefix) > MAX_PREFIX_LEN:
+        raise ValueError(
+            f"bad prefix {prefix!r}: use 1-{MAX_PREFIX_LEN} lowercase letters/digits, "
+            "starting with a letter"
+        )
+    return prefix
+
+
+def ns_name(prefix: str, role: str) -> str:
+    return f"{prefix}-{role}"
+
+
+def wire_ns_name(prefix: str, link: LinkSpec) -> str:
+    return f"{prefix}-wire-{link.short}"
+
+
+def ifname(prefix: str, host: str, peer: str) -> str:
+    """Host-side interface of the link from `host` toward `peer`: <prefix>-<h><p>."""
+    return f"{prefix}-{host[0]}{peer[0]}"
+
+
+# Inside a wire namespace the names are fixed (the namespace itself is prefixed).
+WIRE_BRIDGE = "br0"
+WIRE_PORT_A = "wa"  # toward the link's host A
+WIRE_PORT_B = "wb"  # toward the link's host B
