@@ -32,6 +32,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
@@ -187,11 +188,13 @@ def _connect(host: str, port: int, timeout: float) -> socket.socket:
 
 def _close_gently(sock: socket.socket) -> None:
     """Close after a reply so it is read: unread input at close() would send RST."""
+    deadline = time.monotonic() + DRAIN_TIMEOUT  # a client trickling bytes forever is cut off
     try:
         sock.shutdown(socket.SHUT_WR)
-        sock.settimeout(DRAIN_TIMEOUT)
-        while sock.recv(4096):
-            pass
+        while True:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            if not sock.recv(65536):
+                break
     except OSError:
         pass
     finally:
