@@ -1,0 +1,110 @@
+"""What the API server needs from the daemon core, and what it offers back.
+
+The API server (daemon/api/server.py) speaks the wire protocol and tracks
+which API client owns which object; everything about TCP is the core's.
+The core implements ``Core``; the server implements ``ApiSink`` and the core
+calls it when an object goes away or an event should reach a proxy.
+
+Threading: every method on both sides runs in the daemon's event-loop
+thread, and ``Done`` callbacks must be called from that thread too.  No
+locks anywhere in the API layer rely on anything else.
+
+Ownership is the server's job: by the time a ``Core`` method is called, the
+server has checked that every conn / listener id in the request exists in
+its table and belongs to ``owner``.  The core still validates *state*
+(ESTATE) and may answer ENOENT for an id it freed but has not yet
+``forget``-ed.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Mapping
+from enum import StrEnum
+from typing import Protocol
+
+from daemon.api.protocol import Address, ErrorCode
+
+
+class ApiError(Exception):
+    """An op failed in a way the proxy should hear about, with a stable code."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ObjectKind(StrEnum):
+    CONN = "conn"
+    LISTENER = "listener"
+
+
+Result = dict[str, object]
+
+# Completion of an async op (accept, connect): the result or the error, and
+# the proxy's end of the socketpair for a successful accept/connect (None
+# otherwise).  The server takes ownership of the socket: it sends it to the
+# proxy with SCM_RIGHTS and closes the daemon's copy.  Call it exactly once.
+Done = Callable[[Result | ApiError, socket.socket | None], None]
+
+
+class Core(Protocol):
+    """The operations of thesis 4.1 as the daemon core offers them.
+
+    Synchronous methods return the reply fields or raise ``ApiError``; any
+    other exception is a core bug, answered with EINTERNAL and logged.
+    Results that create an object name it: ``{"listener": id, "addr": [h, p]}``
+    for listen, ``{"conn": id, "peer": [h, p], "local": [h, p]}`` for accept
+    and connect, ``{"conn": id}`` for intend_splice.  Ids are unique per
+    kind for the daemon's lifetime (never reused), so a stale id is ENOENT,
+    never someone else's object.
+    """
+
+    def listen(self, owner: int, addr: Address, backlog: int) -> Result: ...
+
+    def accept(self, owner: int, listener: int, done: Done) -> None: ...
+
+    def connect(
+        self,
+        owner: int,
+        remote: Address,
+        local: Address | None,
+        timeout: float,
+        conn: int | None,
+        done: Done,
+    ) -> None:
+        """Open a connection; ``conn`` is a server-side conn from intend_splice or None."""
+
+    def close(self, owner: int, conn: int) -> Result: ...
+
+    def close_listener(self, owner: int, listener: int) -> Result: ...
+
+    def shutdown(self, owner: int, conn: int) -> Result: ...
+
+    def stats(self, owner: int, conn: int | None) -> Result:
+        """Per-connection counters, or daemon-wide counters when ``conn`` is None."""
+
+    def intend_splice(self, owner: int, conn: int) -> Result: ...
+
+    def splice(self, owner: int, client: int, server: int, length: int) -> Result: ...
+
+    def client_gone(self, owner: int) -> None:
+        """The API client disconnected.
+
+        The core closes what it owned and had not spliced (FIN, or RST where
+        received data was never read: RFC 9293 3.10.4 / RFC 2525 2.17),
+        cancels its pending accepts/connects without calling their ``done``,
+        and leaves spliced pairs flowing.  ``forget`` calls are not needed
+        for ``owner``'s objects: the server has dropped them already.
+        """
+
+
+class ApiSink(Protocol):
+    """What the API server offers the core."""
+
+    def forget(self, kind: ObjectKind, object_id: int) -> None:
+        """The object is freed; its id is no longer valid for any client."""
+
+    def push_event(self, owner: int, event: Mapping[str, object]) -> None:
+        """Queue ``{"event": name, ...}`` for ``owner``; dropped if it is gone."""
