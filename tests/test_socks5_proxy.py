@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -43,6 +43,15 @@ def free_port() -> int:
         probe.bind((LOOPBACK, 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 # --- the origin HTTP server: GET /N serves payload(N), POST answers the body's sha256 ---
@@ -475,3 +484,20 @@ def test_client_silent_after_connect_does_not_block_others(proxy: Proxy, origin:
     with socket.create_connection((LOOPBACK, proxy.port), timeout=10):
         result = curl("--socks5", f"{LOOPBACK}:{proxy.port}", f"http://{LOOPBACK}:{origin}/777")
     assert result.stdout == payload(777)
+
+
+def test_finished_connections_release_sockets_and_pipes(origin: int) -> None:
+    with running_proxy("--copy", "splice") as proxy:
+        fd_dir = Path(f"/proc/{proxy.process.pid}/fd")
+        baseline = len(list(fd_dir.iterdir()))
+        for size in (1000, 300_000):
+            result = curl(
+                "--socks5", f"{LOOPBACK}:{proxy.port}", f"http://{LOOPBACK}:{origin}/{size}"
+            )
+            assert result.stdout == payload(size)
+        test_reset_from_server_resets_the_client(proxy)
+        test_reset_from_client_resets_the_server(proxy)
+        test_half_close_keeps_the_other_direction_flowing(proxy)
+        assert wait_until(lambda: len(list(fd_dir.iterdir())) == baseline), sorted(
+            os.readlink(fd) for fd in fd_dir.iterdir()
+        )
