@@ -1,0 +1,317 @@
+"""The API wire protocol: every op parses, every malformed request is an error value."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from daemon.api import protocol
+from daemon.api.protocol import (
+    Accept,
+    BadRequest,
+    Close,
+    CloseListener,
+    Connect,
+    ErrorCode,
+    Hello,
+    IntendSplice,
+    LineFramer,
+    Listen,
+    ListObjects,
+    Shutdown,
+    Splice,
+    Stats,
+    parse_request,
+)
+
+
+def req(**fields: object) -> bytes:
+    return json.dumps(fields).encode()
+
+
+def bad(line: bytes) -> BadRequest:
+    result = parse_request(line)
+    assert isinstance(result, BadRequest), result
+    return result
+
+
+# -- every op, well-formed ---------------------------------------------------
+
+
+def test_hello() -> None:
+    assert parse_request(req(id=1, op="hello", version=1)) == Hello(1, 1)
+
+
+def test_listen_with_default_backlog() -> None:
+    got = parse_request(req(id=2, op="listen", addr=["192.0.2.1", 1080]))
+    assert got == Listen(2, ("192.0.2.1", 1080), protocol.DEFAULT_BACKLOG)
+
+
+def test_listen_port_zero_and_explicit_backlog() -> None:
+    got = parse_request(req(id=2, op="listen", addr=["192.0.2.1", 0], backlog=5))
+    assert got == Listen(2, ("192.0.2.1", 0), 5)
+
+
+def test_accept() -> None:
+    assert parse_request(req(id=3, op="accept", listener=7)) == Accept(3, 7)
+
+
+def test_connect_defaults() -> None:
+    got = parse_request(req(id=4, op="connect", remote=["203.0.113.2", 80]))
+    assert got == Connect(4, ("203.0.113.2", 80), None, protocol.DEFAULT_CONNECT_TIMEOUT, None)
+
+
+def test_connect_with_everything() -> None:
+    line = req(
+        id=4,
+        op="connect",
+        remote=["203.0.113.2", 80],
+        local=["198.51.100.1", 0],
+        timeout=2.5,
+        conn=9,
+    )
+    assert parse_request(line) == Connect(4, ("203.0.113.2", 80), ("198.51.100.1", 0), 2.5, 9)
+
+
+def test_connect_ipv6_is_canonicalised() -> None:
+    got = parse_request(req(id=4, op="connect", remote=["2001:DB8:0:0::1", 443], local=None))
+    assert isinstance(got, Connect)
+    assert got.remote == ("2001:db8::1", 443)
+
+
+def test_close_conn_and_close_listener() -> None:
+    assert parse_request(req(id=5, op="close", conn=1)) == Close(5, 1)
+    assert parse_request(req(id=5, op="close", listener=1)) == CloseListener(5, 1)
+
+
+def test_shutdown_stats_list() -> None:
+    assert parse_request(req(id=6, op="shutdown", conn=3)) == Shutdown(6, 3)
+    assert parse_request(req(id=7, op="stats")) == Stats(7, None)
+    assert parse_request(req(id=7, op="stats", conn=3)) == Stats(7, 3)
+    assert parse_request(req(id=8, op="list")) == ListObjects(8)
+
+
+def test_part_two_splice_ops() -> None:
+    assert parse_request(req(id=9, op="intend_splice", conn=1)) == IntendSplice(9, 1)
+    assert parse_request(req(id=9, op="splice", client=1, server=2, len=0)) == Splice(9, 1, 2, 0)
+
+
+def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
+    assert parse_request(req(id=1, op="list", admin=True)) == ListObjects(1)
+
+
+def test_trailing_newline_is_accepted() -> None:
+    assert parse_request(req(id=1, op="list") + b"\n") == ListObjects(1)
+
+
+def test_every_op_has_a_parser() -> None:
+    assert set(protocol.OPS) == {
+        "hello",
+        "listen",
+        "accept",
+        "connect",
+        "close",
+        "shutdown",
+        "stats",
+        "list",
+        "intend_splice",
+        "splice",
+    }
+
+
+# -- malformed envelopes: the id is unknown, so it is null in the reply -------
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"not json",
+        b"{",
+        b"",
+        b'"a string"',
+        b"[1, 2]",
+        b"\xff\xfe",
+        b'{"id": NaN, "op": "list"}',
+        b'{"op": "list"}',
+        b'{"id": "1", "op": "list"}',
+        b'{"id": true, "op": "list"}',
+        b'{"id": -1, "op": "list"}',
+        b'{"id": 1.0, "op": "list"}',
+        b'{"id": 9223372036854775808, "op": "list"}',
+        b"[" * 100_000,
+    ],
+)
+def test_unreadable_request_is_ebadreq_with_null_id(line: bytes) -> None:
+    result = bad(line)
+    assert result.id is None
+    assert result.code is ErrorCode.EBADREQ
+
+
+def test_missing_op_keeps_the_id() -> None:
+    assert bad(req(id=4)) == BadRequest(4, ErrorCode.EBADREQ, "'op' must be a string")
+
+
+def test_unknown_op_is_eunknownop() -> None:
+    result = bad(req(id=4, op="frobnicate"))
+    assert (result.id, result.code) == (4, ErrorCode.EUNKNOWNOP)
+
+
+# -- malformed arguments: the id is known -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"op": "hello"},
+        {"op": "hello", "version": 0},
+        {"op": "hello", "version": "1"},
+        {"op": "listen"},
+        {"op": "listen", "addr": "192.0.2.1:80"},
+        {"op": "listen", "addr": ["192.0.2.1"]},
+        {"op": "listen", "addr": ["192.0.2.1", 80, 1]},
+        {"op": "listen", "addr": ["192.0.2.1", "80"]},
+        {"op": "listen", "addr": ["192.0.2.1", 65536]},
+        {"op": "listen", "addr": ["192.0.2.1", -1]},
+        {"op": "listen", "addr": ["192.0.2.1", True]},
+        {"op": "listen", "addr": ["example.com", 80]},
+        {"op": "listen", "addr": ["192.0.2.256", 80]},
+        {"op": "listen", "addr": ["fe80::1%eth0", 80]},
+        {"op": "listen", "addr": [None, 80]},
+        {"op": "listen", "addr": ["192.0.2.1", 80], "backlog": 0},
+        {"op": "listen", "addr": ["192.0.2.1", 80], "backlog": 1.5},
+        {"op": "accept"},
+        {"op": "accept", "listener": "1"},
+        {"op": "accept", "listener": -3},
+        {"op": "connect"},
+        {"op": "connect", "remote": ["203.0.113.2", 0]},
+        {"op": "connect", "remote": ["203.0.113.2", 80], "local": ["x", 1]},
+        {"op": "connect", "remote": ["203.0.113.2", 80], "timeout": 0},
+        {"op": "connect", "remote": ["203.0.113.2", 80], "timeout": -1},
+        {"op": "connect", "remote": ["203.0.113.2", 80], "timeout": "5"},
+        {"op": "connect", "remote": ["203.0.113.2", 80], "timeout": True},
+        {"op": "connect", "remote": ["203.0.113.2", 80], "timeout": 1e9},
+        {"op": "connect", "remote": ["203.0.113.2", 80], "conn": "2"},
+        {"op": "close"},
+        {"op": "close", "conn": 1, "listener": 2},
+        {"op": "close", "conn": "1"},
+        {"op": "shutdown"},
+        {"op": "stats", "conn": [1]},
+        {"op": "intend_splice"},
+        {"op": "splice", "client": 1, "server": 2},
+        {"op": "splice", "client": 1, "server": 1, "len": 0},
+        {"op": "splice", "client": 1, "server": 2, "len": -1},
+        {"op": "splice", "client": 1, "server": 2, "len": 2**31},
+        {"op": "splice", "server": 2, "len": 0},
+    ],
+)
+def test_bad_arguments_are_ebadreq_with_the_request_id(fields: dict[str, object]) -> None:
+    result = bad(req(id=42, **fields))
+    assert (result.id, result.code) == (42, ErrorCode.EBADREQ)
+    assert str(fields["op"]) in result.message
+
+
+@given(st.binary(max_size=200))
+def test_parse_request_never_raises(line: bytes) -> None:
+    parse_request(line)
+
+
+@given(st.dictionaries(st.sampled_from(["id", "op", "addr", "conn", "len"]), st.from_type(object)))
+def test_parse_request_never_raises_on_odd_json(fields: dict[str, object]) -> None:
+    try:
+        line = json.dumps(fields).encode()
+    except (TypeError, ValueError):
+        return
+    parse_request(line)
+
+
+# -- encoders -------------------------------------------------------------------
+
+
+def test_reply_is_one_compact_line() -> None:
+    line = protocol.encode_reply(3, {"conn": 4, "peer": ["192.0.2.9", 5000]}, fd=True)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert json.loads(line) == {
+        "id": 3,
+        "ok": True,
+        "conn": 4,
+        "peer": ["192.0.2.9", 5000],
+        "fd": True,
+    }
+
+
+def test_result_fields_cannot_forge_the_envelope() -> None:
+    line = protocol.encode_reply(3, {"id": 99, "ok": False, "fd": True})
+    assert json.loads(line) == {"id": 3, "ok": True}
+
+
+def test_error_and_event_encoding() -> None:
+    err = json.loads(protocol.encode_error(None, ErrorCode.EBADREQ, "bad"))
+    assert err == {"id": None, "ok": False, "error": "EBADREQ", "message": "bad"}
+    assert json.loads(protocol.encode_event("reset", {"conn": 5})) == {"event": "reset", "conn": 5}
+
+
+def test_non_ascii_text_is_escaped() -> None:
+    line = protocol.encode_error(1, ErrorCode.EINTERNAL, "kaputt \u00fc")
+    assert line.isascii()
+    assert json.loads(line)["message"] == "kaputt \u00fc"
+
+
+# -- framing ------------------------------------------------------------------------
+
+
+def test_framer_splits_lines_and_keeps_the_tail() -> None:
+    framer = LineFramer()
+    assert framer.feed(b'{"a":1}\n{"b"') == [b'{"a":1}']
+    assert framer.pending == 4
+    assert framer.feed(b":2}\n\n") == [b'{"b":2}', b""]
+    assert framer.pending == 0
+
+
+def test_framer_byte_by_byte_equals_all_at_once() -> None:
+    stream = b"".join(req(id=i, op="list") + b"\n" for i in range(20))
+    framer = LineFramer()
+    lines = [line for i in range(len(stream)) for line in framer.feed(stream[i : i + 1])]
+    assert lines == LineFramer().feed(stream)
+    assert [parse_request(line) for line in lines] == [ListObjects(i) for i in range(20)]
+
+
+@given(
+    st.lists(st.binary(max_size=30).map(lambda b: b.replace(b"\n", b"")), max_size=10), st.data()
+)
+def test_framer_is_independent_of_chunking(lines: list[bytes], data: st.DataObject) -> None:
+    stream = b"".join(line + b"\n" for line in lines)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    framer = LineFramer(limit=64)
+    got: list[bytes] = []
+    for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        got += framer.feed(stream[start:end])
+    assert got == lines
+
+
+def test_line_of_exactly_the_limit_passes() -> None:
+    framer = LineFramer(limit=10)
+    assert framer.feed(b"123456789\n") == [b"123456789"]
+    assert not framer.overflowed
+
+
+def test_line_one_over_the_limit_overflows_even_before_its_newline() -> None:
+    framer = LineFramer(limit=10)
+    assert framer.feed(b"ok\n1234567890") == [b"ok"]
+    assert framer.overflowed
+    assert framer.feed(b"\nmore\n") == []  # no resynchronisation inside a stream
+
+
+def test_overflow_across_chunks() -> None:
+    framer = LineFramer(limit=10)
+    assert framer.feed(b"12345") == []
+    assert framer.feed(b"67890") == []
+    assert framer.overflowed
+
+
+def test_default_limit_is_64_kib() -> None:
+    framer = LineFramer()
+    assert framer.feed(b"x" * (64 * 1024 - 1) + b"\n") != []
+    assert framer.feed(b"x" * (64 * 1024)) == [] and framer.overflowed
