@@ -76,7 +76,9 @@ def pseudo_header_sum(src_addr: bytes, dst_addr: bytes, protocol: int, length: i
 def update_checksum16(checksum: int, old: int, new: int) -> int:
     """Complete checksum field after one 16-bit word changes from ``old`` to ``new``.
 
-    RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m').
+    RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m').  Exact (0 vs 0xFFFF included)
+    whenever the checksummed data is not all zero, which a pseudo-header with
+    protocol 6 guarantees; eqn. 3 rather than eqn. 2 for that reason (RFC 1624 3).
     """
     s = (~checksum & _FOLD_MASK) + (~old & _FOLD_MASK) + new
     return ~fold(s) & _FOLD_MASK
