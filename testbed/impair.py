@@ -388,6 +388,7 @@ ETH_P_IPV6 = 0x86DD
 @dataclass(slots=True)
 class ShellCounters:
     enobufs: int = 0
+    netlink_errors: int = 0
     injected: int = 0
     inject_skipped: int = 0
     unknown_port: int = 0
@@ -437,6 +438,7 @@ class _Shell:
 
     def stats(self) -> dict[str, object]:
         self.counters.enobufs = self.nfq.enobufs
+        self.counters.netlink_errors = self.nfq.errors
         return {
             "pid": os.getpid(),
             "queue": self.queue,

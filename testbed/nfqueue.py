@@ -340,6 +340,7 @@ class NfqueueSocket:
     ) -> None:
         self.queue = queue
         self.enobufs = 0
+        self.errors = 0  # error replies, e.g. a verdict for a packet already gone
         self._seq = 0
         self._buf = bytearray(0x10000 + 4096)
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
@@ -405,6 +406,8 @@ class NfqueueSocket:
             for m in parse_messages(memoryview(self._buf)[:n]):
                 if isinstance(m, QueuedPacket):
                     packets.append(m)
+                elif (isinstance(m, NetlinkAck) and m.error != 0) or isinstance(m, Malformed):
+                    self.errors += 1
         return packets
 
     def send(self, messages: list[bytes]) -> None:

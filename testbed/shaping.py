@@ -100,7 +100,11 @@ def _tbf_params(rate_mbit: float) -> dict[str, Any]:
     # Burst: at least a few full frames, and at least one 4 ms timer tick's
     # worth (HZ=250) so the bucket can keep up with the rate.
     burst = max(int(rate_bps / 250), 4 * 1514)
-    return {"rate": f"{rate_mbit * 1000:.0f}kbit", "burst": burst, "latency": f"{TBF_LATENCY_MS}ms"}
+    return {
+        "rate": f"{max(round(rate_mbit * 1e6), 8)}bit",
+        "burst": burst,
+        "latency": f"{TBF_LATENCY_MS}ms",
+    }
 
 
 def _set_tbf(netns: str, rate_mbit: float | None) -> None:
@@ -179,12 +183,17 @@ def clear_wire(netns: str, run_dir: Path) -> None:
 
 
 def shape_wire(netns: str, shape: LinkShape, run_dir: Path) -> None:
-    """Give wire ``netns`` this shape, replacing any shape it had."""
+    """Give wire ``netns`` this shape, replacing any shape it had.
+
+    An empty shape (``shape.is_empty``) just clears the wire.
+    """
     _netns_path(netns)
     if shape.rate_mbit is not None and shape.rate_mbit > MAX_TBF_MBIT:
         raise ShapingError(f"rate={shape.rate_mbit}mbit is above tbf's {MAX_TBF_MBIT}mbit")
     run_dir.mkdir(parents=True, exist_ok=True)
     clear_wire(netns, run_dir)
+    if shape.is_empty:
+        return
     files = _files(netns, run_dir)
     state: dict[str, Any] = {"shape": shape.words(), "rules": [], "sysctl": {}}
 

@@ -9,6 +9,7 @@ import os
 import secrets
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -41,7 +42,9 @@ def _build(names: dict[str, str]) -> None:
     with NetNS(names["w"], flags=0) as w:
         w.link("add", ifname="br0", kind="bridge")
         for port, host in (("wa", "a"), ("wb", "b")):
-            w.link("add", ifname=port, kind="veth", peer={"ifname": "eth0", "net_ns_fd": names[host]})
+            w.link(
+                "add", ifname=port, kind="veth", peer={"ifname": "eth0", "net_ns_fd": names[host]}
+            )
         br = w.link_lookup(ifname="br0")[0]
         for port in ("wa", "wb"):
             w.link("set", index=w.link_lookup(ifname=port)[0], master=br, state="up")
@@ -157,6 +160,18 @@ def connect_time(w: Wire, tries: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def tcp_in_csum_errors(ns: str) -> int:
+    """TcpInCsumErrors of namespace ``ns`` (RFC 4022 tcpInCsumErrors)."""
+    text = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{ns}", "cat", "/proc/net/snmp"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    names, values = (line.split()[1:] for line in text.splitlines() if line.startswith("Tcp:"))
+    return int(dict(zip(names, values, strict=True))["InCsumErrors"])
+
+
 def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -181,6 +196,8 @@ def test_impaired_transfer_arrives_intact_and_counts_impairments(wire: Wire) -> 
     data = pattern(4 << 20)
     got, _ = transfer(wire, data)
     assert hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest()
+    # The corrupted segments reached host a and its TCP threw them away.
+    assert tcp_in_csum_errors(wire.a) > 0
     active, _ = wire_status(wire.w, wire.run_dir)
     assert active == shape
     stats_file = wire.run_dir / f"{wire.w}.impair.json"
@@ -194,6 +211,7 @@ def test_impaired_transfer_arrives_intact_and_counts_impairments(wire: Wire) -> 
     _, stats = wire_status(wire.w, wire.run_dir)
     down = stats["b_to_a"]
     assert down["duplicated"] > 0 and down["reordered"] > 0 and down["delayed"] > 0
+    assert stats["a_to_b"]["seen"] > 0 and stats["a_to_b"]["delayed"] > 0
     assert stats["shell"]["injected"] > 0
 
 
