@@ -21,6 +21,7 @@ from testbed.impair import (
     LinkShape,
     corrupt_payload,
 )
+from testbed.impair import main as impair_main
 
 AB = Direction.A_TO_B
 little_endian_only = pytest.mark.skipif(
@@ -385,3 +386,13 @@ def test_packet_without_header_attribute_is_malformed() -> None:
     data = bytes.fromhex("14000000 0003 0000 00000000 00000000 02000003")
     (msg,) = list(nfqueue.parse_messages(data))
     assert msg == nfqueue.Malformed("packet message without NFQA_PACKET_HDR")
+
+
+def test_cli_rejects_bad_words_before_touching_any_namespace(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["--netns", "tbi-none", "--queue", "0", "--stats", "/nonexistent/x", "loss=200%"]
+    with pytest.raises(SystemExit) as exc:
+        impair_main(argv)
+    assert exc.value.code == 2
+    assert "loss must be between 0% and 100%" in capsys.readouterr().err
