@@ -346,10 +346,10 @@ def _hash_body(conn: socket.socket, length: int | None, early: bytes) -> tuple[s
 def _close(conn: socket.socket) -> None:
     """Send our FIN first, then close.
 
-    Closing with unread data queued makes the kernel send RST, which can
-    destroy response bytes the client has not read yet (RFC 9293 section
-    3.6 / RFC 2525 "failure to RST on close"), so after SHUT_WR the unread
-    input is drained briefly before the descriptor goes.
+    Closing with unread input makes the kernel answer with RST (RFC 1122
+    section 4.2.2.13), and an RST can make the client discard response bytes
+    it has not read yet. So after SHUT_WR the input is drained, for a bounded
+    time, before the descriptor goes.
     """
     try:
         conn.shutdown(socket.SHUT_WR)

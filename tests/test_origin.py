@@ -300,3 +300,16 @@ def test_request_log_names_each_request_and_status() -> None:
     assert len(lines) == 2
     assert any('"GET /bytes/5 HTTP/1.1" 200 5 ' in line for line in lines), lines
     assert any('"GET /missing HTTP/1.1" 404 ' in line for line in lines), lines
+
+
+def test_a_client_that_sends_nothing_is_closed_after_the_idle_timeout() -> None:
+    server = start_origin("--idle-timeout", "0.3")
+    try:
+        with socket.create_connection(server.http, timeout=10) as sock:
+            started = time.monotonic()
+            assert sock.recv(100) == b""  # the server's FIN, not our 10 s timeout
+            assert time.monotonic() - started < 5
+    finally:
+        server.process.send_signal(signal.SIGTERM)
+        _, err = server.process.communicate(timeout=10)
+    assert "[timeout]" in err
