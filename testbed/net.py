@@ -61,6 +61,8 @@ SOCKS_PORT = 1080
 class TestbedError(RuntimeError):
     """Bad use of the testbed (not root, unknown name, ...), with a clear message."""
 
+    __test__ = False  # not a pytest test class, despite the name
+
 
 def require_root(action: str) -> None:
     if os.geteuid() != 0:
@@ -234,6 +236,8 @@ def _set_link_mtu(prefix: str, spec: LinkSpec, mtu: int) -> None:
 @dataclass
 class Testbed:
     """The topology instantiated under one name prefix."""
+
+    __test__ = False  # not a pytest test class, despite the name
 
     prefix: str = DEFAULT_PREFIX
     topology: Topology = THESIS

@@ -1,8 +1,15 @@
-"""Shared pytest configuration: tests marked ``root`` need root and namespaces."""
+"""Shared pytest configuration.
+
+Tests marked ``root`` need root and network namespaces; they are skipped
+otherwise.  Every testbed a test builds gets a unique name prefix and is
+removed in a ``finally``, so tests never touch a user's testbed.
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
+from collections.abc import Iterator
 
 import pytest
 
@@ -14,3 +21,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "root" in item.keywords:
             item.add_marker(skip)
+
+
+def unique_prefix(tag: str = "t") -> str:
+    """A fresh testbed prefix such as ``t3fa9c1``: never the user's ``tsplice``."""
+    return tag + secrets.token_hex(3)
+
+
+@pytest.fixture(scope="module")
+def testbed() -> Iterator[object]:
+    """One testbed with services for a whole test module, removed afterwards."""
+    from testbed.net import Testbed
+
+    tb = Testbed(unique_prefix())
+    try:
+        tb.up()
+        yield tb
+    finally:
+        tb.down()

@@ -1,0 +1,70 @@
+"""Helpers for namespace tests: run Python, curl and the load client in a host."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import textwrap
+from typing import Any
+
+from servers.pattern import DEFAULT_SEED, pattern_chunks
+
+
+def pattern_sha256(size: int, seed: int = DEFAULT_SEED) -> str:
+    """SHA-256 of the first `size` bytes the origin serves for /bytes/<size>."""
+    h = hashlib.sha256()
+    for chunk in pattern_chunks(seed, size):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def run_py(host: Any, code: str, *args: str, timeout: float = 120) -> str:
+    """Run a Python snippet inside `host`; return its stdout, fail with its stderr."""
+    res = host.cmd([sys.executable, "-c", textwrap.dedent(code), *args], timeout=timeout)
+    assert res.returncode == 0, f"snippet failed in {host.role}:\n{res.stderr}"
+    return str(res.stdout)
+
+
+def curl_sha256(host: Any, url: str, *extra: str, timeout: float = 120) -> tuple[int, str]:
+    """curl `url` from `host`; return (exit code, sha256 of the body)."""
+    code = """
+        import hashlib, subprocess, sys
+        p = subprocess.Popen(["curl", "-sS", "--max-time", sys.argv[1], *sys.argv[2:]],
+                             stdout=subprocess.PIPE)
+        h = hashlib.sha256()
+        while chunk := p.stdout.read(1 << 20):
+            h.update(chunk)
+        print(p.wait(), h.hexdigest())
+    """
+    out = run_py(host, code, str(int(timeout)), *extra, url, timeout=timeout + 10)
+    rc, digest = out.split()
+    return int(rc), digest
+
+
+def loadgen(host: Any, *args: str, timeout: float = 300) -> list[dict[str, Any]]:
+    """Run our load client in `host`; return its JSON result lines."""
+    res = host.cmd([sys.executable, "-m", "clients.loadgen", *args], timeout=timeout)
+    lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"loadgen printed no results (exit {res.returncode}):\n{res.stderr}"
+    return lines
+
+
+def socks_reply_code(host: Any, proxy: tuple[str, int], request: bytes) -> int | None:
+    """Send a raw SOCKS5 greeting + `request`; return the reply code (None: closed)."""
+    code = """
+        import socket, sys
+        s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+        s.sendall(b"\\x05\\x01\\x00")
+        assert s.recv(2) == b"\\x05\\x00"
+        s.sendall(bytes.fromhex(sys.argv[3]))
+        reply = s.recv(64)
+        print(reply[1] if len(reply) >= 2 else "None")
+    """
+    out = run_py(host, code, proxy[0], str(proxy[1]), request.hex()).strip()
+    return None if out == "None" else int(out)
+
+
+def connect_request(addr: str, port: int, cmd: int = 1) -> bytes:
+    """A SOCKS5 request for an IPv4 address (RFC 1928 section 4)."""
+    return bytes([5, cmd, 0, 1, *map(int, addr.split("."))]) + port.to_bytes(2, "big")
