@@ -59,6 +59,7 @@ LISTEN_BACKLOG = 1024
 THREAD_STACK_SIZE = 256 * 1024  # two threads per connection: keep their stacks small
 
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_LINGER_ZERO = struct.pack("ii", 1, 0)  # struct linger {l_onoff=1, l_linger=0}
 
 
 class CopyStrategy(enum.Enum):
@@ -100,7 +101,7 @@ class RelayPair:
         for sock in (self.client, self.server):
             try:
                 # Linger 0: close() will send RST instead of FIN.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
                 # SHUT_RD sends nothing on TCP but wakes a reader blocked in
                 # recv()/splice() with EOF, so the other thread can finish.
                 sock.shutdown(socket.SHUT_RD)
@@ -187,6 +188,13 @@ def _connect(host: str, port: int, timeout: float) -> socket.socket:
     raise last_error if last_error is not None else OSError(errno.EHOSTUNREACH, "no address")
 
 
+def _reset(sock: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0) rather than FIN."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+    sock.close()
+
+
 def _close_gently(sock: socket.socket) -> None:
     """Close after a reply so it is read: unread input at close() would send RST."""
     deadline = time.monotonic() + DRAIN_TIMEOUT  # a client trickling bytes forever is cut off
@@ -209,7 +217,7 @@ class ProxyConfig:
     copy: CopyStrategy = field(default_factory=default_copy_strategy)
 
 
-def _negotiate(client: socket.socket, config: ProxyConfig) -> Connect | None:
+def _negotiate(client: socket.socket, peer: object, config: ProxyConfig) -> Connect | None:
     negotiation = Negotiation(config.credentials)
     while True:
         data = client.recv(MAX_REQUEST_LEN)
@@ -219,7 +227,7 @@ def _negotiate(client: socket.socket, config: ProxyConfig) -> Connect | None:
             if isinstance(event, SendToClient):
                 client.sendall(event.data)
             elif isinstance(event, Reject):
-                log.info("rejected %s: %s", client.getpeername(), event.reason)
+                log.info("rejected %s: %s", peer, event.reason)
                 client.sendall(event.data)
                 _close_gently(client)
                 return None
@@ -227,12 +235,15 @@ def _negotiate(client: socket.socket, config: ProxyConfig) -> Connect | None:
                 return event
 
 
-def serve_client(client: socket.socket, config: ProxyConfig) -> None:
-    """One client connection, start to end (its own thread)."""
+def serve_client(client: socket.socket, peer: object, config: ProxyConfig) -> None:
+    """One client connection, start to end (its own thread).
+
+    ``peer`` comes from accept(): getpeername() fails once the client has reset.
+    """
     try:
         client.settimeout(HANDSHAKE_TIMEOUT)
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        connect = _negotiate(client, config)
+        connect = _negotiate(client, peer, config)
         if connect is None:
             client.close()
             return
@@ -252,13 +263,14 @@ def serve_client(client: socket.socket, config: ProxyConfig) -> None:
             if connect.early_data:
                 server.sendall(connect.early_data)
         except OSError:
-            server.close()
+            _reset(server)  # the client is gone: mirror that to the server as a reset
             raise
-        log.debug("relaying %s <-> %s:%d", client.getpeername(), request.host, request.port)
-        relay(client, server, config.copy)
     except OSError as exc:
-        log.info("client dropped during negotiation: %s", exc)
-        client.close()
+        log.info("client %s dropped during negotiation: %s", peer, exc)
+        _reset(client)
+        return
+    log.debug("relaying %s <-> %s:%d", peer, request.host, request.port)
+    relay(client, server, config.copy)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -298,7 +310,7 @@ def serve(listener: socket.socket, config: ProxyConfig) -> None:
         client, peer = listener.accept()
         log.debug("accepted %s", peer)
         threading.Thread(
-            target=serve_client, args=(client, config), name="socks5-client", daemon=True
+            target=serve_client, args=(client, peer, config), name="socks5-client", daemon=True
         ).start()
 
 
@@ -340,9 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     threading.stack_size(THREAD_STACK_SIZE)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    print("ready", flush=True)
-    log.info("listening on %s:%d, copy=%s", host, port, config.copy.value)
-    try:
+    try:  # from here on a SIGTERM may land anywhere, so everything is inside the try
+        print("ready", flush=True)
+        log.info("listening on %s:%d, copy=%s", host, port, config.copy.value)
         serve(listener, config)
     except (_Stop, KeyboardInterrupt):
         log.info("stopping")
