@@ -6,6 +6,7 @@ in plain mode (complete checksums) in a test namespace.
 
 from __future__ import annotations
 
+import os
 import struct
 
 import pytest
@@ -82,6 +83,13 @@ def reference_sum(data: bytes) -> int:
 @given(st.binary(max_size=3000))
 def test_fast_sum_equals_word_by_word_sum(data: bytes) -> None:
     assert ones_complement_sum(data) == reference_sum(data)
+
+
+@pytest.mark.parametrize("size", [2049, 8191, 65535, 65536, 200_001])
+def test_fast_sum_on_large_buffers(size: int) -> None:
+    data = os.urandom(size)
+    assert ones_complement_sum(data) == reference_sum(data)
+    assert ones_complement_sum(b"\xff" * size) == reference_sum(b"\xff" * size)
 
 
 @pytest.mark.parametrize(
