@@ -176,7 +176,9 @@ class Capture:
 
     @classmethod
     def start(cls, ns: str, dev: str, path: Path, *, snaplen: int = 0, bpf: str = "") -> Capture:
-        argv = ["tcpdump", "-i", dev, "-w", str(path), "-U", "-n", "-Z", "root"]
+        # --immediate-mode: otherwise packets wait in the capture ring for a block
+        # timeout and a stop right after the traffic loses them.
+        argv = ["tcpdump", "-i", dev, "-w", str(path), "-U", "--immediate-mode", "-n", "-Z", "root"]
         argv += ["-s", str(snaplen)]
         argv += shlex.split(bpf)
         err = path.with_suffix(path.suffix + ".log")

@@ -1,0 +1,255 @@
+"""Transfers across the testbed with the kernel's own TCP at both ends.
+
+Router path (the proxy namespace forwards) and plain SOCKS5 path, with curl
+as a real client and with our load client; content is always checked.
+"""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from testbed.net import Testbed
+from tests.helpers import (
+    connect_request,
+    curl_sha256,
+    loadgen,
+    pattern_sha256,
+    run_py,
+    socks_reply_code,
+)
+
+pytestmark = pytest.mark.root
+
+SIZES = [1024, 1 << 20, 64 << 20]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_router_path_delivers_intact_with_curl(testbed: Testbed, size: int) -> None:
+    ip, port = testbed.origin
+    rc, digest = curl_sha256(testbed.host("client"), f"http://{ip}:{port}/bytes/{size}")
+    assert rc == 0 and digest == pattern_sha256(size)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_socks5_path_delivers_intact_with_curl(testbed: Testbed, size: int) -> None:
+    ip, port = testbed.origin
+    sx, sp = testbed.socks
+    rc, digest = curl_sha256(
+        testbed.host("client"), f"http://{ip}:{port}/bytes/{size}", "--socks5", f"{sx}:{sp}"
+    )
+    assert rc == 0 and digest == pattern_sha256(size)
+
+
+def test_our_client_direct_and_through_socks5(testbed: Testbed) -> None:
+    ip, port = testbed.origin
+    sx, sp = testbed.socks
+    sizes = [str(s) for s in SIZES]
+    for extra in ([], ["--socks5", f"{sx}:{sp}"]):
+        args = ["--server", f"{ip}:{port}", *[a for s in sizes for a in ("--size", s)], *extra]
+        results = loadgen(testbed.host("client"), *args)
+        assert sorted(r["size"] for r in results) == sorted(SIZES)
+        assert all(r["ok"] and r["error"] is None and r["bytes"] == r["size"] for r in results)
+        assert all(r["response_time_s"] > 0 for r in results)
+
+
+def test_concurrent_workers_through_socks5(testbed: Testbed) -> None:
+    ip, port = testbed.origin
+    sx, sp = testbed.socks
+    results = loadgen(
+        testbed.host("client"),
+        "--server",
+        f"{ip}:{port}",
+        "--size",
+        "1M",
+        "--socks5",
+        f"{sx}:{sp}",
+        "--concurrency",
+        "4",
+        "--repeat",
+        "3",
+    )
+    assert len(results) == 12 and all(r["ok"] for r in results)
+    assert len({r["worker"] for r in results}) == 4
+
+
+def test_upload_through_socks5_is_checked_by_the_sink(testbed: Testbed) -> None:
+    ip, port = testbed.origin
+    sx, sp = testbed.socks
+    results = loadgen(
+        testbed.host("client"),
+        "--server",
+        f"{ip}:{port}",
+        "--size",
+        "8M",
+        "--socks5",
+        f"{sx}:{sp}",
+        "--upload",
+    )
+    assert len(results) == 1 and results[0]["ok"], results
+    # And with curl: the sink's answer is the SHA-256 of what it received.
+    out = run_py(
+        testbed.host("client"),
+        """
+        import hashlib, os, subprocess, sys
+        body = os.urandom(3 << 20)
+        with open("/tmp/upload-" + sys.argv[1], "wb") as f:
+            f.write(body)
+        res = subprocess.run(["curl", "-sS", "--socks5", sys.argv[2], "--data-binary",
+                              "@/tmp/upload-" + sys.argv[1], sys.argv[3]],
+                             capture_output=True, text=True)
+        os.unlink("/tmp/upload-" + sys.argv[1])
+        print(res.returncode, hashlib.sha256(body).hexdigest() in res.stdout)
+        """,
+        testbed.prefix,
+        f"{sx}:{sp}",
+        f"http://{ip}:{port}/sink",
+    )
+    assert out.split() == ["0", "True"]
+
+
+def test_half_close_through_socks5_delivers_the_answer(testbed: Testbed) -> None:
+    """Client sends, then shuts down writing; the sink's answer still arrives."""
+    sx, sp = testbed.socks
+    sink_ip, sink_port = testbed.sink
+    out = run_py(
+        testbed.host("client"),
+        """
+        import hashlib, os, socket, sys
+        from clients.socks5 import socks5_connect
+        s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+        socks5_connect(s, sys.argv[3], int(sys.argv[4]))
+        body = os.urandom(5 << 20)
+        s.sendall(body)
+        s.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+        print(answer.decode().strip() == hashlib.sha256(body).hexdigest())
+        """,
+        sx,
+        str(sp),
+        sink_ip,
+        str(sink_port),
+    )
+    assert out.strip() == "True"
+
+
+def test_socks5_failures_map_to_reply_codes(testbed: Testbed) -> None:
+    client, socks = testbed.host("client"), testbed.socks
+    server_ip = testbed.origin[0]
+    # Nothing listens on port 81 of the server: its kernel answers RST.
+    assert socks_reply_code(client, socks, connect_request(server_ip, 81)) == 0x05
+    # 198.51.100.0/24 is not routed from the proxy while no daemon runs.
+    assert socks_reply_code(client, socks, connect_request("198.51.100.77", 80)) == 0x03
+    # No host owns 203.0.113.99: ARP fails, the proxy's kernel says EHOSTUNREACH.
+    assert socks_reply_code(client, socks, connect_request("203.0.113.99", 80)) == 0x04
+    # BIND (cmd 2) is not supported; an unknown address type is rejected.
+    assert socks_reply_code(client, socks, connect_request(server_ip, 80, cmd=2)) == 0x07
+    assert socks_reply_code(client, socks, bytes([5, 1, 0, 9, 1, 2, 3, 4, 0, 80])) == 0x08
+    # ... and the proxy keeps serving.
+    ip, port = testbed.origin
+    rc, digest = curl_sha256(client, f"http://{ip}:{port}/bytes/1000", "--socks5", "%s:%d" % socks)
+    assert rc == 0 and digest == pattern_sha256(1000)
+
+
+def test_socks5_connect_timeout_maps_to_0x06(testbed: Testbed) -> None:
+    server, proxy = testbed.host("server"), testbed.host("proxy")
+    rule = ["-p", "tcp", "--dport", "82", "-j", "DROP"]
+    server.cmd(["iptables", "-w", "-A", "INPUT", *rule], check=True)
+    quick = proxy.popen(
+        [
+            sys.executable,
+            "-m",
+            "proxies.socks5",
+            "--listen",
+            "192.0.2.1:1081",
+            "--connect-timeout",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert quick.stdout is not None and quick.stdout.readline().strip() == b"ready"
+        code = socks_reply_code(
+            testbed.host("client"), ("192.0.2.1", 1081), connect_request(testbed.origin[0], 82)
+        )
+        assert code == 0x06
+    finally:
+        quick.terminate()
+        quick.wait(10)
+        server.cmd(["iptables", "-w", "-D", "INPUT", *rule])
+
+
+def test_curl_sees_the_socks5_refusal(testbed: Testbed) -> None:
+    sx, sp = testbed.socks
+    res = testbed.host("client").cmd(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "20",
+            "--socks5",
+            f"{sx}:{sp}",
+            f"http://{testbed.origin[0]}:81/",
+        ]
+    )
+    assert res.returncode == 97  # curl: "proxy handshake error"
+    assert "(5)" in res.stderr  # curl names the SOCKS reply code: 5, connection refused
+
+
+def test_transfers_stay_intact_with_loss_and_delay_mid_path(testbed: Testbed) -> None:
+    links = [testbed.link("client-proxy"), testbed.link("proxy-server")]
+    ip, port = testbed.origin
+    sx, sp = testbed.socks
+    try:
+        for link in links:
+            link.shape("delay=10ms loss=1%")
+        for extra in ([], ["--socks5", f"{sx}:{sp}"]):
+            for size in (1 << 20, 8 << 20):
+                rc, digest = curl_sha256(
+                    testbed.host("client"), f"http://{ip}:{port}/bytes/{size}", *extra
+                )
+                assert rc == 0 and digest == pattern_sha256(size), (extra, size)
+        counters = [link.shape_status()[1] for link in links]
+    finally:
+        for link in links:
+            link.clear()
+    # The impairment really happened: packets were held and some were dropped.
+    dropped = sum(c[d]["dropped"] for c in counters for d in ("a_to_b", "b_to_a"))
+    delayed = sum(c[d]["delayed"] for c in counters for d in ("a_to_b", "b_to_a"))
+    assert dropped > 0 and delayed > 1000
+
+
+def test_capture_of_a_link_holds_the_handshake(testbed: Testbed, tmp_path: Path) -> None:
+    pcap = tmp_path / "cp.pcap"
+    ip, port = testbed.origin
+    with testbed.link("client-proxy").capture(pcap, snaplen=128):
+        rc, _ = curl_sha256(testbed.host("client"), f"http://{ip}:{port}/bytes/2000")
+        assert rc == 0
+    syns = [flags for flags in _tcp_flags(pcap, dport=port) if flags & 0x02]
+    assert syns, "no SYN toward the origin in the capture"
+
+
+def _tcp_flags(pcap: Path, dport: int) -> list[int]:
+    """TCP flag bytes of Ethernet/IPv4/TCP packets to `dport` in a classic pcap."""
+    data = pcap.read_bytes()
+    magic = struct.unpack("<I", data[:4])[0]
+    assert magic == 0xA1B2C3D4, "expected a little-endian microsecond pcap"
+    flags, off = [], 24
+    while off + 16 <= len(data):
+        incl = struct.unpack("<I", data[off + 8 : off + 12])[0]
+        frame = data[off + 16 : off + 16 + incl]
+        off += 16 + incl
+        if len(frame) < 14 + 20 + 14 or frame[12:14] != b"\x08\x00" or frame[23] != 6:
+            continue
+        ihl = (frame[14] & 0x0F) * 4
+        tcp = frame[14 + ihl :]
+        if len(tcp) >= 14 and struct.unpack("!H", tcp[2:4])[0] == dport:
+            flags.append(tcp[13])
+    return flags
