@@ -153,7 +153,9 @@ def test_socks5_failures_map_to_reply_codes(testbed: Testbed) -> None:
     assert socks_reply_code(client, socks, bytes([5, 1, 0, 9, 1, 2, 3, 4, 0, 80])) == 0x08
     # ... and the proxy keeps serving.
     ip, port = testbed.origin
-    rc, digest = curl_sha256(client, f"http://{ip}:{port}/bytes/1000", "--socks5", "%s:%d" % socks)
+    rc, digest = curl_sha256(
+        client, f"http://{ip}:{port}/bytes/1000", "--socks5", f"{socks[0]}:{socks[1]}"
+    )
     assert rc == 0 and digest == pattern_sha256(1000)
 
 
