@@ -223,6 +223,7 @@ def test_daemon_going_away_fails_pending_and_later_calls_promptly(
     with pytest.raises(DaemonGone):
         api.stats()
     assert api.closed
+    assert list(api.events()) == []  # no timeout given, yet it ends at detach
 
 
 def test_attaching_to_a_missing_daemon_fails(sock_dir: str) -> None:

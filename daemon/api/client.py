@@ -130,7 +130,8 @@ class SpliceClient:
         self._ids = itertools.count(1)
         self._gone: DaemonGone | None = None
         self._last_unmatched_error = ""
-        self._events: queue.Queue[dict[str, object]] = queue.Queue(max_events)
+        # None is queued once at disconnect, to wake a consumer blocked in events().
+        self._events: queue.Queue[dict[str, object] | None] = queue.Queue(max_events)
         self.events_dropped = 0
         self._reader = threading.Thread(
             target=self._read_loop, name=f"splice-api-reader:{path}", daemon=True
@@ -218,16 +219,16 @@ class SpliceClient:
     def next_event(self, timeout: float | None = None) -> dict[str, object] | None:
         """The oldest unsolicited event, waiting up to ``timeout``; None if there was none."""
         try:
-            return self._events.get(timeout=timeout)
+            event = self._events.get(timeout=timeout)
         except queue.Empty:
             return None
+        if event is None:
+            self._events.put(None)  # keep waking later callers too
+        return event
 
     def events(self, timeout: float | None = None) -> Iterator[dict[str, object]]:
         """Yield events as they come; stops after ``timeout`` idle seconds or at detach."""
-        while True:
-            event = self.next_event(0 if self._gone is not None else timeout)
-            if event is None:
-                return
+        while (event := self.next_event(timeout)) is not None:
             yield event
 
     # -- requests and replies --------------------------------------------------
@@ -380,6 +381,14 @@ class SpliceClient:
         for call in calls:
             call.error = self._gone
             call.done.set()
+        while True:  # make room for the wake-up, dropping the oldest events if full
+            try:
+                self._events.put_nowait(None)
+                break
+            except queue.Full:
+                with contextlib.suppress(queue.Empty):
+                    self._events.get_nowait()
+                    self.events_dropped += 1
 
 
 class Listener:
