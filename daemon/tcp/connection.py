@@ -1,0 +1,946 @@
+"""One TCP connection: the TCB and the RFC 9293 state machine, without I/O.
+
+RFCs to read first, in this order: RFC 9293 3.3 (TCB variables and the state
+diagram), 3.10.7 (segment arrival, whose step order ``on_segment`` follows),
+3.8.6 (windows); RFC 5961 (challenge ACKs, blind RST/SYN/data); RFC 7323
+(window scale, timestamps, PAWS); RFC 6298 (RTO); RFC 5681 + RFC 6582
+(congestion control); RFC 1122 4.2.3.2 (delayed ACK), 4.2.3.3-4 (SWS
+avoidance), 4.2.2.17 (zero-window probing), 4.2.2.13 (RST on close with
+unread data); RFC 2018 (SACK blocks we advertise).
+
+Theory of operation
+-------------------
+The event loop drives a connection through four calls and reads two fields::
+
+    conn.on_segment(seg, now)      # a segment of this 4-tuple arrived
+    conn.on_timer(now)             # when now >= conn.next_deadline()
+    segs = conn.poll_output(now)   # after either of the above, or after send()
+    conn.events                    # deque of TcpEvent, drained by the loop
+    conn.state                     # TcpState
+
+The application side is ``send`` / ``recv`` / ``shutdown_write`` / ``close``
+/ ``abort``; they only change state, and the next ``poll_output`` emits what
+they caused.  Nothing here reads a clock: every call that needs the time
+takes ``now`` (float seconds, monotonic).
+
+Segments are not bounded by the MSS.  A received segment may carry a 64 KB
+GSO super-packet; it is one segment here.  Emitted data segments carry up to
+``config.max_tso_bytes`` of payload, cut at a multiple of ``snd_mss`` so the
+I/O layer can hand them to the kernel with gso_size = ``snd_mss``.
+
+Sequence bookkeeping (RFC 9293 3.3.1), send side::
+
+        snd_una         snd_nxt        snd_max       send_buf end (+FIN)
+    ------|---------------|---------------|-----------------|
+          <- sent, unacked (retransmit) -> <- not sent yet -->
+
+``send_buf.seq`` is the sequence number of the first byte the buffer holds:
+ISS+1 until the SYN is acked, SND.UNA after.  ``snd_max`` is the highest
+sequence number sent; ``snd_nxt`` drops back to ``snd_una`` after an RTO
+(go-back-N, as BSD does), so an ACK is acceptable up to ``snd_max``.  Our FIN
+takes the sequence number ``fin_seq`` just after the last data byte.
+
+Receive side: ``rcv_nxt`` is the next byte expected; ``rcv_adv`` the right
+edge of the window we last advertised, which never moves left (RFC 9293
+3.8.6.2.2).  In-order bytes go to ``recv_buf``, others to ``ooo`` (the
+reassembly queue) until the gap fills.
+
+Known simplifications: no SACK-based loss recovery (RFC 6675) -- received
+SACK blocks are ignored, our SACK blocks are advertised; no urgent data (the
+URG pointer is ignored, RFC 6093); no ECN; challenge ACKs are not rate
+limited (RFC 5961 7); zero-window probes are zero-length segments with
+SEQ=SND.UNA-1, which every stack must answer with an ACK (RFC 9293 3.10.7.4
+"not acceptable ... send an acknowledgment"), as Linux does.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from daemon.tcp.buffers import RecvBuffer, SendBuffer
+from daemon.tcp.config import Endpoint, TcpConfig
+from daemon.tcp.congestion import NewReno
+from daemon.tcp.events import TcpEvent
+from daemon.tcp.reassembly import ReassemblyQueue
+from daemon.tcp.reset import reset_for_unknown
+from daemon.tcp.rto import RtoEstimator
+from daemon.tcp.seq import MASK, seq_ge, seq_gt, seq_in_window, seq_le, seq_lt, seq_sub
+from daemon.tcp.state import TcpState
+from daemon.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpOptions, TcpSegment
+
+CLOSED = TcpState.CLOSED
+SYN_SENT = TcpState.SYN_SENT
+SYN_RECEIVED = TcpState.SYN_RECEIVED
+ESTABLISHED = TcpState.ESTABLISHED
+FIN_WAIT_1 = TcpState.FIN_WAIT_1
+FIN_WAIT_2 = TcpState.FIN_WAIT_2
+CLOSE_WAIT = TcpState.CLOSE_WAIT
+CLOSING = TcpState.CLOSING
+LAST_ACK = TcpState.LAST_ACK
+TIME_WAIT = TcpState.TIME_WAIT
+
+# States in which data or our FIN may still need (re)transmission.
+_SENDING = frozenset({ESTABLISHED, CLOSE_WAIT, FIN_WAIT_1, CLOSING, LAST_ACK})
+# States in which segment text is delivered (RFC 9293 3.10.7.4, seventh).
+_RECEIVING = frozenset({ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2})
+
+DEFAULT_MSS = 536  # RFC 9293 3.7.1: assumed when the peer sends no MSS option
+_TS_OPTION_LEN = 12  # NOP NOP TS, carried by every segment once negotiated
+_MAX_WSCALE = 14  # RFC 7323 2.3
+
+
+class Parent(Protocol):
+    """What a connection born from a listener tells it (see listener.py)."""
+
+    def child_established(self, conn: TcpConnection) -> bool:
+        """Handshake done; False = accept queue full, keep SYN-RECEIVED."""
+        ...
+
+    def child_closed(self, conn: TcpConnection) -> None: ...
+
+
+@dataclass(slots=True)
+class TcpStats:
+    opened_at: float = 0.0
+    segments_sent: int = 0
+    segments_received: int = 0
+    bytes_sent: int = 0  # payload bytes sent for the first time
+    bytes_received: int = 0  # in-order payload bytes delivered to recv_buf
+    retransmits: int = 0  # segments (SYN, data, FIN) sent again
+    retransmitted_bytes: int = 0
+    fast_retransmits: int = 0
+    rto_count: int = 0
+    dup_acks: int = 0
+    challenge_acks: int = 0
+    out_of_order: int = 0
+    window_probes: int = 0
+    paws_drops: int = 0
+
+
+def _acceptable(seq: int, seg_len: int, rcv_nxt: int, wnd: int) -> bool:
+    """RFC 9293 3.10.7.4 first check, the four-case acceptability table."""
+    if seg_len == 0:
+        return seq == rcv_nxt if wnd == 0 else seq_in_window(seq, rcv_nxt, wnd)
+    if wnd == 0:
+        return False
+    last = (seq + seg_len - 1) & MASK
+    if seq_in_window(seq, rcv_nxt, wnd) or seq_in_window(last, rcv_nxt, wnd):
+        return True
+    # Also a segment that covers the whole window from both sides (the RFC's
+    # two tests miss it; it does carry the byte at RCV.NXT).
+    return seq_lt(seq, rcv_nxt) and seq_ge(last, (rcv_nxt + wnd) & MASK)
+
+
+@dataclass(slots=True, eq=False)
+class TcpConnection:
+    """The TCB (RFC 9293 3.3.1) plus buffers, timers and the state machine."""
+
+    config: TcpConfig
+    local: Endpoint
+    remote: Endpoint
+    state: TcpState = CLOSED
+    events: deque[TcpEvent] = field(default_factory=deque)
+    stats: TcpStats = field(default_factory=TcpStats)
+    parent: Parent | None = None
+    # Send sequence space.
+    iss: int = 0
+    snd_una: int = 0
+    snd_nxt: int = 0
+    snd_max: int = 0
+    snd_wnd: int = 0
+    snd_wl1: int = 0
+    snd_wl2: int = 0
+    max_snd_wnd: int = 0
+    snd_wscale: int = 0
+    snd_mss: int = DEFAULT_MSS  # payload per wire segment we send
+    # Receive sequence space.
+    irs: int = 0
+    rcv_nxt: int = 0
+    rcv_adv: int = 0
+    rcv_wscale: int = 0
+    # Negotiated options.
+    peer_mss: int = DEFAULT_MSS
+    wscale_ok: bool = False
+    sack_ok: bool = False
+    ts_ok: bool = False
+    ts_recent: int = 0
+    ts_offset: int = 0
+    last_ack_sent: int = 0
+    # Timers: absolute deadlines, None when not running.
+    rto_deadline: float | None = None
+    delack_deadline: float | None = None
+    persist_deadline: float | None = None
+    timewait_deadline: float | None = None
+    # Components, made in __post_init__ from the config.
+    send_buf: SendBuffer = field(init=False)
+    recv_buf: RecvBuffer = field(init=False)
+    ooo: ReassemblyQueue = field(init=False)
+    rto: RtoEstimator = field(init=False)
+    cc: NewReno = field(init=False)
+    # Private bookkeeping.
+    _out: list[TcpSegment] = field(init=False, default_factory=list)
+    _ack_now: bool = field(init=False, default=False)
+    _rcv_unacked_segs: int = field(init=False, default=0)
+    _fin_requested: bool = field(init=False, default=False)
+    _fin_seq: int = field(init=False, default=0)
+    _peer_fin_seq: int | None = field(init=False, default=None)
+    _app_closed: bool = field(init=False, default=False)
+    _retries: int = field(init=False, default=0)
+    _retrans_since: float | None = field(init=False, default=None)
+    _rtt_seq: int | None = field(init=False, default=None)
+    _rtt_time: float = field(init=False, default=0.0)
+    _persist_backoff: int = field(init=False, default=0)
+    _probes_unanswered: int = field(init=False, default=0)
+    _force_send: bool = field(init=False, default=False)
+    _readable_signalled: bool = field(init=False, default=False)
+    _send_blocked: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        c = self.config
+        self.send_buf = SendBuffer(c.snd_buf, 0)
+        self.recv_buf = RecvBuffer(c.rcv_buf)
+        self.ooo = ReassemblyQueue()
+        self.rto = RtoEstimator(min_rto=c.min_rto, max_rto=c.max_rto, rto=c.initial_rto)
+        self.cc = NewReno.create(DEFAULT_MSS, c.initial_cwnd_segments, c.abc_limit_segments, 0)
+        # RFC 7323 5.4 / 7.1: a random offset per connection hides the clock.
+        self.ts_offset = secrets.randbits(32)
+
+    # ------------------------------------------------------------------ opens
+
+    @classmethod
+    def connect(
+        cls, config: TcpConfig, local: Endpoint, remote: Endpoint, iss: int, now: float
+    ) -> TcpConnection:
+        """Active open: the next ``poll_output`` sends the SYN."""
+        conn = cls(config, local, remote)
+        conn._init_send_space(iss)
+        conn.state = SYN_SENT
+        conn.stats.opened_at = now
+        return conn
+
+    @classmethod
+    def accept_syn(
+        cls,
+        config: TcpConfig,
+        local: Endpoint,
+        remote: Endpoint,
+        syn: TcpSegment,
+        iss: int,
+        now: float,
+        parent: Parent | None = None,
+    ) -> TcpConnection:
+        """Passive open from a listener's SYN: SYN-RECEIVED, SYN-ACK pending.
+
+        RFC 9293 3.10.7.2: RCV.NXT = SEG.SEQ+1, IRS = SEG.SEQ, send
+        <SEQ=ISS><ACK=RCV.NXT><CTL=SYN,ACK>.  Text on the SYN is ignored (no
+        TCP Fast Open); the peer sends it again.
+        """
+        conn = cls(config, local, remote, parent=parent)
+        conn._init_send_space(iss)
+        conn._on_peer_syn(syn)
+        conn.state = SYN_RECEIVED
+        conn.stats.opened_at = now
+        return conn
+
+    def _init_send_space(self, iss: int) -> None:
+        self.iss = self.snd_una = self.snd_nxt = self.snd_max = iss
+        self.send_buf.seq = (iss + 1) & MASK
+        self.cc.recover = iss
+
+    def _on_peer_syn(self, seg: TcpSegment) -> None:
+        """Record the peer's SYN: IRS and the options of RFC 7323 / 2018 / 9293 3.7.1."""
+        c = self.config
+        o = seg.options
+        self.irs = seg.seq
+        self.rcv_nxt = self.rcv_adv = self.last_ack_sent = (seg.seq + 1) & MASK
+        # RFC 7323 2.2: scaling is on only if both SYNs carry the option.
+        self.wscale_ok = c.rcv_wscale is not None and o.wscale is not None
+        if self.wscale_ok and o.wscale is not None and c.rcv_wscale is not None:
+            self.snd_wscale = min(o.wscale, _MAX_WSCALE)
+            self.rcv_wscale = min(c.rcv_wscale, _MAX_WSCALE)
+        else:
+            self.snd_wscale = self.rcv_wscale = 0
+        self.sack_ok = c.sack and o.sack_permitted
+        self.ts_ok = c.timestamps and o.timestamp is not None
+        if o.timestamp is not None:
+            self.ts_recent = o.timestamp[0]
+        self.peer_mss = o.mss if o.mss else DEFAULT_MSS
+        # RFC 9293 3.7.1: the MSS excludes options; the TS option we put in
+        # every segment comes out of the peer's MSS, as Linux's mss_cache.
+        self.snd_mss = max(min(self.peer_mss, c.mss) - (_TS_OPTION_LEN if self.ts_ok else 0), 64)
+        self.cc.mss = self.snd_mss
+        self.cc.cwnd = c.initial_cwnd_segments * self.snd_mss
+        # RFC 7323 2.2: the window of a SYN is never scaled.
+        self.snd_wnd = seg.window
+        self.max_snd_wnd = seg.window
+        self.snd_wl1 = seg.seq
+        self.snd_wl2 = seg.ack
+
+    # ------------------------------------------------------------ app calls
+
+    def send(self, data: bytes | bytearray | memoryview) -> int:
+        """Queue bytes for sending; returns how many fit (0 when the buffer is full).
+
+        Raises BrokenPipeError after shutdown_write/close or when the
+        connection is gone, like send(2).
+        """
+        if self._fin_requested or self.state not in (
+            SYN_SENT,
+            SYN_RECEIVED,
+            ESTABLISHED,
+            CLOSE_WAIT,
+        ):
+            raise BrokenPipeError(f"send() in {self.state.value} after shutdown or close")
+        n = self.send_buf.write(data)
+        if n < len(data):
+            self._send_blocked = True
+        return n
+
+    def send_space(self) -> int:
+        if self._fin_requested:
+            return 0
+        return self.send_buf.space()
+
+    def readable(self) -> int:
+        return len(self.recv_buf)
+
+    def recv(self, max_bytes: int) -> bytes:
+        """In-order bytes for the application; reading opens the window."""
+        data = self.recv_buf.read(max_bytes)
+        self._readable_signalled = False
+        if data and self.state in _RECEIVING:
+            # RFC 1122 4.2.3.3: announce the opened window only once it
+            # grew by a useful amount (SWS avoidance on the receive side).
+            cur = max(seq_sub(self.rcv_adv, self.rcv_nxt), 0)
+            free = min(self.recv_buf.free(), 0xFFFF << self.rcv_wscale)
+            cap = self.recv_buf.capacity
+            mss = self.config.mss
+            thresh = min(cap // 2, mss if cur < mss else 2 * mss)
+            if free - cur >= thresh:
+                self._ack_now = True
+        return data
+
+    def shutdown_write(self) -> None:
+        """Queue a FIN after all data already sent (RFC 9293 3.10.4 CLOSE, half)."""
+        if self._fin_requested or self.state not in (
+            SYN_SENT,
+            SYN_RECEIVED,
+            ESTABLISHED,
+            CLOSE_WAIT,
+        ):
+            return
+        self._fin_requested = True
+        self._fin_seq = (self.send_buf.seq + len(self.send_buf)) & MASK
+        # RFC 9293 3.10.4: SYN-SENT / SYN-RECEIVED keep the FIN queued until
+        # ESTABLISHED; the diagram's CLOSE-WAIT --close--> LAST-ACK.
+        if self.state is ESTABLISHED:
+            self.state = FIN_WAIT_1
+        elif self.state is CLOSE_WAIT:
+            self.state = LAST_ACK
+
+    def close(self) -> None:
+        """Like close(2): FIN after pending data, or RST if unread data is lost.
+
+        RFC 1122 4.2.2.13: closing with received data still unread, or data
+        arriving after close, is answered with RST so the peer learns it was
+        lost.
+        """
+        st = self.state
+        if st is CLOSED:
+            return
+        if st is SYN_SENT:
+            self._enter_closed(None)  # RFC 9293 3.10.4: delete the TCB
+            return
+        if len(self.recv_buf) and st in (ESTABLISHED, CLOSE_WAIT, FIN_WAIT_1, FIN_WAIT_2):
+            self.abort()
+            return
+        self._app_closed = True
+        self.shutdown_write()
+
+    def abort(self) -> None:
+        """RST now (RFC 9293 3.10.5 ABORT).  Call poll_output once more to flush it."""
+        st = self.state
+        if st in (SYN_RECEIVED, ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2, CLOSE_WAIT):
+            self._out.append(self._make(self.snd_max, RST, b"", None))
+        if st is not CLOSED:
+            self._enter_closed(None)
+
+    # -------------------------------------------------------------- timers
+
+    def next_deadline(self) -> float | None:
+        best: float | None = None
+        for t in (self.rto_deadline, self.delack_deadline, self.persist_deadline):
+            if t is not None and (best is None or t < best):
+                best = t
+        t = self.timewait_deadline
+        if t is not None and (best is None or t < best):
+            best = t
+        return best
+
+    def on_timer(self, now: float) -> None:
+        if self.timewait_deadline is not None and now >= self.timewait_deadline:
+            self.timewait_deadline = None
+            self._enter_closed(None)  # RFC 9293 3.10.8: 2*MSL is over
+            return
+        if self.rto_deadline is not None and now >= self.rto_deadline:
+            self.rto_deadline = None
+            self._on_rto(now)
+        if self.persist_deadline is not None and now >= self.persist_deadline:
+            self.persist_deadline = None
+            self._on_persist(now)
+        if self.delack_deadline is not None and now >= self.delack_deadline:
+            self.delack_deadline = None
+            self._ack_now = True
+
+    def _on_rto(self, now: float) -> None:
+        st = self.state
+        if st is SYN_SENT or st is SYN_RECEIVED:
+            self._retries += 1
+            if self._retries > self.config.syn_retries:
+                if st is SYN_RECEIVED:
+                    self._out.append(self._make(self.snd_max, RST, b"", None))
+                self._enter_closed(TcpEvent.TIMED_OUT)
+                return
+            self.stats.rto_count += 1
+            self.rto.on_timeout()
+            self.snd_nxt = self.iss  # poll_output sends the SYN (or SYN-ACK) again
+            self._rtt_seq = None
+            return
+        if st not in _SENDING or self.snd_una == self.snd_max:
+            return
+        self._retries += 1
+        self.stats.rto_count += 1
+        if self._retrans_since is None:
+            self._retrans_since = now
+        ut = self.config.user_timeout
+        if self._retries > self.config.max_retries or (
+            ut is not None and now - self._retrans_since >= ut
+        ):
+            self._out.append(self._make(self.snd_max, RST, b"", None))
+            self._enter_closed(TcpEvent.TIMED_OUT)
+            return
+        flight = seq_sub(self.snd_max, self.snd_una)
+        self.cc.on_rto(flight, self.snd_max, first=self._retries == 1)
+        self.rto.on_timeout()  # RFC 6298 5.5
+        self.snd_nxt = self.snd_una  # RFC 6298 5.4, go-back-N from SND.UNA
+        self._rtt_seq = None  # Karn: no sample from what is now retransmitted
+
+    def _on_persist(self, now: float) -> None:
+        if self.state not in _SENDING:
+            return
+        self._probes_unanswered += 1
+        if self._probes_unanswered > self.config.max_retries:
+            # RFC 1122 4.2.2.17 forbids giving up while probes are answered;
+            # every acceptable ACK resets this count, so these went unanswered.
+            self._out.append(self._make(self.snd_max, RST, b"", None))
+            self._enter_closed(TcpEvent.TIMED_OUT)
+            return
+        flight = seq_sub(self.snd_nxt, self.snd_una)
+        if min(self.snd_wnd, self.cc.cwnd) - flight > 0:
+            # RFC 1122 4.2.3.4: the SWS override timer -- send what fits.
+            self._force_send = True
+            return
+        # RFC 9293 3.8.6.1: probe the zero window, backing off (see module doc).
+        self._out.append(self._make((self.snd_una - 1) & MASK, ACK, b"", now))
+        self.stats.window_probes += 1
+        self._persist_backoff += 1
+        self._arm_persist(now)
+
+    def _arm_persist(self, now: float) -> None:
+        if self.persist_deadline is None:
+            interval = self.rto.current() * (1 << min(self._persist_backoff, 16))
+            self.persist_deadline = now + min(interval, self.config.persist_max)
+
+    # -------------------------------------------------------------- input
+
+    def on_segment(self, seg: TcpSegment, now: float) -> None:
+        """Process one arriving segment (RFC 9293 3.10.7)."""
+        self.stats.segments_received += 1
+        st = self.state
+        if st is CLOSED:
+            rst = reset_for_unknown(seg)  # RFC 9293 3.10.7.1
+            if rst is not None:
+                self._out.append(rst)
+            return
+        if st is SYN_SENT:
+            self._on_segment_syn_sent(seg, now)
+            return
+        flags = seg.flags
+        seq = seg.seq
+        if st is SYN_RECEIVED and flags & (SYN | ACK | RST) == SYN and seq == self.irs:
+            # The peer retransmitted its SYN: our SYN-ACK was lost; resend it.
+            self.snd_nxt = self.iss
+            return
+        ts = seg.options.timestamp
+        if self.ts_ok and ts is not None and not flags & RST and seq_lt(ts[0], self.ts_recent):
+            # RFC 7323 5.3 PAWS: an old duplicate; drop it, but ACK.
+            self.stats.paws_drops += 1
+            self._ack_now = True
+            return
+
+        # First: sequence number acceptability (RFC 9293 3.10.7.4).
+        rcv_nxt = self.rcv_nxt
+        rcv_wnd = max(seq_sub(self.rcv_adv, rcv_nxt), 0)
+        payload = seg.payload
+        plen = len(payload)
+        seg_len = plen + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
+        # With a zero window, still take the ACK of a segment at RCV.NXT (RFC
+        # 9293 3.10.7.4 "special allowance"); its text is trimmed away below.
+        if not _acceptable(seq, seg_len, rcv_nxt, rcv_wnd) and not (
+            rcv_wnd == 0 and seq == rcv_nxt
+        ):
+            if not flags & RST:
+                self._ack_now = True
+                if st is TIME_WAIT and flags & FIN:
+                    # RFC 9293 3.10.7.4 eighth: a retransmitted FIN restarts 2*MSL.
+                    self.timewait_deadline = now + 2 * self.config.msl
+            return
+
+        # Second: RST (RFC 5961 3.2: only an exact match resets).
+        if flags & RST:
+            if seq == rcv_nxt:
+                self._on_reset()
+            else:
+                self._challenge_ack()
+            return
+
+        # Fourth: SYN in a synchronized state (RFC 5961 4.2, RFC 9293 3.10.7.4).
+        if flags & SYN:
+            self._challenge_ack()
+            return
+
+        # Fifth: the ACK field.
+        if not flags & ACK:
+            return
+        if ts is not None and self.ts_ok and seq_le(seq, self.last_ack_sent):
+            # RFC 7323 4.3: remember the TSval to echo (PAWS passed above).
+            self.ts_recent = ts[0]
+        ack = seg.ack
+        if st is SYN_RECEIVED:
+            if not (seq_lt(self.snd_una, ack) and seq_le(ack, self.snd_max)):
+                self._out.append(TcpSegment(self.local[1], self.remote[1], ack, 0, RST, 0))
+                return
+            if self.parent is not None and not self.parent.child_established(self):
+                return  # accept queue full: drop, the peer retransmits (as Linux)
+            self.snd_wnd = seg.window << self.snd_wscale
+            self.max_snd_wnd = max(self.max_snd_wnd, self.snd_wnd)
+            self.snd_wl1 = seq
+            self.snd_wl2 = ack
+            self._established()
+            st = self.state
+        if not self._process_ack(seg, ack, now):
+            return
+        st = self.state
+        if st is CLOSED:
+            return
+
+        # Seventh: segment text.  Other states ignore it: the peer's FIN
+        # came before, so this can only be a retransmission (RFC 9293 3.10.7.4).
+        if st not in _RECEIVING or not (plen or flags & FIN):
+            return
+        if plen and self._app_closed and seq_gt((seq + plen) & MASK, self.rcv_nxt):
+            # RFC 1122 4.2.2.13: data after close() is lost; say so.
+            self._out.append(self._make(self.snd_max, RST, b"", None))
+            self._enter_closed(None)
+            return
+        # Eighth: FIN, once every byte before it has arrived.
+        if self._receive_text(seq, payload, flags & FIN, rcv_wnd, now):
+            self._receive_fin(now)
+
+    def _on_segment_syn_sent(self, seg: TcpSegment, now: float) -> None:
+        """RFC 9293 3.10.7.3."""
+        flags = seg.flags
+        ack = seg.ack
+        if flags & ACK and (seq_le(ack, self.iss) or seq_gt(ack, self.snd_max)):
+            if not flags & RST:
+                self._out.append(TcpSegment(self.local[1], self.remote[1], ack, 0, RST, 0))
+            return
+        if flags & RST:
+            # RFC 5961 3.2 keeps RFC 9293's rule here: acceptable iff it acks our SYN.
+            if flags & ACK:
+                self._enter_closed(TcpEvent.REFUSED)
+            return
+        if not flags & SYN:
+            return
+        self._on_peer_syn(seg)
+        if flags & ACK:
+            self.snd_wnd = seg.window  # a SYN's window is unscaled (RFC 7323 2.2)
+            self._process_ack(seg, ack, now)
+            self._established()
+            self._ack_now = True
+            if seg.payload or flags & FIN:
+                # Text or FIN on the SYN-ACK: RFC 9293 3.10.7.3 continues at step six.
+                fin = self._receive_text(seg.seq + 1, seg.payload, flags & FIN, 0xFFFF, now)
+                if fin:
+                    self._receive_fin(now)
+        else:
+            # Simultaneous open (RFC 9293 Figure 8): SYN-RECEIVED, send SYN,ACK.
+            self.state = SYN_RECEIVED
+            self.snd_nxt = self.iss
+
+    def _established(self) -> None:
+        # RFC 9293 3.10.4: a CLOSE queued in SYN-SENT/RECEIVED now takes effect.
+        self.state = FIN_WAIT_1 if self._fin_requested else ESTABLISHED
+        self._retries = 0
+        self.events.append(TcpEvent.ESTABLISHED)
+
+    def _process_ack(self, seg: TcpSegment, ack: int, now: float) -> bool:
+        """RFC 9293 3.10.7.4 fifth step for synchronized states; False = drop segment."""
+        snd_una = self.snd_una
+        if seq_gt(ack, self.snd_max):
+            self._ack_now = True  # acks something not yet sent: ACK and drop
+            return False
+        if seq_lt(ack, (snd_una - self.max_snd_wnd) & MASK):
+            self._challenge_ack()  # RFC 5961 5.2: too old to be real
+            return False
+        wnd = seg.window << self.snd_wscale if not seg.flags & SYN else seg.window
+        if ack != snd_una and seq_gt(ack, snd_una):
+            self._on_new_ack(seg, ack, now)
+        elif ack == snd_una:
+            # RFC 5681 2: a duplicate ACK carries no data, no SYN/FIN, does not
+            # move the window and arrives while data is outstanding.
+            if (
+                not seg.payload
+                and not seg.flags & (SYN | FIN)
+                and wnd == self.snd_wnd
+                and self.snd_max != snd_una
+                and self.persist_deadline is None
+            ):
+                self.stats.dup_acks += 1
+                flight = seq_sub(self.snd_max, snd_una)
+                if self.cc.on_dup_ack(snd_una, self.snd_max, flight):
+                    self.stats.fast_retransmits += 1
+                    self._retransmit_first(now)
+        else:
+            return True  # an old ACK: ignore the field, keep the text
+        # Window update, guarded by WL1/WL2 against old segments (RFC 9293 3.10.7.4).
+        seq = seg.seq
+        if seq_lt(self.snd_wl1, seq) or (self.snd_wl1 == seq and seq_le(self.snd_wl2, ack)):
+            self.snd_wnd = wnd
+            self.snd_wl1 = seq
+            self.snd_wl2 = ack
+            if wnd > self.max_snd_wnd:
+                self.max_snd_wnd = wnd
+        # An acceptable ACK answers our probes; an open window ends probing.
+        self._probes_unanswered = 0
+        if self.snd_wnd > 0:
+            self._persist_backoff = 0
+            self.persist_deadline = None
+        return True
+
+    def _on_new_ack(self, seg: TcpSegment, ack: int, now: float) -> None:
+        acked = seq_sub(ack, self.snd_una)
+        flight_before = seq_sub(self.snd_max, self.snd_una)
+        buf = self.send_buf
+        data_acked = min(max(seq_sub(ack, buf.seq), 0), len(buf))
+        if data_acked:
+            buf.consume(data_acked)
+        self.snd_una = ack
+        if seq_lt(self.snd_nxt, ack):
+            self.snd_nxt = ack
+        # RTT from one timed segment per flight, Karn-safe (RFC 6298 3).  Not
+        # from TSecr: RFC 7323 4.3 makes a receiver echo an old TSval to
+        # duplicates it drops, so after lost ACKs a go-back-N retransmission
+        # yields samples of many seconds that blow the RTO up.
+        if self._rtt_seq is not None and seq_ge(ack, self._rtt_seq):
+            self.rto.on_rtt_sample(now - self._rtt_time)
+            self._rtt_seq = None
+        self.rto.on_new_ack()
+        self._retries = 0
+        self._retrans_since = None
+        if (data_acked or self.cc.in_recovery) and self.cc.on_new_ack(acked, ack, flight_before):
+            self._retransmit_first(now)  # RFC 6582 3.2 step 3: partial ACK
+        # RFC 6298 5.2 / 5.3: stop the timer when all is acked, else restart it.
+        self.rto_deadline = None if ack == self.snd_max else now + self.rto.current()
+        if self._send_blocked and buf.space() > 0:
+            self._send_blocked = False
+            self.events.append(TcpEvent.SEND_SPACE)
+        if self._fin_requested and ack == ((self._fin_seq + 1) & MASK):
+            self._on_fin_acked(now)
+
+    def _on_fin_acked(self, now: float) -> None:
+        st = self.state
+        if st is FIN_WAIT_1:
+            self.state = FIN_WAIT_2
+        elif st is CLOSING:
+            self._enter_time_wait(now)
+        elif st is LAST_ACK:
+            self._enter_closed(None)
+
+    def _receive_text(
+        self, seq: int, payload: bytes | memoryview, fin: int, rcv_wnd: int, now: float
+    ) -> int:
+        """RFC 9293 3.10.7.4 seventh step; returns ``fin`` if the FIN is now in order."""
+        rcv_nxt = self.rcv_nxt
+        off = seq_sub(seq, rcv_nxt)
+        plen = len(payload)
+        if off < 0:
+            payload = payload[-off:]  # already received: trim the head
+            plen = len(payload)
+            off = 0
+        if off + plen > rcv_wnd:
+            # Beyond the window: trim the tail; the FIN went with it.
+            payload = payload[: max(rcv_wnd - off, 0)]
+            plen = len(payload)
+            fin = 0
+            self._ack_now = True
+        if off > 0:
+            # Out of order: queue, and ACK at once so the sender sees a
+            # duplicate ACK with SACK blocks (RFC 5681 4.2, RFC 2018 4).
+            if plen:
+                self.ooo.insert(rcv_nxt, seq, payload, rcv_wnd)
+                self.stats.out_of_order += 1
+            if fin:
+                self._peer_fin_seq = (seq + plen) & MASK
+            self._ack_now = True
+            return 0
+        if plen == 0:
+            return fin
+        self.recv_buf.append(payload)
+        rcv_nxt = (rcv_nxt + plen) & MASK
+        delivered = plen
+        if self.ooo:
+            ready = self.ooo.pop_ready(rcv_nxt)
+            while ready is not None:
+                self.recv_buf.append(ready)
+                rcv_nxt = (rcv_nxt + len(ready)) & MASK
+                delivered += len(ready)
+                ready = self.ooo.pop_ready(rcv_nxt)
+            self._ack_now = True  # RFC 5681 4.2: ACK a segment that fills a hole at once
+        self.rcv_nxt = rcv_nxt
+        self.stats.bytes_received += delivered
+        if not self._readable_signalled:
+            self._readable_signalled = True
+            self.events.append(TcpEvent.READABLE)
+        # Delayed ACK (RFC 1122 4.2.3.2, RFC 5681 4.2): at least every second
+        # full-sized segment -- a GSO super-packet counts as many.
+        self._rcv_unacked_segs += 1 + plen // max(self.config.mss, 1)
+        if self.config.delayed_ack is None or self._rcv_unacked_segs >= 2:
+            self._ack_now = True
+        elif self.delack_deadline is None:
+            self.delack_deadline = now + self.config.delayed_ack
+        if self._peer_fin_seq is not None and self._peer_fin_seq == rcv_nxt:
+            return FIN
+        return fin
+
+    def _receive_fin(self, now: float) -> None:
+        """RFC 9293 3.10.7.4 eighth step."""
+        st = self.state
+        if st not in (SYN_RECEIVED, ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2):
+            self._ack_now = True
+            return
+        self._peer_fin_seq = None
+        self.rcv_nxt = (self.rcv_nxt + 1) & MASK
+        self._ack_now = True
+        self.events.append(TcpEvent.PEER_CLOSED)
+        if st is ESTABLISHED or st is SYN_RECEIVED:
+            self.state = CLOSE_WAIT
+        elif st is FIN_WAIT_1:
+            if self._fin_requested and self.snd_una == ((self._fin_seq + 1) & MASK):
+                self._enter_time_wait(now)
+            else:
+                self.state = CLOSING  # simultaneous close (RFC 9293 Figure 13)
+        else:
+            self._enter_time_wait(now)
+
+    def _on_reset(self) -> None:
+        """An acceptable RST (RFC 9293 3.10.7.4 second step)."""
+        st = self.state
+        if st is SYN_RECEIVED:
+            # Passive open: back to LISTEN, i.e. the listener forgets us;
+            # active (simultaneous) open: connection refused.
+            self._enter_closed(None if self.parent is not None else TcpEvent.REFUSED)
+        elif st in (ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2, CLOSE_WAIT):
+            self._enter_closed(TcpEvent.RESET)
+        else:
+            self._enter_closed(None)
+
+    def _challenge_ack(self) -> None:
+        # RFC 5961 3.2 / 4.2 / 5.2: <SEQ=SND.NXT><ACK=RCV.NXT><CTL=ACK>.
+        self.stats.challenge_acks += 1
+        self._ack_now = True
+
+    def _enter_time_wait(self, now: float) -> None:
+        self.state = TIME_WAIT
+        self.rto_deadline = self.persist_deadline = self.delack_deadline = None
+        self.timewait_deadline = now + 2 * self.config.msl
+        self._ack_now = True
+
+    def _enter_closed(self, event: TcpEvent | None) -> None:
+        was_embryonic = self.state is SYN_RECEIVED
+        self.state = CLOSED
+        self.rto_deadline = self.delack_deadline = None
+        self.persist_deadline = self.timewait_deadline = None
+        self._ack_now = False
+        if event is not None:
+            self.events.append(event)
+        self.events.append(TcpEvent.CLOSED)
+        if self.parent is not None and was_embryonic:
+            self.parent.child_closed(self)
+
+    # -------------------------------------------------------------- output
+
+    def poll_output(self, now: float) -> list[TcpSegment]:
+        """Everything to send now, oldest first; empty when there is nothing."""
+        out = self._out
+        self._out = []
+        st = self.state
+        if st is SYN_SENT or st is SYN_RECEIVED:
+            if self.snd_nxt == self.iss:
+                out.append(self._syn_segment(now))
+        elif st in _SENDING:
+            self._output_data(now, out)
+        if self._ack_now and st is not CLOSED and st is not SYN_SENT:
+            # A pure ACK carries SND.MAX, not SND.NXT: during go-back-N SND.NXT
+            # is left of the peer's RCV.NXT and the ACK would be unacceptable
+            # there (BSD tcp_output does the same).  RSTs use SND.MAX too.
+            out.append(self._make(self.snd_max, ACK, b"", now))
+        self.stats.segments_sent += len(out)
+        return out
+
+    def _syn_segment(self, now: float) -> TcpSegment:
+        c = self.config
+        opts = TcpOptions(mss=c.mss)
+        window = min(self.recv_buf.free(), 0xFFFF)  # RFC 7323 2.2: unscaled in a SYN
+        if self.state is SYN_SENT:
+            flags = SYN
+            opts.wscale = c.rcv_wscale
+            opts.sack_permitted = c.sack
+            if c.timestamps:
+                opts.timestamp = (self._ts_now(now), 0)
+            ack = 0
+        else:
+            # RFC 7323 1.3 / RFC 2018 2: answer only options the peer offered.
+            flags = SYN | ACK
+            if self.wscale_ok:
+                opts.wscale = self.rcv_wscale
+            opts.sack_permitted = self.sack_ok
+            if self.ts_ok:
+                opts.timestamp = (self._ts_now(now), self.ts_recent)
+            ack = self.rcv_nxt
+            self.rcv_adv = (self.rcv_nxt + window) & MASK
+            self.last_ack_sent = ack
+            self._ack_now = False
+        if self.snd_max != self.iss:
+            self.stats.retransmits += 1
+        elif self._rtt_seq is None:
+            self._rtt_seq = (self.iss + 1) & MASK
+            self._rtt_time = now
+        self.snd_nxt = self.snd_max = (self.iss + 1) & MASK
+        if self.rto_deadline is None:
+            self.rto_deadline = now + self.rto.current()
+        return TcpSegment(self.local[1], self.remote[1], self.iss, ack, flags, window, opts)
+
+    def _output_data(self, now: float, out: list[TcpSegment]) -> None:
+        buf = self.send_buf
+        mss = self.snd_mss
+        max_tso = max(self.config.max_tso_bytes // mss, 1) * mss
+        while True:
+            off = seq_sub(self.snd_nxt, buf.seq)
+            avail = len(buf) - off
+            flight = seq_sub(self.snd_nxt, self.snd_una)
+            usable = min(self.snd_wnd, self.cc.cwnd) - flight
+            if avail <= 0:
+                if self._fin_requested and self.snd_nxt == self._fin_seq:
+                    out.append(self._send_data(self.snd_nxt, b"", FIN | ACK, now))
+                break
+            if usable <= 0:
+                if flight == 0:
+                    self._arm_persist(now)  # RFC 9293 3.8.6.1: zero window
+                break
+            n = min(avail, usable, max_tso)
+            if n < avail and n < mss and n < self.max_snd_wnd // 2 and not self._force_send:
+                # RFC 1122 4.2.3.4 sender SWS avoidance: wait for a useful window.
+                if flight == 0:
+                    self._arm_persist(now)
+                break
+            self._force_send = False
+            if mss < n < avail:
+                n -= n % mss  # whole MSS pieces for GSO; the rest goes next
+            flags = ACK
+            if n == avail:
+                flags |= PSH
+                if self._fin_requested:
+                    flags |= FIN  # piggyback the FIN on the last data
+            out.append(self._send_data(self.snd_nxt, buf.peek(off, n), flags, now))
+
+    def _send_data(self, seq: int, payload: bytes, flags: int, now: float) -> TcpSegment:
+        n = len(payload)
+        end = (seq + n + (1 if flags & FIN else 0)) & MASK
+        if seq_lt(seq, self.snd_max):
+            self.stats.retransmits += 1
+            self.stats.retransmitted_bytes += min(n, seq_sub(self.snd_max, seq))
+            self._rtt_seq = None  # Karn's rule (RFC 6298 3)
+            if seq_gt(end, self.snd_max):
+                self.stats.bytes_sent += seq_sub(end, self.snd_max)
+        else:
+            self.stats.bytes_sent += n
+            if self._rtt_seq is None:
+                self._rtt_seq = end
+                self._rtt_time = now
+        self.snd_nxt = end
+        if seq_gt(end, self.snd_max):
+            self.snd_max = end
+        if self.rto_deadline is None:
+            self.rto_deadline = now + self.rto.current()  # RFC 6298 5.1
+        return self._make(seq, flags, payload, now)
+
+    def _retransmit_first(self, now: float) -> None:
+        """Send the first unacknowledged segment again (fast retransmit, partial ACK)."""
+        buf = self.send_buf
+        off = seq_sub(self.snd_una, buf.seq)
+        n = min(self.snd_mss, len(buf) - off)
+        flags = ACK
+        if n <= 0:
+            if not (self._fin_requested and self.snd_una == self._fin_seq):
+                return
+            n = 0
+            flags |= FIN
+        elif n == len(buf) - off and self._fin_requested and seq_gt(self.snd_max, self._fin_seq):
+            flags |= FIN
+        payload = buf.peek(off, n) if n else b""
+        self.stats.retransmits += 1
+        self.stats.retransmitted_bytes += n
+        self._rtt_seq = None
+        self._out.append(self._make(self.snd_una, flags, payload, now))
+        self.rto_deadline = now + self.rto.current()
+
+    def _make(self, seq: int, flags: int, payload: bytes, now: float | None) -> TcpSegment:
+        """Build a segment of this connection; every ACK-bearing one carries our window."""
+        opts = TcpOptions()
+        if flags & RST:
+            return TcpSegment(self.local[1], self.remote[1], seq, 0, flags, 0, opts)
+        if self.ts_ok and now is not None:
+            opts.timestamp = (self._ts_now(now), self.ts_recent)
+        if self.sack_ok and self.ooo:
+            opts.sack_blocks = self.ooo.sack_blocks(3 if self.ts_ok else 4)
+        ack = self.rcv_nxt
+        self.last_ack_sent = ack
+        self._ack_now = False
+        self._rcv_unacked_segs = 0
+        self.delack_deadline = None
+        return TcpSegment(
+            self.local[1], self.remote[1], seq, ack, flags, self._window_field(), opts, payload
+        )
+
+    def _window_field(self) -> int:
+        """The 16-bit window to advertise, moving ``rcv_adv`` (RFC 9293 3.8.6.2.2)."""
+        shift = self.rcv_wscale
+        cur = max(seq_sub(self.rcv_adv, self.rcv_nxt), 0)
+        free = min(self.recv_buf.free(), 0xFFFF << shift)
+        cap = self.recv_buf.capacity
+        # RFC 1122 4.2.3.3: move the right edge only by a useful amount.
+        wnd = free if free - cur >= min(cap // 2, self.config.mss) else cur
+        field_ = wnd >> shift
+        if (field_ << shift) < cur:
+            field_ += 1  # rounding must never move the right edge left
+        field_ = min(field_, 0xFFFF)
+        self.rcv_adv = (self.rcv_nxt + (field_ << shift)) & MASK
+        return field_
+
+    def _ts_now(self, now: float) -> int:
+        # RFC 7323 5.4: a 1 ms clock with a random per-connection offset.
+        return (int(now * 1000) + self.ts_offset) & MASK
