@@ -22,7 +22,7 @@ def test_segment_beyond_a_hole_is_held_until_the_hole_fills() -> None:
     assert q.insert(NXT, s(10), b"klmno", 1000) == 5
     assert q.pop_ready(NXT) is None
     # The application layer appends 10 in-order bytes, then asks again.
-    assert q.pop_ready(s(10)) == b"klmno"
+    assert q.pop_ready(s(10)) == bytearray(b"klmno")
     assert not q and q.bytes_queued == 0
 
 
@@ -30,7 +30,7 @@ def test_overlapping_segments_keep_the_bytes_already_queued() -> None:
     q = ReassemblyQueue()
     q.insert(NXT, s(10), b"AAAAA", 1000)
     assert q.insert(NXT, s(8), b"bbbbbbbbbb", 1000) == 5  # 8..18: 2 before, 3 after
-    assert q.pop_ready(s(8)) == b"bbAAAAAbbb"
+    assert q.pop_ready(s(8)) == bytearray(b"bbAAAAAbbb")
 
 
 def test_a_segment_bridging_two_blocks_merges_them() -> None:
@@ -39,7 +39,7 @@ def test_a_segment_bridging_two_blocks_merges_them() -> None:
     q.insert(NXT, s(20), b"CC", 1000)
     assert q.insert(NXT, s(11), b"xBBBBBBBBBy", 1000) == 8
     assert q.sack_blocks(4) == ((s(10), s(22)),)
-    assert q.pop_ready(s(10)) == b"AABBBBBBBBCC"
+    assert q.pop_ready(s(10)) == bytearray(b"AABBBBBBBBCC")
 
 
 def test_data_outside_the_window_is_trimmed() -> None:
@@ -53,7 +53,7 @@ def test_data_outside_the_window_is_trimmed() -> None:
 def test_in_order_data_that_covers_part_of_a_block_trims_it_on_pop() -> None:
     q = ReassemblyQueue()
     q.insert(NXT, s(10), b"0123456789", 1000)
-    assert q.pop_ready(s(13)) == b"3456789"
+    assert q.pop_ready(s(13)) == bytearray(b"3456789")
     q.insert(NXT, s(30), b"xy", 1000)
     assert q.pop_ready(s(40)) is None  # wholly covered: discarded
     assert not q

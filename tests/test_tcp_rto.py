@@ -21,6 +21,7 @@ def test_later_samples_are_smoothed_with_alpha_one_eighth_and_beta_one_quarter()
     r.on_rtt_sample(0.2)
     assert r.rttvar == pytest.approx(0.75 * 0.05 + 0.25 * 0.1)
     assert r.srtt == pytest.approx(0.875 * 0.1 + 0.125 * 0.2)
+    assert r.srtt is not None
     assert r.rto == pytest.approx(r.srtt + 4 * r.rttvar)
 
 
