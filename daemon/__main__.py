@@ -1,0 +1,96 @@
+"""`python -m daemon`: run the splice daemon in the current network namespace.
+
+It creates the TUN, brings it up and routes the splice prefix into it
+(DESIGN.md: those addresses must not be local to this namespace), opens the
+Unix socket API, prints ``ready`` and serves until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from pyroute2 import IPRoute
+
+from daemon.api.server import SocketPathInUse
+from daemon.io.daemon import Daemon, DaemonConfig
+from daemon.io.tun import configure_tun
+from daemon.tcp.config import TcpConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m daemon", description=__doc__.splitlines()[0])
+    p.add_argument("--tun", default="tsplice0", help="TUN interface name")
+    p.add_argument("--prefix", default="198.51.100.0/24", help="addresses the daemon terminates")
+    p.add_argument(
+        "--source", default="198.51.100.2", help="default source of outgoing connections"
+    )
+    p.add_argument("--socket", default="/run/tcp-splice/spliced.sock", help="API socket path")
+    p.add_argument("--socket-mode", default="0660", help="API socket permissions (octal)")
+    p.add_argument("--socket-group", default=None, help="group owning the API socket")
+    p.add_argument("--mss", type=int, default=1460, help="MSS we advertise")
+    p.add_argument(
+        "--rcv-wscale",
+        type=int,
+        default=0,
+        help="receive window scale we offer (thesis 5.4: 0); -1 = no option",
+    )
+    p.add_argument("--msl", type=float, default=30.0, help="MSL in seconds (TIME-WAIT = 2 MSL)")
+    p.add_argument("--rcv-buf", type=int, default=1 << 20, help="per-connection receive buffer")
+    p.add_argument("--snd-buf", type=int, default=1 << 20, help="per-connection send buffer")
+    p.add_argument("--no-offload", action="store_true", help="plain TUN (no GSO/checksum offload)")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    tcp = TcpConfig(
+        mss=args.mss,
+        rcv_wscale=None if args.rcv_wscale < 0 else args.rcv_wscale,
+        msl=args.msl,
+        rcv_buf=args.rcv_buf,
+        snd_buf=args.snd_buf,
+    )
+    cfg = DaemonConfig(
+        tun_name=args.tun,
+        socket_path=args.socket,
+        socket_mode=int(args.socket_mode, 8),
+        socket_group=args.socket_group,
+        prefix=args.prefix,
+        source=args.source,
+        offload=not args.no_offload,
+        tcp=tcp,
+    )
+    try:
+        daemon = Daemon(cfg)
+    except SocketPathInUse as exc:
+        print(f"daemon: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"daemon: cannot start: {exc}", file=sys.stderr)
+        return 1
+    with IPRoute() as ipr:
+        configure_tun(ipr, cfg.tun_name, mtu=cfg.mtu, routes=[cfg.prefix])
+
+    def stop(signum: int, frame: object) -> None:
+        daemon.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print("ready", flush=True)
+    try:
+        daemon.run()
+    finally:
+        daemon.terminate()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,758 @@
+"""The daemon's I/O shell: TUN, Unix API, socketpairs and timers around the TCP core.
+
+Theory of operation
+-------------------
+One thread, one selector.  Three kinds of file descriptors are in it:
+
+* the TUN: every readable event reads packets until EAGAIN (bounded batch);
+  each IPv4/TCP packet is demultiplexed by its 4-tuple to a connection, or
+  to a listener, or answered with a RST (RFC 9293 3.10.7.1);
+* the API server's sockets (daemon/api/server.py), which call the ``Core``
+  methods below;
+* one end of a socketpair per connection handed to a proxy (the proxy holds
+  the other end): the *pump* moves bytes between it and the TcpConnection.
+
+The TCP logic (daemon/tcp) never does I/O.  After anything touches a
+connection it is marked dirty; at the end of each loop turn every dirty
+connection is *serviced*: its events are handled, the pump runs, its
+output segments are written to the TUN and its timer is re-armed.
+
+Backpressure is end to end.  The pump reads from the proxy's socket only
+while the TCP send buffer has room, and takes bytes out of the TCP receive
+buffer only when the socket accepts them, so a proxy that stops reading
+closes the TCP window instead of growing a buffer in the daemon.
+
+Offloads (DESIGN.md, "Performance"): in offload mode received segments may
+be 64 KB GSO super-packets (one TcpSegment for the TCP code) and emitted
+data segments carry up to ``max_tso_bytes`` with a virtio header asking the
+kernel to cut them at the connection's MSS and to complete the checksum
+(NEEDS_CSUM: the TCP checksum field holds the pseudo-header sum only).  In
+plain mode every segment fits the MSS and carries a full checksum.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import random
+import selectors
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from daemon.api.core import ApiError, Done, ObjectKind, Result
+from daemon.api.protocol import Address, ErrorCode
+from daemon.api.server import ApiServer
+from daemon.io.timers import Timer, TimerHeap
+from daemon.io.tun import TunDevice, new_read_buffer
+from daemon.tcp.config import Endpoint, TcpConfig
+from daemon.tcp.connection import TcpConnection
+from daemon.tcp.events import TcpEvent
+from daemon.tcp.isn import IsnGenerator
+from daemon.tcp.listener import TcpListener
+from daemon.tcp.reset import reset_for_unknown
+from daemon.tcp.state import TcpState
+from daemon.wire.error import WireError
+from daemon.wire.icmp import parse_unreachable
+from daemon.wire.ipv4 import Ipv4Packet
+from daemon.wire.tcp import TcpSegment, build_ipv4_tcp, parse_tcp
+from daemon.wire.vnet import F_DATA_VALID, F_NEEDS_CSUM, vnet_header_for_tcp
+
+log = logging.getLogger("daemon")
+
+PROTO_ICMP = 1
+PROTO_TCP = 6
+IPV4_HEADER_LEN = 20
+TUN_BATCH = 256  # packets per readable event before other fds get a turn
+PUMP_CHUNK = 256 * 1024  # bytes moved per socket call
+SOCKPAIR_BUF = 1 << 20
+EPHEMERAL = (32768, 60999)  # Linux's default ip_local_port_range
+
+FlowKey = tuple[bytes, int, bytes, int]  # local addr, local port, remote addr, remote port
+
+
+@dataclass
+class DaemonConfig:
+    tun_name: str = "tsplice0"
+    socket_path: str = "/run/tcp-splice/spliced.sock"
+    socket_mode: int = 0o660
+    socket_group: str | None = None
+    prefix: str = "198.51.100.0/24"  # routed into the TUN: every address in it is ours
+    source: str = "198.51.100.2"  # default local address of outgoing connections
+    offload: bool = True
+    mtu: int = 1500
+    tcp: TcpConfig = field(default_factory=TcpConfig)
+
+
+@dataclass(eq=False)
+class Conn:
+    """One TCP connection of the daemon and, once handed out, its socketpair end."""
+
+    tcp: TcpConnection
+    owner: int
+    id: int | None = None  # API id, assigned when the proxy gets the fd
+    sock: socket.socket | None = None  # the daemon's end of the socketpair
+    listener: Listening | None = None  # accepted from this listener (until handed out)
+    connect_done: Done | None = None  # pending API connect
+    pending: memoryview | None = None  # bytes taken from TCP, not yet written to sock
+    proxy_eof: bool = False  # the proxy shut down its writing side (EOF on sock)
+    shut_to_proxy: bool = False  # we shut down the sock's writing side (peer FIN)
+    peer_fin: bool = False
+    want_fin: bool = False  # API shutdown: FIN once the socket is drained
+    mask: int = 0  # current selector interest of sock
+    timer: Timer = field(default_factory=Timer)
+    connect_timer: Timer = field(default_factory=Timer)
+    tcp_gone: bool = False  # TCB closed; draining what is left to the proxy
+
+    @property
+    def key(self) -> FlowKey:
+        t = self.tcp
+        return (t.local[0], t.local[1], t.remote[0], t.remote[1])
+
+
+@dataclass(eq=False)
+class Listening:
+    id: int
+    owner: int
+    tcp: TcpListener
+    waiters: deque[Done] = field(default_factory=deque)
+
+
+def _addr_text(ep: Endpoint) -> list[object]:
+    return [str(ipaddress.ip_address(ep[0])), ep[1]]
+
+
+class Daemon:
+    """The splice daemon: TCP endpoint for the TUN's prefix, driven over the API."""
+
+    def __init__(self, config: DaemonConfig, *, tun: TunDevice | None = None) -> None:
+        self.config = config
+        self.net = ipaddress.ip_network(config.prefix)
+        self.tun = tun if tun is not None else TunDevice(config.tun_name, offload=config.offload)
+        self.offload = self.tun.mode == "offload"
+        tcp_cfg = config.tcp
+        if not self.offload:
+            # Without GSO every segment we emit must fit the MSS on its own.
+            tcp_cfg = _replace(tcp_cfg, max_tso_bytes=tcp_cfg.mss)
+        self.tcp_config = tcp_cfg
+        self.sel = selectors.DefaultSelector()
+        self.timers = TimerHeap()
+        self.isn = IsnGenerator()
+        self.flows: dict[FlowKey, Conn] = {}
+        self.conns: dict[int, Conn] = {}
+        self.listeners: dict[tuple[bytes, int], Listening] = {}
+        self.listener_ids: dict[int, Listening] = {}
+        self.dirty: set[Conn] = set()
+        self._next_id = 1
+        self._buf = new_read_buffer()
+        self.counters: dict[str, int] = {
+            "packets_in": 0,
+            "packets_out": 0,
+            "bytes_in": 0,
+            "bytes_out": 0,
+            "gso_in": 0,
+            "gso_out": 0,
+            "malformed": 0,
+            "bad_checksum": 0,
+            "not_ipv4": 0,
+            "fragments": 0,
+            "not_tcp": 0,
+            "not_ours": 0,
+            "resets_sent": 0,
+            "icmp_unreachable": 0,
+            "tun_write_drops": 0,
+            "connections_opened": 0,
+        }
+        self.sel.register(self.tun.fileno(), selectors.EVENT_READ, self._on_tun)
+        self.api = ApiServer(
+            config.socket_path, self, mode=config.socket_mode, group=config.socket_group
+        )
+        self.api.register(self.sel)
+        self.stopping = False
+        log.info("TUN %s in %s mode; API on %s", config.tun_name, self.tun.mode, config.socket_path)
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        while not self.stopping:
+            self.run_once()
+
+    def run_once(self, max_wait: float = 1.0) -> None:
+        now = time.monotonic()
+        deadline = self.timers.next_deadline()
+        wait = max_wait if deadline is None else min(max(deadline - now, 0.0), max_wait)
+        for key, mask in self.sel.select(0.0 if self.dirty else wait):
+            key.data(mask)
+        now = time.monotonic()
+        self.timers.run_due(now)
+        self._service_dirty(now)
+
+    def terminate(self) -> None:
+        """Abort every connection (RST to the peers), close the API, the TUN."""
+        self.stopping = True
+        for conn in list(self.flows.values()):
+            conn.tcp.abort()
+            self._emit_output(conn, time.monotonic())
+            self._free(conn)
+        self.api.close()
+        self.sel.close()
+        self.tun.close()
+
+    def _new_id(self) -> int:
+        n = self._next_id
+        self._next_id += 1
+        return n
+
+    # ------------------------------------------------------------ TUN input
+
+    def _on_tun(self, mask: int) -> None:
+        now = time.monotonic()
+        for _ in range(TUN_BATCH):
+            try:
+                vnet, pkt = self.tun.read(self._buf)
+            except BlockingIOError:
+                return
+            except WireError:
+                self.counters["malformed"] += 1
+                continue
+            self.counters["packets_in"] += 1
+            self.counters["bytes_in"] += len(pkt)
+            try:
+                self._input(vnet, pkt, now)
+            except WireError as exc:
+                self.counters["malformed"] += 1
+                if __debug__:
+                    log.debug("malformed packet: %s", exc)
+
+    def _input(self, vnet: object, pkt: memoryview, now: float) -> None:
+        if not pkt or pkt[0] >> 4 != 4:
+            self.counters["not_ipv4"] += 1
+            return
+        ip = Ipv4Packet(pkt)
+        if not ip.verify_checksum():
+            self.counters["bad_checksum"] += 1
+            return
+        if ip.is_fragment:
+            # We never send fragments (DF is set) and do no reassembly.
+            self.counters["fragments"] += 1
+            return
+        proto = ip.protocol
+        if proto == PROTO_ICMP:
+            self._on_icmp(ip.payload)
+            return
+        if proto != PROTO_TCP:
+            self.counters["not_tcp"] += 1
+            return
+        # With NEEDS_CSUM the field holds a partial sum, and DATA_VALID means
+        # the kernel checked it: either way the kernel vouches (DESIGN.md).
+        flags = getattr(vnet, "flags", 0)
+        verify = not flags & (F_NEEDS_CSUM | F_DATA_VALID)
+        if getattr(vnet, "gso_size", 0):
+            self.counters["gso_in"] += 1
+        src, dst = ip.src_addr, ip.dst_addr
+        try:
+            seg = parse_tcp(ip.payload, src, dst, verify_checksum=verify)
+        except WireError as exc:
+            self.counters["bad_checksum" if "checksum" in str(exc) else "malformed"] += 1
+            return
+        conn = self.flows.get((dst, seg.dst_port, src, seg.src_port))
+        if conn is not None:
+            conn.tcp.on_segment(seg, now)
+            self.dirty.add(conn)
+            return
+        lst = self.listeners.get((dst, seg.dst_port))
+        if lst is not None:
+            child = lst.tcp.on_segment((src, seg.src_port), seg, now)
+            for remote, rst in lst.tcp.poll_output():
+                self._write_segment((dst, seg.dst_port), remote, rst, 0)
+            if child is not None:
+                c = Conn(child, lst.owner, listener=lst)
+                self.flows[c.key] = c
+                self.counters["connections_opened"] += 1
+                self.dirty.add(c)
+            return
+        self.counters["not_ours"] += 1
+        reply = reset_for_unknown(seg)
+        if reply is not None:
+            self._write_segment((dst, seg.dst_port), (src, seg.src_port), reply, 0)
+
+    def _on_icmp(self, payload: memoryview) -> None:
+        msg = parse_unreachable(payload)
+        if msg is None:
+            return
+        self.counters["icmp_unreachable"] += 1
+        conn = self.flows.get((msg.src_addr, msg.src_port, msg.dst_addr, msg.dst_port))
+        # RFC 5927 / RFC 1122 4.2.3.9: act only while connecting, and only on
+        # an ICMP quoting our SYN's sequence number (blind-attack check).
+        if conn is None or conn.tcp.state is not TcpState.SYN_SENT or conn.connect_done is None:
+            return
+        if msg.seq != conn.tcp.iss:
+            return
+        code = ErrorCode.ENETUNREACH if msg.net else ErrorCode.EHOSTUNREACH
+        self._fail_connect(conn, ApiError(code, f"ICMP destination unreachable (code {msg.code})"))
+
+    # ----------------------------------------------------------- TUN output
+
+    def _write_segment(self, local: Endpoint, remote: Endpoint, seg: TcpSegment, mss: int) -> None:
+        payload_len = len(seg.payload)
+        if self.offload:
+            pkt = build_ipv4_tcp(seg, local[0], remote[0], partial_checksum=True)
+            tcp_hlen = len(pkt) - IPV4_HEADER_LEN - payload_len
+            hdr = vnet_header_for_tcp(
+                IPV4_HEADER_LEN, tcp_hlen, payload_len, mss or payload_len or 1
+            ).to_bytes()
+            if mss and payload_len > mss:
+                self.counters["gso_out"] += 1
+        else:
+            pkt = build_ipv4_tcp(seg, local[0], remote[0])
+            hdr = None
+        try:
+            self.tun.write(hdr, pkt)
+        except BlockingIOError:
+            # The TUN queue is full: like a drop on the wire, TCP recovers.
+            self.counters["tun_write_drops"] += 1
+            return
+        self.counters["packets_out"] += 1
+        self.counters["bytes_out"] += len(pkt)
+        if seg.flags & 0x04:
+            self.counters["resets_sent"] += 1
+
+    def _emit_output(self, conn: Conn, now: float) -> None:
+        tcp = conn.tcp
+        for seg in tcp.poll_output(now):
+            self._write_segment(tcp.local, tcp.remote, seg, tcp.snd_mss)
+
+    # -------------------------------------------------------------- service
+
+    def _service_dirty(self, now: float) -> None:
+        rounds = 0
+        while self.dirty and rounds < 8:
+            rounds += 1
+            batch, self.dirty = self.dirty, set()
+            for conn in batch:
+                self._service(conn, now)
+
+    def _service(self, conn: Conn, now: float) -> None:
+        tcp = conn.tcp
+        events = tcp.events
+        while events:
+            self._on_event(conn, events.popleft(), now)
+        if conn.sock is not None:
+            self._pump(conn)
+            events = tcp.events
+            while events:  # the pump's send/recv may have caused events
+                self._on_event(conn, events.popleft(), now)
+        if not conn.tcp_gone:
+            self._emit_output(conn, now)
+            if tcp.state is TcpState.CLOSED:
+                self._tcp_closed(conn)
+            else:
+                deadline = tcp.next_deadline()
+                if deadline is None:
+                    conn.timer.cancel()
+                else:
+                    self.timers.schedule(conn.timer, deadline, lambda: self._on_timer(conn))
+        if conn.tcp_gone and conn.sock is not None:
+            self._pump(conn)
+        if conn.sock is not None:
+            self._update_interest(conn)
+
+    def _on_timer(self, conn: Conn) -> None:
+        if conn.tcp_gone:
+            return
+        now = time.monotonic()
+        deadline = conn.tcp.next_deadline()
+        if deadline is not None and deadline <= now:
+            conn.tcp.on_timer(now)
+        self.dirty.add(conn)
+
+    def _on_event(self, conn: Conn, ev: TcpEvent, now: float) -> None:
+        if ev is TcpEvent.ESTABLISHED:
+            if conn.connect_done is not None:
+                self._complete_connect(conn)
+            elif conn.listener is not None:
+                self._serve_accepts(conn.listener)
+        elif ev is TcpEvent.PEER_CLOSED:
+            conn.peer_fin = True
+        elif ev is TcpEvent.REFUSED:
+            self._fail_connect(conn, ApiError(ErrorCode.ECONNREFUSED, "connection refused"))
+        elif ev is TcpEvent.RESET:
+            if conn.connect_done is not None:
+                self._fail_connect(conn, ApiError(ErrorCode.ECONNRESET, "reset by peer"))
+            elif conn.id is not None:
+                self.api.push_event(conn.owner, {"event": "reset", "conn": conn.id})
+                self._drop_socket(conn)
+        elif ev is TcpEvent.TIMED_OUT:
+            if conn.connect_done is not None:
+                self._fail_connect(conn, ApiError(ErrorCode.ETIMEDOUT, "connection timed out"))
+            elif conn.id is not None:
+                self.api.push_event(conn.owner, {"event": "timed_out", "conn": conn.id})
+                self._drop_socket(conn)
+
+    def _tcp_closed(self, conn: Conn) -> None:
+        """The TCB is gone; what it received still goes to the proxy, then we free."""
+        conn.tcp_gone = True
+        conn.timer.cancel()
+        conn.connect_timer.cancel()
+        self.flows.pop(conn.key, None)
+        if conn.connect_done is not None:
+            self._fail_connect(conn, ApiError(ErrorCode.ECONNRESET, "connection closed"))
+        if conn.sock is None:
+            self._free(conn)
+
+    def _free(self, conn: Conn) -> None:
+        conn.timer.cancel()
+        conn.connect_timer.cancel()
+        self.flows.pop(conn.key, None)
+        self._drop_socket(conn)
+        if conn.id is not None and self.conns.pop(conn.id, None) is not None:
+            self.api.forget(ObjectKind.CONN, conn.id)
+
+    def _drop_socket(self, conn: Conn) -> None:
+        if conn.sock is not None:
+            if conn.mask:
+                self.sel.unregister(conn.sock)
+                conn.mask = 0
+            conn.sock.close()
+            conn.sock = None
+            conn.pending = None
+
+    # ----------------------------------------------------------------- pump
+
+    def _on_sock(self, conn: Conn, mask: int) -> None:
+        if conn.sock is None:
+            return
+        if mask & selectors.EVENT_READ:
+            self._pump_in(conn)
+        self.dirty.add(conn)
+
+    def _pump_in(self, conn: Conn) -> None:
+        """Proxy -> TCP: read what the send buffer can take."""
+        sock, tcp = conn.sock, conn.tcp
+        assert sock is not None
+        while not conn.proxy_eof and not conn.tcp_gone:
+            room = tcp.send_space()
+            if room <= 0:
+                return
+            try:
+                data = sock.recv(min(room, PUMP_CHUNK))
+            except BlockingIOError:
+                if conn.want_fin:
+                    self._proxy_shutdown(conn)
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._proxy_shutdown(conn)
+                return
+            try:
+                tcp.send(data)
+            except BrokenPipeError:
+                # The TCP side is closing or reset: the proxy's bytes have
+                # nowhere to go (like write(2) after a RST: EPIPE).
+                conn.proxy_eof = True
+                return
+
+    def _proxy_shutdown(self, conn: Conn) -> None:
+        conn.proxy_eof = True
+        if conn.tcp.state in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT, TcpState.SYN_RECEIVED):
+            conn.tcp.shutdown_write()
+
+    def _pump(self, conn: Conn) -> None:
+        """TCP -> proxy: move in-order data into the socket as far as it takes it."""
+        sock, tcp = conn.sock, conn.tcp
+        assert sock is not None
+        if not conn.proxy_eof and conn.want_fin:
+            self._pump_in(conn)
+        while True:
+            if conn.pending is None:
+                n = 0 if tcp is None else tcp.readable()
+                if not n:
+                    break
+                conn.pending = memoryview(tcp.recv(min(n, PUMP_CHUNK)))
+            try:
+                sent = sock.send(conn.pending)
+            except BlockingIOError:
+                break
+            except OSError:
+                # The proxy closed its end: received data can no longer be
+                # delivered, so the peer must learn it was lost (RFC 1122
+                # 4.2.2.13: RST).
+                conn.pending = None
+                if not conn.tcp_gone:
+                    tcp.abort()
+                self._drop_socket(conn)
+                if conn.tcp_gone:
+                    self._free(conn)
+                return
+            conn.pending = conn.pending[sent:] if sent < len(conn.pending) else None
+        if conn.pending is None and not tcp.readable() and (conn.peer_fin or conn.tcp_gone):
+            if not conn.shut_to_proxy:
+                conn.shut_to_proxy = True
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_WR)
+            if conn.tcp_gone:
+                self._free(conn)
+
+    def _update_interest(self, conn: Conn) -> None:
+        sock = conn.sock
+        if sock is None:
+            return
+        want = 0
+        if not conn.proxy_eof and not conn.tcp_gone and conn.tcp.send_space() > 0:
+            want |= selectors.EVENT_READ
+        if conn.pending is not None:
+            want |= selectors.EVENT_WRITE
+        if want == conn.mask:
+            return
+        if conn.mask == 0:
+            self.sel.register(sock, want, lambda mask: self._on_sock(conn, mask))
+        elif want == 0:
+            self.sel.unregister(sock)
+        else:
+            self.sel.modify(sock, want, lambda mask: self._on_sock(conn, mask))
+        conn.mask = want
+
+    def _hand_out(self, conn: Conn) -> tuple[Result, socket.socket]:
+        """Give `conn` an API id and a socketpair; return the reply and the proxy's end."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for s in (ours, theirs):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKPAIR_BUF)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKPAIR_BUF)
+        ours.setblocking(False)
+        conn.sock = ours
+        conn.id = self._new_id()
+        conn.listener = None
+        self.conns[conn.id] = conn
+        self.dirty.add(conn)
+        result: Result = {
+            "conn": conn.id,
+            "local": _addr_text(conn.tcp.local),
+            "peer": _addr_text(conn.tcp.remote),
+        }
+        return result, theirs
+
+    # ------------------------------------------------------------ Core: API
+
+    def _local_endpoint(self, addr: Address, what: str) -> Endpoint:
+        host, port = addr
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            raise ApiError(ErrorCode.EBADREQ, f"{what}: {host!r} is not an IP address") from None
+        if ip.version != 4 or ip not in self.net:
+            raise ApiError(
+                ErrorCode.EADDRNOTAVAIL,
+                f"{what}: {host} is not in the daemon's prefix {self.net}",
+            )
+        return ip.packed, port
+
+    def listen(self, owner: int, addr: Address, backlog: int) -> Result:
+        local = self._local_endpoint(addr, "listen")
+        if local[1] == 0:
+            local = (local[0], self._free_port(local[0], None))
+        if local in self.listeners:
+            raise ApiError(ErrorCode.EADDRINUSE, f"{addr[0]}:{local[1]} is already listening")
+        cfg = _replace(self.tcp_config, accept_backlog=max(1, min(backlog, 4096)))
+        lst = Listening(self._new_id(), owner, TcpListener(cfg, local, self.isn))
+        self.listeners[local] = lst
+        self.listener_ids[lst.id] = lst
+        return {"listener": lst.id, "addr": _addr_text(local)}
+
+    def accept(self, owner: int, listener: int, done: Done) -> None:
+        lst = self.listener_ids.get(listener)
+        if lst is None:
+            done(ApiError(ErrorCode.ENOENT, f"no listener {listener}"), None)
+            return
+        lst.waiters.append(done)
+        self._serve_accepts(lst)
+
+    def _serve_accepts(self, lst: Listening) -> None:
+        while lst.waiters:
+            tcp = lst.tcp.accept()
+            if tcp is None:
+                return
+            conn = self.flows.get((tcp.local[0], tcp.local[1], tcp.remote[0], tcp.remote[1]))
+            if conn is None or conn.tcp is not tcp:
+                continue  # it died in the accept queue
+            result, theirs = self._hand_out(conn)
+            lst.waiters.popleft()(result, theirs)
+
+    def connect(
+        self,
+        owner: int,
+        remote: Address,
+        local: Address | None,
+        timeout: float,
+        conn: int | None,
+        done: Done,
+    ) -> None:
+        if conn is not None:
+            done(ApiError(ErrorCode.EUNKNOWNOP, "splice connections arrive in part 2"), None)
+            return
+        try:
+            rip = ipaddress.ip_address(remote[0])
+        except ValueError:
+            done(ApiError(ErrorCode.EBADREQ, f"{remote[0]!r} is not an IP address"), None)
+            return
+        if rip.version != 4:
+            done(ApiError(ErrorCode.ENETUNREACH, "IPv6 is not supported yet"), None)
+            return
+        try:
+            src = self._local_endpoint(local or (self.config.source, 0), "connect local")
+        except ApiError as exc:
+            done(exc, None)
+            return
+        dst = (rip.packed, remote[1])
+        port = src[1] or self._free_port(src[0], dst)
+        if (src[0], port, dst[0], dst[1]) in self.flows:
+            done(ApiError(ErrorCode.EADDRINUSE, "that 4-tuple is in use"), None)
+            return
+        now = time.monotonic()
+        local_ep = (src[0], port)
+        iss = self.isn.isn(local_ep, dst, now)
+        tcp = TcpConnection.connect(self.tcp_config, local_ep, dst, iss, now)
+        c = Conn(tcp, owner, connect_done=done)
+        self.flows[c.key] = c
+        self.counters["connections_opened"] += 1
+        self.timers.schedule(
+            c.connect_timer,
+            now + timeout,
+            lambda: self._fail_connect(c, ApiError(ErrorCode.ETIMEDOUT, "connect timed out")),
+        )
+        self.dirty.add(c)
+
+    def _complete_connect(self, conn: Conn) -> None:
+        done, conn.connect_done = conn.connect_done, None
+        conn.connect_timer.cancel()
+        assert done is not None
+        result, theirs = self._hand_out(conn)
+        done(result, theirs)
+
+    def _fail_connect(self, conn: Conn, err: ApiError) -> None:
+        done, conn.connect_done = conn.connect_done, None
+        conn.connect_timer.cancel()
+        if done is None:
+            return
+        if not conn.tcp_gone and conn.tcp.state is not TcpState.CLOSED:
+            conn.tcp.abort()
+        self.dirty.add(conn)
+        done(err, None)
+
+    def _free_port(self, local_addr: bytes, remote: Endpoint | None) -> int:
+        lo, hi = EPHEMERAL
+        for _ in range(hi - lo):
+            port = random.randint(lo, hi)
+            if (local_addr, port) in self.listeners:
+                continue
+            if remote is None or (local_addr, port, remote[0], remote[1]) not in self.flows:
+                return port
+        raise ApiError(ErrorCode.ELIMIT, "no free local port")
+
+    def _conn(self, conn_id: int) -> Conn:
+        conn = self.conns.get(conn_id)
+        if conn is None:
+            raise ApiError(ErrorCode.ENOENT, f"no connection {conn_id}")
+        return conn
+
+    def close(self, owner: int, conn: int) -> Result:
+        c = self._conn(conn)
+        self._close_conn(c)
+        return {}
+
+    def _close_conn(self, c: Conn) -> None:
+        if not c.tcp_gone:
+            c.tcp.close()
+            self.dirty.add(c)
+        self._drop_socket(c)
+        if c.id is not None:
+            self.conns.pop(c.id, None)
+            c.id = None
+        if c.tcp_gone:
+            self._free(c)
+
+    def close_listener(self, owner: int, listener: int) -> Result:
+        lst = self.listener_ids.get(listener)
+        if lst is None:
+            raise ApiError(ErrorCode.ENOENT, f"no listener {listener}")
+        self._drop_listener(lst)
+        return {}
+
+    def _drop_listener(self, lst: Listening) -> None:
+        self.listener_ids.pop(lst.id, None)
+        self.listeners.pop(lst.tcp.local, None)
+        for done in lst.waiters:
+            done(ApiError(ErrorCode.ECANCELED, "listener closed"), None)
+        lst.waiters.clear()
+        # Connections not yet handed out die with the listener (RST), as on close(2).
+        for c in list(self.flows.values()):
+            if c.listener is lst:
+                c.tcp.abort()
+                self.dirty.add(c)
+
+    def shutdown(self, owner: int, conn: int) -> Result:
+        c = self._conn(conn)
+        c.want_fin = True
+        self.dirty.add(c)
+        return {}
+
+    def stats(self, owner: int, conn: int | None) -> Result:
+        if conn is None:
+            return {
+                "mode": self.tun.mode,
+                "connections": len(self.flows),
+                "listeners": len(self.listeners),
+                "counters": dict(self.counters),
+            }
+        c = self._conn(conn)
+        t = c.tcp
+        s = t.stats
+        return {
+            "conn": conn,
+            "state": "CLOSED" if c.tcp_gone else t.state.name,
+            "local": _addr_text(t.local),
+            "peer": _addr_text(t.remote),
+            "bytes_in": s.bytes_received,
+            "bytes_out": s.bytes_sent,
+            "segments_in": s.segments_received,
+            "segments_out": s.segments_sent,
+            "retransmits": s.retransmits,
+            "fast_retransmits": s.fast_retransmits,
+            "rto_count": s.rto_count,
+            "dup_acks": s.dup_acks,
+            "mss": t.snd_mss,
+            "options": {
+                "wscale": [t.snd_wscale, t.rcv_wscale] if t.wscale_ok else None,
+                "sack": t.sack_ok,
+                "timestamps": t.ts_ok,
+            },
+        }
+
+    def intend_splice(self, owner: int, conn: int) -> Result:
+        raise ApiError(ErrorCode.EUNKNOWNOP, "intend_splice arrives with the splice relay")
+
+    def splice(self, owner: int, client: int, server: int, length: int) -> Result:
+        raise ApiError(ErrorCode.EUNKNOWNOP, "splice arrives with the splice relay")
+
+    def client_gone(self, owner: int) -> None:
+        for lst in [lst for lst in self.listener_ids.values() if lst.owner == owner]:
+            lst.waiters.clear()  # their done callbacks must not be called now
+            self._drop_listener(lst)
+        for c in [c for c in self.flows.values() if c.owner == owner]:
+            if c.connect_done is not None:
+                c.connect_done = None
+                c.connect_timer.cancel()
+                c.tcp.abort()
+                self.dirty.add(c)
+            elif c.id is not None or c.sock is not None:
+                self._close_conn(c)
+        for c in [c for c in self.conns.values() if c.owner == owner]:
+            self._close_conn(c)
+
+
+def _replace(cfg: TcpConfig, **changes: object) -> TcpConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)  # type: ignore[arg-type]
