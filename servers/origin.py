@@ -148,6 +148,7 @@ class OriginServer:
         self._log = _RequestLog(log)
         self._memfd: int | None = None
         self._listeners: list[socket.socket] = []
+        self._handlers: set[threading.Thread] = set()
         self._wake_r, self._wake_w = socket.socketpair()
         self._stopping = threading.Event()
         try:
@@ -207,9 +208,17 @@ class OriginServer:
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
 
-    def close(self) -> None:
+    def close(self, grace: float = 3.0) -> None:
+        """Stop listening, then give requests in flight `grace` seconds to finish.
+
+        A SIGTERM right after a response must not cut the connection's last
+        steps (the drain before close, the log line) short.
+        """
         for sock in self._listeners:
             sock.close()
+        deadline = time.monotonic() + grace
+        for thread in list(self._handlers):
+            thread.join(max(0.0, deadline - time.monotonic()))
         self._wake_r.close()
         self._wake_w.close()
         # The memfd stays open: connection threads still running may read it,
@@ -225,7 +234,11 @@ class OriginServer:
             self._log.write(f"origin: accept failed: {e}")
             return
         handler = self._serve_http if listener is self.http else self._serve_sink
-        threading.Thread(target=handler, args=(conn, peer), daemon=True).start()
+        thread = threading.Thread(target=handler, args=(conn, peer), daemon=True)
+        self._handlers.add(thread)
+        thread.start()
+        # Forget finished handlers so the set stays as small as the live load.
+        self._handlers = {t for t in self._handlers if t.is_alive()}
 
     def _set_timeouts(self, conn: socket.socket) -> None:
         # A blocking socket with kernel timeouts rather than settimeout(): the
