@@ -598,7 +598,7 @@ class TcpConnection:
             return False
         wnd = seg.window << self.snd_wscale if not seg.flags & SYN else seg.window
         if ack != snd_una and seq_gt(ack, snd_una):
-            self._on_new_ack(seg, ack, now)
+            self._on_new_ack(ack, now)
         elif ack == snd_una:
             # RFC 5681 2: a duplicate ACK carries no data, no SYN/FIN, does not
             # move the window and arrives while data is outstanding.
@@ -631,7 +631,7 @@ class TcpConnection:
             self.persist_deadline = None
         return True
 
-    def _on_new_ack(self, seg: TcpSegment, ack: int, now: float) -> None:
+    def _on_new_ack(self, ack: int, now: float) -> None:
         acked = seq_sub(ack, self.snd_una)
         flight_before = seq_sub(self.snd_max, self.snd_una)
         buf = self.send_buf
