@@ -31,6 +31,8 @@ from testbed import netns, process
 from testbed.topology import (
     DEFAULT_PREFIX,
     SPLICE_NET,
+    SPLICE_SERVICE,
+    SPLICE_SOURCE,
     THESIS,
     WIRE_BRIDGE,
     WIRE_PORT_A,
@@ -40,6 +42,7 @@ from testbed.topology import (
     check_prefix,
     ifname,
     ns_name,
+    tun_name,
     wire_ns_name,
 )
 
@@ -247,6 +250,7 @@ class Testbed:
     # host role -> {sysctl key or TCP_SYSCTLS alias: value}
     sysctls: Mapping[str, Mapping[str, str | int]] = field(default_factory=dict)
     services: bool = True
+    msl: float = 30.0  # the splice daemon's MSL (TIME-WAIT = 2 MSL); tests shorten it
     run_root: Path = RUN_ROOT
 
     def __post_init__(self) -> None:
@@ -294,7 +298,17 @@ class Testbed:
 
     @property
     def socks(self) -> tuple[str, int]:
+        """The plain (copy-loop, kernel sockets) SOCKS5 proxy."""
         return (self.topology.gateways["client"], SOCKS_PORT)
+
+    @property
+    def endpoint_socks(self) -> tuple[str, int]:
+        """The SOCKS5 proxy whose TCP connections the splice daemon terminates."""
+        return (SPLICE_SERVICE, SOCKS_PORT)
+
+    @property
+    def daemon_socket(self) -> Path:
+        return self.run_dir / "spliced.sock"
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -404,6 +418,41 @@ class Testbed:
                 [sys.executable, "-m", "proxies.socks5", "--listen", f"{socks[0]}:{socks[1]}"],
             ),
         }
+        # The splice daemon (its TUN routes SPLICE_NET in the proxy namespace)
+        # and the SOCKS5 proxy that uses it as its TCP endpoint.
+        wanted["daemon"] = (
+            proxy_ns,
+            [
+                sys.executable,
+                "-m",
+                "daemon",
+                "--tun",
+                tun_name(self.prefix),
+                "--prefix",
+                SPLICE_NET,
+                "--source",
+                SPLICE_SOURCE,
+                "--socket",
+                str(self.daemon_socket),
+                "--msl",
+                str(self.msl),
+            ],
+        )
+        es = self.endpoint_socks
+        wanted["socks5-endpoint"] = (
+            proxy_ns,
+            [
+                sys.executable,
+                "-m",
+                "proxies.socks5_endpoint",
+                "--daemon",
+                str(self.daemon_socket),
+                "--listen",
+                f"{es[0]}:{es[1]}",
+                "--source",
+                SPLICE_SOURCE,
+            ],
+        )
         for name, (ns, argv) in wanted.items():
             rec = process.load(self.run_dir, name)
             if rec is not None and rec.alive():
@@ -503,6 +552,9 @@ class Testbed:
             f"  origin HTTP/1.0  http://{ox[0]}:{ox[1]}/bytes/N"
             f"   (upload: POST /sink; raw sink :{SINK_PORT})",
             f"  plain SOCKS5     {ss[0]}:{ss[1]}",
+            f"  splice daemon    TUN {tun_name(self.prefix)}, API {self.daemon_socket}",
+            f"  endpoint SOCKS5  {self.endpoint_socks[0]}:{self.endpoint_socks[1]}"
+            "  (both TCP connections terminated by the daemon)",
             "try:",
             f"  ip netns exec {client.ns} curl -s http://{ox[0]}/bytes/1048576 | sha256sum",
             f"  ip netns exec {client.ns} curl -s --socks5 {ss[0]}:{ss[1]}"

@@ -24,14 +24,16 @@ import re
 from dataclasses import dataclass, field
 
 DEFAULT_PREFIX = "tsplice"
-# IFNAMSIZ is 16 including the NUL: "<prefix>-xy" must fit in 15 characters.
-MAX_PREFIX_LEN = 12
+# IFNAMSIZ is 16 including the NUL: "<prefix>-tun" must fit in 15 characters.
+MAX_PREFIX_LEN = 11
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]*$")
 
 # Addresses: documentation ranges only (RFC 5737).
 CLIENT_NET = "192.0.2.0/24"
 SERVER_NET = "203.0.113.0/24"
 SPLICE_NET = "198.51.100.0/24"  # routed into the splice daemon's TUN
+SPLICE_SERVICE = "198.51.100.1"  # where proxies attached to the daemon listen
+SPLICE_SOURCE = "198.51.100.2"  # source address of the daemon's server-side connections
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +99,11 @@ def check_prefix(prefix: str) -> str:
 
 def ns_name(prefix: str, role: str) -> str:
     return f"{prefix}-{role}"
+
+
+def tun_name(prefix: str) -> str:
+    """The splice daemon's TUN in the proxy namespace."""
+    return f"{prefix}-tun"
 
 
 def wire_ns_name(prefix: str, link: LinkSpec) -> str:

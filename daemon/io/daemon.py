@@ -84,6 +84,11 @@ class DaemonConfig:
     offload: bool = True
     mtu: int = 1500
     tcp: TcpConfig = field(default_factory=TcpConfig)
+    # Window scale we offer on connections we open (the server side).  The
+    # client side keeps tcp.rcv_wscale (thesis 5.4.2: 0, so the client's own
+    # scale can be forwarded after a splice); nothing constrains the server
+    # side, and without scaling its window would stop at 64 KB.
+    connect_rcv_wscale: int | None = 7
 
 
 @dataclass(eq=False)
@@ -137,6 +142,7 @@ class Daemon:
             # Without GSO every segment we emit must fit the MSS on its own.
             tcp_cfg = _replace(tcp_cfg, max_tso_bytes=tcp_cfg.mss)
         self.tcp_config = tcp_cfg
+        self.connect_config = _replace(tcp_cfg, rcv_wscale=config.connect_rcv_wscale)
         self.sel = selectors.DefaultSelector()
         self.timers = TimerHeap()
         self.isn = IsnGenerator()
@@ -613,7 +619,7 @@ class Daemon:
         now = time.monotonic()
         local_ep = (src[0], port)
         iss = self.isn.isn(local_ep, dst, now)
-        tcp = TcpConnection.connect(self.tcp_config, local_ep, dst, iss, now)
+        tcp = TcpConnection.connect(self.connect_config, local_ep, dst, iss, now)
         c = Conn(tcp, owner, connect_done=done)
         self.flows[c.key] = c
         self.counters["connections_opened"] += 1
