@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from daemon.api.client import SpliceClient
 from testbed.net import Testbed
 from tests.conftest import unique_prefix
 from tests.helpers import (
@@ -367,4 +366,63 @@ def test_daemon_runs_in_offload_mode(tb: Testbed) -> None:
     assert isinstance(counters, dict) and counters["gso_in"] > 0 and counters["gso_out"] > 0
 
 
-_ = (SpliceClient, subprocess, sys)
+_SLOW_PROXY = """
+import hashlib, os, sys, time
+from daemon.api.client import SpliceClient
+with SpliceClient(sys.argv[1]) as api:
+    lst = api.listen(("198.51.100.1", 7001))
+    print("ready", flush=True)
+    conn = lst.accept()
+    while not os.path.exists(sys.argv[2]):  # the client says when it is stuck
+        time.sleep(0.05)
+    held = api.stats(conn.id)["bytes_in"]
+    h, total = hashlib.sha256(), 0
+    while chunk := conn.recv(1 << 20):
+        h.update(chunk)
+        total += len(chunk)
+    print(held, total, h.hexdigest(), flush=True)
+"""
+
+_STALLED_CLIENT = """
+import hashlib, os, socket, sys, time
+s = socket.create_connection(("198.51.100.1", 7001), timeout=10)
+s.setblocking(False)
+body = os.urandom(64 << 20)
+sent, idle_since = 0, time.monotonic()
+while time.monotonic() - idle_since < 1.5 and sent < len(body):
+    try:
+        sent += s.send(body[sent : sent + (1 << 20)])
+        idle_since = time.monotonic()
+    except BlockingIOError:
+        time.sleep(0.01)
+open(sys.argv[1], "w").close()
+s.setblocking(True)
+s.sendall(body[sent:])
+s.close()
+print(sent, hashlib.sha256(body).hexdigest())
+"""
+
+
+def test_a_proxy_that_stops_reading_closes_the_window_and_loses_nothing(
+    tb: Testbed, tmp_path: Path
+) -> None:
+    """Backpressure: the daemon holds a bounded amount, then the TCP window closes."""
+    go = tmp_path / "go"
+    proxy = tb.host("proxy").popen(
+        [sys.executable, "-c", _SLOW_PROXY, str(tb.daemon_socket), str(go)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proxy.stdout is not None and proxy.stdout.readline().strip() == "ready"
+        sent, digest = run_py(tb.host("client"), _STALLED_CLIENT, str(go)).split()
+        held, total, got = proxy.stdout.readline().split()
+    finally:
+        proxy.kill()
+        proxy.wait()
+    # While the proxy did not read, the client could push only what fits in
+    # its own socket buffer, the daemon's receive buffer and the socketpair:
+    # a few MB, not the 64 MB it tried.
+    assert 0 < int(sent) < 16 << 20
+    assert int(held) <= 4 << 20
+    assert int(total) == 64 << 20 and got == digest
