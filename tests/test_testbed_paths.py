@@ -6,6 +6,7 @@ as a real client and with our load client; content is always checked.
 
 from __future__ import annotations
 
+import socket
 import struct
 import subprocess
 import sys
@@ -144,8 +145,9 @@ def test_socks5_failures_map_to_reply_codes(testbed: Testbed) -> None:
     server_ip = testbed.origin[0]
     # Nothing listens on port 81 of the server: its kernel answers RST.
     assert socks_reply_code(client, socks, connect_request(server_ip, 81)) == 0x05
-    # 198.51.100.0/24 is not routed from the proxy while no daemon runs.
-    assert socks_reply_code(client, socks, connect_request("198.51.100.77", 80)) == 0x03
+    # The proxy has no IPv6 route at all: 2001:db8::/32 is unreachable as a network.
+    v6 = bytes([5, 1, 0, 4]) + socket.inet_pton(socket.AF_INET6, "2001:db8::1") + bytes([0, 80])
+    assert socks_reply_code(client, socks, v6) == 0x03
     # No host owns 203.0.113.99: ARP fails, the proxy's kernel says EHOSTUNREACH.
     assert socks_reply_code(client, socks, connect_request("203.0.113.99", 80)) == 0x04
     # BIND (cmd 2) is not supported; an unknown address type is rejected.
