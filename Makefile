@@ -32,6 +32,10 @@ testbed: $(STAMP) sysdeps
 test: $(STAMP) sysdeps
 	$(PY) -m pytest
 
+# The experiment suite (thesis ch. 6 and more): results/<timestamp>/.
+experiments: $(STAMP) sysdeps
+	$(PY) -m testbed.experiments $(ARGS)
+
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
