@@ -83,6 +83,9 @@ class RelayPair:
     directions_open: int = 2
     aborted: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Runs once both sockets are closed, e.g. to release the connections in the
+    # splice daemon, whose ids outlive the descriptors (docs/api.md, "close").
+    on_done: Callable[[], None] | None = None
 
     def finish_direction(self) -> None:
         with self.lock:
@@ -91,6 +94,8 @@ class RelayPair:
         if last:
             self.client.close()
             self.server.close()
+            if self.on_done is not None:
+                self.on_done()
 
     def abort(self) -> None:
         """Reset both sides and wake the other direction's thread."""
@@ -157,9 +162,18 @@ def _relay_direction(
         pair.finish_direction()
 
 
-def relay(client: socket.socket, server: socket.socket, strategy: CopyStrategy) -> None:
-    """Copy both directions until both are done; runs server->client in this thread."""
-    pair = RelayPair(client, server)
+def relay(
+    client: socket.socket,
+    server: socket.socket,
+    strategy: CopyStrategy,
+    on_done: Callable[[], None] | None = None,
+) -> None:
+    """Copy both directions until both are done; runs server->client in this thread.
+
+    ``on_done`` is called (in whichever relay thread finishes last) after both
+    sockets are closed.
+    """
+    pair = RelayPair(client, server, on_done=on_done)
     upstream = threading.Thread(
         target=_relay_direction,
         args=(pair, client, server, strategy),
@@ -195,7 +209,7 @@ def _reset(sock: socket.socket) -> None:
     sock.close()
 
 
-def _close_gently(sock: socket.socket) -> None:
+def close_gently(sock: socket.socket) -> None:
     """Close after a reply so it is read: unread input at close() would send RST."""
     deadline = time.monotonic() + DRAIN_TIMEOUT  # a client trickling bytes forever is cut off
     try:
@@ -217,8 +231,14 @@ class ProxyConfig:
     copy: CopyStrategy = field(default_factory=default_copy_strategy)
 
 
-def _negotiate(client: socket.socket, peer: object, config: ProxyConfig) -> Connect | None:
-    negotiation = Negotiation(config.credentials)
+def negotiate(
+    client: socket.socket, peer: object, credentials: Credentials | None
+) -> Connect | None:
+    """Run the handshake on ``client``; the CONNECT request, or None once the client is closed.
+
+    A rejected client gets its reply and is closed gently; on EOF the caller closes.
+    """
+    negotiation = Negotiation(credentials)
     while True:
         data = client.recv(MAX_REQUEST_LEN)
         if not data:
@@ -229,7 +249,7 @@ def _negotiate(client: socket.socket, peer: object, config: ProxyConfig) -> Conn
             elif isinstance(event, Reject):
                 log.info("rejected %s: %s", peer, event.reason)
                 client.sendall(event.data)
-                _close_gently(client)
+                close_gently(client)
                 return None
             else:
                 return event
@@ -243,7 +263,7 @@ def serve_client(client: socket.socket, peer: object, config: ProxyConfig) -> No
     try:
         client.settimeout(HANDSHAKE_TIMEOUT)
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        connect = _negotiate(client, peer, config)
+        connect = negotiate(client, peer, config.credentials)
         if connect is None:
             client.close()
             return
@@ -254,7 +274,7 @@ def serve_client(client: socket.socket, peer: object, config: ProxyConfig) -> No
             code = reply_for_connect_error(exc)
             log.info("connect %s:%d failed: %s -> %s", request.host, request.port, exc, code.name)
             client.sendall(build_reply(code))
-            _close_gently(client)
+            close_gently(client)
             return
         try:
             bound = server.getsockname()
