@@ -38,6 +38,7 @@ import logging
 import random
 import selectors
 import socket
+import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -45,8 +46,10 @@ from dataclasses import dataclass, field
 from daemon.api.core import ApiError, Done, ObjectKind, Result
 from daemon.api.protocol import Address, ErrorCode
 from daemon.api.server import ApiServer
+from daemon.io.splicer import Splice, Splicer
 from daemon.io.timers import Timer, TimerHeap
 from daemon.io.tun import TunDevice, new_read_buffer
+from daemon.splice.state import Iface
 from daemon.tcp.config import Endpoint, TcpConfig
 from daemon.tcp.connection import TcpConnection
 from daemon.tcp.events import TcpEvent
@@ -54,6 +57,7 @@ from daemon.tcp.isn import IsnGenerator
 from daemon.tcp.listener import TcpListener
 from daemon.tcp.reset import reset_for_unknown
 from daemon.tcp.state import TcpState
+from daemon.wire.checksum import internet_checksum, pseudo_header_sum
 from daemon.wire.error import WireError
 from daemon.wire.icmp import parse_unreachable
 from daemon.wire.ipv4 import Ipv4Packet
@@ -69,6 +73,8 @@ TUN_BATCH = 256  # packets per readable event before other fds get a turn
 PUMP_CHUNK = 256 * 1024  # bytes moved per socket call
 SOCKPAIR_BUF = 1 << 20
 EPHEMERAL = (32768, 60999)  # Linux's default ip_local_port_range
+
+_PORTS = struct.Struct("!HH")
 
 FlowKey = tuple[bytes, int, bytes, int]  # local addr, local port, remote addr, remote port
 
@@ -110,6 +116,28 @@ class Conn:
     timer: Timer = field(default_factory=Timer)
     connect_timer: Timer = field(default_factory=Timer)
     tcp_gone: bool = False  # TCB closed; draining what is left to the proxy
+    to_proxy: int = 0  # bytes written into the proxy's fd
+    from_proxy: int = 0  # bytes read from the proxy's fd
+    # Splice (daemon/io/splicer.py).
+    splice: Splice | None = None
+    is_client: bool = True  # the client side of its splice
+    reserved_id: int | None = None  # server side: the id intend_splice handed out
+    hold_rx: bool = False  # deliver nothing more to the proxy (thesis 4.1)
+    frozen: bool = False  # splice() called: incoming segments go to the splicer
+    silent: bool = False  # the TCB drained after splice() and speaks no more
+    reclaimed: bytes = b""  # taken from the TCB for the proxy, never delivered
+    outbox: deque[bytes] = field(default_factory=deque)  # bytes for the TCB after splice()
+    outbox_fin: bool = False  # FIN after the outbox
+    fin_queued: bool = False
+    len_remaining: int = 0  # client side: bytes the proxy may still write (splice len)
+    rs_pending: bytes | None = None  # server bytes for the client, after the len bytes
+    rs_fin: bool = False
+    proxy_discarded: int = 0  # bytes written against the rules after splice (dropped)
+    misuse_reported: bool = False
+
+    @property
+    def api_id(self) -> int | None:
+        return self.id
 
     @property
     def key(self) -> FlowKey:
@@ -176,6 +204,7 @@ class Daemon:
             config.socket_path, self, mode=config.socket_mode, group=config.socket_group
         )
         self.api.register(self.sel)
+        self.splicer = Splicer(self)
         self.stopping = False
         log.info("TUN %s in %s mode; API on %s", config.tun_name, self.tun.mode, config.socket_path)
 
@@ -258,8 +287,21 @@ class Daemon:
         if getattr(vnet, "gso_size", 0):
             self.counters["gso_in"] += 1
         src, dst = ip.src_addr, ip.dst_addr
+        payload = ip.payload
+        if len(payload) >= 4:
+            sport, dport = _PORTS.unpack_from(payload)
+            conn = self.flows.get((dst, dport, src, sport))
+            if conn is not None and conn.frozen:
+                # Spliced: verify (unless the kernel vouches), then relay as is.
+                if verify and internet_checksum(
+                    payload, pseudo_header_sum(src, dst, PROTO_TCP, len(payload))
+                ):
+                    self.counters["bad_checksum"] += 1
+                    return
+                self.splicer.on_packet(conn, vnet, pkt, now)  # type: ignore[arg-type]
+                return
         try:
-            seg = parse_tcp(ip.payload, src, dst, verify_checksum=verify)
+            seg = parse_tcp(payload, src, dst, verify_checksum=verify)
         except WireError as exc:
             self.counters["bad_checksum" if "checksum" in str(exc) else "malformed"] += 1
             return
@@ -342,6 +384,13 @@ class Daemon:
 
     def _service(self, conn: Conn, now: float) -> None:
         tcp = conn.tcp
+        if conn.frozen:
+            if conn.sock is not None:
+                self._pump_in(conn)
+            self.splicer.service(conn, now)
+            if conn.sock is not None:
+                self._update_interest(conn)
+            return
         events = tcp.events
         while events:
             self._on_event(conn, events.popleft(), now)
@@ -438,6 +487,9 @@ class Daemon:
         """Proxy -> TCP: read what the send buffer can take."""
         sock, tcp = conn.sock, conn.tcp
         assert sock is not None
+        if conn.frozen:
+            self._pump_in_spliced(conn)
+            return
         while not conn.proxy_eof and not conn.tcp_gone:
             room = tcp.send_space()
             if room <= 0:
@@ -453,6 +505,7 @@ class Daemon:
             if not data:
                 self._proxy_shutdown(conn)
                 return
+            conn.from_proxy += len(data)
             try:
                 tcp.send(data)
             except BrokenPipeError:
@@ -460,6 +513,44 @@ class Daemon:
                 # nowhere to go (like write(2) after a RST: EPIPE).
                 conn.proxy_eof = True
                 return
+
+    def _pump_in_spliced(self, conn: Conn) -> None:
+        """After splice: the proxy's bytes go to the splicer, its EOF sends no FIN."""
+        sock = conn.sock
+        assert sock is not None
+        while not conn.proxy_eof:
+            try:
+                data = sock.recv(PUMP_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                # Thesis 4.2: closing a spliced descriptor does not FIN the
+                # connection; the daemon just lets go of the socket.
+                conn.proxy_eof = True
+                self._drop_socket(conn)
+                return
+            conn.from_proxy += len(data)
+            self.splicer.proxy_data(conn, data)
+
+    def _drain_proxy(self, conn: Conn) -> None:
+        """Take everything the proxy already wrote into the socket (before splice)."""
+        sock = conn.sock
+        if sock is None or conn.proxy_eof:
+            return
+        while True:
+            try:
+                data = sock.recv(PUMP_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                conn.proxy_eof = True
+                return
+            conn.from_proxy += len(data)
+            conn.outbox.append(data)
 
     def _proxy_shutdown(self, conn: Conn) -> None:
         conn.proxy_eof = True
@@ -472,6 +563,8 @@ class Daemon:
         assert sock is not None
         if not conn.proxy_eof and conn.want_fin:
             self._pump_in(conn)
+        if conn.hold_rx:
+            return
         while True:
             if conn.pending is None:
                 n = 0 if tcp is None else tcp.readable()
@@ -480,6 +573,7 @@ class Daemon:
                 conn.pending = memoryview(tcp.recv(min(n, PUMP_CHUNK)))
             try:
                 sent = sock.send(conn.pending)
+                conn.to_proxy += sent
             except BlockingIOError:
                 break
             except OSError:
@@ -507,7 +601,9 @@ class Daemon:
         if sock is None:
             return
         want = 0
-        if not conn.proxy_eof and not conn.tcp_gone and conn.tcp.send_space() > 0:
+        if conn.frozen:
+            want = 0 if conn.proxy_eof else selectors.EVENT_READ
+        elif not conn.proxy_eof and not conn.tcp_gone and conn.tcp.send_space() > 0:
             want |= selectors.EVENT_READ
         if conn.pending is not None:
             want |= selectors.EVENT_WRITE
@@ -529,7 +625,7 @@ class Daemon:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKPAIR_BUF)
         ours.setblocking(False)
         conn.sock = ours
-        conn.id = self._new_id()
+        conn.id = conn.reserved_id if conn.reserved_id is not None else self._new_id()
         conn.listener = None
         self.conns[conn.id] = conn
         self.dirty.add(conn)
@@ -596,30 +692,42 @@ class Daemon:
         done: Done,
     ) -> None:
         if conn is not None:
-            done(ApiError(ErrorCode.EUNKNOWNOP, "splice connections arrive in part 2"), None)
+            self.splicer.connect(owner, conn, remote, local, timeout, done)
             return
+        self._open(owner, remote, local, timeout, done, self.connect_config)
+
+    def _open(
+        self,
+        owner: int,
+        remote: Address,
+        local: Address | None,
+        timeout: float,
+        done: Done,
+        config: TcpConfig,
+    ) -> Conn | None:
+        """Start an active open; `done` gets the outcome. None if it failed at once."""
         try:
             rip = ipaddress.ip_address(remote[0])
         except ValueError:
             done(ApiError(ErrorCode.EBADREQ, f"{remote[0]!r} is not an IP address"), None)
-            return
+            return None
         if rip.version != 4:
             done(ApiError(ErrorCode.ENETUNREACH, "IPv6 is not supported yet"), None)
-            return
+            return None
         try:
             src = self._local_endpoint(local or (self.config.source, 0), "connect local")
+            dst = (rip.packed, remote[1])
+            port = src[1] or self._free_port(src[0], dst)
         except ApiError as exc:
             done(exc, None)
-            return
-        dst = (rip.packed, remote[1])
-        port = src[1] or self._free_port(src[0], dst)
+            return None
         if (src[0], port, dst[0], dst[1]) in self.flows:
             done(ApiError(ErrorCode.EADDRINUSE, "that 4-tuple is in use"), None)
-            return
+            return None
         now = time.monotonic()
         local_ep = (src[0], port)
         iss = self.isn.isn(local_ep, dst, now)
-        tcp = TcpConnection.connect(self.connect_config, local_ep, dst, iss, now)
+        tcp = TcpConnection.connect(config, local_ep, dst, iss, now)
         c = Conn(tcp, owner, connect_done=done)
         self.flows[c.key] = c
         self.counters["connections_opened"] += 1
@@ -629,12 +737,15 @@ class Daemon:
             lambda: self._fail_connect(c, ApiError(ErrorCode.ETIMEDOUT, "connect timed out")),
         )
         self.dirty.add(c)
+        return c
 
     def _complete_connect(self, conn: Conn) -> None:
         done, conn.connect_done = conn.connect_done, None
         conn.connect_timer.cancel()
         assert done is not None
         result, theirs = self._hand_out(conn)
+        if conn.splice is not None:
+            self.splicer.server_connected(conn)
         done(result, theirs)
 
     def _fail_connect(self, conn: Conn, err: ApiError) -> None:
@@ -642,6 +753,9 @@ class Daemon:
         conn.connect_timer.cancel()
         if done is None:
             return
+        if conn.splice is not None:
+            self.splicer.connect_failed(conn)
+            conn.splice = None
         if not conn.tcp_gone and conn.tcp.state is not TcpState.CLOSED:
             conn.tcp.abort()
         self.dirty.add(conn)
@@ -669,6 +783,13 @@ class Daemon:
         return {}
 
     def _close_conn(self, c: Conn) -> None:
+        if c.frozen:
+            # Thesis 4.2: closing a spliced descriptor frees it, sends no FIN.
+            self._drop_socket(c)
+            if c.id is not None:
+                self.conns.pop(c.id, None)
+                c.id = None
+            return
         if not c.tcp_gone:
             c.tcp.close()
             self.dirty.add(c)
@@ -711,6 +832,8 @@ class Daemon:
                 "connections": len(self.flows),
                 "listeners": len(self.listeners),
                 "counters": dict(self.counters),
+                "splice_counters": dict(self.splicer.counters),
+                "splices": self.splicer.stats(),
             }
         c = self._conn(conn)
         t = c.tcp
@@ -729,6 +852,14 @@ class Daemon:
             "rto_count": s.rto_count,
             "dup_acks": s.dup_acks,
             "mss": t.snd_mss,
+            "bytes_to_proxy": c.to_proxy,
+            "bytes_from_proxy": c.from_proxy,
+            "spliced": c.frozen,
+            "splice_state": (
+                None
+                if c.splice is None
+                else c.splice.pair.state(Iface.CLIENT if c.is_client else Iface.SERVER).name
+            ),
             "options": {
                 "wscale": [t.snd_wscale, t.rcv_wscale] if t.wscale_ok else None,
                 "sack": t.sack_ok,
@@ -737,16 +868,17 @@ class Daemon:
         }
 
     def intend_splice(self, owner: int, conn: int) -> Result:
-        raise ApiError(ErrorCode.EUNKNOWNOP, "intend_splice arrives with the splice relay")
+        return self.splicer.intend_splice(owner, conn)
 
     def splice(self, owner: int, client: int, server: int, length: int) -> Result:
-        raise ApiError(ErrorCode.EUNKNOWNOP, "splice arrives with the splice relay")
+        return self.splicer.splice(owner, client, server, length)
 
     def client_gone(self, owner: int) -> None:
+        self.splicer.client_gone(owner)
         for lst in [lst for lst in self.listener_ids.values() if lst.owner == owner]:
             lst.waiters.clear()  # their done callbacks must not be called now
             self._drop_listener(lst)
-        for c in [c for c in self.flows.values() if c.owner == owner]:
+        for c in [c for c in self.flows.values() if c.owner == owner and not c.frozen]:
             if c.connect_done is not None:
                 c.connect_done = None
                 c.connect_timer.cancel()

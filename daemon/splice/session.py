@@ -1,0 +1,136 @@
+"""One splice: the base points of thesis 5.3/5.4 and the translators made from them.
+
+Theory of operation
+-------------------
+The daemon is the TCP endpoint of both connections until ``splice()``;
+afterwards it relays packets.  Each TCB finishes what it alone can finish
+(its unacknowledged bytes: the proxy's reply, data that crossed before the
+splice) and then falls silent; from then on the *sequence spaces* of the two
+connections are glued with constant offsets::
+
+  client conn   ... client TCB data ][ relayed server data ...
+                                     ^ iss_c: client TCB's snd_max when it fell silent
+  server conn   ... server TCB rcv  ][ server data ...
+                                     ^ irs_s: server TCB's rcv_nxt when splice() froze it
+
+  S->C:  seq_out = seq_in - irs_s + iss_c        ack_out = ack_in - iss_s + irs_c
+  C->S:  seq_out = seq_in - irs_c + iss_s        ack_out = ack_in - iss_c + irs_s
+
+``irs_*`` are fixed when splice() freezes the receive sides (from then on
+the TCBs see only the ACK information of incoming segments, never their
+data); ``iss_*`` when each TCB's write queue is empty (thesis 5.1:
+PRE_SPLICED -> SPLICED).  A direction whose reverse is not yet spliced
+acknowledges the constant ``irs`` of its output TCB (everything that TCB
+received), which is exactly what that TCB itself was acknowledging.
+
+Timestamps (5.4.1) are glued the same way with the TS clock of each TCB,
+taken at splice() and pushed ``TS_MARGIN`` ahead so that no TSval the TCB
+still sends during PRE_SPLICED can exceed a mapped one (the peer's PAWS
+check would drop it).  Windows (5.4.2): the server side was offered the
+client's own scale, so client windows pass unchanged when the server
+accepted scaling, and are unscaled (and clamped at 65535) when it did not;
+server windows are unscaled for the client, which was offered scale 0.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from daemon.splice.translator import Translator, TsMode
+from daemon.tcp.config import Endpoint
+
+MASK = 0xFFFFFFFF
+# How far ahead of a TCB's TS clock the relayed TSvals start (ms ticks): the
+# TCB may still send for the rest of PRE_SPLICED, which lasts well under this.
+TS_MARGIN = 60_000
+
+
+@dataclass(slots=True)
+class Side:
+    """What the splice needs to know of one connection (frozen at splice())."""
+
+    local: Endpoint
+    remote: Endpoint
+    irs: int = 0  # rcv_nxt of this side's TCB when splice() froze it
+    iss: int | None = None  # snd_max of this side's TCB once its write queue drained
+    ts_ok: bool = False
+    ts_recv: int = 0  # the latest TSval received from this side's peer
+    ts_sent: int = 0  # this side's TS clock at splice(), plus TS_MARGIN
+    sack_ok: bool = False
+    wscale_ok: bool = False
+    peer_wscale: int = 0  # the shift the peer scales its window fields by
+    our_wscale: int = 0  # the shift the peer applies to *our* window fields
+    snd_mss: int = 536  # the largest payload this side's peer accepts
+
+
+@dataclass(slots=True, eq=False)
+class SpliceSession:
+    """Bookkeeping of one spliced pair (the state machine lives in daemon.splice.state)."""
+
+    client: Side
+    server: Side
+    offload: bool
+    # Segments waiting while the direction toward their destination is not
+    # spliced yet (thesis 5.1: queued in ESTABLISHED / PRE_SPLICED).
+    to_client: deque[tuple[bytes | None, bytes]] = field(default_factory=deque)
+    to_server: deque[tuple[bytes | None, bytes]] = field(default_factory=deque)
+    queued_bytes: int = 0
+    queue_drops: int = 0
+    c2s: Translator | None = None
+    s2c: Translator | None = None
+    # Where a relayed FIN ends, in the destination's sequence space: its ACK
+    # (>= this value) moves that interface from FIN_RELAYED to SHUTDOWN.
+    fin_ack_client: int | None = None
+    fin_ack_server: int | None = None
+    bytes_c2s: int = 0
+    bytes_s2c: int = 0
+    packets_c2s: int = 0
+    packets_s2c: int = 0
+
+    def rebuild(self) -> None:
+        """(Re)make both translators from the base points known so far."""
+        c, s = self.client, self.server
+        self.c2s = _translator(c, s, self.offload) if s.iss is not None else None
+        self.s2c = _translator(s, c, self.offload) if c.iss is not None else None
+
+
+def _translator(src: Side, dst: Side, offload: bool) -> Translator:
+    """Segments from src's peer, out through dst's connection to dst's peer."""
+    assert dst.iss is not None
+    seq_delta = (dst.iss - src.irs) & MASK
+    if src.iss is not None:
+        ack_delta: int | None = (dst.irs - src.iss) & MASK
+    else:
+        ack_delta = None
+    if src.ts_ok and dst.ts_ok:
+        ts_mode = TsMode.MAP
+    elif src.ts_ok:
+        ts_mode = TsMode.STRIP
+    else:
+        ts_mode = TsMode.ABSENT
+    # A window field from src's peer means field << in_shift bytes; dst's
+    # peer reads our fields as field << out_shift, where out_shift is what we
+    # offered it: 0 to the client, the client's own shift to the server
+    # (5.4.2).  So client windows pass unchanged to a server that accepted
+    # scaling, and are unscaled (clamped at 65535 by the translator) else;
+    # server windows are unscaled for the client.
+    in_shift = src.peer_wscale if src.wscale_ok else 0
+    out_shift = dst.our_wscale if dst.wscale_ok else 0
+    window_shift = max(in_shift - out_shift, 0)
+    return Translator(
+        src_addr=dst.local[0],
+        dst_addr=dst.remote[0],
+        src_port=dst.local[1],
+        dst_port=dst.remote[1],
+        seq_delta=seq_delta,
+        ack_delta=ack_delta,
+        ack_fixed=dst.irs,
+        ts_mode=ts_mode,
+        tsval_delta=(dst.ts_sent - src.ts_recv) & MASK,
+        tsecr_delta=(dst.ts_recv - src.ts_sent) & MASK,
+        sack=src.sack_ok and dst.sack_ok and ack_delta is not None,
+        window_shift=window_shift,
+        out_mss=dst.snd_mss,
+        offload=offload,
+    )
