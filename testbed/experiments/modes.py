@@ -1,0 +1,211 @@
+"""The paths a request can take through the proxy host, one per mode.
+
+* ``router``: straight to the origin, the proxy namespace forwarding (kernel).
+* ``plain``: our copy-loop SOCKS5 on kernel sockets (the thesis's "normal" proxy).
+* ``endpoint``: SOCKS5 whose TCP connections the splice daemon terminates (copying).
+* ``spliced``: the spliced SOCKS5 (the thesis's subject), when the testbed has it.
+* ``dante``, ``microsocks``: Debian's SOCKS servers, started here in the proxy
+  namespace for the run and stopped afterwards.
+
+A mode that cannot run (binary not installed, service missing) is *skipped*
+with a reason the report prints; it never crashes the suite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from testbed import process
+
+DANTE_PORT = 1090
+MICROSOCKS_PORT = 1091
+
+
+@dataclass(frozen=True, slots=True)
+class Mode:
+    """A runnable mode: where the client connects, and whose CPU the cost counts."""
+
+    name: str
+    socks: tuple[str, int] | None  # None: direct to the origin (router)
+    cost_pids: tuple[int, ...]  # processes doing the proxy's work (children included)
+    cost_note: str = ""
+
+
+@dataclass(slots=True)
+class ModeSet:
+    """Modes resolved against one testbed, and the helper servers started for them."""
+
+    modes: list[Mode] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # mode -> why
+    started: list[subprocess.Popen[Any]] = field(default_factory=list)
+
+    def names(self) -> list[str]:
+        return [m.name for m in self.modes]
+
+    def stop(self) -> None:
+        """Stop what this set started (each in its own process group), by PID."""
+        for proc in self.started:
+            stop_group(proc)
+        self.started.clear()
+
+
+def dante_config(internal: str, port: int, external: str) -> str:
+    """A minimal danted.conf: no authentication, everything allowed, log to stderr."""
+    return textwrap.dedent(
+        f"""\
+        logoutput: stderr
+        internal: {internal} port = {port}
+        external: {external}
+        clientmethod: none
+        socksmethod: none
+        user.privileged: root
+        user.unprivileged: nobody
+        client pass {{
+            from: 0.0.0.0/0 to: 0.0.0.0/0
+        }}
+        socks pass {{
+            from: 0.0.0.0/0 to: 0.0.0.0/0
+        }}
+        """
+    )
+
+
+def stop_group(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
+    """SIGTERM the process group `proc` leads (netns.popen made it), SIGKILL if it lingers."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+_WAIT_PORT = """
+import socket, sys, time
+deadline = time.monotonic() + float(sys.argv[3])
+while True:
+    try:
+        socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1).close()
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            sys.exit(1)
+        time.sleep(0.05)
+"""
+
+
+def _wait_port(tb: Any, addr: str, port: int, proc: subprocess.Popen[Any], log: Path) -> str:
+    """'' once addr:port accepts in the proxy namespace, else why not."""
+    res = tb.host("proxy").cmd(
+        [sys.executable, "-c", _WAIT_PORT, addr, str(port), "10"], timeout=20
+    )
+    if res.returncode == 0 and proc.poll() is None:
+        return ""
+    stop_group(proc)
+    tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
+    return f"did not accept on {addr}:{port}" + (f" ({tail[0]})" if tail else "")
+
+
+def _record_pids(run_dir: Path, names: list[str]) -> tuple[tuple[int, ...], list[str]]:
+    pids, missing = [], []
+    for name in names:
+        rec = process.load(run_dir, name)
+        if rec is not None and rec.alive():
+            pids.append(rec.pid)
+        else:
+            missing.append(name)
+    return tuple(pids), missing
+
+
+def _spliced_processes(run_dir: Path) -> list[str]:
+    """The spliced proxy's service records (any record naming a splice, not the daemon)."""
+    return [
+        rec.name for rec in process.records(run_dir) if "splic" in rec.name and rec.name != "daemon"
+    ]
+
+
+def resolve(tb: Any, wanted: tuple[str, ...], work_dir: Path) -> ModeSet:
+    """Resolve `wanted` against testbed `tb`, starting dante/microsocks as needed.
+
+    The caller must call `.stop()` on the result (in a finally).
+    """
+    found = ModeSet()
+    proxy_addr = tb.socks[0]
+    external = tb.host("proxy").addrs[-1]
+    for name in wanted:
+        if name == "router":
+            found.modes.append(
+                Mode(name, None, (), "kernel forwarding: no process; see machine-wide CPU")
+            )
+        elif name == "plain":
+            pids, missing = _record_pids(tb.run_dir, ["socks5"])
+            if missing:
+                found.skipped[name] = "the testbed's plain SOCKS5 service is not running"
+            else:
+                found.modes.append(Mode(name, tuple(tb.socks), pids))
+        elif name == "endpoint":
+            pids, missing = _record_pids(tb.run_dir, ["daemon", "socks5-endpoint"])
+            if missing:
+                found.skipped[name] = f"testbed service(s) not running: {', '.join(missing)}"
+            else:
+                found.modes.append(
+                    Mode(name, tuple(tb.endpoint_socks), pids, "daemon + endpoint SOCKS5")
+                )
+        elif name == "spliced":
+            if not hasattr(tb, "spliced_socks"):
+                found.skipped[name] = (
+                    "the testbed has no spliced SOCKS5 yet (Testbed.spliced_socks is missing)"
+                )
+                continue
+            names = ["daemon", *_spliced_processes(tb.run_dir)]
+            pids, missing = _record_pids(tb.run_dir, names)
+            if missing:
+                found.skipped[name] = f"testbed service(s) not running: {', '.join(missing)}"
+            else:
+                found.modes.append(
+                    Mode(name, tuple(tb.spliced_socks), pids, "daemon + " + ", ".join(names[1:]))
+                )
+        elif name == "dante":
+            binary = shutil.which("danted")
+            if binary is None:
+                found.skipped[name] = "danted is not installed (Debian package dante-server)"
+                continue
+            conf = work_dir / "danted.conf"
+            conf.write_text(dante_config(proxy_addr, DANTE_PORT, external))
+            argv = [binary, "-f", str(conf), "-N", "2"]
+            _start(tb, found, name, argv, work_dir, proxy_addr, DANTE_PORT)
+        elif name == "microsocks":
+            binary = shutil.which("microsocks")
+            if binary is None:
+                found.skipped[name] = "microsocks is not installed (Debian package microsocks)"
+                continue
+            argv = [binary, "-i", proxy_addr, "-p", str(MICROSOCKS_PORT), "-b", external]
+            _start(tb, found, name, argv, work_dir, proxy_addr, MICROSOCKS_PORT)
+    return found
+
+
+def _start(
+    tb: Any, found: ModeSet, name: str, argv: list[str], work_dir: Path, addr: str, port: int
+) -> None:
+    log = work_dir / f"{name}.log"
+    with open(log, "wb") as out:
+        proc = tb.host("proxy").popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+    why = _wait_port(tb, addr, port, proc, log)
+    if why:
+        found.skipped[name] = f"{Path(argv[0]).name} {why}"
+        return
+    found.started.append(proc)
+    found.modes.append(Mode(name, (addr, port), (proc.pid,), "with its child processes"))

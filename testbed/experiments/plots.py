@@ -1,0 +1,196 @@
+"""The figures of a run (matplotlib, Agg backend: files only, no display).
+
+* ``fig6_1_min_load.png``: response time vs size, log-log, per mode
+  (median; the bars span p5..p95), as the thesis's Fig. 6.1;
+* ``fig6_1_shaped.png``: the same on shaped links;
+* ``fig6_2_high_load.png``: one panel per concurrency: mean (the thesis's
+  figure averages) and p95 (dashed) per mode;
+* ``throughput.png``: median MB/s of one long transfer per mode;
+* ``cost.png``: CPU milliseconds and context switches per MB relayed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from testbed.experiments.cost import Cost
+from testbed.experiments.stats import CellStats
+
+CellKey = tuple[str, str, str, int, int]
+
+MARKERS = {"router": "o", "plain": "s", "endpoint": "^", "spliced": "D", "dante": "v"}
+
+
+def _label_size(size: float) -> str:
+    for unit, scale in (("M", 1 << 20), ("K", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:g}{unit}"
+    return f"{size:g}"
+
+
+def _series(
+    cells: Mapping[CellKey, CellStats], exp: str, cond: str, mode: str, conc: int
+) -> list[tuple[int, CellStats]]:
+    return sorted(
+        (k[4], c) for k, c in cells.items() if k[:4] == (exp, cond, mode, conc) and c.n_ok > 0
+    )
+
+
+def response_time_figure(
+    cells: Mapping[CellKey, CellStats],
+    modes: Sequence[str],
+    path: Path,
+    *,
+    condition: str = "unshaped",
+    title: str = "Response time at minimum load (thesis Fig. 6.1)",
+) -> bool:
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    drawn = False
+    for mode in modes:
+        series = _series(cells, "min_load", condition, mode, 1)
+        if not series:
+            continue
+        xs = [s for s, _ in series]
+        ys = [c.median for _, c in series]
+        low = [max(c.median - c.p5, 0.0) for _, c in series]
+        high = [max(c.p95 - c.median, 0.0) for _, c in series]
+        ax.errorbar(xs, ys, yerr=[low, high], marker=MARKERS.get(mode, "x"), capsize=3, label=mode)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ticks = sorted({k[4] for k in cells if k[0] == "min_load" and k[1] == condition})
+    ax.set_xticks(ticks, [_label_size(t) for t in ticks])
+    ax.set_xlabel("transfer size (bytes)")
+    ax.set_ylabel("response time (s): median, bars p5..p95")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def high_load_figure(cells: Mapping[CellKey, CellStats], modes: Sequence[str], path: Path) -> bool:
+    concs = sorted({k[3] for k in cells if k[0] == "high_load"})
+    if not concs:
+        return False
+    fig, axes = plt.subplots(1, len(concs), figsize=(5 * len(concs), 4.5), squeeze=False)
+    for ax, conc in zip(axes[0], concs, strict=True):
+        for i, mode in enumerate(modes):
+            series = _series(cells, "high_load", "unshaped", mode, conc)
+            if not series:
+                continue
+            xs = [s for s, _ in series]
+            color = f"C{i}"
+            ax.plot(
+                xs,
+                [c.mean for _, c in series],
+                marker=MARKERS.get(mode, "x"),
+                color=color,
+                label=f"{mode} mean",
+            )
+            ax.plot(xs, [c.p95 for _, c in series], linestyle="--", color=color, alpha=0.6)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"{conc} concurrent clients")
+        ax.set_xlabel("transfer size (bytes)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("response time (s): mean, dashed p95")
+    axes[0][0].legend(fontsize="small")
+    fig.suptitle("Response time at high load (thesis Fig. 6.2)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def throughput_figure(cells: Mapping[CellKey, CellStats], modes: Sequence[str], path: Path) -> bool:
+    rows = []
+    for mode in modes:
+        for key, c in cells.items():
+            if key[:3] == ("throughput", "unshaped", mode) and c.n_ok > 0:
+                size = key[4]
+                # Rate from the median time; p95 time gives the low end, p5 the high end.
+                rows.append((mode, size / c.median / 1e6, size / c.p95 / 1e6, size / c.p5 / 1e6))
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = [r[0] for r in rows]
+    mid = [r[1] for r in rows]
+    err = [[r[1] - r[2] for r in rows], [r[3] - r[1] for r in rows]]
+    ax.bar(names, mid, yerr=err, capsize=4, color=[f"C{i}" for i in range(len(rows))])
+    ax.set_ylabel("MB/s (10^6 bytes), median; bars p5..p95")
+    ax.set_title("Throughput of one long transfer")
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def cost_figure(costs: Sequence[Cost], path: Path) -> bool:
+    usable = [c for c in costs if c.bytes > 0]
+    if not usable:
+        return False
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    names = [c.mode for c in usable]
+    user = [1000 * c.per_mb(c.proc_user_s) for c in usable]
+    system = [1000 * c.per_mb(c.proc_system_s) for c in usable]
+    machine = [1000 * c.per_mb(c.machine_cpu_s) for c in usable]
+    xs = range(len(usable))
+    ax1.bar([x - 0.2 for x in xs], user, width=0.4, label="proxy user")
+    ax1.bar([x - 0.2 for x in xs], system, width=0.4, bottom=user, label="proxy system")
+    ax1.bar([x + 0.2 for x in xs], machine, width=0.4, label="whole machine", color="grey")
+    ax1.set_xticks(list(xs), names)
+    ax1.set_ylabel("CPU ms per MB relayed")
+    ax1.legend(fontsize="small")
+    ax1.grid(True, axis="y", alpha=0.3)
+    proc_ctx = [c.per_mb(c.proc_ctx) for c in usable]
+    machine_ctx = [c.per_mb(c.machine_ctx) for c in usable]
+    ax2.bar([x - 0.2 for x in xs], proc_ctx, width=0.4, label="proxy (lower bound)")
+    ax2.bar([x + 0.2 for x in xs], machine_ctx, width=0.4, label="whole machine", color="grey")
+    ax2.set_xticks(list(xs), names)
+    ax2.set_ylabel("context switches per MB")
+    ax2.legend(fontsize="small")
+    ax2.grid(True, axis="y", alpha=0.3)
+    fig.suptitle("Cost of relaying (sustained run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_all(
+    out: Path,
+    cells: Mapping[CellKey, CellStats],
+    modes: Sequence[str],
+    costs: Sequence[Cost],
+) -> list[str]:
+    """Draw every figure there is data for; return the file names written."""
+    made = []
+    jobs: list[tuple[str, Callable[[Path], bool]]] = [
+        ("fig6_1_min_load.png", lambda p: response_time_figure(cells, modes, p)),
+        (
+            "fig6_1_shaped.png",
+            lambda p: response_time_figure(
+                cells, modes, p, condition="shaped", title="Response time on shaped links"
+            ),
+        ),
+        ("fig6_2_high_load.png", lambda p: high_load_figure(cells, modes, p)),
+        ("throughput.png", lambda p: throughput_figure(cells, modes, p)),
+        ("cost.png", lambda p: cost_figure(costs, p)),
+    ]
+    for name, draw in jobs:
+        if draw(out / name):
+            made.append(name)
+    return made

@@ -1,0 +1,302 @@
+"""Running the experiments on a testbed: the load client in the client namespace.
+
+Every request becomes a `Sample` row, failures included: a request the load
+client reports with ok=false keeps its error code, and requests that never
+reported (the client crashed or hung) are added as failures with error
+``lost``, so nothing is dropped silently.  Within each round every mode runs
+once, in an order rotated per round, so drift hits all modes alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from testbed.experiments.cost import Cost, CostMeter
+from testbed.experiments.modes import Mode, stop_group
+from testbed.experiments.params import Params
+
+MIN_LOAD = "min_load"
+HIGH_LOAD = "high_load"
+THROUGHPUT = "throughput"
+UNSHAPED = "unshaped"
+SHAPED = "shaped"
+
+LINKS = ("client-proxy", "proxy-server")
+
+
+@dataclass(slots=True)
+class Sample:
+    """One request of one experiment."""
+
+    experiment: str
+    condition: str
+    mode: str
+    size: int
+    concurrency: int
+    round: int
+    ok: bool
+    response_time_s: float | None
+    bytes: int
+    error: str | None
+    detail: str | None
+    worker: int
+    start: float | None
+
+
+@dataclass(slots=True)
+class Collected:
+    samples: list[Sample] = field(default_factory=list)
+    costs: list[Cost] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def rotated(items: Sequence[Mode], k: int) -> list[Mode]:
+    """`items` starting at position k (mod len): each round begins with another mode."""
+    if not items:
+        return []
+    k %= len(items)
+    return [*items[k:], *items[:k]]
+
+
+def parse_loadgen(
+    stdout: str, *, sizes: Sequence[int], repeat: int, concurrency: int, why_lost: str
+) -> list[dict[str, Any]]:
+    """The load client's JSON lines, plus a failure for each request it never reported."""
+    results: list[dict[str, Any]] = []
+    for line in stdout.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(item, dict) and "size" in item and "ok" in item:
+            results.append(item)
+    missing = Counter({size: repeat * concurrency for size in sizes})
+    missing.subtract(Counter(int(r["size"]) for r in results))
+    for size in sizes:
+        for _ in range(max(0, missing[size])):
+            results.append(
+                {
+                    "size": size,
+                    "ok": False,
+                    "response_time_s": None,
+                    "bytes": 0,
+                    "error": "lost",
+                    "detail": why_lost,
+                    "worker": -1,
+                    "start": None,
+                }
+            )
+    return results
+
+
+def loadgen_argv(
+    origin: tuple[str, int],
+    mode: Mode,
+    sizes: Sequence[int],
+    repeat: int,
+    concurrency: int,
+    timeout: float,
+) -> list[str]:
+    argv = [sys.executable, "-m", "clients.loadgen", "--server", f"{origin[0]}:{origin[1]}"]
+    for size in sizes:
+        argv += ["--size", str(size)]
+    if mode.socks is not None:
+        argv += ["--socks5", f"{mode.socks[0]}:{mode.socks[1]}"]
+    argv += ["--repeat", str(repeat), "--concurrency", str(concurrency)]
+    argv += ["--timeout", str(timeout)]
+    return argv
+
+
+def run_loadgen(
+    tb: Any,
+    mode: Mode,
+    sizes: Sequence[int],
+    *,
+    repeat: int,
+    concurrency: int,
+    timeout: float,
+) -> list[dict[str, Any]]:
+    """Run the load client in the client namespace; one dict per request."""
+    argv = loadgen_argv(tb.origin, mode, sizes, repeat, concurrency, timeout)
+    # Each worker's requests run one after another, each bounded by `timeout`.
+    limit = timeout * repeat * len(sizes) + 30
+    proc = tb.host("client").popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
+    )
+    try:
+        out, err = proc.communicate(timeout=limit)
+        tail = (err.strip().splitlines() or [""])[-1]
+        why = f"load client exited {proc.returncode} without reporting: {tail}".strip()
+    except subprocess.TimeoutExpired:
+        stop_group(proc)
+        out, _ = proc.communicate()
+        why = f"load client still running after {limit:.0f} s; stopped"
+    except BaseException:
+        stop_group(proc)
+        raise
+    return parse_loadgen(out, sizes=sizes, repeat=repeat, concurrency=concurrency, why_lost=why)
+
+
+def _samples(
+    raw: list[dict[str, Any]], experiment: str, condition: str, mode: str, conc: int, rnd: int
+) -> list[Sample]:
+    return [
+        Sample(
+            experiment=experiment,
+            condition=condition,
+            mode=mode,
+            size=int(r["size"]),
+            concurrency=conc,
+            round=rnd,
+            ok=bool(r["ok"]),
+            response_time_s=r.get("response_time_s"),
+            bytes=int(r.get("bytes") or 0),
+            error=r.get("error"),
+            detail=r.get("detail"),
+            worker=int(r.get("worker", -1)),
+            start=r.get("start"),
+        )
+        for r in raw
+    ]
+
+
+Step = Callable[[str], None]  # advances the progress bar, naming what runs
+
+
+def plan_steps(params: Params, n_modes: int) -> int:
+    """How many load-client runs the suite makes (the progress bar's total)."""
+    steps = n_modes * (
+        int(params.warmup)
+        + params.repeat
+        + params.load_repeat * len(params.concurrency)
+        + params.throughput_repeat
+        + int(params.cost)
+    )
+    if params.shaped:
+        steps += n_modes * min(params.repeat, 3)
+    return steps
+
+
+def run_all(tb: Any, params: Params, modes: list[Mode], step: Step, into: Collected) -> None:
+    """Experiments 1-5 in order; results accumulate in `into` (kept if interrupted)."""
+
+    def load(mode: Mode, sizes: Sequence[int], conc: int = 1) -> list[dict[str, Any]]:
+        return run_loadgen(tb, mode, sizes, repeat=1, concurrency=conc, timeout=params.timeout)
+
+    if params.warmup:
+        for mode in modes:
+            step(f"warm-up {mode.name}")
+            raw = load(mode, params.sizes[:2])
+            bad = sum(1 for r in raw if not r["ok"])
+            if bad:
+                into.notes.append(f"warm-up: {bad} request(s) failed for mode {mode.name}")
+
+    # (1) Fig. 6.1: one connection at a time.
+    for rnd in range(params.repeat):
+        for mode in rotated(modes, rnd):
+            step(f"min load {mode.name} round {rnd + 1}")
+            raw = load(mode, params.sizes)
+            into.samples += _samples(raw, MIN_LOAD, UNSHAPED, mode.name, 1, rnd)
+
+    # (2) Fig. 6.2: C client processes at once.
+    for rnd in range(params.load_repeat):
+        for conc in params.concurrency:
+            for mode in rotated(modes, rnd):
+                step(f"high load {mode.name} x{conc} round {rnd + 1}")
+                raw = load(mode, params.load_sizes, conc)
+                into.samples += _samples(raw, HIGH_LOAD, UNSHAPED, mode.name, conc, rnd)
+
+    # (3) one long transfer.
+    for rnd in range(params.throughput_repeat):
+        for mode in rotated(modes, rnd):
+            step(f"throughput {mode.name} round {rnd + 1}")
+            raw = load(mode, [params.throughput_size])
+            into.samples += _samples(raw, THROUGHPUT, UNSHAPED, mode.name, 1, rnd)
+
+    # (4) CPU and context switches over a sustained run.
+    if params.cost:
+        for mode in modes:
+            step(f"cost {mode.name}")
+            into.costs.append(_cost_run(tb, params, mode, into.samples))
+
+    # (5) Fig. 6.1 again with impaired links (mid-path, both links).
+    if params.shaped:
+        with shaped_links(tb, params.shape, into.notes):
+            for rnd in range(min(params.repeat, 3)):
+                for mode in rotated(modes, rnd):
+                    step(f"shaped {mode.name} round {rnd + 1}")
+                    raw = load(mode, params.shaped_sizes)
+                    into.samples += _samples(raw, MIN_LOAD, SHAPED, mode.name, 1, rnd)
+
+
+def cost_plan(rate_bps: float, seconds: float, size: int) -> int:
+    """Requests of `size` bytes to keep a path at `rate_bps` busy for `seconds` (>= 1)."""
+    if not rate_bps > 0 or not math.isfinite(rate_bps):
+        rate_bps = 50e6
+    return max(1, math.ceil(rate_bps * seconds / size))
+
+
+def _cost_run(tb: Any, params: Params, mode: Mode, samples: list[Sample]) -> Cost:
+    size = params.throughput_size if params.quick else (16 << 20)
+    times = sorted(
+        s.response_time_s
+        for s in samples
+        if s.mode == mode.name
+        and s.experiment == THROUGHPUT
+        and s.ok
+        and s.response_time_s is not None
+    )
+    rate = params.throughput_size / times[len(times) // 2] if times else 0.0
+    count = cost_plan(rate, params.cost_seconds, size)
+    with CostMeter(mode.cost_pids) as meter:
+        raw = run_loadgen(tb, mode, [size], repeat=count, concurrency=1, timeout=params.timeout)
+    user, system, ctx, machine_cpu, machine_ctx = meter.deltas()
+    ok = [r for r in raw if r["ok"]]
+    seconds = sum(float(r["response_time_s"]) for r in ok)
+    return Cost(
+        mode=mode.name,
+        condition=UNSHAPED,
+        bytes=sum(int(r["bytes"]) for r in ok),
+        seconds=seconds,
+        proc_user_s=user,
+        proc_system_s=system,
+        proc_ctx=ctx,
+        machine_cpu_s=machine_cpu,
+        machine_ctx=machine_ctx,
+        failed=len(raw) - len(ok),
+        note=mode.cost_note,
+    )
+
+
+@contextlib.contextmanager
+def shaped_links(tb: Any, shape: str, notes: list[str]) -> Iterator[None]:
+    """Shape both links for the block; restore each link's previous shape after."""
+    before: dict[str, Any] = {}
+    try:
+        for name in LINKS:
+            link = tb.link(name)
+            before[name], _ = link.shape_status()
+            link.shape(shape)
+        yield
+    finally:
+        for name in LINKS:
+            link = tb.link(name)
+            try:
+                prev = before.get(name)
+                if prev is not None and not prev.is_empty:
+                    link.shape(prev)
+                else:
+                    link.clear()
+            except Exception as err:  # report, and restore the other link anyway
+                notes.append(f"could not restore link {name}: {err}")
