@@ -1,0 +1,414 @@
+"""SOCKS5 proxy that hands the data phase to the splice daemon (thesis Fig. 4.2).
+
+Per client, exactly the steps of the thesis' pseudocode, over the daemon's
+Unix socket API (docs/api.md):
+
+1. ``accept`` a client connection from a listener the daemon made (the
+   ``listen`` op is thesis 4.1's ``init_splice``);
+2. negotiate, authenticate and read the request with
+   ``socks5_protocol.Negotiation`` (the same wire behaviour as the copy proxy);
+3. ``intend_splice(client)``: from here on the proxy must not read the client
+   (thesis 4.1), and the daemon keeps whatever the client sends next;
+4. ``connect`` the reserved server side;
+5. ``splice(client, server, len(reply))``: the daemon relays segments from now
+   on, and we may write exactly ``len(reply)`` more bytes to the client;
+6. write the success reply, close both descriptors (closing a spliced
+   connection only releases our handle, thesis 4.2), serve the next client.
+
+Reading no further than the request
+-----------------------------------
+A client may pipeline data right behind its request (RFC 1928 does not forbid
+it and curl's ``--socks5`` does it for short requests). Those bytes belong to
+the destination and the daemon relays them after the splice; if the proxy
+read them they would be lost, since nothing may be written to the server fd
+after the splice and the proxy must not read after intend_splice. So the
+handshake is read with ``MSG_PEEK`` and fed to ``Negotiation`` one byte at a
+time (``feed_exactly``): only the bytes that complete messages are consumed,
+and the first byte after the request stays unread in the descriptor.
+
+A failed connect is answered with its SOCKS code (RFC 1928 s.6, see
+``reply_for_errno``) and the client is closed with a FIN after that reply; the
+reserved server side is released with the ``close`` op.
+
+Threads: the main thread waits for SIGTERM or for the accept thread to say why
+it stopped; each client gets a short-lived thread (its work ends at the
+splice, so there are only as many as handshakes in progress).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import logging
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+
+from daemon.api.client import Connection, DaemonGone, Listener, SpliceClient, SpliceError
+from proxies.socks5 import DRAIN_TIMEOUT, HANDSHAKE_TIMEOUT, THREAD_STACK_SIZE, parse_listen
+from proxies.socks5_protocol import (
+    MAX_AUTH_LEN,
+    Connect,
+    Credentials,
+    Event,
+    Negotiation,
+    Reject,
+    Reply,
+    Request,
+    SendToClient,
+    build_reply,
+    reply_for_errno,
+)
+
+log = logging.getLogger("proxies.socks5_spliced")
+
+PROG = "socks5_spliced"
+
+
+@dataclass(frozen=True, slots=True)
+class SplicedConfig:
+    credentials: Credentials | None = None
+    connect_timeout: float = 10.0
+    source: str | None = None  # the daemon address outgoing connections leave from
+
+
+# -- sans-I/O: how many bytes of the handshake to consume ---------------------------
+
+
+def feed_exactly(negotiation: Negotiation, data: bytes) -> tuple[int, list[Event]]:
+    """Feed ``data`` byte by byte until the negotiation ends; (bytes used, events).
+
+    The count stops right after the byte that completed the request (or the
+    rejected message), so whatever follows stays with the daemon. Messages are
+    at most a few hundred bytes, so the byte-wise feeding costs nothing.
+    """
+    events: list[Event] = []
+    for used in range(1, len(data) + 1):
+        new = negotiation.receive(data[used - 1 : used])
+        events += new
+        if any(isinstance(event, Connect | Reject) for event in new):
+            return used, events
+    return len(data), events
+
+
+# -- the I/O shell -------------------------------------------------------------------
+
+
+def _recv_exactly(sock: socket.socket, count: int) -> None:
+    """Consume ``count`` bytes that MSG_PEEK already showed us."""
+    while count:
+        chunk = sock.recv(count)
+        if not chunk:
+            raise ConnectionError("EOF inside bytes already peeked")
+        count -= len(chunk)
+
+
+def read_request(
+    sock: socket.socket, peer: object, credentials: Credentials | None
+) -> Request | None:
+    """Run the handshake on ``sock`` without reading past the request.
+
+    None when the client went away or was rejected (the rejection reply is
+    sent and the socket closed gently).
+    """
+    negotiation = Negotiation(credentials)
+    while True:
+        # MAX_AUTH_LEN is the longest message: one peek can always complete one.
+        data = sock.recv(MAX_AUTH_LEN, socket.MSG_PEEK)
+        if not data:
+            return None
+        used, events = feed_exactly(negotiation, data)
+        _recv_exactly(sock, used)
+        for event in events:
+            if isinstance(event, SendToClient):
+                sock.sendall(event.data)
+            elif isinstance(event, Reject):
+                log.info("rejected %s: %s", peer, event.reason)
+                sock.sendall(event.data)
+                close_gently(sock)
+                return None
+            else:
+                return event.request
+
+
+def close_gently(sock: socket.socket) -> None:
+    """FIN after the reply, then read until the client's FIN so close() sends no RST.
+
+    Only before intend_splice: afterwards reading the client is not allowed.
+    """
+    deadline = time.monotonic() + DRAIN_TIMEOUT  # a client trickling bytes forever is cut off
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        while True:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            if not sock.recv(65536):
+                break
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def destinations(host: str, port: int, source: str | None) -> list[tuple[str, int]]:
+    """``host`` itself if it is an address literal, else what the name resolves to.
+
+    The daemon takes no names (docs/api.md, "Addresses"). Raises
+    ``socket.gaierror`` for a name that does not resolve.
+    """
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return [(host, port)]
+    family = socket.AF_UNSPEC
+    if source is not None:
+        # A v4 source cannot reach a v6 destination (nor vice versa): skip those.
+        family = socket.AF_INET if ipaddress.ip_address(source).version == 4 else socket.AF_INET6
+    found: list[tuple[str, int]] = []
+    for *_, address in socket.getaddrinfo(host, port, family, socket.SOCK_STREAM):
+        candidate = (str(address[0]), int(address[1]))
+        if candidate not in found:
+            found.append(candidate)
+    return found
+
+
+def connect_server(
+    server: Connection, remotes: list[tuple[str, int]], source: str | None, timeout: float
+) -> None:
+    """Connect the reserved server side to the first address that answers.
+
+    Raises the first failure's ``SpliceError`` (the most telling one for the
+    name the client asked for) when every address failed.
+    """
+    local = None if source is None else (source, 0)
+    first_error: SpliceError | None = None
+    for remote in remotes:
+        try:
+            server.connect(remote, local=local, timeout=timeout)
+            return
+        except DaemonGone:
+            raise
+        except SpliceError as exc:
+            log.debug("connect %s:%d failed: %s", remote[0], remote[1], exc)
+            first_error = first_error or exc
+            if exc.code == "ESTATE":  # the daemon does not let a reserved side retry
+                break
+    raise first_error or SpliceError("EHOSTUNREACH", "no address")
+
+
+def release(*conns: Connection) -> None:
+    """Close descriptors and ids; quiet if the daemon already forgot them or went away."""
+    for conn in conns:
+        try:
+            conn.close()
+        except (SpliceError, OSError) as exc:
+            log.debug("closing conn %d: %s", conn.id, exc)
+
+
+def refuse_intended(client: Connection, reply: bytes) -> None:
+    """Failure ``reply`` to a client we may no longer read, then FIN.
+
+    Reading is forbidden after intend_splice (thesis 4.1), so unlike
+    ``close_gently`` there is no draining: shutdown(SHUT_WR) orders the FIN
+    after the reply, and the ``close`` op releases the connection.
+    """
+    try:
+        client.sock.sendall(reply)
+        client.sock.shutdown(socket.SHUT_WR)
+    except OSError as exc:
+        log.debug("client %s gone before its reply: %s", client.peer, exc)
+    release(client)
+
+
+def serve_client(api: SpliceClient, client: Connection, config: SplicedConfig) -> None:
+    """One client, from accept to splice (its own thread)."""
+    peer = client.peer
+    sock = client.sock
+    try:
+        sock.settimeout(HANDSHAKE_TIMEOUT)
+        request = read_request(sock, peer, config.credentials)
+    except OSError as exc:
+        log.info("client %s dropped during negotiation: %s", peer, exc)
+        release(client)
+        return
+    if request is None:
+        release(client)
+        return
+    try:
+        remotes = destinations(request.host, request.port, config.source)
+    except socket.gaierror as exc:
+        # A name that does not resolve is a host that cannot be reached (RFC 1928 s.6).
+        log.info("cannot resolve %s: %s", request.host, exc)
+        with contextlib.suppress(OSError):
+            sock.sendall(build_reply(Reply.HOST_UNREACHABLE))
+        close_gently(sock)
+        release(client)
+        return
+    try:
+        server = api.intend_splice(client)
+    except SpliceError as exc:  # e.g. the client reset meanwhile (ENOENT)
+        log.info("intend_splice for %s failed: %s", peer, exc)
+        refuse_intended(client, build_reply(Reply.GENERAL_FAILURE))
+        return
+    try:
+        connect_server(server, remotes, config.source, config.connect_timeout)
+    except SpliceError as exc:
+        code = reply_for_errno(exc.errno)
+        log.info("connect %s:%d failed: %s -> %s", request.host, request.port, exc, code.name)
+        release(server)
+        refuse_intended(client, build_reply(code))
+        return
+    assert server.local is not None
+    reply = build_reply(Reply.SUCCEEDED, server.local)
+    try:
+        api.splice(client, server, len(reply))
+    except SpliceError as exc:
+        log.warning("splice %s <-> %s failed: %s", peer, server.peer, exc)
+        release(server)
+        refuse_intended(client, build_reply(Reply.GENERAL_FAILURE))
+        return
+    try:
+        sock.sendall(reply)  # exactly the len announced to splice()
+    except OSError as exc:
+        log.info("client %s gone before its reply: %s", peer, exc)
+    log.debug("spliced %s <-> %s via %s", peer, server.peer, server.local)
+    release(client, server)
+
+
+def serve(api: SpliceClient, listener: Listener, config: SplicedConfig) -> str:
+    """Accept until the listener is closed; the reason the daemon stopped us, or "" if we did."""
+    while True:
+        try:
+            client = listener.accept()
+        except DaemonGone as exc:
+            return f"the splice daemon went away: {exc.message}"
+        except SpliceError as exc:
+            if exc.code == "ECANCELED":  # our own close of the listener, at SIGTERM
+                return ""
+            return f"accept failed: {exc}"
+        log.debug("accepted %s", client.peer)
+        threading.Thread(
+            target=serve_client, args=(api, client, config), name="socks5-client", daemon=True
+        ).start()
+
+
+def run_accept_thread(
+    serve_fn: Callable[..., str], args: tuple[object, ...], stopped: queue.Queue[str]
+) -> threading.Thread:
+    """Run ``serve_fn(*args)`` in a thread that always reports why it ended."""
+
+    def body() -> None:
+        try:
+            reason = serve_fn(*args)
+        except Exception as exc:  # a bug must not leave main waiting forever
+            log.exception("accept loop failed")
+            reason = f"accept loop failed: {exc}"
+        stopped.put(reason)
+
+    thread = threading.Thread(target=body, name="accept", daemon=True)
+    thread.start()
+    return thread
+
+
+class Stop(Exception):
+    """Raised by the SIGTERM handler to leave the main thread's wait."""
+
+
+def on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Stop
+
+
+def attach(prog: str, path: str, listen: tuple[str, int]) -> tuple[SpliceClient, Listener] | None:
+    """Attach to the daemon and listen; None after printing a one-line error."""
+    try:
+        api = SpliceClient(path)
+    except (OSError, SpliceError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        print(f"{prog}: cannot attach to the splice daemon at {path}: {reason}", file=sys.stderr)
+        return None
+    try:
+        return api, api.listen(listen)
+    except SpliceError as exc:
+        print(f"{prog}: cannot listen on {listen[0]}:{listen[1]}: {exc}", file=sys.stderr)
+        api.close()
+        return None
+
+
+def run_until_stopped(
+    prog: str, api: SpliceClient, listener: Listener, serve_fn: Callable[..., str], *args: object
+) -> int:
+    """Print "ready", serve until SIGTERM (exit 0) or until the daemon goes (exit 1)."""
+    threading.stack_size(THREAD_STACK_SIZE)
+    stopped: queue.Queue[str] = queue.Queue()
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:  # from here on a SIGTERM may land anywhere, so everything is inside the try
+        run_accept_thread(serve_fn, (api, listener, *args), stopped)
+        print("ready", flush=True)
+        reason = stopped.get()
+    except (Stop, KeyboardInterrupt):
+        log.info("stopping")
+        reason = ""
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop is enough; finish cleaning up
+        with contextlib.suppress(SpliceError):
+            listener.close()
+        api.close()
+    if reason:
+        print(f"{prog}: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def check_source(parser: argparse.ArgumentParser, source: str | None) -> None:
+    if source is not None:
+        try:
+            ipaddress.ip_address(source)
+        except ValueError:
+            parser.error(f"--source must be an IP address, got {source!r}")
+
+
+def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, SplicedConfig]:
+    parser = argparse.ArgumentParser(
+        prog="python -m proxies.socks5_spliced",
+        description="SOCKS5 proxy (CONNECT) whose data phase is spliced by the splice daemon.",
+    )
+    parser.add_argument("--daemon", required=True, metavar="SOCKET_PATH")
+    parser.add_argument("--listen", type=parse_listen, required=True, metavar="ADDR:PORT")
+    parser.add_argument("--source", metavar="ADDR", help="daemon address to connect from")
+    parser.add_argument("--user", help="require RFC 1929 username/password")
+    parser.add_argument("--password")
+    parser.add_argument("--connect-timeout", type=float, default=10.0, metavar="S")
+    parser.add_argument("--log-level", default="WARNING", metavar="L")
+    args = parser.parse_args(argv)
+    if (args.user is None) != (args.password is None):
+        parser.error("--user and --password go together")
+    check_source(parser, args.source)
+    credentials = None
+    if args.user is not None:
+        credentials = Credentials(args.user.encode(), args.password.encode())
+    return args, SplicedConfig(credentials, args.connect_timeout, args.source)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, config = _parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format=f"%(asctime)s {PROG} %(levelname)s %(message)s"
+    )
+    attached = attach(PROG, args.daemon, args.listen)
+    if attached is None:
+        return 1
+    api, listener = attached
+    log.info("listening on %s:%d via %s", *args.listen, args.daemon)
+    return run_until_stopped(PROG, api, listener, serve, config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
