@@ -134,6 +134,7 @@ class Conn:
     rs_fin: bool = False
     proxy_discarded: int = 0  # bytes written against the rules after splice (dropped)
     misuse_reported: bool = False
+    close_pending: bool = False  # API close: close the TCB once the outbox is sent
 
     @property
     def api_id(self) -> int | None:
@@ -394,6 +395,11 @@ class Daemon:
         events = tcp.events
         while events:
             self._on_event(conn, events.popleft(), now)
+        if conn.outbox:
+            self.feed_outbox(conn)
+        if conn.close_pending and not conn.outbox and not conn.tcp_gone:
+            conn.close_pending = False
+            tcp.close()
         if conn.sock is not None:
             self._pump(conn)
             events = tcp.events
@@ -533,6 +539,21 @@ class Daemon:
                 return
             conn.from_proxy += len(data)
             self.splicer.proxy_data(conn, data)
+
+    def feed_outbox(self, conn: Conn) -> None:
+        """Move queued bytes into the TCB's send buffer as far as it has room."""
+        tcp = conn.tcp
+        while conn.outbox and tcp.send_space() > 0:
+            chunk = conn.outbox[0]
+            try:
+                n = tcp.send(chunk)
+            except BrokenPipeError:
+                conn.outbox.clear()
+                return
+            if n < len(chunk):
+                conn.outbox[0] = chunk[n:]
+                return
+            conn.outbox.popleft()
 
     def _drain_proxy(self, conn: Conn) -> None:
         """Take everything the proxy already wrote into the socket (before splice)."""
@@ -791,7 +812,10 @@ class Daemon:
                 c.id = None
             return
         if not c.tcp_gone:
-            c.tcp.close()
+            # What the proxy wrote before asking to close is in the socket
+            # already: it is sent before the FIN, like close(2) on a socket.
+            self._drain_proxy(c)
+            c.close_pending = True
             self.dirty.add(c)
         self._drop_socket(c)
         if c.id is not None:

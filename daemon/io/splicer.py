@@ -291,17 +291,7 @@ class Splicer:
                 # cannot complete; reset both sides (thesis 5.1 RST rule).
                 self._abort(sp, now)
                 return
-        while conn.outbox and tcp.send_space() > 0:
-            chunk = conn.outbox[0]
-            try:
-                n = tcp.send(chunk)
-            except BrokenPipeError:
-                conn.outbox.clear()
-                break
-            if n < len(chunk):
-                conn.outbox[0] = chunk[n:]
-                break
-            conn.outbox.popleft()
+        self.d.feed_outbox(conn)
         if not conn.outbox and conn.outbox_fin and not conn.fin_queued:
             conn.fin_queued = True
             if tcp.state in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT):
