@@ -334,16 +334,28 @@ def test_sack_blocks_mapped_including_dsack_below_ack(offload: bool) -> None:
     assert seg.options.timestamp == (8, M32)  # TSecr 2 - 3 wraps
 
 
+def test_sack_blocks_mapped_without_timestamps() -> None:
+    # NOP NOP SACK at the start of the options: the general scanner's path.
+    opts = TcpOptions(sack_blocks=((100, 200),))
+    seg = one(translator(ack_delta=-100), packet(segment(options=opts)))
+    assert seg.options.sack_blocks == ((0, 100),)
+
+
+@pytest.mark.parametrize("with_ts", [False, True], ids=["sack only", "ts+sack"])
 @pytest.mark.parametrize(
     "changes", [{"sack": False}, {"ack_delta": None}], ids=["not negotiated", "ack fixed"]
 )
-def test_sack_stripped_to_nops(changes: dict[str, object]) -> None:
-    opts = TcpOptions(sack_blocks=((100, 200), (300, 400)))
+def test_sack_stripped_to_nops(changes: dict[str, object], with_ts: bool) -> None:
+    opts = TcpOptions(
+        timestamp=(100, 200) if with_ts else None, sack_blocks=((100, 200), (300, 400))
+    )
     t = translator(**changes)
     _, out = run(t, packet(segment(options=opts)))[0]
     ip, seg = parse_checked((None, out), t)
     assert seg.options.sack_blocks == ()
-    assert bytes(ip.payload[22:40]) == b"\x01" * 18
+    assert seg.options.timestamp == ((107, 197) if with_ts else None)
+    sack_at = 32 if with_ts else 20
+    assert bytes(ip.payload[sack_at : sack_at + 20]) == b"\x01" * 20
 
 
 # --- checksums ---------------------------------------------------------------------

@@ -119,6 +119,7 @@ _FRAG_BITS = 0x3FFF  # MF + fragment offset: any fragment
 _KEEP_FLAGS = 0x3F  # URG ACK PSH RST SYN FIN: ECE and CWR cleared (RFC 3168 6.1)
 _NOP_NOP_TS = 0x0101080A  # Linux's data-segment option layout (RFC 7323 appendix A)
 _NOPS = bytes([KIND_NOP]) * 40
+_NOP10 = _NOPS[:10]
 
 # IPv4 header (ihl 5) then the TCP fixed header: one unpack, one pack.
 _IN = struct.Struct("!BBHHHBB10xHHIIBBHHH")  # checksum and addresses skipped
@@ -127,6 +128,10 @@ _IP_HEAD = struct.Struct("!BBHHHBB")
 _TCP = struct.Struct("!HHIIBBHHH")
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
+_TS_LAYOUT = struct.Struct("!III")  # NOP NOP kind len, TSval, TSecr
+_NOP_NOP_SACK = 0x01010500  # + the SACK option's length
+# Data offset -> the SACK blocks after NOP NOP TS NOP NOP SACK (1 to 3 blocks).
+_SACK_BLOCKS = {36 + 8 * k: struct.Struct("!" + "II" * k) for k in (1, 2, 3)}
 _U32X2 = struct.Struct("!II")
 _VNET = struct.Struct("<BBHHHH")  # daemon.wire.vnet's layout, packed without an object
 
@@ -176,6 +181,7 @@ class Translator:
     _ts_map: bool = field(init=False, repr=False, compare=False)
     _ts_strip: bool = field(init=False, repr=False, compare=False)
     _sack_map: bool = field(init=False, repr=False, compare=False)
+    _sack_delta: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.src_addr) != 4 or len(self.dst_addr) != 4:
@@ -200,6 +206,7 @@ class Translator:
         # SACK blocks are acknowledgment-space numbers: without ack_delta
         # there is no mapping for them, so they go (5.4.3).
         setattr_(self, "_sack_map", self.sack and self.ack_delta is not None)
+        setattr_(self, "_sack_delta", self.ack_delta or 0)
 
 
 class SegmentInfo(NamedTuple):
@@ -275,17 +282,39 @@ def translate(
     if total < n:
         packet = packet[:total]
     plain = not t.offload
-    old_sum = ones_complement_sum(packet[12:hlen]) if plain else 0
+    # A sum mod 0xFFFF is the ones'-complement sum up to the two zeros
+    # (daemon.wire.checksum); eqn. 3 below cannot tell them apart either.
+    old_sum = int.from_bytes(packet[12:hlen], "big") % _M16 if plain else 0
 
     # Options (5.4.1, 5.4.3), rewritten in place at their own length.
     if doff > 20:
-        if doff == 32 and _U32.unpack_from(packet, 40)[0] == _NOP_NOP_TS:
+        # Fast path: Linux's layouts, NOP NOP TS (data) and NOP NOP TS NOP
+        # NOP SACK (ACKs during loss recovery), RFC 7323 appendix A.
+        fast = False
+        if doff >= 32:
+            lead, tsval, tsecr = _TS_LAYOUT.unpack_from(packet, 40)
+            if lead == _NOP_NOP_TS:
+                blocks = _SACK_BLOCKS.get(doff)
+                if doff == 32:
+                    fast = True
+                elif (
+                    blocks is not None
+                    and _U32.unpack_from(packet, 52)[0] == _NOP_NOP_SACK + doff - 34
+                ):
+                    fast = True
+                    if t._sack_map:
+                        d = t._sack_delta
+                        blocks.pack_into(
+                            packet, 56, *[(x + d) & _M32 for x in blocks.unpack_from(packet, 56)]
+                        )
+                    else:
+                        packet[52:hlen] = _NOPS[: doff - 32]
+        if fast:
             if t._ts_map:
-                tsval, tsecr = _U32X2.unpack_from(packet, 44)
                 tsecr = (tsecr + t.tsecr_delta) & _M32 if flags & ACK else 0
                 _U32X2.pack_into(packet, 44, (tsval + t.tsval_delta) & _M32, tsecr)
             elif t._ts_strip:
-                packet[42:52] = _NOPS[:10]
+                packet[42:52] = _NOP10
         elif not _rewrite_options(t, packet, 40, hlen, flags & ACK):
             return []
 
@@ -342,7 +371,7 @@ def translate(
     if plain:
         if payload_len > t.out_mss:
             return _split(t, packet, hlen, payload_len)
-        s = (~csum & _M16) + (~old_sum & _M16) + ones_complement_sum(packet[12:hlen])
+        s = (~csum & _M16) + (~old_sum & _M16) + int.from_bytes(packet[12:hlen], "big") % _M16
         s = (s & _M16) + (s >> 16)
         s = (s & _M16) + (s >> 16)
         _U16.pack_into(packet, 20 + TCP_CSUM_OFFSET, ~s & _M16)
@@ -352,9 +381,10 @@ def translate(
     # included) into every piece (5.4.4).  An input GSO packet keeps its
     # sender's segment size unless the output MSS is smaller.
     seg_size = payload_len
-    if vnet is not None and vnet.gso_type & ~GSO_ECN != GSO_NONE and vnet.gso_size:
+    if vnet is not None and vnet.gso_type & ~GSO_ECN and vnet.gso_size:
         seg_size = vnet.gso_size
-    seg_size = min(seg_size, t.out_mss)
+    if seg_size > t.out_mss:
+        seg_size = t.out_mss
     if payload_len > seg_size:
         hdr = _VNET.pack(F_NEEDS_CSUM, GSO_TCPV4, hlen, seg_size, 20, TCP_CSUM_OFFSET)
     else:
@@ -390,14 +420,13 @@ def _rewrite_options(t: Translator, p: memoryview, i: int, end: int, has_ack: in
                 tsecr = (tsecr + t.tsecr_delta) & _M32 if has_ack else 0
                 _U32X2.pack_into(p, i + 2, (tsval + t.tsval_delta) & _M32, tsecr)
             elif t._ts_strip:
-                p[i : i + 10] = _NOPS[:10]
+                p[i : i + 10] = _NOP10
         elif kind == KIND_SACK:
             count, rest = divmod(length - 2, 8)
             if rest or not 1 <= count <= MAX_SACK_BLOCKS:
                 return False
             if t._sack_map:
-                delta = t.ack_delta
-                assert delta is not None  # _sack_map implies it
+                delta = t._sack_delta
                 for j in range(i + 2, i + length, 8):
                     left, right = _U32X2.unpack_from(p, j)
                     _U32X2.pack_into(p, j, (left + delta) & _M32, (right + delta) & _M32)
