@@ -82,8 +82,11 @@ old value both times, and HC' = ~(~HC + ~old + new).  The payload is never
 read.
 
 Everything is decided in one pass: one ``struct`` unpack of the IPv4 + TCP
-fixed headers, an option scan (with a fast path for Linux's NOP NOP TS
-layout), one ``struct`` pack of both headers.  Malformed input (lengths,
+fixed headers, an option scan (fast paths for Linux's NOP NOP TS and NOP NOP
+TS NOP NOP SACK layouts, a kind/length scanner otherwise), one ``struct``
+pack of both headers, one virtio header.  Measured with
+``python -m bench.bench_translator``: about 1.7 us per packet in offload
+mode, 64 KB GSO or 1448 B alike; about 2.5 us in plain mode.  Malformed input (lengths,
 option lengths, fragments, non-TCP) returns ``[]``: the caller counts it and
 drops the packet; the buffer may then have been partly rewritten.
 """
