@@ -149,10 +149,11 @@ def evaluate(
                 near = spl.median <= base.median * (1 + ROUTER_TOLERANCE)
                 outcome = Outcome.SUPPORTS if near or spl.overlaps(base) else Outcome.CONTRADICTS
             else:
-                gain = 1 - spl.median / base.median
-                if gain >= IMPROVEMENT:
+                # Ties: the spliced median's CI reaches the 25%-better threshold.
+                threshold = base.median * (1 - IMPROVEMENT)
+                if spl.median <= threshold:
                     outcome = Outcome.SUPPORTS
-                elif spl.overlaps(base) and gain > 0:
+                elif spl.ci_low <= threshold:
                     outcome = Outcome.TIE
                 else:
                     outcome = Outcome.CONTRADICTS
