@@ -59,6 +59,8 @@ TCP_SYSCTLS = {
 ORIGIN_PORT = 80
 SINK_PORT = 9000
 SOCKS_PORT = 1080
+ENDPOINT_SOCKS_PORT = 1082
+HTTP_PROXY_PORT = 3128
 
 
 class TestbedError(RuntimeError):
@@ -302,9 +304,19 @@ class Testbed:
         return (self.topology.gateways["client"], SOCKS_PORT)
 
     @property
-    def endpoint_socks(self) -> tuple[str, int]:
-        """The SOCKS5 proxy whose TCP connections the splice daemon terminates."""
+    def spliced_socks(self) -> tuple[str, int]:
+        """The spliced SOCKS5 proxy (thesis Fig. 4.2): the daemon relays after the reply."""
         return (SPLICE_SERVICE, SOCKS_PORT)
+
+    @property
+    def endpoint_socks(self) -> tuple[str, int]:
+        """SOCKS5 whose TCP connections the daemon terminates, copying (no splice)."""
+        return (SPLICE_SERVICE, ENDPOINT_SOCKS_PORT)
+
+    @property
+    def http_proxy(self) -> tuple[str, int]:
+        """The spliced HTTP/1.0 proxy with a cache (thesis Fig. 4.3)."""
+        return (SPLICE_SERVICE, HTTP_PROXY_PORT)
 
     @property
     def daemon_socket(self) -> Path:
@@ -438,21 +450,16 @@ class Testbed:
                 str(self.msl),
             ],
         )
-        es = self.endpoint_socks
-        wanted["socks5-endpoint"] = (
-            proxy_ns,
-            [
-                sys.executable,
-                "-m",
-                "proxies.socks5_endpoint",
-                "--daemon",
-                str(self.daemon_socket),
-                "--listen",
-                f"{es[0]}:{es[1]}",
-                "--source",
-                SPLICE_SOURCE,
-            ],
-        )
+        daemon_args = ["--daemon", str(self.daemon_socket), "--source", SPLICE_SOURCE]
+        for name, module, (addr, port) in (
+            ("socks5-spliced", "proxies.socks5_spliced", self.spliced_socks),
+            ("socks5-endpoint", "proxies.socks5_endpoint", self.endpoint_socks),
+            ("http-proxy", "proxies.http_proxy", self.http_proxy),
+        ):
+            wanted[name] = (
+                proxy_ns,
+                [sys.executable, "-m", module, *daemon_args, "--listen", f"{addr}:{port}"],
+            )
         for name, (ns, argv) in wanted.items():
             rec = process.load(self.run_dir, name)
             if rec is not None and rec.alive():
@@ -553,11 +560,19 @@ class Testbed:
             f"   (upload: POST /sink; raw sink :{SINK_PORT})",
             f"  plain SOCKS5     {ss[0]}:{ss[1]}",
             f"  splice daemon    TUN {tun_name(self.prefix)}, API {self.daemon_socket}",
+            f"  spliced SOCKS5   {self.spliced_socks[0]}:{self.spliced_socks[1]}"
+            "  (thesis Fig. 4.2: the daemon relays after the reply)",
+            f"  spliced HTTP     {self.http_proxy[0]}:{self.http_proxy[1]}"
+            "  (HTTP/1.0 proxy with a cache, thesis Fig. 4.3)",
             f"  endpoint SOCKS5  {self.endpoint_socks[0]}:{self.endpoint_socks[1]}"
-            "  (both TCP connections terminated by the daemon)",
+            "  (daemon-terminated TCP, copying: no splice)",
             "try:",
             f"  ip netns exec {client.ns} curl -s http://{ox[0]}/bytes/1048576 | sha256sum",
             f"  ip netns exec {client.ns} curl -s --socks5 {ss[0]}:{ss[1]}"
+            f" http://{ox[0]}/bytes/1048576 | sha256sum",
+            f"  ip netns exec {client.ns} curl -s --socks5 {SPLICE_SERVICE}:{SOCKS_PORT}"
+            f" http://{ox[0]}/bytes/1048576 | sha256sum",
+            f"  ip netns exec {client.ns} curl -s -x http://{SPLICE_SERVICE}:{HTTP_PROXY_PORT}"
             f" http://{ox[0]}/bytes/1048576 | sha256sum",
             "  .venv/bin/python -m testbed shape client-proxy delay=10ms loss=1%",
         ]
