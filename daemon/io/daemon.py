@@ -536,6 +536,7 @@ class Daemon:
                 # connection; the daemon just lets go of the socket.
                 conn.proxy_eof = True
                 self._drop_socket(conn)
+                self.splicer.proxy_done(conn)
                 return
             conn.from_proxy += len(data)
             self.splicer.proxy_data(conn, data)
@@ -806,7 +807,12 @@ class Daemon:
     def _close_conn(self, c: Conn) -> None:
         if c.frozen:
             # Thesis 4.2: closing a spliced descriptor frees it, sends no FIN.
+            # The proxy wrote its len bytes before asking to close: they are
+            # in the socket and must still be taken.
+            if c.sock is not None:
+                self._pump_in_spliced(c)
             self._drop_socket(c)
+            self.splicer.proxy_done(c)
             if c.id is not None:
                 self.conns.pop(c.id, None)
                 c.id = None

@@ -236,6 +236,11 @@ class Splicer:
                     "packets_s2c": ses.packets_s2c if ses else 0,
                     "queued": len(ses.to_client) + len(ses.to_server) if ses else 0,
                     "queue_drops": ses.queue_drops if ses else 0,
+                    "sides": {
+                        name: _side_debug(conn)
+                        for name, conn in (("client", sp.client), ("server", sp.server))
+                        if conn is not None
+                    },
                 }
             )
         return out
@@ -266,6 +271,14 @@ class Splicer:
                         "message": f"wrote {what} after splice; the bytes were discarded",
                     },
                 )
+
+    def proxy_done(self, conn: Conn) -> None:
+        """The proxy let go of a spliced fd: no more of its len bytes will come."""
+        if conn.is_client and conn.len_remaining > 0:
+            log.warning("proxy closed with %d of its announced bytes unwritten", conn.len_remaining)
+            conn.len_remaining = 0
+            self._client_progress(conn)
+            self.d.dirty.add(conn)
 
     def _client_progress(self, c: Conn) -> None:
         """Once the proxy wrote its len bytes, the server's early bytes follow them."""
@@ -528,6 +541,23 @@ class Splicer:
             if conn is not None:
                 conn.splice = None
                 self.d._free(conn)
+
+
+def _side_debug(conn: Conn) -> dict[str, object]:
+    """What a stuck splice needs looked at: is this side's TCB drained?"""
+    t = conn.tcp
+    return {
+        "tcp_state": t.state.name,
+        "silent": conn.silent,
+        "frozen": conn.frozen,
+        "unacked": len(t.send_buf),
+        "snd_una": t.snd_una,
+        "snd_max": t.snd_max,
+        "outbox": sum(len(b) for b in conn.outbox),
+        "len_remaining": conn.len_remaining,
+        "rs_pending": None if conn.rs_pending is None else len(conn.rs_pending),
+        "fin": [conn.outbox_fin, conn.fin_queued],
+    }
 
 
 def _side(tcp: object, now: float) -> Side:
