@@ -336,3 +336,45 @@ def test_quick_run_writes_data_figures_and_a_report(tmp_path: Path) -> None:
         from testbed.net import Testbed
 
         Testbed(prefix).down()
+
+
+def test_one_round_cells_are_ties_not_verdicts() -> None:
+    world = {k: summarize([v.median], []) for k, v in _thesis_world().items() if k[0] == "min_load"}
+    results = {r.key: r for r in evaluate(world)}
+    assert results["a"].verdict is Verdict.UNCLEAR
+    assert results["c"].verdict is Verdict.UNCLEAR
+    assert results["d"].verdict is Verdict.CANNOT_JUDGE  # no high-load cells at all
+
+
+def test_a_mode_failing_its_whole_warm_up_is_dropped_with_the_errors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from testbed.experiments import runner
+
+    calls: list[str] = []
+
+    def fake_loadgen(
+        tb: object, mode: Mode, sizes: list[int], **kw: object
+    ) -> list[dict[str, object]]:
+        calls.append(mode.name)
+        ok = mode.name != "broken"
+        return [
+            {
+                "size": s,
+                "ok": ok,
+                "response_time_s": 0.01 if ok else None,
+                "bytes": s,
+                "error": None if ok else "timeout",
+            }
+            for s in sizes
+        ]
+
+    monkeypatch.setattr(runner, "run_loadgen", fake_loadgen)
+    params = parse_args(["--quick", "--no-cost", "--sizes", "1K"])
+    modes = [Mode("router", None, ()), Mode("broken", ("192.0.2.1", 1), ())]
+    into = runner.Collected()
+    runner.run_all(object(), params, modes, lambda what: None, into)
+    assert [m.name for m in modes] == ["router"]
+    assert into.skipped == {"broken": "every warm-up request failed (timeout)"}
+    assert calls.count("broken") == 1  # the warm-up only
+    assert {s.mode for s in into.samples} == {"router"}

@@ -60,6 +60,9 @@ def _experiment(tb: Testbed, params: Params, out_dir: Path, collected: Collected
         collected.notes.append("interrupted by the user: the results are partial")
     finally:
         modeset.stop()
+    for name, why in collected.skipped.items():
+        modeset.skipped[name] = why
+    modeset.modes = [m for m in modeset.modes if m.name not in collected.skipped]
     return modeset
 
 

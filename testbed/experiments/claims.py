@@ -10,7 +10,8 @@
 Each claim is checked per size (and per concurrency for (d)); one size
 gives an `Outcome`: it supports the claim, contradicts it, or is a tie
 (the difference is inside the noise: the medians' confidence intervals
-overlap, or the means differ by less than TIE).  The verdict combines them.
+overlap, the means differ by less than TIE, or a cell has fewer than
+MIN_SAMPLES successful requests, as after one --quick round).  The verdict combines them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ LARGE_MIN = 1 << 20  # "above 1 MB": strictly larger than 1 MiB
 ROUTER_TOLERANCE = 0.15  # "about as fast": at most 15% slower than the router
 IMPROVEMENT = 0.25  # claim (c)
 TIE = 0.05  # differences of means below 5% count as ties
+MIN_SAMPLES = 3  # fewer successful requests in a cell: no difference can be told
 
 # (experiment, condition, mode, concurrency, size) -> stats
 CellKey = tuple[str, str, str, int, int]
@@ -143,7 +145,9 @@ def evaluate(
             spl, base = cell("min_load", "spliced", 1, size), cell("min_load", ref, 1, size)
             if spl is None or base is None:
                 continue
-            if key == "a":
+            if min(spl.n_ok, base.n_ok) < MIN_SAMPLES:
+                outcome = Outcome.TIE
+            elif key == "a":
                 outcome = _worse(spl, base)
             elif key == "b":
                 near = spl.median <= base.median * (1 + ROUTER_TOLERANCE)
@@ -180,7 +184,7 @@ def evaluate(
         if spl is None or base is None:
             continue
         ratio = spl.mean / base.mean
-        if abs(ratio - 1) < TIE:
+        if abs(ratio - 1) < TIE or min(spl.n_ok, base.n_ok) < MIN_SAMPLES:
             outcome = Outcome.TIE
         else:
             outcome = Outcome.SUPPORTS if ratio < 1 else Outcome.CONTRADICTS

@@ -179,5 +179,5 @@ def parse_args(argv: Sequence[str]) -> Params:
         out=Path(args.out),
         prefix=prefix,
         quick=quick,
-        timeout=30.0 if quick else 120.0,
+        timeout=10.0 if quick else 120.0,
     )

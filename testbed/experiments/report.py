@@ -160,9 +160,9 @@ def _claims_section(data: ReportInput) -> list[str]:
     )
     lines += ["", "Why:", ""]
     every = [r for results in data.claims.values() for r in results]
-    if every and all(r.verdict is Verdict.CANNOT_JUDGE for r in every):
-        reasons = sorted({r.reason for r in every})
-        lines.append(f"- every claim: {'; '.join(reasons)}")
+    reasons = {r.reason for r in every}
+    if every and all(r.verdict is Verdict.CANNOT_JUDGE for r in every) and len(reasons) == 1:
+        lines.append(f"- every claim: {reasons.pop()}")
     else:
         for r in every:
             lines.append(f"- ({r.key}) vs {r.reference}: {_why(r)}")

@@ -56,6 +56,7 @@ class Collected:
     samples: list[Sample] = field(default_factory=list)
     costs: list[Cost] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # modes dropped during the run
     interrupted: bool = False
 
 
@@ -189,17 +190,26 @@ def plan_steps(params: Params, n_modes: int) -> int:
 
 
 def run_all(tb: Any, params: Params, modes: list[Mode], step: Step, into: Collected) -> None:
-    """Experiments 1-5 in order; results accumulate in `into` (kept if interrupted)."""
+    """Experiments 1-5 in order; results accumulate in `into` (kept if interrupted).
+
+    A mode whose every warm-up request fails is removed from `modes` and
+    recorded in `into.skipped`.
+    """
 
     def load(mode: Mode, sizes: Sequence[int], conc: int = 1) -> list[dict[str, Any]]:
         return run_loadgen(tb, mode, sizes, repeat=1, concurrency=conc, timeout=params.timeout)
 
     if params.warmup:
-        for mode in modes:
+        for mode in list(modes):
             step(f"warm-up {mode.name}")
             raw = load(mode, params.sizes[:2])
-            bad = sum(1 for r in raw if not r["ok"])
-            if bad:
+            errors = sorted({str(r.get("error")) for r in raw if not r["ok"]})
+            if len(errors) and all(not r["ok"] for r in raw):
+                # A path that fails every request would only time out, round after round.
+                modes.remove(mode)
+                into.skipped[mode.name] = f"every warm-up request failed ({', '.join(errors)})"
+            elif errors:
+                bad = sum(1 for r in raw if not r["ok"])
                 into.notes.append(f"warm-up: {bad} request(s) failed for mode {mode.name}")
 
     # (1) Fig. 6.1: one connection at a time.
