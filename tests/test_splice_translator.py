@@ -282,6 +282,22 @@ def test_timestamps_are_mapped(offload: bool, tsval: int, tsecr: int, dval: int,
     assert seg.options.timestamp == ((tsval + dval) % 2**32, (tsecr + decr) % 2**32)
 
 
+@MODES
+def test_tsecr_echoing_a_pre_splice_tsval_becomes_the_peers_newest_tsval(offload: bool) -> None:
+    # The client echoes a TSval of the daemon's own client TCB (sent before
+    # the splice, below the floor): the server never sent anything it maps to,
+    # so it gets the newest TSval the server really sent.
+    t = translator(offload=offload, tsecr_floor_in=5000, tsecr_floor_out=777)
+    old = one(t, packet(segment(options=TcpOptions(timestamp=(100, 4999)))))
+    assert old.options.timestamp == (107, 777)
+    new = one(t, packet(segment(options=TcpOptions(timestamp=(100, 5000)))))
+    assert new.options.timestamp == (107, 4997)
+    # The floor holds across the 2**32 wrap, like PAWS (RFC 7323 5.3).
+    t = translator(offload=offload, tsecr_floor_in=M32 - 10, tsecr_floor_out=777)
+    wrapped = one(t, packet(segment(options=TcpOptions(timestamp=(100, 5)))))
+    assert wrapped.options.timestamp == (107, 2)
+
+
 def test_timestamps_mapped_in_a_non_linux_layout() -> None:
     # TS at an odd offset after a NOP, then EOL padding: the general scanner.
     opts = bytes([1, 8, 10]) + struct.pack("!II", 100, 200) + bytes([0])

@@ -464,6 +464,8 @@ class Daemon:
             self._free(conn)
 
     def _free(self, conn: Conn) -> None:
+        if conn.splice is not None:
+            self.splicer.conn_freed(conn)
         conn.timer.cancel()
         conn.connect_timer.cancel()
         self.flows.pop(conn.key, None)

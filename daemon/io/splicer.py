@@ -220,6 +220,22 @@ class Splicer:
                     sp.server.splice = None
                 sp.client.splice = None
 
+    def conn_freed(self, conn: Conn) -> None:
+        """A connection of an intent (not spliced yet) is gone: so is the intent."""
+        sp = conn.splice
+        conn.splice = None
+        if sp is None or sp.session is not None:
+            return
+        if conn is sp.server:
+            sp.server = None  # the proxy may still connect the intent again
+            return
+        self.intents.pop(sp.server_id, None)
+        self.splices.discard(sp)
+        if sp.server is not None:
+            sp.server.splice = None
+            if not sp.server.tcp_gone:
+                self.d._close_conn(sp.server)
+
     def stats(self) -> list[dict[str, object]]:
         out: list[dict[str, object]] = []
         for sp in self.splices:

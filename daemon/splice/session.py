@@ -133,4 +133,6 @@ def _translator(src: Side, dst: Side, offload: bool) -> Translator:
         window_shift=window_shift,
         out_mss=dst.snd_mss,
         offload=offload,
+        tsecr_floor_in=src.ts_sent,
+        tsecr_floor_out=dst.ts_recv,
     )

@@ -114,6 +114,7 @@ from daemon.wire.vnet import F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, TCP_CSU
 
 __all__ = ["SegmentInfo", "Translator", "TsMode", "base_delta", "peek", "translate"]
 
+_SIGN = 0x80000000  # modulo 2**32, "before" (RFC 7323 5.3 uses the same test for PAWS)
 _M32 = 0xFFFFFFFF
 _M16 = 0xFFFF
 _PROTO_TCP = 6
@@ -177,6 +178,13 @@ class Translator:
     window_shift: int
     out_mss: int
     offload: bool
+    # TSecr values older than ``tsecr_floor_in`` echo a TSval of the *input*
+    # connection's own TCB (sent before the splice), which has no image in
+    # the output connection's clock: they become ``tsecr_floor_out``, the
+    # newest TSval the output peer really sent (its ts_recent at splice
+    # time), so every TSecr on a link echoes a TSval of that link.
+    tsecr_floor_in: int | None = None
+    tsecr_floor_out: int = 0
     # Derived once here so that translate() does no per-packet work for them.
     _addrs: bytes = field(init=False, repr=False, compare=False)
     _ip_base: int = field(init=False, repr=False, compare=False)
@@ -314,7 +322,12 @@ def translate(
                         packet[52:hlen] = _NOPS[: doff - 32]
         if fast:
             if t._ts_map:
-                tsecr = (tsecr + t.tsecr_delta) & _M32 if flags & ACK else 0
+                if not flags & ACK:
+                    tsecr = 0
+                elif t.tsecr_floor_in is not None and (tsecr - t.tsecr_floor_in) & _SIGN:
+                    tsecr = t.tsecr_floor_out
+                else:
+                    tsecr = (tsecr + t.tsecr_delta) & _M32
                 _U32X2.pack_into(packet, 44, (tsval + t.tsval_delta) & _M32, tsecr)
             elif t._ts_strip:
                 packet[42:52] = _NOP10
@@ -420,7 +433,12 @@ def _rewrite_options(t: Translator, p: memoryview, i: int, end: int, has_ack: in
                 return False
             if t._ts_map:
                 tsval, tsecr = _U32X2.unpack_from(p, i + 2)
-                tsecr = (tsecr + t.tsecr_delta) & _M32 if has_ack else 0
+                if not has_ack:
+                    tsecr = 0
+                elif t.tsecr_floor_in is not None and (tsecr - t.tsecr_floor_in) & _SIGN:
+                    tsecr = t.tsecr_floor_out
+                else:
+                    tsecr = (tsecr + t.tsecr_delta) & _M32
                 _U32X2.pack_into(p, i + 2, (tsval + t.tsval_delta) & _M32, tsecr)
             elif t._ts_strip:
                 p[i : i + 10] = _NOP10
