@@ -549,7 +549,7 @@ def test_capture_numbers_are_consistent_with_each_links_handshake(
 
 def test_stats_show_each_splice_per_interface(tb: Testbed) -> None:
     proc = tb.host("client").popen(
-        ["curl", "-sS", "-o", "/dev/null", "--limit-rate", "2M", *socks(tb), url(tb, 4 << 20)]
+        ["curl", "-sS", "-o", "/dev/null", "--limit-rate", "4M", *socks(tb), url(tb, 64 << 20)]
     )
     try:
         deadline = time.monotonic() + 10
@@ -562,5 +562,6 @@ def test_stats_show_each_splice_per_interface(tb: Testbed) -> None:
             ]
             time.sleep(0.1)
     finally:
+        proc.kill()  # the slow download has served its purpose
         proc.wait(30)
     assert seen and seen[0]["client_state"] == "SPLICED" and seen[0]["server_state"] == "SPLICED"
