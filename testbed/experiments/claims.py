@@ -150,8 +150,12 @@ def evaluate(
             elif key == "a":
                 outcome = _worse(spl, base)
             elif key == "b":
-                near = spl.median <= base.median * (1 + ROUTER_TOLERANCE)
-                outcome = Outcome.SUPPORTS if near or spl.overlaps(base) else Outcome.CONTRADICTS
+                if spl.median <= base.median * (1 + ROUTER_TOLERANCE):
+                    outcome = Outcome.SUPPORTS
+                elif spl.overlaps(base):
+                    outcome = Outcome.TIE
+                else:
+                    outcome = Outcome.CONTRADICTS
             else:
                 # Ties: the spliced median's CI reaches the 25%-better threshold.
                 threshold = base.median * (1 - IMPROVEMENT)
