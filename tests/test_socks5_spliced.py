@@ -157,6 +157,8 @@ class SpliceCore(FakeCore):
         self._proxy_ends: dict[int, socket.socket] = {}  # accepted conn -> dup of the proxy's end
         self._held: dict[int, bytearray] = {}  # intended client conn -> bytes kept
         self._held_eof: set[int] = set()
+        self._backlog: dict[int, bytearray] = {}  # accepted conn -> client bytes not yet in its fd
+        self._client_eof: set[int] = set()  # accepted conn -> EOF to pass on after the backlog
         self._tcp: dict[int, socket.socket] = {}  # bridged conn -> its kernel TCP socket
         self._outbound: dict[int, threading.Thread] = {}  # plain bridged conn -> fd-to-TCP copier
 
@@ -224,7 +226,11 @@ class SpliceCore(FakeCore):
         client.partner, accepted.partner = accepted, client
         self._proxy_ends[proxy_id] = proxy_end.dup()
         self.delivered[proxy_id] = 0
-        assert client.sock is not None
+        self._backlog[proxy_id] = bytearray()
+        assert client.sock is not None and accepted.sock is not None
+        # Non-blocking, so a full fd never stalls the loop (a timeout would fire instead).
+        accepted.sock.setblocking(False)
+        self.selector.modify(accepted.sock, selectors.EVENT_READ, self._accepted_ready(proxy_id))
         self.selector.modify(
             client.sock, selectors.EVENT_READ, lambda m: self._from_client(client_id, proxy_id)
         )
@@ -240,25 +246,76 @@ class SpliceCore(FakeCore):
         done({"conn": client_id, "peer": list(remote), "local": list(here)}, client_end)
 
     def _from_client(self, client_id: int, proxy_id: int) -> None:
-        """The client's bytes: to the proxy's fd, or held once the proxy intends a splice."""
+        """The client's bytes: towards the proxy's fd, or held once the proxy intends a splice."""
         client = self.conns.get(client_id)
         if client is None or client.sock is None or client.state == "SPLICED":
             return  # freed or spliced earlier in this select() batch
         data = client.sock.recv(1 << 16)
-        accepted = self.conns.get(proxy_id)
         if not data:
             self.selector.unregister(client.sock)
             if proxy_id in self._held:
                 self._held_eof.add(proxy_id)
-            elif accepted is not None and accepted.sock is not None:
-                with contextlib.suppress(OSError):
-                    accepted.sock.shutdown(socket.SHUT_WR)
+            else:
+                self._client_eof.add(proxy_id)
+                self._deliver(proxy_id)
             return
         if proxy_id in self._held:
             self._held[proxy_id] += data
-        elif accepted is not None and accepted.sock is not None:
-            accepted.sock.sendall(data)
-            self.delivered[proxy_id] += len(data)
+        else:
+            self._backlog[proxy_id] += data
+            self._deliver(proxy_id)
+
+    def _deliver(self, proxy_id: int) -> None:
+        """Write the backlog into the proxy's fd without blocking the loop.
+
+        A proxy that reads only its request head leaves the fd full (a POST
+        body); the real daemon then closes its TCP window, the fake keeps the
+        rest here and waits for the fd to become writable.
+        """
+        accepted = self.conns.get(proxy_id)
+        if accepted is None or accepted.sock is None or accepted.state != "ESTABLISHED":
+            return
+        backlog = self._backlog[proxy_id]
+        while backlog:
+            try:
+                sent = accepted.sock.send(backlog)
+            except BlockingIOError:
+                break
+            except OSError:
+                backlog.clear()
+                break
+            self.delivered[proxy_id] += sent
+            del backlog[:sent]
+        self._watch(proxy_id, write=bool(backlog))
+        if not backlog and proxy_id in self._client_eof:
+            self._client_eof.discard(proxy_id)
+            with contextlib.suppress(OSError):
+                accepted.sock.shutdown(socket.SHUT_WR)
+
+    def _watch(self, proxy_id: int, *, write: bool) -> None:
+        accepted = self.conns[proxy_id]
+        assert accepted.sock is not None
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if write else 0)
+        try:
+            if self.selector.get_key(accepted.sock).events != events:
+                self.selector.modify(accepted.sock, events, self._accepted_ready(proxy_id))
+        except KeyError:  # the proxy's side already ended: only delivery is left
+            if write:
+                self.selector.register(
+                    accepted.sock, selectors.EVENT_WRITE, self._accepted_ready(proxy_id)
+                )
+
+    def _accepted_ready(self, proxy_id: int) -> Callable[[int], None]:
+        def ready(mask: int) -> None:
+            accepted = self.conns.get(proxy_id)
+            if accepted is None:
+                return
+            if mask & selectors.EVENT_READ:
+                self._pump(accepted)
+            if mask & selectors.EVENT_WRITE or self._backlog.get(proxy_id):
+                self._deliver(proxy_id)
+
+        return ready
 
     def _to_origin(self, conn_id: int) -> None:
         """What the proxy writes to a reserved server side before the splice."""
@@ -331,8 +388,9 @@ class SpliceCore(FakeCore):
         unread, eof = _drain_nonblocking(dup)
         dup.close()
         self.proxy_read[conn] = self.delivered[conn] - len(unread)
-        self._held[conn] = bytearray(unread)
-        if eof:
+        self._held[conn] = bytearray(unread) + self._backlog.pop(conn, bytearray())
+        self._watch(conn, write=False)
+        if eof or conn in self._client_eof:
             self._held_eof.add(conn)
         return super().intend_splice(owner, conn)
 
