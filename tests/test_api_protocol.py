@@ -99,6 +99,15 @@ def test_part_two_splice_ops() -> None:
     assert parse_request(req(id=9, op="splice", client=1, server=2, len=0)) == Splice(9, 1, 2, 0)
 
 
+def test_splice_carries_the_unread_bytes_as_base64() -> None:
+    parsed = parse_request(req(id=9, op="splice", client=1, server=2, len=10, unread="R0VUIC8="))
+    assert parsed == Splice(9, 1, 2, 10, b"GET /")
+    for bad in ("not base64!", 5):
+        parsed = parse_request(req(id=9, op="splice", client=1, server=2, len=0, unread=bad))
+        assert isinstance(parsed, BadRequest) and parsed.code is ErrorCode.EBADREQ
+        assert "unread" in parsed.message
+
+
 def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
     assert parse_request(req(id=1, op="list", admin=True)) == ListObjects(1)
 

@@ -208,7 +208,9 @@ class FakeCore:
         self.conns[server_id] = FakeConn(owner, None, state="INTENDED")
         return {"conn": server_id}
 
-    def splice(self, owner: int, client: int, server: int, length: int) -> Result:
+    def splice(
+        self, owner: int, client: int, server: int, length: int, unread: bytes = b""
+    ) -> Result:
         raise ApiError(ErrorCode.EUNKNOWNOP, "splice is part 2")
 
     def client_gone(self, owner: int) -> None:

@@ -394,8 +394,13 @@ class SpliceCore(FakeCore):
             self._held_eof.add(conn)
         return super().intend_splice(owner, conn)
 
-    def splice(self, owner: int, client: int, server: int, length: int) -> Result:
+    def splice(
+        self, owner: int, client: int, server: int, length: int, unread: bytes = b""
+    ) -> Result:
         accepted, outgoing = self.conns[client], self.conns[server]
+        # Handed back by the client library; this fake already took everything
+        # unread at intend_splice, so it only ever receives an empty string.
+        self._held[client][:0] = unread
         if accepted.state != "INTENDED_CLIENT" or server not in self._tcp:
             raise ApiError(ErrorCode.ESTATE, f"{client} / {server} cannot be spliced")
         self._flush(client)  # e.g. the method selection, written before the splice

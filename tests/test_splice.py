@@ -565,3 +565,53 @@ def test_stats_show_each_splice_per_interface(tb: Testbed) -> None:
         proc.kill()  # the slow download has served its purpose
         proc.wait(30)
     assert seen and seen[0]["client_state"] == "SPLICED" and seen[0]["server_state"] == "SPLICED"
+
+
+def test_data_pipelined_behind_the_socks_request_reaches_the_server(tb: Testbed) -> None:
+    """Optimistic data sent before the SOCKS reply (thesis 4.1: the proxy must not
+    read it; it was already in the proxy's fd and is handed back at splice)."""
+    out = run_py(
+        tb.host("client"),
+        """
+        import socket, sys
+        from servers.pattern import PatternVerifier
+        sx, sp, ox, op = sys.argv[1:5]
+        s = socket.create_connection((sx, int(sp)), timeout=30)
+        a, b, c, d = map(int, ox.split("."))
+        req = bytes([5, 1, 0, 5, 1, 0, 1, a, b, c, d]) + int(op).to_bytes(2, "big")
+        get = b"GET /bytes/300000 HTTP/1.0\\r\\n\\r\\n"
+        s.sendall(req + get)  # greeting, request and the HTTP GET in one go
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        assert data[:2] == b"\\x05\\x00" and data[2:4] == b"\\x05\\x00", data[:12]
+        body = data[14:].split(b"\\r\\n\\r\\n", 1)[1]
+        v = PatternVerifier()
+        v.feed(body)
+        print(len(body), v.ok)
+        """,
+        *map(str, tb.spliced_socks),
+        *map(str, tb.origin),
+    )
+    assert out.split() == ["300000", "True"]
+
+
+def test_http_proxy_post_body_is_carried_by_the_splice(tb: Testbed) -> None:
+    proxy = "http://{}:{}".format(*tb.http_proxy)
+    out = run_py(
+        tb.host("client"),
+        """
+        import hashlib, os, subprocess, sys
+        body = os.urandom(2 << 20)
+        path = "/tmp/post-" + str(os.getpid())
+        with open(path, "wb") as f:
+            f.write(body)
+        res = subprocess.run(["curl", "-sS", "-x", sys.argv[1], "--data-binary", "@" + path,
+                              sys.argv[2]], capture_output=True, text=True)
+        os.unlink(path)
+        print(res.returncode, hashlib.sha256(body).hexdigest() in res.stdout)
+        """,
+        proxy,
+        "http://{}:{}/sink".format(*tb.origin),
+    )
+    assert out.split() == ["0", "True"]

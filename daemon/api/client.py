@@ -25,6 +25,7 @@ connections keep flowing in the daemon, the rest are closed by it).
 from __future__ import annotations
 
 import array
+import base64
 import contextlib
 import errno
 import itertools
@@ -202,8 +203,21 @@ class SpliceClient:
     def splice(
         self, client: Connection | int, server: Connection | int, length: int
     ) -> dict[str, object]:
-        """splice(len): only ``length`` more bytes may be written to ``client``."""
-        return self._call("splice", client=_conn_id(client), server=_conn_id(server), len=length)
+        """splice(len): only ``length`` more bytes may be written to ``client``.
+
+        Bytes still unread in the client's fd were delivered before
+        intend_splice stopped reading; they belong to the server, so they are
+        taken out of the fd here and handed back with the request (the daemon
+        sends them on first).  Call this only after ``intend_splice``.
+        """
+        unread = _take_unread(client.sock) if isinstance(client, Connection) else b""
+        return self._call(
+            "splice",
+            client=_conn_id(client),
+            server=_conn_id(server),
+            len=length,
+            unread=base64.b64encode(unread).decode("ascii"),
+        )
 
     def shutdown(self, conn: Connection | int) -> dict[str, object]:
         """Ask the daemon to send FIN after the data already written (the ``shutdown`` op)."""
@@ -572,3 +586,28 @@ class Connection:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _take_unread(sock: socket.socket | None) -> bytes:
+    """Everything readable in ``sock`` right now, without blocking."""
+    if sock is None:
+        return b""
+    out = bytearray()
+    # Not MSG_DONTWAIT alone: a socket with a timeout would first wait for
+    # readability in Python's own poll, for the whole timeout.
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        while True:
+            try:
+                chunk = sock.recv(1 << 20)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        sock.settimeout(timeout)
+    return bytes(out)

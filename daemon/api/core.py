@@ -87,7 +87,10 @@ class Core(Protocol):
 
     def intend_splice(self, owner: int, conn: int) -> Result: ...
 
-    def splice(self, owner: int, client: int, server: int, length: int) -> Result: ...
+    def splice(
+        self, owner: int, client: int, server: int, length: int, unread: bytes = b""
+    ) -> Result:
+        """``unread``: bytes the proxy found unread in the client fd after intend_splice."""
 
     def client_gone(self, owner: int) -> None:
         """The API client disconnected.

@@ -25,6 +25,8 @@ an older daemon; unknown ops are answered with ``EUNKNOWNOP``.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import json
 import math
@@ -152,6 +154,9 @@ class Splice:
     client: int
     server: int
     length: int
+    # Bytes the proxy found unread in the client fd after intend_splice: they
+    # were delivered before reading stopped and belong to the server now.
+    unread: bytes = b""
 
 
 Request = (
@@ -313,7 +318,15 @@ def _parse_splice(rid: int, obj: Mapping[str, object]) -> Request:
     if client == server:
         raise _Invalid(ErrorCode.EBADREQ, "'client' and 'server' must be different conns")
     # len counts bytes still to be written to the client fd; TCP sequence space is 2**32.
-    return Splice(rid, client, server, _int(_field(obj, "len"), "len", 0, 2**31 - 1))
+    length = _int(_field(obj, "len"), "len", 0, 2**31 - 1)
+    raw = obj.get("unread", "")
+    if not isinstance(raw, str):
+        raise _Invalid(ErrorCode.EBADREQ, "'unread' must be a base64 string")
+    try:
+        unread = base64.b64decode(raw, validate=True)
+    except (ValueError, binascii.Error):
+        raise _Invalid(ErrorCode.EBADREQ, "'unread' is not valid base64") from None
+    return Splice(rid, client, server, length, unread)
 
 
 _PARSERS = {

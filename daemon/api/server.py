@@ -389,7 +389,9 @@ class ApiServer:
                 self._check(client, conn, req.client)
                 self._check(client, conn, req.server)
                 self._reply(
-                    client, req.id, self.core.splice(owner, req.client, req.server, req.length)
+                    client,
+                    req.id,
+                    self.core.splice(owner, req.client, req.server, req.length, req.unread),
                 )
 
     def _hello(self) -> Result:

@@ -649,6 +649,7 @@ class Daemon:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKPAIR_BUF)
         ours.setblocking(False)
         conn.sock = ours
+
         conn.id = conn.reserved_id if conn.reserved_id is not None else self._new_id()
         conn.listener = None
         self.conns[conn.id] = conn
@@ -823,6 +824,12 @@ class Daemon:
             # What the proxy wrote before asking to close is in the socket
             # already: it is sent before the FIN, like close(2) on a socket.
             self._drain_proxy(c)
+            if c.hold_rx:
+                # An intended but never spliced client: its held bytes were
+                # never the proxy's to read.  Drop them so that the proxy's
+                # last words (a SOCKS error reply) go out with a FIN, not
+                # lost under a RST.
+                c.tcp.recv(c.tcp.readable())
             c.close_pending = True
             self.dirty.add(c)
         self._drop_socket(c)
@@ -902,8 +909,10 @@ class Daemon:
     def intend_splice(self, owner: int, conn: int) -> Result:
         return self.splicer.intend_splice(owner, conn)
 
-    def splice(self, owner: int, client: int, server: int, length: int) -> Result:
-        return self.splicer.splice(owner, client, server, length)
+    def splice(
+        self, owner: int, client: int, server: int, length: int, unread: bytes = b""
+    ) -> Result:
+        return self.splicer.splice(owner, client, server, length, unread)
 
     def client_gone(self, owner: int) -> None:
         self.splicer.client_gone(owner)

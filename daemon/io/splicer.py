@@ -166,7 +166,9 @@ class Splicer:
         if sp is not None and sp.server is conn:
             sp.server = None
 
-    def splice(self, owner: int, client_id: int, server_id: int, length: int) -> Result:
+    def splice(
+        self, owner: int, client_id: int, server_id: int, length: int, unread: bytes = b""
+    ) -> Result:
         c = self.d._conn(client_id)
         sp = c.splice
         if sp is None or sp.client is not c:
@@ -189,7 +191,9 @@ class Splicer:
         self.d._drain_proxy(s)
         ct, st = c.tcp, s.tcp
         # Bytes each TCB received but nobody read cross to the other side.
-        r_c = c.reclaimed + ct.recv(ct.readable()) if ct.readable() else c.reclaimed
+        # In stream order: what sat unread in the proxy's fd, what the daemon
+        # had taken out of the TCB for the fd, what is still in the TCB.
+        r_c = unread + c.reclaimed + (ct.recv(ct.readable()) if ct.readable() else b"")
         r_s = st.recv(st.readable()) if st.readable() else b""
         c.reclaimed = b""
         session = SpliceSession(_side(ct, now), _side(st, now), self.d.offload)
