@@ -35,7 +35,12 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from daemon.api.client import Connection, DaemonGone, Listener, SpliceClient, SpliceError
+from daemon.api.client import Connection, DaemonGone, SpliceClient, SpliceError
+from proxies.daemon_shell import (
+    check_source,
+    release,
+    run_proxy,
+)
 from proxies.http_cache import (
     CachedObject,
     ObjectCache,
@@ -44,14 +49,10 @@ from proxies.http_cache import (
 )
 from proxies.socks5 import parse_listen
 from proxies.socks5_spliced import (
-    attach,
-    check_source,
     close_gently,
     connect_server,
     destinations,
     refuse_intended,
-    release,
-    run_until_stopped,
 )
 from servers.http1 import MAX_HEAD, HttpParseError, head_end, parse_response_head
 
@@ -419,22 +420,6 @@ def _read_cacheable(sock: socket.socket, max_object: int, key: str) -> CachedObj
     return CachedObject(bytes(body[:length]), head.headers.get("content-type"), expires)
 
 
-def serve(api: SpliceClient, listener: Listener, proxy: HttpProxy) -> str:
-    """Accept until the listener is closed; the reason the daemon stopped us, or "" if we did."""
-    while True:
-        try:
-            client = listener.accept()
-        except DaemonGone as exc:
-            return f"the splice daemon went away: {exc.message}"
-        except SpliceError as exc:
-            if exc.code == "ECANCELED":  # our own close of the listener, at SIGTERM
-                return ""
-            return f"accept failed: {exc}"
-        threading.Thread(
-            target=serve_client, args=(api, client, proxy), name="http-client", daemon=True
-        ).start()
-
-
 def _size(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"expected a byte count, got {text!r}")
@@ -465,15 +450,13 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, HttpProxy]:
 
 def main(argv: list[str] | None = None) -> int:
     args, proxy = _parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format=f"%(asctime)s {PROG} %(levelname)s %(message)s"
+    return run_proxy(
+        PROG,
+        daemon=args.daemon,
+        listen=args.listen,
+        log_level=args.log_level,
+        serve_client=lambda api, client: serve_client(api, client, proxy),
     )
-    attached = attach(PROG, args.daemon, args.listen)
-    if attached is None:
-        return 1
-    api, listener = attached
-    log.info("listening on %s:%d via %s", *args.listen, args.daemon)
-    return run_until_stopped(PROG, api, listener, serve, proxy)
 
 
 if __name__ == "__main__":

@@ -25,21 +25,20 @@ thread per client, which negotiates, connects and then relays.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ipaddress
 import logging
-import queue
-import signal
 import socket
 import sys
-import threading
 from dataclasses import dataclass, field
-from types import FrameType
 
-from daemon.api.client import Connection, DaemonGone, Listener, SpliceClient, SpliceError
+from daemon.api.client import Connection, DaemonGone, SpliceClient, SpliceError
+from proxies.daemon_shell import (
+    check_source,
+    release,
+    run_proxy,
+)
 from proxies.socks5 import (
     HANDSHAKE_TIMEOUT,
-    THREAD_STACK_SIZE,
     CopyStrategy,
     close_gently,
     default_copy_strategy,
@@ -119,15 +118,6 @@ def connect_destination(api: SpliceClient, request: Request, config: EndpointCon
     raise last_error if last_error is not None else SpliceError("EHOSTUNREACH", "no address")
 
 
-def _release(*conns: Connection) -> None:
-    """Free the connections in the daemon; quiet if it already forgot them or went away."""
-    for conn in conns:
-        try:
-            conn.close()
-        except (SpliceError, OSError) as exc:
-            log.debug("closing conn %d: %s", conn.id, exc)
-
-
 def _refuse(client: Connection, code: Reply) -> None:
     """Send a failure reply, let the client read it, then close its connection."""
     try:
@@ -135,7 +125,7 @@ def _refuse(client: Connection, code: Reply) -> None:
         close_gently(client.sock)
     except OSError as exc:
         log.debug("client %s gone before its reply: %s", client.peer, exc)
-    _release(client)
+    release(client)
 
 
 def serve_client(api: SpliceClient, client: Connection, config: EndpointConfig) -> None:
@@ -147,10 +137,10 @@ def serve_client(api: SpliceClient, client: Connection, config: EndpointConfig) 
         connect = negotiate(sock, peer, config.credentials)
     except OSError as exc:
         log.info("client %s dropped during negotiation: %s", peer, exc)
-        _release(client)
+        release(client)
         return
     if connect is None:  # EOF, or rejected (negotiate already replied and closed)
-        _release(client)
+        release(client)
         return
     request = connect.request
     try:
@@ -171,51 +161,10 @@ def serve_client(api: SpliceClient, client: Connection, config: EndpointConfig) 
             server.sock.sendall(connect.early_data)
     except OSError as exc:
         log.info("client %s dropped before relaying: %s", peer, exc)
-        _release(client, server)
+        release(client, server)
         return
     log.debug("relaying %s <-> %s:%d via %s", peer, request.host, request.port, server.local)
-    relay(sock, server.sock, config.copy, on_done=lambda: _release(client, server))
-
-
-def serve(api: SpliceClient, listener: Listener, config: EndpointConfig) -> str:
-    """Accept until the listener is closed; the reason the daemon stopped us, or "" if we did."""
-    while True:
-        try:
-            client = listener.accept()
-        except DaemonGone as exc:
-            return f"the splice daemon went away: {exc.message}"
-        except SpliceError as exc:
-            if exc.code == "ECANCELED":  # our own close of the listener, at SIGTERM
-                return ""
-            # docs/api.md names no other accept error: do not spin on one we do not know.
-            return f"accept failed: {exc}"
-        log.debug("accepted %s", client.peer)
-        threading.Thread(
-            target=serve_client, args=(api, client, config), name="socks5-client", daemon=True
-        ).start()
-
-
-def _accept_thread(
-    api: SpliceClient, listener: Listener, config: EndpointConfig, stopped: queue.Queue[str]
-) -> None:
-    """``serve``, reporting to the main thread however it ends (a bug must not hang main)."""
-    try:
-        reason = serve(api, listener, config)
-    except Exception as exc:
-        log.exception("accept loop failed")
-        reason = f"accept loop failed: {exc}"
-    stopped.put(reason)
-
-
-class _Stop(Exception):
-    """Raised by the SIGTERM handler to leave the main thread's wait."""
-
-
-_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-
-
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise _Stop
+    relay(sock, server.sock, config.copy, on_done=lambda: release(client, server))
 
 
 def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, EndpointConfig]:
@@ -239,11 +188,7 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, EndpointCon
     args = parser.parse_args(argv)
     if (args.user is None) != (args.password is None):
         parser.error("--user and --password go together")
-    if args.source is not None:
-        try:
-            ipaddress.ip_address(args.source)
-        except ValueError:
-            parser.error(f"--source must be an IP address, got {args.source!r}")
+    check_source(parser, args.source)
     credentials = None
     if args.user is not None:
         credentials = Credentials(args.user.encode(), args.password.encode())
@@ -253,59 +198,13 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, EndpointCon
 
 def main(argv: list[str] | None = None) -> int:
     args, config = _parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s socks5_endpoint %(levelname)s %(message)s",
+    return run_proxy(
+        PROG,
+        daemon=args.daemon,
+        listen=args.listen,
+        log_level=args.log_level,
+        serve_client=lambda api, client: serve_client(api, client, config),
     )
-    # Only the main thread may take SIGTERM/SIGINT: it sleeps in a lock wait, which
-    # a signal interrupts only if delivered to it, and the kernel hands a
-    # process-directed signal to any thread that does not block it. Every thread
-    # started from here on (the API reader, accept, client and relay threads)
-    # inherits this mask; main unblocks once its handler is in place.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        api = SpliceClient(args.daemon)
-    except (OSError, SpliceError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        print(
-            f"{PROG}: cannot attach to the splice daemon at {args.daemon}: {reason}",
-            file=sys.stderr,
-        )
-        return 1
-    host, port = args.listen
-    try:
-        listener = api.listen((host, port))
-    except SpliceError as exc:
-        print(f"{PROG}: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
-        api.close()
-        return 1
-    threading.stack_size(THREAD_STACK_SIZE)
-    stopped: queue.Queue[str] = queue.Queue()
-    accepting = threading.Thread(
-        target=_accept_thread,
-        args=(api, listener, config, stopped),
-        name="socks5-accept",
-        daemon=True,
-    )
-    accepting.start()
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    try:  # from here on a SIGTERM may land anywhere, so everything is inside the try
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-        print("ready", flush=True)
-        log.info("listening on %s:%d via %s, copy=%s", host, port, args.daemon, config.copy.value)
-        reason = stopped.get()
-    except (_Stop, KeyboardInterrupt):
-        log.info("stopping")
-        reason = ""
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop is enough; finish cleaning up
-        with contextlib.suppress(SpliceError):
-            listener.close()
-        api.close()
-    if reason:
-        print(f"{PROG}: {reason}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

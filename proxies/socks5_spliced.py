@@ -41,18 +41,18 @@ import argparse
 import contextlib
 import ipaddress
 import logging
-import queue
-import signal
 import socket
 import sys
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from types import FrameType
 
-from daemon.api.client import Connection, DaemonGone, Listener, SpliceClient, SpliceError
-from proxies.socks5 import DRAIN_TIMEOUT, HANDSHAKE_TIMEOUT, THREAD_STACK_SIZE, parse_listen
+from daemon.api.client import Connection, DaemonGone, SpliceClient, SpliceError
+from proxies.daemon_shell import (
+    check_source,
+    release,
+    run_proxy,
+)
+from proxies.socks5 import DRAIN_TIMEOUT, HANDSHAKE_TIMEOUT, parse_listen
 from proxies.socks5_protocol import (
     MAX_AUTH_LEN,
     Connect,
@@ -204,15 +204,6 @@ def connect_server(
     raise first_error or SpliceError("EHOSTUNREACH", "no address")
 
 
-def release(*conns: Connection) -> None:
-    """Close descriptors and ids; quiet if the daemon already forgot them or went away."""
-    for conn in conns:
-        try:
-            conn.close()
-        except (SpliceError, OSError) as exc:
-            log.debug("closing conn %d: %s", conn.id, exc)
-
-
 def refuse_intended(client: Connection, reply: bytes) -> None:
     """Failure ``reply`` to a client we may no longer read, then FIN.
 
@@ -283,98 +274,6 @@ def serve_client(api: SpliceClient, client: Connection, config: SplicedConfig) -
     release(client, server)
 
 
-def serve(api: SpliceClient, listener: Listener, config: SplicedConfig) -> str:
-    """Accept until the listener is closed; the reason the daemon stopped us, or "" if we did."""
-    while True:
-        try:
-            client = listener.accept()
-        except DaemonGone as exc:
-            return f"the splice daemon went away: {exc.message}"
-        except SpliceError as exc:
-            if exc.code == "ECANCELED":  # our own close of the listener, at SIGTERM
-                return ""
-            return f"accept failed: {exc}"
-        log.debug("accepted %s", client.peer)
-        threading.Thread(
-            target=serve_client, args=(api, client, config), name="socks5-client", daemon=True
-        ).start()
-
-
-def run_accept_thread(
-    serve_fn: Callable[..., str], args: tuple[object, ...], stopped: queue.Queue[str]
-) -> threading.Thread:
-    """Run ``serve_fn(*args)`` in a thread that always reports why it ended."""
-
-    def body() -> None:
-        try:
-            reason = serve_fn(*args)
-        except Exception as exc:  # a bug must not leave main waiting forever
-            log.exception("accept loop failed")
-            reason = f"accept loop failed: {exc}"
-        stopped.put(reason)
-
-    thread = threading.Thread(target=body, name="accept", daemon=True)
-    thread.start()
-    return thread
-
-
-class Stop(Exception):
-    """Raised by the SIGTERM handler to leave the main thread's wait."""
-
-
-def on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise Stop
-
-
-def attach(prog: str, path: str, listen: tuple[str, int]) -> tuple[SpliceClient, Listener] | None:
-    """Attach to the daemon and listen; None after printing a one-line error."""
-    try:
-        api = SpliceClient(path)
-    except (OSError, SpliceError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        print(f"{prog}: cannot attach to the splice daemon at {path}: {reason}", file=sys.stderr)
-        return None
-    try:
-        return api, api.listen(listen)
-    except SpliceError as exc:
-        print(f"{prog}: cannot listen on {listen[0]}:{listen[1]}: {exc}", file=sys.stderr)
-        api.close()
-        return None
-
-
-def run_until_stopped(
-    prog: str, api: SpliceClient, listener: Listener, serve_fn: Callable[..., str], *args: object
-) -> int:
-    """Print "ready", serve until SIGTERM (exit 0) or until the daemon goes (exit 1)."""
-    threading.stack_size(THREAD_STACK_SIZE)
-    stopped: queue.Queue[str] = queue.Queue()
-    signal.signal(signal.SIGTERM, on_sigterm)
-    try:  # from here on a SIGTERM may land anywhere, so everything is inside the try
-        run_accept_thread(serve_fn, (api, listener, *args), stopped)
-        print("ready", flush=True)
-        reason = stopped.get()
-    except (Stop, KeyboardInterrupt):
-        log.info("stopping")
-        reason = ""
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop is enough; finish cleaning up
-        with contextlib.suppress(SpliceError):
-            listener.close()
-        api.close()
-    if reason:
-        print(f"{prog}: {reason}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def check_source(parser: argparse.ArgumentParser, source: str | None) -> None:
-    if source is not None:
-        try:
-            ipaddress.ip_address(source)
-        except ValueError:
-            parser.error(f"--source must be an IP address, got {source!r}")
-
-
 def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, SplicedConfig]:
     parser = argparse.ArgumentParser(
         prog="python -m proxies.socks5_spliced",
@@ -399,15 +298,13 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, SplicedConf
 
 def main(argv: list[str] | None = None) -> int:
     args, config = _parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format=f"%(asctime)s {PROG} %(levelname)s %(message)s"
+    return run_proxy(
+        PROG,
+        daemon=args.daemon,
+        listen=args.listen,
+        log_level=args.log_level,
+        serve_client=lambda api, client: serve_client(api, client, config),
     )
-    attached = attach(PROG, args.daemon, args.listen)
-    if attached is None:
-        return 1
-    api, listener = attached
-    log.info("listening on %s:%d via %s", *args.listen, args.daemon)
-    return run_until_stopped(PROG, api, listener, serve, config)
 
 
 if __name__ == "__main__":

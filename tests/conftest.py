@@ -39,3 +39,16 @@ def testbed() -> Iterator[object]:
         yield tb
     finally:
         tb.down()
+
+
+@pytest.fixture(scope="module")
+def tb() -> Iterator[object]:
+    """A testbed whose splice daemon has a 1 s MSL, so TIME-WAIT ends within a test."""
+    from testbed.net import Testbed
+
+    bed = Testbed(unique_prefix(), msl=1.0)
+    try:
+        bed.up()
+        yield bed
+    finally:
+        bed.down()

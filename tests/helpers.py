@@ -68,3 +68,47 @@ def socks_reply_code(host: Any, proxy: tuple[str, int], request: bytes) -> int |
 def connect_request(addr: str, port: int, cmd: int = 1) -> bytes:
     """A SOCKS5 request for an IPv4 address (RFC 1928 section 4)."""
     return bytes([5, cmd, 0, 1, *map(int, addr.split("."))]) + port.to_bytes(2, "big")
+
+
+def daemon_stats(tb: Any) -> dict[str, Any]:
+    """The splice daemon's daemon-wide stats, asked over its API from the proxy host."""
+    out = run_py(
+        tb.host("proxy"),
+        """
+        import json, sys
+        from daemon.api.client import SpliceClient
+        with SpliceClient(sys.argv[1]) as api:
+            print(json.dumps(api.stats()))
+        """,
+        str(tb.daemon_socket),
+    )
+    return dict(json.loads(out))
+
+
+def half_close_through_socks(
+    host: Any, proxy: tuple[str, int], sink: tuple[str, int], size: int
+) -> bool:
+    """Send `size` random bytes to the raw sink through a SOCKS5 proxy, shut down
+    writing, and check the sink's SHA-256 answer still arrives (half-close)."""
+    out = run_py(
+        host,
+        """
+        import hashlib, os, socket, sys
+        from clients.socks5 import socks5_connect
+        s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+        socks5_connect(s, sys.argv[3], int(sys.argv[4]))
+        body = os.urandom(int(sys.argv[5]))
+        s.sendall(body)
+        s.shutdown(socket.SHUT_WR)   # the client stops writing, keeps reading
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+        print(answer.decode().strip() == hashlib.sha256(body).hexdigest())
+        """,
+        proxy[0],
+        str(proxy[1]),
+        sink[0],
+        str(sink[1]),
+        str(size),
+    )
+    return out.strip() == "True"

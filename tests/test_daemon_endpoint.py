@@ -8,7 +8,6 @@ namespace, the origin's kernel TCP in the server namespace.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import socket
@@ -22,10 +21,11 @@ from pathlib import Path
 import pytest
 
 from testbed.net import Testbed
-from tests.conftest import unique_prefix
 from tests.helpers import (
     connect_request,
     curl_sha256,
+    daemon_stats,
+    half_close_through_socks,
     loadgen,
     pattern_sha256,
     run_py,
@@ -33,30 +33,6 @@ from tests.helpers import (
 )
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture(scope="module")
-def tb() -> Iterator[Testbed]:
-    bed = Testbed(unique_prefix(), msl=1.0)
-    try:
-        bed.up()
-        yield bed
-    finally:
-        bed.down()
-
-
-def daemon_stats(tb: Testbed) -> dict[str, object]:
-    out = run_py(
-        tb.host("proxy"),
-        """
-        import json, sys
-        from daemon.api.client import SpliceClient
-        with SpliceClient(sys.argv[1]) as api:
-            print(json.dumps(api.stats()))
-        """,
-        str(tb.daemon_socket),
-    )
-    return dict(json.loads(out))
 
 
 def socks_url(tb: Testbed, size: int) -> tuple[str, str, str]:
@@ -92,28 +68,7 @@ def test_upload_through_the_daemon_endpoint_is_checked_by_the_sink(tb: Testbed, 
 
 
 def test_half_close_through_the_daemon_endpoint(tb: Testbed) -> None:
-    es, sink = tb.endpoint_socks, tb.sink
-    out = run_py(
-        tb.host("client"),
-        """
-        import hashlib, os, socket, sys
-        from clients.socks5 import socks5_connect
-        s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
-        socks5_connect(s, sys.argv[3], int(sys.argv[4]))
-        body = os.urandom(3 << 20)
-        s.sendall(body)
-        s.shutdown(socket.SHUT_WR)
-        answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
-        print(answer.decode().strip() == hashlib.sha256(body).hexdigest())
-        """,
-        es[0],
-        str(es[1]),
-        sink[0],
-        str(sink[1]),
-    )
-    assert out.strip() == "True"
+    assert half_close_through_socks(tb.host("client"), tb.endpoint_socks, tb.sink, 3 << 20)
 
 
 def test_connect_outcomes_reach_the_socks_client(tb: Testbed) -> None:

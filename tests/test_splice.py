@@ -8,12 +8,10 @@ the splice the daemon relays packets, rewriting headers (thesis 5.2-5.4).
 from __future__ import annotations
 
 import itertools
-import json
 import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +20,11 @@ import pytest
 
 from testbed import process
 from testbed.net import Testbed
-from tests.conftest import unique_prefix
 from tests.helpers import (
     connect_request,
     curl_sha256,
+    daemon_stats,
+    half_close_through_socks,
     loadgen,
     pattern_sha256,
     run_py,
@@ -37,28 +36,8 @@ pytestmark = pytest.mark.root
 MSL = 1.0  # short, so TIMEWAIT (2 MSL) ends within the test
 
 
-@pytest.fixture(scope="module")
-def tb() -> Iterator[Testbed]:
-    bed = Testbed(unique_prefix(), msl=MSL)
-    try:
-        bed.up()
-        yield bed
-    finally:
-        bed.down()
-
-
 def stats(tb: Testbed) -> dict[str, Any]:
-    out = run_py(
-        tb.host("proxy"),
-        """
-        import json, sys
-        from daemon.api.client import SpliceClient
-        with SpliceClient(sys.argv[1]) as api:
-            print(json.dumps(api.stats()))
-        """,
-        str(tb.daemon_socket),
-    )
-    return dict(json.loads(out))
+    return daemon_stats(tb)
 
 
 def wait_until_idle(tb: Testbed, timeout: float = 15.0) -> dict[str, Any]:
@@ -149,29 +128,7 @@ def test_the_proxy_reads_none_of_the_payload_after_splice(tb: Testbed) -> None:
 
 
 def test_half_close_through_the_splice(tb: Testbed) -> None:
-    sx, sp = tb.spliced_socks
-    sink_ip, sink_port = tb.sink
-    out = run_py(
-        tb.host("client"),
-        """
-        import hashlib, os, socket, sys
-        from clients.socks5 import socks5_connect
-        s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
-        socks5_connect(s, sys.argv[3], int(sys.argv[4]))
-        body = os.urandom(6 << 20)
-        s.sendall(body)
-        s.shutdown(socket.SHUT_WR)   # the client stops writing, keeps reading
-        answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
-        print(answer.decode().strip() == hashlib.sha256(body).hexdigest())
-        """,
-        sx,
-        str(sp),
-        sink_ip,
-        str(sink_port),
-    )
-    assert out.strip() == "True"
+    assert half_close_through_socks(tb.host("client"), tb.spliced_socks, tb.sink, 6 << 20)
 
 
 # ------------------------------------------------------------- failures

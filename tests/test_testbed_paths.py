@@ -18,6 +18,7 @@ from testbed.net import Testbed
 from tests.helpers import (
     connect_request,
     curl_sha256,
+    half_close_through_socks,
     loadgen,
     pattern_sha256,
     run_py,
@@ -115,29 +116,7 @@ def test_upload_through_socks5_is_checked_by_the_sink(testbed: Testbed) -> None:
 
 def test_half_close_through_socks5_delivers_the_answer(testbed: Testbed) -> None:
     """Client sends, then shuts down writing; the sink's answer still arrives."""
-    sx, sp = testbed.socks
-    sink_ip, sink_port = testbed.sink
-    out = run_py(
-        testbed.host("client"),
-        """
-        import hashlib, os, socket, sys
-        from clients.socks5 import socks5_connect
-        s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
-        socks5_connect(s, sys.argv[3], int(sys.argv[4]))
-        body = os.urandom(5 << 20)
-        s.sendall(body)
-        s.shutdown(socket.SHUT_WR)
-        answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
-        print(answer.decode().strip() == hashlib.sha256(body).hexdigest())
-        """,
-        sx,
-        str(sp),
-        sink_ip,
-        str(sink_port),
-    )
-    assert out.strip() == "True"
+    assert half_close_through_socks(testbed.host("client"), testbed.socks, testbed.sink, 5 << 20)
 
 
 def test_socks5_failures_map_to_reply_codes(testbed: Testbed) -> None:

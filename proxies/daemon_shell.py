@@ -1,0 +1,151 @@
+"""The I/O shell every proxy attached to the splice daemon shares.
+
+Attach to the daemon's API and listen, accept in a thread (one thread per
+client after that), print ``ready``, and stop cleanly on SIGTERM/SIGINT (exit
+0) or when the daemon goes away (exit 1 with one line on stderr).
+
+Signals: only the main thread may take SIGTERM/SIGINT.  It waits on a queue
+(a lock wait), which a signal interrupts only when it is delivered to that
+thread, and the kernel hands a process-directed signal to any thread that
+does not block it.  So ``block_stop_signals()`` runs before the first thread
+exists (the API reader), every thread inherits the mask, and the main thread
+unblocks once its handler is in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import logging
+import queue
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+from daemon.api.client import Connection, DaemonGone, Listener, SpliceClient, SpliceError
+from proxies.socks5 import THREAD_STACK_SIZE
+
+log = logging.getLogger("proxies.shell")
+
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+class Stop(Exception):
+    """Raised by the signal handler to leave the main thread's wait."""
+
+
+def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
+    raise Stop
+
+
+def block_stop_signals() -> None:
+    """Call first in main(), before any thread starts (see the module docstring)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def release(*conns: Connection) -> None:
+    """Close descriptors and ids; quiet if the daemon already forgot them or went away."""
+    for conn in conns:
+        try:
+            conn.close()
+        except (SpliceError, OSError) as exc:
+            log.debug("closing conn %d: %s", conn.id, exc)
+
+
+def accept_loop(listener: Listener, handle: Callable[[Connection], None], name: str) -> str:
+    """Accept until the listener is closed; the reason the daemon stopped us, or "" if we did."""
+    while True:
+        try:
+            client = listener.accept()
+        except DaemonGone as exc:
+            return f"the splice daemon went away: {exc.message}"
+        except SpliceError as exc:
+            if exc.code == "ECANCELED":  # our own close of the listener, at SIGTERM
+                return ""
+            # docs/api.md names no other accept error: do not spin on one we do not know.
+            return f"accept failed: {exc}"
+        log.debug("accepted %s", client.peer)
+        threading.Thread(target=handle, args=(client,), name=name, daemon=True).start()
+
+
+def attach(prog: str, path: str, listen: tuple[str, int]) -> tuple[SpliceClient, Listener] | None:
+    """Attach to the daemon and listen; None after printing a one-line error."""
+    try:
+        api = SpliceClient(path)
+    except (OSError, SpliceError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        print(f"{prog}: cannot attach to the splice daemon at {path}: {reason}", file=sys.stderr)
+        return None
+    try:
+        return api, api.listen(listen)
+    except SpliceError as exc:
+        print(f"{prog}: cannot listen on {listen[0]}:{listen[1]}: {exc}", file=sys.stderr)
+        api.close()
+        return None
+
+
+def run_until_stopped(
+    prog: str, api: SpliceClient, listener: Listener, handle: Callable[[Connection], None]
+) -> int:
+    """Print "ready", serve until SIGTERM/SIGINT (exit 0) or until the daemon goes (exit 1)."""
+    threading.stack_size(THREAD_STACK_SIZE)
+    stopped: queue.Queue[str] = queue.Queue()
+
+    def accepting() -> None:
+        try:
+            reason = accept_loop(listener, handle, f"{prog}-client")
+        except Exception as exc:  # a bug must not leave main waiting forever
+            log.exception("accept loop failed")
+            reason = f"accept loop failed: {exc}"
+        stopped.put(reason)
+
+    threading.Thread(target=accepting, name=f"{prog}-accept", daemon=True).start()
+    signal.signal(signal.SIGTERM, _on_stop_signal)
+    try:  # from here on a signal may land anywhere, so everything is inside the try
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        print("ready", flush=True)
+        reason = stopped.get()
+    except (Stop, KeyboardInterrupt):
+        log.info("stopping")
+        reason = ""
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop is enough; finish cleaning up
+        with contextlib.suppress(SpliceError):
+            listener.close()
+        api.close()
+    if reason:
+        print(f"{prog}: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def check_source(parser: argparse.ArgumentParser, source: str | None) -> None:
+    if source is not None:
+        try:
+            ipaddress.ip_address(source)
+        except ValueError:
+            parser.error(f"--source must be an IP address, got {source!r}")
+
+
+def run_proxy(
+    prog: str,
+    *,
+    daemon: str,
+    listen: tuple[str, int],
+    log_level: str,
+    serve_client: Callable[[SpliceClient, Connection], None],
+) -> int:
+    """The whole main() of a proxy attached to the daemon; returns the exit status."""
+    logging.basicConfig(
+        level=log_level.upper(), format=f"%(asctime)s {prog} %(levelname)s %(message)s"
+    )
+    block_stop_signals()
+    attached = attach(prog, daemon, listen)
+    if attached is None:
+        return 1
+    api, listener = attached
+    log.info("%s listening on %s:%d via %s", prog, *listen, daemon)
+    return run_until_stopped(prog, api, listener, lambda client: serve_client(api, client))
