@@ -112,3 +112,47 @@ def half_close_through_socks(
         str(size),
     )
     return out.strip() == "True"
+
+
+def same_port_twice(host: Any, proxy: tuple[str, int], origin: tuple[str, int]) -> str:
+    """Two SOCKS5 downloads in a row from the same client port.
+
+    The origin closes first, so the client closes passively and may reuse the
+    port at once, while the proxy side may still hold the old 4-tuple in
+    TIME-WAIT.  Prints the two body lengths.
+    """
+    return run_py(
+        host,
+        """
+        import socket, sys, time
+        from clients.socks5 import socks5_connect
+        out = []
+        for _ in range(2):
+            deadline = time.monotonic() + 5
+            while True:  # our own side of the last connection may still be in LAST-ACK
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("192.0.2.2", 40123))
+                s.settimeout(10)
+                try:
+                    s.connect((sys.argv[1], int(sys.argv[2])))
+                    break
+                except OSError as exc:
+                    s.close()
+                    if exc.errno != 99 or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            socks5_connect(s, sys.argv[3], int(sys.argv[4]))
+            s.sendall(b"GET /bytes/20000 HTTP/1.0\\r\\n\\r\\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            out.append(len(data.split(b"\\r\\n\\r\\n", 1)[1]))
+            s.close()
+        print(*out)
+        """,
+        proxy[0],
+        str(proxy[1]),
+        origin[0],
+        str(origin[1]),
+    ).strip()

@@ -29,6 +29,7 @@ from tests.helpers import (
     loadgen,
     pattern_sha256,
     run_py,
+    same_port_twice,
     socks_reply_code,
 )
 
@@ -381,3 +382,7 @@ def test_a_proxy_that_stops_reading_closes_the_window_and_loses_nothing(
     assert 0 < int(sent) < 16 << 20
     assert int(held) <= 4 << 20
     assert int(total) == 64 << 20 and got == digest
+
+
+def test_a_client_reusing_its_port_during_time_wait_connects_again(tb: Testbed) -> None:
+    assert same_port_twice(tb.host("client"), tb.endpoint_socks, tb.origin) == "20000 20000"

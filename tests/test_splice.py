@@ -7,6 +7,7 @@ the splice the daemon relays packets, rewriting headers (thesis 5.2-5.4).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import struct
 import subprocess
@@ -28,6 +29,7 @@ from tests.helpers import (
     loadgen,
     pattern_sha256,
     run_py,
+    same_port_twice,
     socks_reply_code,
 )
 
@@ -572,3 +574,65 @@ def test_http_proxy_post_body_is_carried_by_the_splice(tb: Testbed) -> None:
         "http://{}:{}/sink".format(*tb.origin),
     )
     assert out.split() == ["0", "True"]
+
+
+OVERRUNNING_PROXY = """
+import sys, time
+from daemon.api.client import SpliceClient
+with SpliceClient(sys.argv[1]) as api:
+    lst = api.listen(("198.51.100.1", 7010))
+    print("ready", flush=True)
+    cli = lst.accept()
+    cli.recv(100)                         # the client's hello
+    srv = api.intend_splice(cli)
+    srv.connect((sys.argv[2], int(sys.argv[3])), timeout=5)
+    api.splice(cli, srv, 3)
+    cli.sendall(b"ok\\n" + b"TOO MUCH")    # 3 allowed bytes, then 8 too many
+    srv.sendall(b"nor this")              # nothing may go to the server side
+    events = [api.next_event(timeout=5), api.next_event(timeout=5)]
+    ids = {e["conn"] for e in events if e}
+    print(ids == {cli.id, srv.id}, events[0]["event"], events[0]["error"], flush=True)
+    cli.close()
+    srv.close()
+    time.sleep(1)
+"""
+
+
+def test_writing_more_than_len_after_splice_is_refused_and_reported(tb: Testbed) -> None:
+    proxy = tb.host("proxy").popen(
+        [sys.executable, "-c", OVERRUNNING_PROXY, str(tb.daemon_socket), *map(str, tb.sink)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proxy.stdout is not None and proxy.stdout.readline().strip() == "ready"
+        out = run_py(
+            tb.host("client"),
+            """
+            import socket
+            s = socket.create_connection(("198.51.100.1", 7010), timeout=10)
+            s.sendall(b"hello")
+            got = s.recv(100)
+            s.sendall(b"payload")
+            s.shutdown(socket.SHUT_WR)   # the sink answers the SHA-256 of what it got
+            rest = b""
+            while chunk := s.recv(100):
+                rest += chunk
+            print(got, rest.decode().strip())
+            """,
+        )
+        report = proxy.stdout.readline().split()
+    finally:
+        proxy.kill()
+        proxy.wait()
+    got, digest = out.split()
+    # Only the 3 announced bytes reached the client; the server side saw only
+    # what the client sent after the splice, not the proxy's "nor this".
+    assert got == "b'ok\\n'"
+    assert digest == hashlib.sha256(b"payload").hexdigest()
+    assert report == ["True", "error", "ESTATE"]
+
+
+def test_a_client_reusing_its_port_during_timewait_gets_a_new_splice(tb: Testbed) -> None:
+    assert same_port_twice(tb.host("client"), tb.spliced_socks, tb.origin) == "20000 20000"
+    assert stats(tb)["splice_counters"]["timewait_reopened"] >= 1

@@ -56,12 +56,13 @@ from daemon.tcp.events import TcpEvent
 from daemon.tcp.isn import IsnGenerator
 from daemon.tcp.listener import TcpListener
 from daemon.tcp.reset import reset_for_unknown
+from daemon.tcp.seq import seq_gt
 from daemon.tcp.state import TcpState
 from daemon.wire.checksum import internet_checksum, pseudo_header_sum
 from daemon.wire.error import WireError
 from daemon.wire.icmp import parse_unreachable
 from daemon.wire.ipv4 import Ipv4Packet
-from daemon.wire.tcp import TcpSegment, build_ipv4_tcp, parse_tcp
+from daemon.wire.tcp import ACK, SYN, TcpSegment, build_ipv4_tcp, parse_tcp
 from daemon.wire.vnet import F_DATA_VALID, F_NEEDS_CSUM, VnetHeader, vnet_header_for_tcp
 
 log = logging.getLogger("daemon")
@@ -203,6 +204,7 @@ class Daemon:
             "icmp_unreachable": 0,
             "tun_write_drops": 0,
             "connections_opened": 0,
+            "internal_errors": 0,
         }
         self.sel.register(self.tun.fileno(), selectors.EVENT_READ, self._on_tun)
         self.api = ApiServer(
@@ -265,6 +267,11 @@ class Daemon:
                 self.counters["malformed"] += 1
                 if __debug__:
                     log.debug("malformed packet: %s", exc)
+            except Exception:
+                # A bug must cost one packet (TCP retransmits it), never the
+                # daemon and every connection it carries.
+                self.counters["internal_errors"] += 1
+                log.exception("internal error on an incoming packet")
 
     def _input(self, vnet: VnetHeader | None, pkt: memoryview, now: float) -> None:
         # Fast path for a spliced flow: a plain 20-byte IPv4 header, TCP, not
@@ -285,8 +292,8 @@ class Daemon:
             if conn is not None and conn.frozen:
                 if vnet.gso_size:
                     self.counters["gso_in"] += 1
-                self.splicer.on_packet(conn, vnet, pkt, now)
-                return
+                if self.splicer.on_packet(conn, vnet, pkt, now):
+                    return
         if not pkt or pkt[0] >> 4 != 4:
             self.counters["not_ipv4"] += 1
             return
@@ -323,14 +330,24 @@ class Daemon:
                 ):
                     self.counters["bad_checksum"] += 1
                     return
-                self.splicer.on_packet(conn, vnet, pkt, now)
-                return
+                if self.splicer.on_packet(conn, vnet, pkt, now):
+                    return
         try:
             seg = parse_tcp(payload, src, dst, verify_checksum=verify)
         except WireError as exc:
             self.counters["bad_checksum" if "checksum" in str(exc) else "malformed"] += 1
             return
         conn = self.flows.get((dst, seg.dst_port, src, seg.src_port))
+        if (
+            conn is not None
+            and seg.flags & (SYN | ACK) == SYN
+            and conn.tcp.state is TcpState.TIME_WAIT
+            and seq_gt(seg.seq, conn.tcp.rcv_nxt)
+        ):
+            # RFC 9293 3.10.7.4 / RFC 6191: a new SYN beyond the old connection's
+            # sequence space may end TIME-WAIT and open a new connection.
+            self._free(conn)
+            conn = None
         if conn is not None:
             conn.tcp.on_segment(seg, now)
             self.dirty.add(conn)
@@ -405,7 +422,12 @@ class Daemon:
             rounds += 1
             batch, self.dirty = self.dirty, set()
             for conn in batch:
-                self._service(conn, now)
+                try:
+                    self._service(conn, now)
+                except Exception:
+                    self.counters["internal_errors"] += 1
+                    log.exception("internal error servicing a connection; aborting it")
+                    self._abort_after_bug(conn, now)
 
     def _service(self, conn: Conn, now: float) -> None:
         tcp = conn.tcp
@@ -443,6 +465,18 @@ class Daemon:
             self._pump(conn)
         if conn.sock is not None:
             self._update_interest(conn)
+
+    def _abort_after_bug(self, conn: Conn, now: float) -> None:
+        """Reset a connection whose servicing failed, so it cannot fail again forever."""
+        try:
+            if not conn.tcp_gone:
+                conn.tcp.abort()
+                for seg in conn.tcp.poll_output(now):
+                    self._write_segment(conn.tcp.local, conn.tcp.remote, seg, 0)
+            self._free(conn)
+        except Exception:
+            log.exception("could not abort the connection either")
+            self.flows.pop(conn.key, None)
 
     def _on_timer(self, conn: Conn) -> None:
         if conn.tcp_gone:

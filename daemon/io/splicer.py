@@ -50,7 +50,7 @@ from daemon.tcp.events import TcpEvent
 from daemon.tcp.seq import seq_ge
 from daemon.tcp.state import TcpState
 from daemon.wire.error import WireError
-from daemon.wire.tcp import ACK, FIN, RST, TcpOptions, TcpSegment, parse_tcp
+from daemon.wire.tcp import ACK, FIN, RST, SYN, TcpOptions, TcpSegment, parse_tcp
 from daemon.wire.vnet import VnetHeader
 
 if TYPE_CHECKING:
@@ -94,6 +94,7 @@ class Splicer:
             "relay_malformed": 0,
             "resets_relayed": 0,
             "torn_down": 0,
+            "timewait_reopened": 0,
         }
 
     # ----------------------------------------------------------- API ops
@@ -368,20 +369,32 @@ class Splicer:
 
     # ---------------------------------------------------------- packets
 
-    def on_packet(self, conn: Conn, vnet: VnetHeader | None, pkt: memoryview, now: float) -> None:
-        """A segment arrived on a frozen connection: feed, relay or queue it."""
+    def on_packet(self, conn: Conn, vnet: VnetHeader | None, pkt: memoryview, now: float) -> bool:
+        """A segment arrived on a frozen connection: feed, relay or queue it.
+
+        Returns False when the segment is not the splice's after all: a new
+        SYN on a 4-tuple whose splice waits in TIMEWAIT ends that wait (as a
+        TCP in TIME-WAIT may accept a new SYN, RFC 9293 3.10.7.4 / RFC 6191)
+        and the caller handles it as a new connection.  Clients that closed
+        passively reuse their port at once; without this their SYN would be
+        relayed into the dead pair.
+        """
         sp = conn.splice
         assert sp is not None and sp.session is not None
         info = peek(pkt)
         if info is None:
             self.counters["relay_malformed"] += 1
-            return
+            return True
+        if info.flags & (SYN | ACK) == SYN and sp.pair.client is SpliceState.TIMEWAIT:
+            self.counters["timewait_reopened"] += 1
+            self._handle(sp, CLIENT, Event.TIMEWAIT_EXPIRED)
+            return False
         src = CLIENT if conn.is_client else SERVER
         dst = SERVER if conn.is_client else CLIENT
         pair = sp.pair
         if info.flags & RST:
             self._relay_reset(sp, src, vnet, pkt, info, now)
-            return
+            return True
         ses = sp.session
         # Does this segment acknowledge the FIN we relayed toward its sender?
         fin_ack = ses.fin_ack_client if src is CLIENT else ses.fin_ack_server
@@ -393,13 +406,14 @@ class Splicer:
         ):
             self._handle(sp, src, Event.FIN_ACKED)
             if sp.pair.client is SpliceState.GONE:
-                return
+                return True
         if not conn.silent and info.flags & ACK:
             self._feed_ack(conn, pkt, info, now)
         if pair.relays_toward(dst):
             self._relay(sp, src, vnet, pkt, info)
         else:
             self._queue(sp, dst, vnet, pkt)
+        return True
 
     def _feed_ack(self, conn: Conn, pkt: memoryview, info: SegmentInfo, now: float) -> None:
         """Give the TCB the acknowledgment of a segment, never its data or FIN."""

@@ -9,9 +9,12 @@ held beyond their deadline.
 from __future__ import annotations
 
 import heapq
+import logging
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+log = logging.getLogger("daemon.timers")
 
 
 @dataclass(order=True, slots=True)
@@ -67,7 +70,11 @@ class TimerHeap:
             entry = heapq.heappop(heap)
             if entry.live:
                 entry.live = False
-                entry.fire()
+                try:
+                    entry.fire()
+                except Exception:
+                    # One failing timer must not stop the loop or the others.
+                    log.exception("timer callback failed")
                 fired += 1
         return fired
 
