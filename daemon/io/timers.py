@@ -9,8 +9,8 @@ held beyond their deadline.
 from __future__ import annotations
 
 import heapq
-import logging
 import itertools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
