@@ -41,3 +41,17 @@ def test_isn_secret_shorter_than_128_bits_is_refused() -> None:
 def test_isn_wraps_modulo_2_32() -> None:
     g = IsnGenerator(SECRET)
     assert 0 <= g.isn(A, B, 1e6) <= 0xFFFFFFFF
+
+
+def test_timestamp_offset_is_the_same_for_every_incarnation_of_an_address_pair() -> None:
+    # RFC 7323 5.3: a new connection on a 4-tuple a peer holds in TIME-WAIT
+    # must carry newer TSvals, so the offset may not be random per connection.
+    from daemon.tcp.config import TcpConfig
+    from daemon.tcp.connection import TcpConnection
+
+    a, b, c = bytes([198, 51, 100, 2]), bytes([203, 0, 113, 2]), bytes([203, 0, 113, 3])
+    first = TcpConnection.connect(TcpConfig(), (a, 40000), (b, 80), 1, 0.0)
+    again = TcpConnection.connect(TcpConfig(), (a, 40000), (b, 80), 2, 10.0)
+    other = TcpConnection.connect(TcpConfig(), (a, 40000), (c, 80), 3, 10.0)
+    assert first.ts_offset == again.ts_offset
+    assert other.ts_offset != first.ts_offset

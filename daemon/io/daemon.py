@@ -185,6 +185,7 @@ class Daemon:
         self.listeners: dict[tuple[bytes, int], Listening] = {}
         self.listener_ids: dict[int, Listening] = {}
         self.dirty: set[Conn] = set()
+        self._port_cursor: dict[tuple[bytes, Endpoint | None], int] = {}
         self._next_id = 1
         self._buf = new_read_buffer()
         self.counters: dict[str, int] = {
@@ -845,12 +846,24 @@ class Daemon:
         done(err, None)
 
     def _free_port(self, local_addr: bytes, remote: Endpoint | None) -> int:
+        """An ephemeral port, walking the range from a random start per peer.
+
+        Walking (as Linux's port allocation does) rather than drawing at random
+        keeps a just-closed 4-tuple out of use for as long as possible: the
+        peer may hold it in TIME-WAIT for a minute (RFC 9293 3.4.2).
+        """
         lo, hi = EPHEMERAL
-        for _ in range(hi - lo):
-            port = random.randint(lo, hi)
+        span = hi - lo + 1
+        key = (local_addr, remote)
+        start = self._port_cursor.get(key)
+        if start is None:
+            start = random.randrange(span)
+        for step in range(span):
+            port = lo + (start + step) % span
             if (local_addr, port) in self.listeners:
                 continue
             if remote is None or (local_addr, port, remote[0], remote[1]) not in self.flows:
+                self._port_cursor[key] = (start + step + 1) % span
                 return port
         raise ApiError(ErrorCode.ELIMIT, "no free local port")
 

@@ -55,6 +55,7 @@ SEQ=SND.UNA-1, which every stack must answer with an ACK (RFC 9293 3.10.7.4
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections import deque
 from dataclasses import dataclass, field
@@ -118,6 +119,14 @@ class TcpStats:
     out_of_order: int = 0
     window_probes: int = 0
     paws_drops: int = 0
+
+
+_TS_SECRET = secrets.token_bytes(32)
+
+
+def _ts_offset(local_addr: bytes, remote_addr: bytes) -> int:
+    digest = hashlib.blake2s(local_addr + remote_addr, key=_TS_SECRET, digest_size=4).digest()
+    return int.from_bytes(digest, "big")
 
 
 def _acceptable(seq: int, seg_len: int, rcv_nxt: int, wnd: int) -> bool:
@@ -205,8 +214,11 @@ class TcpConnection:
         self.ooo = ReassemblyQueue()
         self.rto = RtoEstimator(min_rto=c.min_rto, max_rto=c.max_rto, rto=c.initial_rto)
         self.cc = NewReno.create(DEFAULT_MSS, c.initial_cwnd_segments, c.abc_limit_segments, 0)
-        # RFC 7323 5.4 / 7.1: a random offset per connection hides the clock.
-        self.ts_offset = secrets.randbits(32)
+        # RFC 7323 5.4 / 7.1: an offset hides the clock.  It is a keyed hash
+        # of the address pair, as Linux does, not random per connection: a new
+        # incarnation of a 4-tuple must carry newer TSvals than the old one, or
+        # a peer still in TIME-WAIT rejects its SYN (PAWS, RFC 7323 5.3).
+        self.ts_offset = _ts_offset(self.local[0], self.remote[0])
 
     # ------------------------------------------------------------------ opens
 
