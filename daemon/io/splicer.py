@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -614,4 +613,4 @@ def _side(tcp: object, now: float) -> Side:
     )
 
 
-__all__ = ["Splice", "Splicer", "deque"]
+__all__ = ["Splice", "Splicer"]
