@@ -315,11 +315,29 @@ def test_socket_permissions_are_restrictive(tb: Testbed) -> None:
     assert mode & 0o007 == 0
 
 
-def test_daemon_runs_in_offload_mode(tb: Testbed) -> None:
+def test_daemon_runs_in_offload_mode_with_gso_both_ways(tb: Testbed) -> None:
+    before = daemon_stats(tb)["counters"]
+    # A download (the origin's kernel hands the daemon GSO super-packets) and
+    # an upload (the daemon sends GSO super-packets the kernel cuts).
+    url, *proxy = socks_url(tb, 8 << 20)
+    assert curl_sha256(tb.host("client"), url, *proxy) == (0, pattern_sha256(8 << 20))
+    ip, port = tb.origin
+    es = tb.endpoint_socks
+    up = loadgen(
+        tb.host("client"),
+        "--server",
+        f"{ip}:{port}",
+        "--size",
+        "8M",
+        "--socks5",
+        f"{es[0]}:{es[1]}",
+        "--upload",
+    )
+    assert up[0]["ok"], up
     stats = daemon_stats(tb)
     assert stats["mode"] == "offload"
-    counters = stats["counters"]
-    assert isinstance(counters, dict) and counters["gso_in"] > 0 and counters["gso_out"] > 0
+    after = stats["counters"]
+    assert after["gso_in"] > before["gso_in"] and after["gso_out"] > before["gso_out"]
 
 
 _SLOW_PROXY = """
