@@ -7,7 +7,6 @@ import errno
 import hashlib
 import http.server
 import os
-import random
 import selectors
 import signal
 import socket
@@ -16,26 +15,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 import pytest
 
+from tests.sockutil import payload, recv_exactly, recv_to_eof, sha256, wait_until
+
 LOOPBACK = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
 STRATEGIES = ["splice", "buffer"]
-
-
-@cache
-def payload(size: int) -> bytes:
-    """Deterministic pseudo-random content, so a hash tells any reordering or loss."""
-    return random.Random(size).randbytes(size)
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def free_port() -> int:
@@ -43,15 +33,6 @@ def free_port() -> int:
         probe.bind((LOOPBACK, 0))
         port: int = probe.getsockname()[1]
         return port
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 # --- the origin HTTP server: GET /N serves payload(N), POST answers the body's sha256 ---
@@ -176,23 +157,6 @@ def socks_handshake(
 
 def ipv4_address(host: str, port: int) -> bytes:
     return b"\x01" + socket.inet_aton(host) + struct.pack("!H", port)
-
-
-def recv_exactly(sock: socket.socket, count: int) -> bytes:
-    data = bytearray()
-    while len(data) < count:
-        chunk = sock.recv(count - len(data))
-        if not chunk:
-            raise AssertionError(f"EOF after {len(data)} of {count} bytes")
-        data += chunk
-    return bytes(data)
-
-
-def recv_to_eof(sock: socket.socket) -> bytes:
-    data = bytearray()
-    while chunk := sock.recv(1 << 20):
-        data += chunk
-    return bytes(data)
 
 
 def curl(*args: str) -> subprocess.CompletedProcess[bytes]:

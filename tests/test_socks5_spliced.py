@@ -24,9 +24,7 @@ The proxy runs as a subprocess, exactly as its CLI is used.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import random
 import selectors
 import signal
 import socket
@@ -34,7 +32,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +44,7 @@ from daemon.api.protocol import Address, ErrorCode
 from daemon.api.server import ApiServer
 from proxies.socks5_protocol import Connect, Negotiation, Reject, SendToClient
 from proxies.socks5_spliced import feed_exactly, read_request
+from tests.sockutil import payload, recv_exactly, recv_to_eof, sha256, wait_until
 from tests.test_api_server import (
     LOCAL,
     SILENT_HOST,
@@ -65,41 +63,6 @@ ORIGIN: Address = ("203.0.113.2", 80)  # routed to a real TCP server on 127.0.0.
 NET_UNREACHABLE_HOST = "203.0.113.77"
 LIMITED_HOST = "203.0.113.88"  # the daemon answers ELIMIT: no errno, a general failure
 FIRST_EPHEMERAL = 49152
-
-
-def payload(size: int, seed: int = 0) -> bytes:
-    """Deterministic pseudo-random content, so a hash tells any reordering or loss."""
-    return random.Random(size * 31 + seed).randbytes(size)
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def recv_exactly(sock: socket.socket, count: int) -> bytes:
-    data = bytearray()
-    while len(data) < count:
-        chunk = sock.recv(count - len(data))
-        if not chunk:
-            raise AssertionError(f"EOF after {len(data)} of {count} bytes")
-        data += chunk
-    return bytes(data)
-
-
-def recv_to_eof(sock: socket.socket) -> bytes:
-    data = bytearray()
-    while chunk := sock.recv(1 << 20):
-        data += chunk
-    return bytes(data)
 
 
 def _drain_nonblocking(sock: socket.socket) -> tuple[bytes, bool]:
