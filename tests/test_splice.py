@@ -636,3 +636,69 @@ def test_writing_more_than_len_after_splice_is_refused_and_reported(tb: Testbed)
 def test_a_client_reusing_its_port_during_timewait_gets_a_new_splice(tb: Testbed) -> None:
     assert same_port_twice(tb.host("client"), tb.spliced_socks, tb.origin) == "20000 20000"
     assert stats(tb)["splice_counters"]["timewait_reopened"] >= 1
+
+
+DYING_PROXY = """
+import os, signal, sys
+from daemon.api.client import SpliceClient
+api = SpliceClient(sys.argv[1])
+lst = api.listen(("198.51.100.1", int(sys.argv[4])))
+print("ready", flush=True)
+spliced = lst.accept()
+srv = api.intend_splice(spliced)
+srv.connect((sys.argv[2], int(sys.argv[3])), timeout=5)
+api.splice(spliced, srv, 0)          # this pair is spliced: it must outlive the proxy
+pending = lst.accept()
+api.intend_splice(pending)           # this one is not: it must be closed when we die
+print("dying", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_proxy_that_dies_leaves_spliced_pairs_flowing_and_closes_the_rest(
+    tb: Testbed,
+) -> None:
+    port = 7020
+    proxy = tb.host("proxy").popen(
+        [sys.executable, "-c", DYING_PROXY, str(tb.daemon_socket), *map(str, tb.origin), str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proxy.stdout is not None and proxy.stdout.readline().strip() == "ready"
+        out = run_py(
+            tb.host("client"),
+            """
+            import socket, sys, time
+            from servers.pattern import PatternVerifier
+            port = int(sys.argv[1])
+            spliced = socket.create_connection(("198.51.100.1", port), timeout=20)
+            time.sleep(0.5)  # let the proxy splice it before the second arrives
+            pending = socket.create_connection(("198.51.100.1", port), timeout=20)
+            pending.sendall(b"hello")
+            # The proxy is killed now; the pending connection must end cleanly.
+            try:
+                end = pending.recv(100)
+                outcome = "eof" if end == b"" else "data"
+            except ConnectionResetError:
+                outcome = "reset"
+            # The spliced one still reaches the origin through the daemon.
+            spliced.sendall(b"GET /bytes/2000000 HTTP/1.0\\r\\n\\r\\n")
+            data = b""
+            while chunk := spliced.recv(65536):
+                data += chunk
+            body = data.split(b"\\r\\n\\r\\n", 1)[1]
+            v = PatternVerifier()
+            v.feed(body)
+            print(outcome, len(body), v.ok)
+            """,
+            str(port),
+        )
+        assert proxy.wait(10) == -9
+    finally:
+        if proxy.poll() is None:
+            proxy.kill()
+        proxy.wait()
+    outcome, size, ok = out.split()
+    assert outcome in ("eof", "reset") and size == "2000000" and ok == "True"
+    wait_until_idle(tb, timeout=4 * MSL + 10)
