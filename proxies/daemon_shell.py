@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import queue
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -120,6 +121,30 @@ def run_until_stopped(
         print(f"{prog}: {reason}", file=sys.stderr)
         return 1
     return 0
+
+
+def destinations(host: str, port: int, source: str | None) -> list[tuple[str, int]]:
+    """``host`` itself if it is an address literal, else what the name resolves to.
+
+    The daemon takes no names (docs/api.md, "Addresses"). Raises
+    ``socket.gaierror`` for a name that does not resolve.
+    """
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return [(host, port)]
+    family = socket.AF_UNSPEC
+    if source is not None:
+        # A v4 source cannot reach a v6 destination (nor vice versa): skip those.
+        family = socket.AF_INET if ipaddress.ip_address(source).version == 4 else socket.AF_INET6
+    found: list[tuple[str, int]] = []
+    for *_, address in socket.getaddrinfo(host, port, family, socket.SOCK_STREAM):
+        candidate = (str(address[0]), int(address[1]))
+        if candidate not in found:
+            found.append(candidate)
+    return found
 
 
 def check_source(parser: argparse.ArgumentParser, source: str | None) -> None:

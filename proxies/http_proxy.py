@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 from daemon.api.client import Connection, DaemonGone, SpliceClient, SpliceError
 from proxies.daemon_shell import (
     check_source,
+    destinations,
     release,
     run_proxy,
 )
@@ -47,13 +48,8 @@ from proxies.http_cache import (
     request_is_cacheable,
     response_is_storable,
 )
-from proxies.socks5 import parse_listen
-from proxies.socks5_spliced import (
-    close_gently,
-    connect_server,
-    destinations,
-    refuse_intended,
-)
+from proxies.socks5 import close_gently, parse_listen
+from proxies.socks5_spliced import connect_server, refuse_intended
 from servers.http1 import MAX_HEAD, HttpParseError, head_end, parse_response_head
 
 log = logging.getLogger("proxies.http_proxy")

@@ -25,15 +25,14 @@ thread per client, which negotiates, connects and then relays.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
-import socket
 import sys
 from dataclasses import dataclass, field
 
 from daemon.api.client import Connection, DaemonGone, SpliceClient, SpliceError
 from proxies.daemon_shell import (
     check_source,
+    destinations,
     release,
     run_proxy,
 )
@@ -78,36 +77,11 @@ def reply_for_splice_error(exc: SpliceError) -> Reply:
     return reply_for_errno(exc.errno)
 
 
-def _candidates(request: Request, source: str | None) -> list[tuple[str, int]]:
-    """The addresses to try for DST: itself if literal, else what the name resolves to.
-
-    Raises ``socket.gaierror`` for a name that does not resolve.
-    """
-    try:
-        ipaddress.ip_address(request.host)
-    except ValueError:
-        pass
-    else:
-        return [(request.host, request.port)]
-    family = socket.AF_UNSPEC
-    if source is not None:
-        # A v4 source cannot reach a v6 destination (nor vice versa): skip those.
-        source_version = ipaddress.ip_address(source).version
-        family = socket.AF_INET if source_version == 4 else socket.AF_INET6
-    infos = socket.getaddrinfo(request.host, request.port, family, socket.SOCK_STREAM)
-    seen: list[tuple[str, int]] = []
-    for _, _, _, _, address in infos:
-        candidate = (str(address[0]), int(address[1]))
-        if candidate not in seen:
-            seen.append(candidate)
-    return seen
-
-
 def connect_destination(api: SpliceClient, request: Request, config: EndpointConfig) -> Connection:
     """A daemon connection to DST; raises the last ``SpliceError`` if every address failed."""
     local = None if config.source is None else (config.source, 0)
     last_error: SpliceError | None = None
-    for remote in _candidates(request, config.source):
+    for remote in destinations(request.host, request.port, config.source):
         try:
             return api.connect(remote, local=local, timeout=config.connect_timeout)
         except DaemonGone:

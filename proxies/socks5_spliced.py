@@ -39,20 +39,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ipaddress
 import logging
 import socket
 import sys
-import time
 from dataclasses import dataclass
 
 from daemon.api.client import Connection, DaemonGone, SpliceClient, SpliceError
 from proxies.daemon_shell import (
     check_source,
+    destinations,
     release,
     run_proxy,
 )
-from proxies.socks5 import DRAIN_TIMEOUT, HANDSHAKE_TIMEOUT, parse_listen
+from proxies.socks5 import HANDSHAKE_TIMEOUT, close_gently, parse_listen
 from proxies.socks5_protocol import (
     MAX_AUTH_LEN,
     Connect,
@@ -136,48 +135,6 @@ def read_request(
                 return None
             else:
                 return event.request
-
-
-def close_gently(sock: socket.socket) -> None:
-    """FIN after the reply, then read until the client's FIN so close() sends no RST.
-
-    Only before intend_splice: afterwards reading the client is not allowed.
-    """
-    deadline = time.monotonic() + DRAIN_TIMEOUT  # a client trickling bytes forever is cut off
-    try:
-        sock.shutdown(socket.SHUT_WR)
-        while True:
-            sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            if not sock.recv(65536):
-                break
-    except OSError:
-        pass
-    finally:
-        sock.close()
-
-
-def destinations(host: str, port: int, source: str | None) -> list[tuple[str, int]]:
-    """``host`` itself if it is an address literal, else what the name resolves to.
-
-    The daemon takes no names (docs/api.md, "Addresses"). Raises
-    ``socket.gaierror`` for a name that does not resolve.
-    """
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    else:
-        return [(host, port)]
-    family = socket.AF_UNSPEC
-    if source is not None:
-        # A v4 source cannot reach a v6 destination (nor vice versa): skip those.
-        family = socket.AF_INET if ipaddress.ip_address(source).version == 4 else socket.AF_INET6
-    found: list[tuple[str, int]] = []
-    for *_, address in socket.getaddrinfo(host, port, family, socket.SOCK_STREAM):
-        candidate = (str(address[0]), int(address[1]))
-        if candidate not in found:
-            found.append(candidate)
-    return found
 
 
 def connect_server(
