@@ -644,11 +644,11 @@ from daemon.api.client import SpliceClient
 api = SpliceClient(sys.argv[1])
 lst = api.listen(("198.51.100.1", int(sys.argv[4])))
 print("ready", flush=True)
-spliced = lst.accept()
+spliced = lst.accept()               # the client connects these two in this order
+pending = lst.accept()
 srv = api.intend_splice(spliced)
 srv.connect((sys.argv[2], int(sys.argv[3])), timeout=5)
 api.splice(spliced, srv, 0)          # this pair is spliced: it must outlive the proxy
-pending = lst.accept()
 api.intend_splice(pending)           # this one is not: it must be closed when we die
 print("dying", flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
@@ -669,14 +669,14 @@ def test_a_proxy_that_dies_leaves_spliced_pairs_flowing_and_closes_the_rest(
         out = run_py(
             tb.host("client"),
             """
-            import socket, sys, time
+            import socket, sys
             from servers.pattern import PatternVerifier
             port = int(sys.argv[1])
             spliced = socket.create_connection(("198.51.100.1", port), timeout=20)
-            time.sleep(0.5)  # let the proxy splice it before the second arrives
             pending = socket.create_connection(("198.51.100.1", port), timeout=20)
             pending.sendall(b"hello")
-            # The proxy is killed now; the pending connection must end cleanly.
+            # The proxy splices the first, then is killed: the pending one must
+            # end cleanly, and only then does the client use the spliced one.
             try:
                 end = pending.recv(100)
                 outcome = "eof" if end == b"" else "data"
