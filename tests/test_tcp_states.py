@@ -311,6 +311,20 @@ def test_active_close_fin_wait_1_fin_wait_2_time_wait_then_closed_after_2msl() -
     assert state(conn) is S.CLOSED and conn.events[-1] is TcpEvent.CLOSED
 
 
+def test_a_new_syn_beyond_the_old_sequence_space_reopens_time_wait() -> None:
+    # RFC 9293 3.10.7.4 / RFC 6191: the caller frees the TCB and gives the SYN
+    # to the listener; an old duplicate SYN, or one with ACK, does not reopen.
+    conn = established()
+    conn.shutdown_write()
+    conn.poll_output(0.1)
+    conn.on_segment(seg(PISS + 1, ISS + 2, FIN | ACK), 0.2)
+    assert state(conn) is S.TIME_WAIT
+    assert conn.reopens_with(seg(PISS + 100_000, 0, SYN))
+    assert not conn.reopens_with(seg(PISS - 10, 0, SYN))
+    assert not conn.reopens_with(seg(PISS + 100_000, ISS, SYN | ACK))
+    assert not established().reopens_with(seg(PISS + 100_000, 0, SYN))
+
+
 def test_fin_with_ack_of_our_fin_goes_from_fin_wait_1_straight_to_time_wait() -> None:
     conn = established()
     conn.shutdown_write()

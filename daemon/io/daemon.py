@@ -56,13 +56,12 @@ from daemon.tcp.events import TcpEvent
 from daemon.tcp.isn import IsnGenerator
 from daemon.tcp.listener import TcpListener
 from daemon.tcp.reset import reset_for_unknown
-from daemon.tcp.seq import seq_gt
 from daemon.tcp.state import TcpState
 from daemon.wire.checksum import internet_checksum, pseudo_header_sum
 from daemon.wire.error import WireError
 from daemon.wire.icmp import parse_unreachable
 from daemon.wire.ipv4 import Ipv4Packet
-from daemon.wire.tcp import ACK, SYN, TcpSegment, build_ipv4_tcp, parse_tcp
+from daemon.wire.tcp import TcpSegment, build_ipv4_tcp, parse_tcp
 from daemon.wire.vnet import F_DATA_VALID, F_NEEDS_CSUM, VnetHeader, vnet_header_for_tcp
 
 log = logging.getLogger("daemon")
@@ -339,15 +338,8 @@ class Daemon:
             self.counters["bad_checksum" if "checksum" in str(exc) else "malformed"] += 1
             return
         conn = self.flows.get((dst, seg.dst_port, src, seg.src_port))
-        if (
-            conn is not None
-            and seg.flags & (SYN | ACK) == SYN
-            and conn.tcp.state is TcpState.TIME_WAIT
-            and seq_gt(seg.seq, conn.tcp.rcv_nxt)
-        ):
-            # RFC 9293 3.10.7.4 / RFC 6191: a new SYN beyond the old connection's
-            # sequence space may end TIME-WAIT and open a new connection.
-            self._free(conn)
+        if conn is not None and not conn.frozen and conn.tcp.reopens_with(seg):
+            self._free(conn)  # RFC 6191: TIME-WAIT ends, the SYN goes to the listener
             conn = None
         if conn is not None:
             conn.tcp.on_segment(seg, now)

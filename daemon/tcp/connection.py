@@ -468,6 +468,21 @@ class TcpConnection:
 
     # -------------------------------------------------------------- input
 
+    def reopens_with(self, seg: TcpSegment) -> bool:
+        """Does ``seg`` end this TIME-WAIT and open a new connection on the 4-tuple?
+
+        RFC 9293 3.10.7.4 (TIME-WAIT may accept a new SYN) with RFC 6191's
+        test: a SYN (no ACK) beyond the old connection's sequence space, or,
+        with timestamps, with a newer TSval.  The caller frees this TCB and
+        hands ``seg`` to the listener.
+        """
+        if self.state is not TIME_WAIT or seg.flags & (SYN | ACK | RST) != SYN:
+            return False
+        ts = seg.options.timestamp
+        if self.ts_ok and ts is not None:
+            return seq_gt(ts[0], self.ts_recent)
+        return seq_gt(seg.seq, self.rcv_nxt)
+
     def on_segment(self, seg: TcpSegment, now: float) -> None:
         """Process one arriving segment (RFC 9293 3.10.7)."""
         self.stats.segments_received += 1
