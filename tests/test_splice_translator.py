@@ -68,7 +68,8 @@ def translator(**changes: object) -> Translator:
         tsval_delta=7,
         tsecr_delta=-3,
         sack=True,
-        window_shift=0,
+        wnd_in_shift=0,
+        wnd_out_shift=0,
         out_mss=1448,
         offload=False,
     )
@@ -205,12 +206,44 @@ def test_ack_fixed_when_the_reverse_direction_is_not_spliced() -> None:
 
 @MODES
 @pytest.mark.parametrize(
-    ("shift", "window", "expected"),
-    [(0, 65535, 65535), (0, 1000, 1000), (3, 1000, 8000), (7, 511, 65408), (7, 512, 65535)],
+    ("in_shift", "out_shift", "window", "expected"),
+    [
+        (0, 0, 65535, 65535),
+        (7, 7, 1000, 1000),  # equal shifts: the field passes unchanged
+        (3, 0, 1000, 8000),  # unscaled for a peer without scaling...
+        (7, 0, 511, 65408),
+        (7, 0, 512, 65535),  # ...and clamped
+        (0, 7, 65535, 511),  # 65535 bytes: 511 * 128 = 65408, never 512 * 128
+        (2, 7, 1000, 31),  # 4000 bytes: 31 * 128 = 3968 <= 4000
+        (0, 7, 127, 0),  # less than one unit of the output scale rounds to zero
+        (7, 7, 0, 0),
+        (3, 7, 0, 0),  # a zero window stays zero
+        (14, 7, 65535, 65535),  # 2**30 bytes: the output field saturates
+        (14, 14, 65535, 65535),
+        (9, 14, 40000, 1250),
+    ],
 )
-def test_window_unscaled_and_clamped(offload: bool, shift: int, window: int, expected: int) -> None:
-    t = translator(offload=offload, window_shift=shift)
+def test_window_rescaled_rounding_down_and_clamped(
+    offload: bool, in_shift: int, out_shift: int, window: int, expected: int
+) -> None:
+    t = translator(offload=offload, wnd_in_shift=in_shift, wnd_out_shift=out_shift)
     assert one(t, packet(segment(window=window))).window == expected
+
+
+@given(
+    window=st.integers(0, 0xFFFF),
+    in_shift=st.integers(0, 14),
+    out_shift=st.integers(0, 14),
+)
+def test_window_never_offers_more_than_the_peer_allowed(
+    window: int, in_shift: int, out_shift: int
+) -> None:
+    t = translator(wnd_in_shift=in_shift, wnd_out_shift=out_shift)
+    out = one(t, packet(segment(window=window))).window
+    allowed = window << in_shift
+    assert out << out_shift <= allowed
+    # ... and loses less than one unit of the output scale, unless clamped.
+    assert out == 0xFFFF or allowed - (out << out_shift) < 1 << out_shift
 
 
 @MODES
@@ -408,7 +441,7 @@ def test_plain_incremental_checksum_equals_a_full_checksum(
     shift: int,
 ) -> None:
     opts = TcpOptions(timestamp=(tsval, tsecr), sack_blocks=tuple(sack))
-    t = translator(window_shift=shift, seq_delta=0x89ABCDEF, ack_delta=0x12345678)
+    t = translator(wnd_in_shift=shift, seq_delta=0x89ABCDEF, ack_delta=0x12345678)
     pkt = packet(
         segment(seq=seq, ack=ack, flags=flags, window=window, options=opts, payload=payload)
     )
@@ -596,7 +629,8 @@ def test_reverse_ack_delta_is_minus_the_forward_seq_delta() -> None:
     [
         {"src_addr": bytes(16)},
         {"dst_port": 65536},
-        {"window_shift": 15},
+        {"wnd_in_shift": 15},
+        {"wnd_out_shift": -1},
         {"out_mss": 0},
     ],
 )

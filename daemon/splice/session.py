@@ -29,7 +29,8 @@ still sends during PRE_SPLICED can exceed a mapped one (the peer's PAWS
 check would drop it).  Windows (5.4.2): the server side was offered the
 client's own scale, so client windows pass unchanged when the server
 accepted scaling, and are unscaled (and clamped at 65535) when it did not;
-server windows are unscaled for the client, which was offered scale 0.
+server windows are rescaled from the server's shift to the one the daemon
+offered the client (rounded down: never more than the server allowed).
 """
 
 from __future__ import annotations
@@ -111,13 +112,12 @@ def _translator(src: Side, dst: Side, offload: bool) -> Translator:
         ts_mode = TsMode.ABSENT
     # A window field from src's peer means field << in_shift bytes; dst's
     # peer reads our fields as field << out_shift, where out_shift is what we
-    # offered it: 0 to the client, the client's own shift to the server
-    # (5.4.2).  So client windows pass unchanged to a server that accepted
-    # scaling, and are unscaled (clamped at 65535 by the translator) else;
-    # server windows are unscaled for the client.
+    # offered it (5.4.2): the client's own shift to the server, so client
+    # windows pass unchanged to a server that accepted scaling; the daemon's
+    # own shift to the client, so server windows are rescaled unless the two
+    # happen to agree.  The translator rounds down and clamps.
     in_shift = src.peer_wscale if src.wscale_ok else 0
     out_shift = dst.our_wscale if dst.wscale_ok else 0
-    window_shift = max(in_shift - out_shift, 0)
     return Translator(
         src_addr=dst.local[0],
         dst_addr=dst.remote[0],
@@ -130,7 +130,8 @@ def _translator(src: Side, dst: Side, offload: bool) -> Translator:
         tsval_delta=(dst.ts_sent - src.ts_recv) & MASK,
         tsecr_delta=(dst.ts_recv - src.ts_sent) & MASK,
         sack=src.sack_ok and dst.sack_ok and ack_delta is not None,
-        window_shift=window_shift,
+        wnd_in_shift=in_shift,
+        wnd_out_shift=out_shift,
         out_mss=dst.snd_mss,
         offload=offload,
         tsecr_floor_in=src.ts_sent,

@@ -60,10 +60,15 @@ and must echo the output peer's clock instead::
 input connection negotiated timestamps the option is overwritten with NOPs
 (``TsMode.STRIP``); if neither did there is nothing to do (``ABSENT``).
 
-Window (5.4.2): the output peer reads the window with the input peer's
-scale when the scale was forwarded at intend_splice (``window_shift`` 0);
-when the output peer has no window scaling the window is unscaled and
-clamped to 65535.  MSS (5.4.4): a payload longer than ``out_mss`` is cut, by
+Window (5.4.2): a window field from the input peer means ``field <<
+wnd_in_shift`` bytes; the output peer reads our field as ``field <<
+wnd_out_shift``.  When the shifts differ the window is rescaled,
+``(field << in) >> out``, rounded *down* and clamped at 65535: the output
+peer is never offered a byte its counterpart did not allow (RFC 7323 2.3
+makes the receiver's buffer the limit; a rounded-up window could let the
+sender overrun it).  The thesis offered the client scale 0 so that this
+translation would never be needed; with a 64 KB window a 20 ms path carries
+26 Mbit/s, so both sides get real scales and the translator converts.  MSS (5.4.4): a payload longer than ``out_mss`` is cut, by
 the kernel (GSO, offload mode) or here (plain mode, the rare path).
 
 IPv4 (5.2.1): new addresses, TTL 64 (the daemon is an endpoint of both
@@ -175,7 +180,8 @@ class Translator:
     tsval_delta: int
     tsecr_delta: int
     sack: bool
-    window_shift: int
+    wnd_in_shift: int
+    wnd_out_shift: int
     out_mss: int
     offload: bool
     # TSecr values older than ``tsecr_floor_in`` echo a TSval of the *input*
@@ -200,8 +206,9 @@ class Translator:
         for port in (self.src_port, self.dst_port):
             if not 0 <= port <= _M16:
                 raise ValueError(f"Translator: port {port}")
-        if not 0 <= self.window_shift <= 14:  # RFC 7323 2.3
-            raise ValueError(f"Translator: window shift {self.window_shift}")
+        for shift in (self.wnd_in_shift, self.wnd_out_shift):
+            if not 0 <= shift <= 14:  # RFC 7323 2.3
+                raise ValueError(f"Translator: window shift {shift}")
         if not 1 <= self.out_mss <= _M16:
             raise ValueError(f"Translator: out_mss {self.out_mss}")
         addrs = self.src_addr + self.dst_addr
@@ -343,8 +350,9 @@ def translate(
         ack = (ack + t.ack_delta) & _M32
     else:
         ack = t.ack_fixed
-    if t.window_shift:
-        window = min(window << t.window_shift, _M16)  # 5.4.2 unscale and clamp
+    if t.wnd_in_shift != t.wnd_out_shift:
+        # 5.4.2 rescale, rounding down, and clamp (see the module docstring).
+        window = min((window << t.wnd_in_shift) >> t.wnd_out_shift, _M16)
     tos &= 0xFC  # RFC 3168 5: ECN codepoint to Not-ECT
     flags &= _KEEP_FLAGS
     tcp_len = total - 20
