@@ -68,8 +68,10 @@ peer is never offered a byte its counterpart did not allow (RFC 7323 2.3
 makes the receiver's buffer the limit; a rounded-up window could let the
 sender overrun it).  The thesis offered the client scale 0 so that this
 translation would never be needed; with a 64 KB window a 20 ms path carries
-26 Mbit/s, so both sides get real scales and the translator converts.  MSS (5.4.4): a payload longer than ``out_mss`` is cut, by
-the kernel (GSO, offload mode) or here (plain mode, the rare path).
+26 Mbit/s, so both sides get real scales and the translator converts.
+
+MSS (5.4.4): a payload longer than ``out_mss`` is cut, by the kernel (GSO,
+offload mode) or here (plain mode, the rare path).
 
 IPv4 (5.2.1): new addresses, TTL 64 (the daemon is an endpoint of both
 connections, not a router), ECN codepoint cleared together with TCP ECE,
