@@ -12,7 +12,7 @@ ifeq (testbed,$(firstword $(MAKECMDGOALS)))
   $(eval $(TESTBED_ARGS):;@:)
 endif
 
-.PHONY: testbed test lint sysdeps venv experiments clean
+.PHONY: testbed test lint sysdeps venv experiments clean fastpath
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,14 +26,26 @@ venv: $(STAMP)
 sysdeps:
 	@bash scripts/install-sysdeps.sh
 
-testbed: $(STAMP) sysdeps
+# The tc eBPF fast path for spliced flows, compiled once here: the daemon
+# loads build/fastpath/splice.bpf.o and never runs a compiler.
+BPF_OBJ := build/fastpath/splice.bpf.o
+BPF_SRC := daemon/fastpath/splice.bpf.c daemon/fastpath/splice_map.h
+BPF_ARCH_INC := /usr/include/$(or $(shell gcc -print-multiarch 2>/dev/null),$(shell uname -m)-linux-gnu)
+
+$(BPF_OBJ): $(BPF_SRC) | sysdeps
+	@mkdir -p $(dir $@)
+	clang -O2 -g -Wall -target bpf -I$(BPF_ARCH_INC) -c $< -o $@
+
+fastpath: $(BPF_OBJ)
+
+testbed: $(STAMP) sysdeps fastpath
 	$(PY) -m testbed $(or $(TESTBED_ARGS),status)
 
-test: $(STAMP) sysdeps
+test: $(STAMP) sysdeps fastpath
 	$(PY) -m pytest
 
 # The experiment suite (thesis ch. 6 and more): results/<timestamp>/.
-experiments: $(STAMP) sysdeps
+experiments: $(STAMP) sysdeps fastpath
 	$(PY) -m testbed.experiments $(ARGS)
 
 lint: $(STAMP)

@@ -3,15 +3,18 @@
 # curl: the real SOCKS/HTTP client; tcpdump: link captures; iptables: the
 # NFQUEUE hook of link shaping; iperf3: bulk baselines; microsocks and
 # dante-server: real SOCKS servers the experiments compare against.
+# clang, libbpf-dev: `make fastpath` (the tc eBPF program); gcc: the test that
+# checks the map layout's C side.
 set -euo pipefail
 declare -A need=(
   [curl]=curl [tcpdump]=tcpdump [iptables]=iptables [iperf3]=iperf3
-  [microsocks]=microsocks [danted]=dante-server
+  [microsocks]=microsocks [danted]=dante-server [clang]=clang [gcc]=gcc
 )
 missing=()
 for cmd in "${!need[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("${need[$cmd]}")
 done
+[ -e /usr/include/bpf/libbpf.h ] || missing+=(libbpf-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing Debian packages: ${missing[*]} (run as root, or apt-get install them)" >&2

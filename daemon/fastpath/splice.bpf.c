@@ -1,0 +1,363 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR MIT)
+/*
+ * The in-kernel fast path for spliced flows: a tc clsact ingress program on
+ * the proxy namespace's external links.
+ *
+ * Read first: thesis 5.2-5.4 (what a relayed segment's rewrite is),
+ * daemon/splice/translator.py (the reference semantics: this program is its
+ * plain-mode translate() for the segments it accepts), DESIGN.md "The kernel
+ * fast path for spliced flows" (checksum states on veth, verifier limits).
+ *
+ * Theory of operation
+ * -------------------
+ * The daemon installs one struct splice_xlate per direction of a splice,
+ * keyed by the 4-tuple of the packets that direction receives.  For such a
+ * packet the program rewrites the headers exactly as translate() would and
+ * redirects it to the other link with bpf_redirect_neigh(), so the packet
+ * never reaches the TUN.  Everything it does not fully understand it leaves
+ * alone (TC_ACT_OK: "punt"): the kernel routes the packet into the TUN and
+ * the Python daemon, which owns all policy, handles it.  Punting is always
+ * correct; only the rate of punts is a performance question, so the program
+ * accepts just the shapes Linux sends during a bulk transfer:
+ *
+ *   IPv4, ihl 5, not a fragment, TCP with ACK and none of SYN FIN RST URG,
+ *   options: none | NOP NOP TS | NOP NOP TS NOP NOP SACK(1-3)
+ *            | NOP NOP SACK(1-4)                     (RFC 7323 appendix A),
+ *   segment size (payload, or gso_size for GSO packets) <= out_mss.
+ *
+ * With fixed layouts every field sits at a constant offset: no option loop
+ * (a bounded loop over options hit the verifier's limit in the prototype).
+ *
+ * Checksums.  On veth most skbs are CHECKSUM_PARTIAL: the TCP checksum field
+ * holds only the pseudo-header sum, and the device (or the peer's stack)
+ * finishes it.  So the TCP checksum is never computed here: the rewrite
+ * collects two ones'-complement differences, one over TCP header words and
+ * one over the addresses, and hands them to bpf_l4_csum_replace(), with
+ * flags 0 for the first (a no-op on a partial skb, an RFC 1624 update on a
+ * complete one) and BPF_F_PSEUDO_HDR for the second (the kernel knows which
+ * of the two an skb needs).  The payload is never read.  The IPv4 header
+ * checksum is always complete and is recomputed over the 20 bytes.
+ *
+ * Packet pointers die at any helper that may change the skb, so all direct
+ * writes come first and the two checksum helpers last.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <linux/tcp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "splice_map.h"
+
+#define IP_OFF ETH_HLEN		   /* 14: veth ingress, data at the MAC header */
+#define TCP_OFF (IP_OFF + 20)	   /* only ihl 5 is handled */
+#define OPT_OFF (TCP_OFF + 20)
+#define TCP_CSUM_OFF (TCP_OFF + 16)
+#define HDR_MAX (OPT_OFF + 40)
+#define NEED_PULL (-2)		   /* internal: headers not in the linear area */
+
+#define TCPF_FIN 0x01
+#define TCPF_SYN 0x02
+#define TCPF_RST 0x04
+#define TCPF_ACK 0x10
+#define TCPF_URG 0x20
+#define KEEP_FLAGS 0x3f		   /* ECE and CWR cleared (RFC 3168 6.1) */
+#define NOP4 0x01010101
+#define NOP_NOP_TS 0x0101080a
+#define NOP_NOP_SACK 0x01010500	   /* | the SACK option's length */
+#define FRAG_BITS 0x3fff	   /* MF + fragment offset */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* memory follows the flows in use */
+	__uint(max_entries, SPLICE_MAX_FLOWS_DEFAULT);
+	__type(key, struct splice_key);
+	__type(value, struct splice_xlate);
+} splice_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct splice_stats);
+} splice_stats SEC(".maps");
+
+static __always_inline struct splice_stats *stats(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&splice_stats, &zero);
+}
+
+#define PUNT(counter)                                                  \
+	({                                                             \
+		struct splice_stats *s_ = stats();                     \
+		if (s_)                                                \
+			s_->counter++;                                 \
+		TC_ACT_OK;                                             \
+	})
+
+/* One 32-bit word of a ones'-complement difference (RFC 1624 eqn. 3). */
+static __always_inline __u64 csum_step(__u64 acc, __u32 old, __u32 new)
+{
+	return acc + (__u32)~old + new;
+}
+
+static __always_inline __u32 csum_fold32(__u64 acc)
+{
+	acc = (acc & 0xffffffff) + (acc >> 32);
+	acc = (acc & 0xffffffff) + (acc >> 32);
+	return (__u32)acc;
+}
+
+/* A 32-bit sequence-space field plus a delta, in place; returns the new sum. */
+static __always_inline __u64 add_be32(__u32 *p, __u32 delta, __u64 acc)
+{
+	__u32 old = *p;
+	__u32 new = bpf_htonl(bpf_ntohl(old) + delta);
+
+	*p = new;
+	return csum_step(acc, old, new);
+}
+
+/*
+ * The SACK option at `sack` (its NOP NOP 5 len word, then n blocks):
+ * edges shifted into the output's acknowledgment space (5.4.3; a D-SACK
+ * block below the ACK is a sequence range like any other, RFC 2883), or
+ * the whole option turned into NOPs when SACK is not mapped.
+ */
+static __always_inline int rewrite_sack(__u32 *sack, void *data_end, __u32 n,
+					const struct splice_xlate *v, __u64 *acc)
+{
+	int i;
+
+	if (v->sack_map) {
+#pragma unroll
+		for (i = 1; i <= 8; i++) {
+			if (i > 2 * n)
+				break;
+			if ((void *)(sack + i + 1) > data_end)
+				return -1;
+			*acc = add_be32(sack + i, v->ack_delta, *acc);
+		}
+		return 0;
+	}
+	*acc = csum_step(*acc, sack[0], bpf_htonl(NOP4));
+	sack[0] = bpf_htonl(NOP4);
+#pragma unroll
+	for (i = 1; i <= 8; i++) {
+		if (i > 2 * n)
+			break;
+		if ((void *)(sack + i + 1) > data_end)
+			return -1;
+		*acc = csum_step(*acc, sack[i], bpf_htonl(NOP4));
+		sack[i] = bpf_htonl(NOP4);
+	}
+	return 0;
+}
+
+static __always_inline int splice(struct __sk_buff *skb, int pulled)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + IP_OFF;
+	struct tcphdr *tcp = data + TCP_OFF;
+	__u8 *tcpb = data + TCP_OFF;
+	__u32 *tcpw = data + TCP_OFF;
+	__u32 *opt = data + OPT_OFF;
+	struct splice_xlate *v;
+	struct splice_stats *st;
+	struct splice_key key;
+	__u32 total, doff, optlen, payload, nsack = 0, w, old, new;
+	__u64 acc = 0, acc_pseudo = 0, ipsum;
+	__u8 flags, vihl;
+	int has_ts = 0;
+
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_OK;
+	if (eth->h_proto != bpf_htons(ETH_P_IP) || skb->vlan_present)
+		return TC_ACT_OK;
+	if ((void *)(ip + 1) > data_end)
+		goto not_linear;
+	if (ip->protocol != IPPROTO_TCP)
+		return TC_ACT_OK;
+	vihl = *(__u8 *)ip;
+	if (vihl != 0x45 || (ip->frag_off & bpf_htons(FRAG_BITS)))
+		return PUNT(punt_ip_options_or_fragment);
+	if ((void *)(tcp + 1) > data_end)
+		goto not_linear;
+
+	key.saddr = ip->saddr;
+	key.daddr = ip->daddr;
+	key.sport = tcp->source;
+	key.dport = tcp->dest;
+	v = bpf_map_lookup_elem(&splice_flows, &key);
+	if (!v)
+		return PUNT(punt_no_flow);
+
+	total = bpf_ntohs(ip->tot_len);
+	doff = (tcpb[12] >> 4) * 4;
+	if (doff < 20 || total < 20 + doff || total + ETH_HLEN > skb->len)
+		return PUNT(punt_malformed);
+	payload = total - 20 - doff;
+
+	flags = tcpb[13];
+	if ((flags & (TCPF_SYN | TCPF_FIN | TCPF_RST | TCPF_URG)) || !(flags & TCPF_ACK))
+		return PUNT(punt_flags);
+
+	/* Linux's layouts (RFC 7323 appendix A): TS first, SACK last. */
+	optlen = doff - 20;
+	if (optlen) {
+		__u32 rest = optlen, sack_hdr;
+
+		if ((void *)(opt + 1) > data_end)
+			goto not_linear;
+		if (opt[0] == bpf_htonl(NOP_NOP_TS)) {
+			if (optlen < 12)
+				return PUNT(punt_tcp_options_layout);
+			has_ts = 1;
+			rest -= 12;
+		}
+		if (rest) {
+			if (rest < 12 || (rest & 7) != 4)
+				return PUNT(punt_tcp_options_layout);
+			nsack = (rest - 4) >> 3;
+			if (has_ts) {
+				if ((void *)(opt + 4) > data_end)
+					goto not_linear;
+				sack_hdr = opt[3];
+			} else {
+				sack_hdr = opt[0];
+			}
+			if (sack_hdr != bpf_htonl(NOP_NOP_SACK | (rest - 2)))
+				return PUNT(punt_tcp_options_layout);
+		}
+	}
+
+	/* 5.4.4: the kernel cuts a GSO packet at gso_size on the way out. */
+	if (skb->gso_size ? skb->gso_size > v->out_mss : payload > v->out_mss)
+		return PUNT(punt_mss);
+
+	/* Only the daemon may decide what acknowledging its relayed FIN means. */
+	if (v->fin_watch && (__s32)(bpf_ntohl(tcp->ack_seq) - v->fin_ack) >= 0)
+		return PUNT(punt_fin_watch);
+
+	/* Options (5.4.1, 5.4.3), rewritten in place at their own length. */
+	if (has_ts) {
+		if ((void *)(opt + 3) > data_end)
+			goto not_linear;
+		if (v->ts_mode == SPLICE_TS_MAP) {
+			__u32 tsecr;
+
+			acc = add_be32(opt + 1, v->tsval_delta, acc);
+			old = opt[2];
+			tsecr = bpf_ntohl(old);
+			/* An echo of a TSval the input TCB sent before the
+			 * splice has no image in the output clock. */
+			if (v->has_tsecr_floor && (__s32)(tsecr - v->tsecr_floor_in) < 0)
+				tsecr = v->tsecr_floor_out;
+			else
+				tsecr += v->tsecr_delta;
+			new = bpf_htonl(tsecr);
+			opt[2] = new;
+			acc = csum_step(acc, old, new);
+		} else if (v->ts_mode == SPLICE_TS_STRIP) {
+			acc = csum_step(acc, opt[0], bpf_htonl(NOP4));
+			acc = csum_step(acc, opt[1], bpf_htonl(NOP4));
+			acc = csum_step(acc, opt[2], bpf_htonl(NOP4));
+			opt[0] = bpf_htonl(NOP4);
+			opt[1] = bpf_htonl(NOP4);
+			opt[2] = bpf_htonl(NOP4);
+		}
+		if (nsack && rewrite_sack(opt + 3, data_end, nsack, v, &acc))
+			goto not_linear;
+	} else if (nsack && rewrite_sack(opt, data_end, nsack, v, &acc)) {
+		goto not_linear;
+	}
+
+	/* TCP fixed header (5.2.2, 5.3): ports, seq, ack, offset/flags/window. */
+	old = tcpw[0];
+	tcp->source = v->sport;
+	tcp->dest = v->dport;
+	acc = csum_step(acc, old, tcpw[0]);
+	acc = add_be32(&tcpw[1], v->seq_delta, acc);
+	acc = add_be32(&tcpw[2], v->ack_delta, acc);
+	old = tcpw[3];
+	w = bpf_ntohs(tcp->window);
+	if (v->wnd_in_shift != v->wnd_out_shift) {
+		/* 5.4.2: rounded down, never more than the peer allowed. */
+		w = (w << (v->wnd_in_shift & 15)) >> (v->wnd_out_shift & 15);
+		if (w > 0xffff)
+			w = 0xffff;
+	}
+	tcpb[12] &= 0xf0; /* AE (AccECN) and reserved bits */
+	tcpb[13] = flags & KEEP_FLAGS;
+	tcp->window = bpf_htons(w);
+	acc = csum_step(acc, old, tcpw[3]);
+
+	/* IPv4 (5.2.1): addresses, TTL 64 (an endpoint, not a router), ECN off. */
+	acc_pseudo = csum_step(acc_pseudo, ip->saddr, v->saddr);
+	acc_pseudo = csum_step(acc_pseudo, ip->daddr, v->daddr);
+	ip->saddr = v->saddr;
+	ip->daddr = v->daddr;
+	ip->tos &= 0xfc;
+	ip->ttl = 64;
+	ip->check = 0;
+	ipsum = 0;
+#pragma unroll
+	for (int i = 0; i < 5; i++)
+		ipsum += ((__u32 *)ip)[i];
+	ipsum = (ipsum & 0xffff) + (ipsum >> 16);
+	ipsum = (ipsum & 0xffff) + (ipsum >> 16);
+	ipsum = (ipsum & 0xffff) + (ipsum >> 16);
+	ip->check = (__u16)~ipsum;
+
+	/* Helpers last: they invalidate every packet pointer above. */
+	if (bpf_l4_csum_replace(skb, TCP_CSUM_OFF, 0, csum_fold32(acc), 0) < 0 ||
+	    bpf_l4_csum_replace(skb, TCP_CSUM_OFF, 0, csum_fold32(acc_pseudo),
+				BPF_F_PSEUDO_HDR) < 0) {
+		/* Half rewritten: neither path can use it; TCP retransmits. */
+		st = stats();
+		if (st)
+			st->dropped_rewrite_failed++;
+		return TC_ACT_SHOT;
+	}
+
+	__sync_fetch_and_add(&v->packets, 1);
+	__sync_fetch_and_add(&v->bytes, payload);
+	st = stats();
+	if (st) {
+		st->redirected_packets++;
+		st->redirected_bytes += payload;
+	}
+	return bpf_redirect_neigh(v->egress_ifindex, NULL, 0, 0);
+
+not_linear:
+	if (pulled)
+		return PUNT(punt_malformed);
+	return NEED_PULL;
+}
+
+SEC("tc")
+int splice_ingress(struct __sk_buff *skb)
+{
+	int verdict = splice(skb, 0);
+	__u32 len;
+
+	if (verdict != NEED_PULL)
+		return verdict;
+	/* Headers outside the linear area: rare on veth (the sender's stack
+	 * builds them linear), so one pull and a second pass rather than a
+	 * per-access check. */
+	len = skb->len < HDR_MAX ? skb->len : HDR_MAX;
+	if (bpf_skb_pull_data(skb, len) < 0)
+		return PUNT(punt_malformed);
+	verdict = splice(skb, 1);
+	return verdict == NEED_PULL ? TC_ACT_OK : verdict;
+}
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";

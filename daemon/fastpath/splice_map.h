@@ -1,0 +1,80 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR MIT) */
+/*
+ * The map layout shared by splice.bpf.c and daemon/fastpath/layout.py.
+ *
+ * The map is the whole interface between the daemon (control plane) and the
+ * tc program: the daemon computes one struct splice_xlate per direction of a
+ * splice from its Translator (thesis 5.2-5.4) and the program applies it
+ * without deciding anything.  layout.py mirrors these structs with ctypes;
+ * tests/test_fastpath.py compiles this header with gcc and checks that every
+ * size and offset agrees, so change both together.
+ *
+ * Every field has an explicit width and natural alignment, and padding is
+ * spelled out, so that C and ctypes cannot disagree on hidden holes.
+ */
+#ifndef SPLICE_MAP_H
+#define SPLICE_MAP_H
+
+#include <linux/types.h>
+
+#define SPLICE_MAX_FLOWS_DEFAULT 131072
+
+/* ts_mode: what to do with the timestamp option (TsMode in translator.py). */
+#define SPLICE_TS_ABSENT 0 /* neither connection uses timestamps: leave it */
+#define SPLICE_TS_MAP 1    /* add tsval_delta / tsecr_delta */
+#define SPLICE_TS_STRIP 2  /* only the input connection does: NOP it out */
+
+/* The incoming packet's 4-tuple, all in network byte order. */
+struct splice_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+};
+
+/* One direction of one splice. */
+struct splice_xlate {
+	/* The output connection's header fields, network byte order: stored. */
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	/* Host byte order, added modulo 2**32 (thesis 5.3, 5.4.1). */
+	__u32 seq_delta;
+	__u32 ack_delta;
+	__u32 tsval_delta;
+	__u32 tsecr_delta;
+	/* A TSecr before tsecr_floor_in (modular order) becomes tsecr_floor_out. */
+	__u32 tsecr_floor_in;
+	__u32 tsecr_floor_out;
+	/* With fin_watch: punt any segment whose ACK field is >= fin_ack. */
+	__u32 fin_ack;
+	__u32 egress_ifindex;
+	__u16 out_mss;
+	__u8 ts_mode;
+	__u8 has_tsecr_floor;
+	__u8 sack_map;      /* 1: add ack_delta to SACK edges; 0: NOP the option */
+	__u8 wnd_in_shift;  /* 0..14 (RFC 7323 2.3) */
+	__u8 wnd_out_shift; /* 0..14 */
+	__u8 fin_watch;
+	__u32 _pad;
+	/* Written by the program only (atomic adds); payload bytes. */
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* The per-CPU global counters (one element); layout.py reads the names. */
+struct splice_stats {
+	__u64 redirected_packets;
+	__u64 redirected_bytes;
+	__u64 punt_no_flow;
+	__u64 punt_flags;                  /* SYN, FIN, RST, URG or no ACK */
+	__u64 punt_ip_options_or_fragment;
+	__u64 punt_tcp_options_layout;     /* not one of Linux's fixed layouts */
+	__u64 punt_mss;                    /* payload or gso_size > out_mss */
+	__u64 punt_fin_watch;              /* may acknowledge a relayed FIN */
+	__u64 punt_malformed;              /* lengths that do not add up */
+	__u64 dropped_rewrite_failed;      /* a checksum helper failed mid-rewrite */
+};
+
+#endif /* SPLICE_MAP_H */
