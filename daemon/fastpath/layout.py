@@ -1,0 +1,157 @@
+"""The fast path's map layout in Python: ctypes mirrors of splice_map.h.
+
+The map is the interface between the daemon and the tc program (STYLE.md,
+libbpf-bootstrap): the daemon encodes each direction of a splice, a
+``Translator`` (thesis 5.2-5.4), into one ``SpliceXlate``; the program only
+applies it.  Every Structure here mirrors the C struct of the same name in
+splice_map.h field for field; tests/test_fastpath.py compiles the header
+with gcc and compares sizes and offsets, so a change to one side that is
+not made to the other fails a test instead of corrupting a map.
+
+Byte order follows the header: addresses and ports are stored in network
+order (the program copies them into the packet as they are), every other
+number in host order (the program does arithmetic on them).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import TYPE_CHECKING
+
+from daemon.splice.translator import TsMode
+
+if TYPE_CHECKING:
+    from daemon.splice.translator import Translator
+
+__all__ = [
+    "MAX_FLOWS_DEFAULT",
+    "TS_ABSENT",
+    "TS_MAP",
+    "TS_STRIP",
+    "FlowKey",
+    "SpliceKey",
+    "SpliceStats",
+    "SpliceXlate",
+    "encode",
+    "encode_key",
+]
+
+MAX_FLOWS_DEFAULT = 131072  # SPLICE_MAX_FLOWS_DEFAULT
+TS_ABSENT = 0
+TS_MAP = 1
+TS_STRIP = 2
+_TS_CODE = {TsMode.ABSENT: TS_ABSENT, TsMode.MAP: TS_MAP, TsMode.STRIP: TS_STRIP}
+_M32 = 0xFFFFFFFF
+
+# (saddr, sport, daddr, dport) of the *incoming* packet, addresses as 4 bytes.
+FlowKey = tuple[bytes, int, bytes, int]
+
+
+class SpliceKey(ctypes.Structure):
+    """``struct splice_key``: the incoming packet's 4-tuple, network order."""
+
+    _fields_ = [
+        ("saddr", ctypes.c_uint8 * 4),
+        ("daddr", ctypes.c_uint8 * 4),
+        ("sport", ctypes.c_uint8 * 2),
+        ("dport", ctypes.c_uint8 * 2),
+    ]
+
+
+class SpliceXlate(ctypes.Structure):
+    """``struct splice_xlate``: one direction of one splice."""
+
+    _fields_ = [
+        ("saddr", ctypes.c_uint8 * 4),
+        ("daddr", ctypes.c_uint8 * 4),
+        ("sport", ctypes.c_uint8 * 2),
+        ("dport", ctypes.c_uint8 * 2),
+        ("seq_delta", ctypes.c_uint32),
+        ("ack_delta", ctypes.c_uint32),
+        ("tsval_delta", ctypes.c_uint32),
+        ("tsecr_delta", ctypes.c_uint32),
+        ("tsecr_floor_in", ctypes.c_uint32),
+        ("tsecr_floor_out", ctypes.c_uint32),
+        ("fin_ack", ctypes.c_uint32),
+        ("egress_ifindex", ctypes.c_uint32),
+        ("out_mss", ctypes.c_uint16),
+        ("ts_mode", ctypes.c_uint8),
+        ("has_tsecr_floor", ctypes.c_uint8),
+        ("sack_map", ctypes.c_uint8),
+        ("wnd_in_shift", ctypes.c_uint8),
+        ("wnd_out_shift", ctypes.c_uint8),
+        ("fin_watch", ctypes.c_uint8),
+        ("_pad", ctypes.c_uint32),
+        ("packets", ctypes.c_uint64),
+        ("bytes", ctypes.c_uint64),
+    ]
+
+
+class SpliceStats(ctypes.Structure):
+    """``struct splice_stats``: one CPU's global counters; field names are the API."""
+
+    _fields_ = [
+        ("redirected_packets", ctypes.c_uint64),
+        ("redirected_bytes", ctypes.c_uint64),
+        ("punt_no_flow", ctypes.c_uint64),
+        ("punt_flags", ctypes.c_uint64),
+        ("punt_ip_options_or_fragment", ctypes.c_uint64),
+        ("punt_tcp_options_layout", ctypes.c_uint64),
+        ("punt_mss", ctypes.c_uint64),
+        ("punt_fin_watch", ctypes.c_uint64),
+        ("punt_malformed", ctypes.c_uint64),
+        ("dropped_rewrite_failed", ctypes.c_uint64),
+    ]
+
+
+def _port(value: int) -> ctypes.Array[ctypes.c_uint8]:
+    if not 0 <= value <= 0xFFFF:
+        raise ValueError(f"port {value}")
+    return (ctypes.c_uint8 * 2)(value >> 8, value & 0xFF)
+
+
+def _addr(value: bytes) -> ctypes.Array[ctypes.c_uint8]:
+    # Byte arrays, not c_char: a c_char array stops at the first zero byte.
+    if len(value) != 4:
+        raise ValueError(f"IPv4 address of {len(value)} bytes")
+    return (ctypes.c_uint8 * 4).from_buffer_copy(value)
+
+
+def encode_key(key: FlowKey) -> SpliceKey:
+    """The map key for packets arriving as ``key`` = (saddr, sport, daddr, dport)."""
+    saddr, sport, daddr, dport = key
+    return SpliceKey(_addr(saddr), _addr(daddr), _port(sport), _port(dport))
+
+
+def encode(t: Translator, egress_ifindex: int) -> SpliceXlate:
+    """The map value that makes the program do what ``translate(t, ...)`` does.
+
+    Only a fully spliced direction can be offloaded: with ``ack_delta`` None
+    every segment carries the daemon's fixed ACK (thesis Fig. 5.1,
+    PRE_SPLICED), which is the daemon's business.  Counters start at zero.
+    """
+    if t.ack_delta is None:
+        raise ValueError("the reverse direction is not spliced yet (ack_delta is None)")
+    floor = t.tsecr_floor_in
+    return SpliceXlate(
+        saddr=_addr(t.src_addr),
+        daddr=_addr(t.dst_addr),
+        sport=_port(t.src_port),
+        dport=_port(t.dst_port),
+        seq_delta=t.seq_delta & _M32,
+        ack_delta=t.ack_delta & _M32,
+        tsval_delta=t.tsval_delta & _M32,
+        tsecr_delta=t.tsecr_delta & _M32,
+        tsecr_floor_in=(floor or 0) & _M32,
+        tsecr_floor_out=t.tsecr_floor_out & _M32,
+        fin_ack=0,
+        egress_ifindex=egress_ifindex,
+        out_mss=t.out_mss,
+        ts_mode=_TS_CODE[t.ts_mode],
+        has_tsecr_floor=floor is not None,
+        # translate() maps SACK only with an ack_delta, which is given here.
+        sack_map=bool(t.sack),
+        wnd_in_shift=t.wnd_in_shift,
+        wnd_out_shift=t.wnd_out_shift,
+        fin_watch=0,
+    )

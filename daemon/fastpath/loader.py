@@ -1,0 +1,467 @@
+"""Load the fast path's tc program, attach it, and fill its flow map.
+
+Read first: DESIGN.md "The kernel fast path for spliced flows" (why a tc
+program, where it attaches, the pitfalls), daemon/fastpath/splice.bpf.c
+(what the program does with an entry), daemon/fastpath/layout.py (the
+entry's layout).
+
+The program is attached at clsact *ingress* of the proxy namespace's
+external links, in the network namespace of the thread that calls
+``FastPath.open``.  The daemon installs one entry per direction of a splice
+once both directions are spliced (the entry needs an ``ack_delta``); from
+then on matching segments are rewritten and redirected in the kernel and
+never reach the TUN.  Everything else, and every segment the daemon must
+see (SYN/FIN/RST, options it does not know, the ACK of a FIN it relayed:
+``watch_fin_ack``), is punted into the normal path.
+
+Ownership.  ``close`` removes exactly what ``open`` made: its own filters
+(by handle and priority, which the kernel picked, so two instances never
+collide) and a clsact qdisc only where this instance created it and no other
+filter is left on it.  It does so in the namespace ``open`` ran in, whatever
+thread calls it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from daemon.fastpath import libbpf
+from daemon.fastpath.layout import (
+    MAX_FLOWS_DEFAULT,
+    FlowKey,
+    SpliceStats,
+    SpliceXlate,
+    encode,
+    encode_key,
+)
+
+if TYPE_CHECKING:
+    from daemon.splice.translator import Translator
+
+__all__ = [
+    "DEFAULT_OBJECT",
+    "TC_ACT_OK",
+    "TC_ACT_REDIRECT",
+    "TC_ACT_SHOT",
+    "FastPath",
+    "FastPathUnavailable",
+    "FlowKey",
+]
+
+# Built by `make fastpath` (never at run time), relative to the repository root.
+DEFAULT_OBJECT = Path(__file__).resolve().parents[2] / "build" / "fastpath" / "splice.bpf.o"
+PROGRAM = b"splice_ingress"
+FLOWS_MAP = b"splice_flows"
+STATS_MAP = b"splice_stats"
+
+TC_ACT_OK = 0
+TC_ACT_SHOT = 2
+TC_ACT_REDIRECT = 7
+
+# clsact's two pseudo-parents (TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS/EGRESS)).
+_CLSACT_PARENTS = (0xFFFFFFF2, 0xFFFFFFF3)
+_CLONE_NEWNET = 0x40000000
+_ENOTSUPP = 524  # the kernel's internal "not supported", as bpf(2) reports it
+_VERIFIER_LINES = 8
+
+
+class FastPathUnavailable(Exception):
+    """The fast path cannot run here; ``str()`` is a one-line reason for the log."""
+
+
+@dataclass(slots=True)
+class _Filter:
+    """One filter this instance attached (the kernel chose handle and priority)."""
+
+    ifindex: int
+    handle: int
+    priority: int
+    clsact: tuple[int, int, int] | None  # the key in _created, if one of ours
+
+
+# A clsact qdisc that a FastPath of this process created, keyed by (netns
+# device, netns inode, ifindex), with how many instances here attach to it:
+# the last of them to close removes it, whichever created it.  Filters of
+# other processes keep it alive too (_filters_left).
+_created: dict[tuple[int, int, int], int] = {}
+_created_lock = threading.Lock()
+
+
+class FastPath:
+    """A loaded splice program, its flow map, and the filters that run it."""
+
+    def __init__(self, obj: int, prog_fd: int, flows_fd: int, stats_fd: int) -> None:
+        """Use ``open`` or ``load_only``."""
+        self._obj: int | None = obj
+        self._prog_fd = prog_fd
+        self._flows_fd = flows_fd
+        self._stats_fd = stats_fd
+        self._filters: list[_Filter] = []
+        self._netns_fd: int | None = None
+        self._lock = threading.Lock()
+
+    # --- life cycle --------------------------------------------------------------
+
+    @classmethod
+    def load_only(
+        cls, *, obj_path: Path = DEFAULT_OBJECT, max_flows: int = MAX_FLOWS_DEFAULT
+    ) -> FastPath:
+        """Load the program and its maps without attaching (BPF_PROG_TEST_RUN, tests)."""
+        if not obj_path.is_file():
+            raise FastPathUnavailable(f"{obj_path} is missing: run `make fastpath`")
+        try:
+            lb = libbpf.lib()
+        except libbpf.LibbpfMissing as e:
+            raise FastPathUnavailable(str(e)) from None
+        with lb.capture_log() as messages:
+            obj = lb.object_open_file(str(obj_path).encode(), None)
+            if not obj:
+                err = ctypes.get_errno()
+                raise FastPathUnavailable(f"cannot open {obj_path}: {os.strerror(err)}")
+            try:
+                flows = lb.find_map_by_name(obj, FLOWS_MAP)
+                stats = lb.find_map_by_name(obj, STATS_MAP)
+                if not flows or not stats:
+                    raise FastPathUnavailable(f"{obj_path} has no {FLOWS_MAP.decode()} map")
+                ret = lb.map_set_max_entries(flows, max_flows)
+                if ret < 0:
+                    raise FastPathUnavailable(f"max_flows={max_flows}: {libbpf.strerror(ret)}")
+                ret = lb.object_load(obj)
+                if ret < 0:
+                    raise FastPathUnavailable(_load_failure(obj_path, ret, list(messages)))
+                prog = lb.find_program_by_name(obj, PROGRAM)
+                if not prog:
+                    raise FastPathUnavailable(f"{obj_path} has no {PROGRAM.decode()} program")
+                return cls(obj, lb.program_fd(prog), lb.map_fd(flows), lb.map_fd(stats))
+            except BaseException:
+                lb.object_close(obj)
+                raise
+
+    @classmethod
+    def open(
+        cls,
+        ifindexes: Sequence[int],
+        *,
+        obj_path: Path = DEFAULT_OBJECT,
+        max_flows: int = MAX_FLOWS_DEFAULT,
+    ) -> FastPath:
+        """Load the program and attach it at clsact ingress of each link.
+
+        Works in the calling thread's network namespace; a clsact qdisc is
+        created where missing (and remembered, so that ``close`` removes
+        only those).  On any failure nothing is left attached.
+        """
+        fp = cls.load_only(obj_path=obj_path, max_flows=max_flows)
+        try:
+            fp._netns_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            for ifindex in ifindexes:
+                fp._attach(ifindex)
+        except BaseException:
+            fp.close()
+            raise
+        return fp
+
+    def _attach(self, ifindex: int) -> None:
+        lb = libbpf.lib()
+        ns = os.stat("/proc/thread-self/ns/net")
+        key = (ns.st_dev, ns.st_ino, ifindex)
+        hook = _hook(ifindex, libbpf.BPF_TC_INGRESS)
+        with _created_lock:
+            ret = lb.tc_hook_create(ctypes.byref(hook))
+            if ret < 0 and ret != -errno.EEXIST:
+                raise FastPathUnavailable(
+                    f"clsact on ifindex {ifindex}: {libbpf.strerror(ret)}{_privilege_hint(ret)}"
+                )
+            if ret == 0:
+                _created[key] = 0
+            opts = libbpf.TcOpts(sz=ctypes.sizeof(libbpf.TcOpts), prog_fd=self._prog_fd)
+            ret = lb.tc_attach(ctypes.byref(hook), ctypes.byref(opts))
+            if ret < 0:
+                if _created.get(key) == 0:
+                    del _created[key]
+                    _destroy_clsact(ifindex)
+                raise FastPathUnavailable(
+                    f"attach to ifindex {ifindex}: {libbpf.strerror(ret)}{_privilege_hint(ret)}"
+                )
+            claim = None
+            if key in _created:
+                _created[key] += 1
+                claim = key
+        self._filters.append(_Filter(ifindex, opts.handle, opts.priority, claim))
+
+    def close(self) -> None:
+        """Detach this instance's filters, remove clsact where it made it, free the maps.
+
+        Idempotent.  Links that vanished meanwhile (their namespace removed)
+        are skipped silently: their filters went with them.
+        """
+        with self._lock:
+            filters, self._filters = self._filters, []
+            if filters and self._netns_fd is not None:
+                with _netns(self._netns_fd):
+                    for f in filters:
+                        _detach(f)
+            if self._netns_fd is not None:
+                os.close(self._netns_fd)
+                self._netns_fd = None
+            if self._obj is not None:
+                libbpf.lib().object_close(self._obj)
+                self._obj = None
+
+    def __enter__(self) -> FastPath:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def attached(self) -> list[tuple[int, int, int]]:
+        """(ifindex, handle, priority) of each filter this instance attached."""
+        return [(f.ifindex, f.handle, f.priority) for f in self._filters]
+
+    # --- the flow map ------------------------------------------------------------
+
+    def install(self, key: FlowKey, t: Translator, egress_ifindex: int) -> None:
+        """Offload the direction whose incoming packets carry ``key``; counters restart.
+
+        ``t`` must be fully spliced (``t.ack_delta`` not None), else ValueError.
+        """
+        value = encode(t, egress_ifindex)
+        self._update(key, value, libbpf.BPF_ANY)
+
+    def watch_fin_ack(self, key: FlowKey, fin_ack: int) -> None:
+        """Punt, from now on, every segment of ``key`` whose ACK field is >= ``fin_ack``.
+
+        For the ACK of a FIN the daemon relayed: only the daemon knows what
+        it closes.  Raises KeyError if ``key`` is not installed.  The value
+        is replaced whole (hash maps have no partial update), carrying the
+        counters read just before: packets counted by the program in
+        between, a syscall's worth at most, are lost from the statistics.
+        """
+        value = self._lookup(key)
+        if value is None:
+            raise KeyError(key)
+        value.fin_watch = 1
+        value.fin_ack = fin_ack & 0xFFFFFFFF
+        self._update(key, value, libbpf.BPF_EXIST)
+
+    def remove(self, key: FlowKey) -> tuple[int, int]:
+        """Stop offloading ``key``; its final (packets, payload bytes), (0, 0) if absent."""
+        lb = libbpf.lib()
+        k = encode_key(key)
+        value = SpliceXlate()
+        ret = lb.map_lookup_and_delete_elem(self._flows_fd, ctypes.byref(k), ctypes.byref(value))
+        if ret < 0 and libbpf.errno_of(ret) in (errno.EINVAL, errno.EOPNOTSUPP, _ENOTSUPP):
+            # Kernels before 5.14 cannot look up and delete a hash entry at once.
+            found = self._lookup(key)
+            if found is None:
+                return (0, 0)
+            lb.map_delete_elem(self._flows_fd, ctypes.byref(k))
+            return (found.packets, found.bytes)
+        if ret < 0:
+            if libbpf.errno_of(ret) == errno.ENOENT:
+                return (0, 0)
+            raise _os_error(ret, "remove")
+        return (value.packets, value.bytes)
+
+    def counters(self, key: FlowKey) -> tuple[int, int]:
+        """(packets, payload bytes) redirected for ``key`` so far; (0, 0) if absent."""
+        value = self._lookup(key)
+        return (0, 0) if value is None else (value.packets, value.bytes)
+
+    def global_stats(self) -> dict[str, int]:
+        """The program's global counters summed over CPUs, by their splice_map.h names."""
+        lb = libbpf.lib()
+        ncpus = lb.num_possible_cpus()
+        if ncpus <= 0:
+            raise _os_error(ncpus, "libbpf_num_possible_cpus")
+        per_cpu = (SpliceStats * ncpus)()
+        zero = ctypes.c_uint32(0)
+        ret = lb.map_lookup_elem(self._stats_fd, ctypes.byref(zero), ctypes.byref(per_cpu))
+        if ret < 0:
+            raise _os_error(ret, "splice_stats lookup")
+        names = [field[0] for field in SpliceStats._fields_]
+        return {name: sum(getattr(cpu, name) for cpu in per_cpu) for name in names}
+
+    def _lookup(self, key: FlowKey) -> SpliceXlate | None:
+        k = encode_key(key)
+        value = SpliceXlate()
+        ret = libbpf.lib().map_lookup_elem(self._flows_fd, ctypes.byref(k), ctypes.byref(value))
+        if ret < 0:
+            if libbpf.errno_of(ret) == errno.ENOENT:
+                return None
+            raise _os_error(ret, "lookup")
+        return value
+
+    def _update(self, key: FlowKey, value: SpliceXlate, flags: int) -> None:
+        k = encode_key(key)
+        ret = libbpf.lib().map_update_elem(
+            self._flows_fd, ctypes.byref(k), ctypes.byref(value), flags
+        )
+        if ret < 0:
+            if flags == libbpf.BPF_EXIST and libbpf.errno_of(ret) == errno.ENOENT:
+                raise KeyError(key)
+            raise _os_error(ret, "update")
+
+    # --- BPF_PROG_TEST_RUN ---------------------------------------------------------
+
+    def test_run(self, frame: bytes, *, gso_size: int = 0) -> tuple[int, bytes]:
+        """Run the program once on an Ethernet ``frame``: (tc verdict, frame after it).
+
+        ``gso_size`` makes the kernel's test skb a GSO one (its shinfo), as
+        veth delivers TSO traffic.  Map side effects (counters) are real.
+        """
+        verdict, out, _ns = self._run(frame, gso_size=gso_size, repeat=1)
+        return verdict, out
+
+    def time_run(self, frame: bytes, *, repeat: int = 100_000, gso_size: int = 0) -> int:
+        """The program's mean cost in ns over ``repeat`` runs on one skb.
+
+        The runs share one skb: after the first the frame is already
+        rewritten, so a caller measuring the rewrite installs the reverse
+        mapping too (the frame then bounces between the two entries).
+        """
+        return self._run(frame, gso_size=gso_size, repeat=repeat)[2]
+
+    def _run(self, frame: bytes, *, gso_size: int, repeat: int) -> tuple[int, bytes, int]:
+        data_in = ctypes.create_string_buffer(frame, len(frame))
+        data_out = ctypes.create_string_buffer(len(frame) + 256)
+        opts = libbpf.TestRunOpts(
+            sz=ctypes.sizeof(libbpf.TestRunOpts),
+            data_in=ctypes.cast(data_in, ctypes.c_void_p),
+            data_out=ctypes.cast(data_out, ctypes.c_void_p),
+            data_size_in=len(frame),
+            data_size_out=len(data_out),
+            repeat=repeat,
+        )
+        ctx = libbpf.SkbContext(gso_size=gso_size)
+        if gso_size:
+            opts.ctx_in = ctypes.cast(ctypes.pointer(ctx), ctypes.c_void_p)
+            opts.ctx_size_in = ctypes.sizeof(ctx)
+        ret = libbpf.lib().prog_test_run_opts(self._prog_fd, ctypes.byref(opts))
+        if ret < 0:
+            raise _os_error(ret, "BPF_PROG_TEST_RUN")
+        return opts.retval, data_out.raw[: opts.data_size_out], opts.duration
+
+
+# --- helpers ---------------------------------------------------------------------
+
+
+def _hook(ifindex: int, attach_point: int) -> libbpf.TcHook:
+    return libbpf.TcHook(
+        sz=ctypes.sizeof(libbpf.TcHook), ifindex=ifindex, attach_point=attach_point
+    )
+
+
+def _detach(f: _Filter) -> None:
+    lb = libbpf.lib()
+    hook = _hook(f.ifindex, libbpf.BPF_TC_INGRESS)
+    opts = libbpf.TcOpts(sz=ctypes.sizeof(libbpf.TcOpts), handle=f.handle, priority=f.priority)
+    with _created_lock:
+        # ENOENT/ENODEV/EINVAL: the filter or the link is gone already.
+        lb.tc_detach(ctypes.byref(hook), ctypes.byref(opts))
+        if f.clsact is None:
+            return
+        _created[f.clsact] -= 1
+        if _created[f.clsact] == 0:
+            del _created[f.clsact]
+            if not _filters_left(f.ifindex):
+                _destroy_clsact(f.ifindex)
+
+
+def _destroy_clsact(ifindex: int) -> None:
+    # Both attach points at once means "the qdisc"; INGRESS alone would
+    # mean "every ingress filter", other owners' included.
+    hook = _hook(ifindex, libbpf.BPF_TC_INGRESS | libbpf.BPF_TC_EGRESS)
+    libbpf.lib().tc_hook_destroy(ctypes.byref(hook))
+
+
+def _filters_left(ifindex: int) -> bool:
+    """Whether any tc filter (another owner's) remains on the link's clsact."""
+    from pyroute2 import IPRoute  # netlink dumps; libbpf has no call for them
+
+    try:
+        with IPRoute() as ipr:
+            return any(
+                msg.get("kind") is not None
+                for parent in _CLSACT_PARENTS
+                for msg in ipr.get_filters(index=ifindex, parent=parent)
+            )
+    except Exception:
+        return True  # when in doubt leave the qdisc: an empty clsact is harmless
+
+
+@contextmanager
+def _netns(fd: int) -> Iterator[None]:
+    """Run the body in the network namespace ``fd`` (this thread only), then come back."""
+    target = os.fstat(fd)
+    here = os.stat("/proc/thread-self/ns/net")
+    if (target.st_dev, target.st_ino) == (here.st_dev, here.st_ino):
+        yield
+        return
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(fd)
+        try:
+            yield
+        finally:
+            _setns(home)
+    finally:
+        os.close(home)
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _setns(fd: int) -> None:
+    # Python 3.11 has no os.setns.
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def _os_error(ret: int, what: str) -> OSError:
+    err = libbpf.errno_of(ret)
+    return OSError(err, f"splice fast path {what}: {os.strerror(err)}")
+
+
+def _privilege_hint(ret: int) -> str:
+    if libbpf.errno_of(ret) == errno.EPERM:
+        return " (needs root, or CAP_BPF and CAP_NET_ADMIN)"
+    return ""
+
+
+def _load_failure(obj_path: Path, ret: int, messages: list[str]) -> str:
+    """One line: why the kernel refused the object, with the verifier's last words."""
+    err = libbpf.errno_of(ret)
+    if err == errno.EPERM:
+        return f"loading {obj_path.name}: {os.strerror(err)}{_privilege_hint(ret)}"
+    log: list[str] = []
+    inside = False
+    for line in messages:
+        if "BEGIN PROG LOAD LOG" in line:
+            inside, log = True, []
+        elif "END PROG LOAD LOG" in line:
+            inside = False
+        elif inside and line.strip():
+            log.append(line.strip())
+    tail = log[-_VERIFIER_LINES:] or [m.strip() for m in messages[-3:] if m.strip()]
+    return f"the kernel refused {obj_path.name} ({os.strerror(err)}): {' | '.join(tail)}"
