@@ -4,11 +4,11 @@
 # NFQUEUE hook of link shaping; iperf3: bulk baselines; microsocks and
 # dante-server: real SOCKS servers the experiments compare against.
 # clang, libbpf-dev: `make fastpath` (the tc eBPF program); gcc: the test that
-# checks the map layout's C side.
+# checks the map layout's C side; ethtool: the fast path's checksum test.
 set -euo pipefail
 declare -A need=(
   [curl]=curl [tcpdump]=tcpdump [iptables]=iptables [iperf3]=iperf3
-  [microsocks]=microsocks [danted]=dante-server [clang]=clang [gcc]=gcc
+  [microsocks]=microsocks [danted]=dante-server [clang]=clang [gcc]=gcc [ethtool]=ethtool
 )
 missing=()
 for cmd in "${!need[@]}"; do
