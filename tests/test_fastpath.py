@@ -22,6 +22,7 @@ import secrets
 import shutil
 import socket
 import struct
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -799,3 +800,51 @@ def test_real_tcp_crosses_the_program_intact(
         conn.close()
         listener.close()
         fp.close()
+
+
+BAD_PROGRAM = """
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "splice_map.h"
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 1);
+    __type(key, struct splice_key);
+    __type(value, struct splice_xlate);
+} splice_flows SEC(".maps");
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct splice_stats);
+} splice_stats SEC(".maps");
+SEC("tc")
+int splice_ingress(struct __sk_buff *skb)
+{
+    return *(unsigned char *)(long)skb->data; /* no bounds check */
+}
+char LICENSE[] SEC("license") = "Dual MIT/GPL";
+"""
+
+
+def test_a_refused_program_names_the_verifiers_reason(tmp_path: Path) -> None:
+    clang = shutil.which("clang")
+    if clang is None:
+        pytest.fail("clang is missing: run `make sysdeps`")
+    src = tmp_path / "bad.bpf.c"
+    src.write_text(BAD_PROGRAM)
+    obj = tmp_path / "bad.bpf.o"
+    multiarch = subprocess.run(["gcc", "-print-multiarch"], capture_output=True, text=True)
+    build = subprocess.run(
+        [clang, "-O2", "-g", "-target", "bpf", f"-I/usr/include/{multiarch.stdout.strip()}",
+         f"-I{DEFAULT_OBJECT.parents[2] / 'daemon' / 'fastpath'}", "-c", str(src), "-o", str(obj)],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    with pytest.raises(FastPathUnavailable) as refused:
+        FastPath.load_only(obj_path=obj)
+    reason = str(refused.value)
+    assert "\n" not in reason
+    assert reason.startswith("the verifier refused bad.bpf.o: ")
+    assert "invalid access to packet" in reason

@@ -182,6 +182,8 @@ class _Lib:
         set_print(self._print_cb)
 
     def _on_print(self, level: int, fmt: bytes | None, args: int | None) -> int:
+        if fmt is None:
+            return 0
         buf = ctypes.create_string_buffer(4096)
         n: int = self._vsnprintf(buf, len(buf), fmt, args)
         text = buf.value.decode(errors="replace").rstrip("\n")

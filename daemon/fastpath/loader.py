@@ -463,5 +463,7 @@ def _load_failure(obj_path: Path, ret: int, messages: list[str]) -> str:
             inside = False
         elif inside and line.strip():
             log.append(line.strip())
-    tail = log[-_VERIFIER_LINES:] or [m.strip() for m in messages[-3:] if m.strip()]
-    return f"the kernel refused {obj_path.name} ({os.strerror(err)}): {' | '.join(tail)}"
+    if log:
+        return f"the verifier refused {obj_path.name}: {' | '.join(log[-_VERIFIER_LINES:])}"
+    tail = [m.strip() for m in messages[-3:] if m.strip()]
+    return f"loading {obj_path.name} failed ({os.strerror(err)}): {' | '.join(tail)}"
