@@ -27,7 +27,7 @@ def best_ns(fn: Callable[[], object], number: int) -> float:
     return min(timeit.repeat(fn, number=number, repeat=5)) / number * 1e9
 
 
-def translator(offload: bool, ts_mode: TsMode = TsMode.MAP, window_shift: int = 0) -> Translator:
+def translator(offload: bool, ts_mode: TsMode = TsMode.MAP, wnd_in_shift: int = 0) -> Translator:
     return Translator(
         src_addr=DAEMON_OUT,
         dst_addr=SERVER,
@@ -40,7 +40,8 @@ def translator(offload: bool, ts_mode: TsMode = TsMode.MAP, window_shift: int = 
         tsval_delta=1000,
         tsecr_delta=-1000,
         sack=True,
-        window_shift=window_shift,
+        wnd_in_shift=wnd_in_shift,
+        wnd_out_shift=0,
         out_mss=1448,
         offload=offload,
     )
@@ -77,7 +78,7 @@ def main() -> None:
         ("offload 64 KB GSO, TS", case(off, 65000, ts, gso)),
         ("offload 64 KB GSO, TS+3 SACK", case(off, 64972, ts_sack, gso_sack)),
         ("offload 64 KB GSO, TS strip", case(translator(True, TsMode.STRIP), 65000, ts, gso)),
-        ("offload 64 KB GSO, TS, wscale 7", case(translator(True, window_shift=7), 65000, ts, gso)),
+        ("offload 64 KB GSO, TS, wscale 7", case(translator(True, wnd_in_shift=7), 65000, ts, gso)),
         ("plain    1448 B, TS", case(plain, 1448, ts, None)),
         ("plain    1448 B, TS+3 SACK", case(plain, 1420, ts_sack, None)),
         ("plain    4000 B, TS (split in 3)", case(plain, 4000, ts, None)),

@@ -230,7 +230,7 @@ class Translator:
 
 
 class SegmentInfo(NamedTuple):
-    """The fixed-offset fields of an IPv4/TCP packet (a tuple: cheap to make)."""
+    """The fixed-offset fields of an IPv4/TCP packet, from one unpack (a tuple: cheap)."""
 
     ip_header_len: int
     tcp_header_len: int
@@ -241,65 +241,74 @@ class SegmentInfo(NamedTuple):
     payload_len: int
     src_port: int
     dst_port: int
+    tos: int
+    total: int
+    ident: int
+    frag: int
+    offset_byte: int  # data offset and the reserved/AE bits
+    checksum: int
+    urgent: int
 
 
 def peek(packet: memoryview) -> SegmentInfo | None:
     """The header fields of an IPv4/TCP packet, or None if it is not a well-formed one.
 
     Checks lengths, version, protocol and that it is not a fragment; does not
-    verify checksums or parse options.
+    verify checksums or parse options.  ``translate`` takes the result, so
+    a relayed packet's headers are unpacked once.
     """
     n = len(packet)
     if n < 40:
         return None
-    vihl, _tos, total, _ident, ff, _ttl, proto = _IP_HEAD.unpack_from(packet)
-    ihl = (vihl & 0x0F) * 4
-    if vihl >> 4 != 4 or ihl < 20 or proto != _PROTO_TCP or ff & _FRAG_BITS:
+    (vihl, tos, total, ident, ff, _ttl, proto, sport, dport, seq, ack, off, flags, window, csum,
+     urg) = _IN.unpack_from(packet)  # fmt: skip
+    if proto != _PROTO_TCP or ff & _FRAG_BITS or total > n:
         return None
-    if total > n or total < ihl + 20:
-        return None
-    sport, dport, seq, ack, off, flags, window, _csum, _urg = _TCP.unpack_from(packet, ihl)
+    ihl = 20
+    if vihl != 0x45:
+        ihl = (vihl & 0x0F) * 4
+        if vihl >> 4 != 4 or ihl < 20 or total < ihl + 20:
+            return None
+        sport, dport, seq, ack, off, flags, window, csum, urg = _TCP.unpack_from(packet, ihl)
     doff = (off >> 4) * 4
     if doff < 20 or ihl + doff > total:
         return None
-    return SegmentInfo(ihl, doff, flags, seq, ack, window, total - ihl - doff, sport, dport)
+    return SegmentInfo(
+        ihl, doff, flags, seq, ack, window, total - ihl - doff, sport, dport,
+        tos, total, ident, ff, off, csum, urg,
+    )  # fmt: skip
 
 
 def translate(
-    t: Translator, vnet: VnetHeader | None, packet: memoryview
+    t: Translator,
+    vnet: VnetHeader | None,
+    packet: memoryview,
+    info: SegmentInfo | None = None,
 ) -> list[tuple[bytes | None, memoryview | bytearray]]:
     """Rewrite ``packet`` in place for the output connection; return what to write.
 
     ``packet`` is a writable view of one IPv4 packet (it may extend past the
-    total length: the rest is ignored) and ``vnet`` its virtio_net_hdr in
-    offload mode.  Returns ``(vnet_header_bytes_or_None, packet)`` pairs for
-    the TUN, one unless plain mode had to cut the payload to ``out_mss``;
-    ``[]`` when the packet is malformed (drop it).
+    total length: the rest is ignored), ``vnet`` its virtio_net_hdr in
+    offload mode and ``info`` what ``peek`` said of it (peeked here if not
+    given).  Returns ``(vnet_header_bytes_or_None, packet)`` pairs for the
+    TUN, one unless plain mode had to cut the payload to ``out_mss``; ``[]``
+    when the packet is malformed (drop it).
     """
-    n = len(packet)
-    if n < 40:
-        return []
-    (vihl, tos, total, ident, ff, _ttl, proto, _sport, _dport, seq, ack, off, flags, window, csum,
-     urg) = _IN.unpack_from(packet)  # fmt: skip
-    if total > n or proto != _PROTO_TCP or ff & _FRAG_BITS:
-        return []
-    if vihl != 0x45:
-        ihl = (vihl & 0x0F) * 4
-        if vihl >> 4 != 4 or ihl < 20 or total < ihl + 20:
+    if info is None:
+        info = peek(packet)
+        if info is None:
             return []
-        if ihl > 20:
-            # 5.2.1: IP options are removed.  Rare (Linux never sends them
-            # on TCP), so the segment is moved down by a memmove, which is a
-            # pass over the payload.  Bytes 12..20 (the old addresses, which
-            # the plain-mode checksum update needs) are left in place.
-            packet[20 : total - ihl + 20] = packet[ihl:total]
-            total -= ihl - 20
-            _sport, _dport, seq, ack, off, flags, window, csum, urg = _TCP.unpack_from(packet, 20)
-    doff = (off >> 4) * 4
+    (ihl, doff, flags, seq, ack, window, payload_len, _sport, _dport, tos, total, ident, ff, off,
+     csum, urg) = info  # fmt: skip
+    if ihl > 20:
+        # 5.2.1: IP options are removed.  Rare (Linux never sends them on
+        # TCP), so the segment is moved down by a memmove, which is a pass
+        # over the payload.  Bytes 12..20 (the old addresses, which the
+        # plain-mode checksum update needs) are left in place.
+        packet[20 : total - ihl + 20] = packet[ihl:total]
+        total -= ihl - 20
     hlen = 20 + doff
-    if doff < 20 or hlen > total:
-        return []
-    if total < n:
+    if total < len(packet):
         packet = packet[:total]
     plain = not t.offload
     # A sum mod 0xFFFF is the ones'-complement sum up to the two zeros
@@ -358,7 +367,6 @@ def translate(
     tos &= 0xFC  # RFC 3168 5: ECN codepoint to Not-ECT
     flags &= _KEEP_FLAGS
     tcp_len = total - 20
-    payload_len = tcp_len - doff
 
     if plain:
         # The checksum field keeps its old value through the pack, so that
