@@ -206,6 +206,7 @@ class TcpConnection:
     _force_send: bool = field(init=False, default=False)
     _readable_signalled: bool = field(init=False, default=False)
     _send_blocked: bool = field(init=False, default=False)
+    frozen: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         c = self.config
@@ -379,6 +380,66 @@ class TcpConnection:
             self._out.append(self._make(self.snd_max, RST, b"", None))
         if st is not CLOSED:
             self._enter_closed(None)
+
+    # ------------------------------------------------------------- splice
+
+    def freeze(self) -> bytes:
+        """Thesis 4.1 ``splice``: receive no more text; return what was never read.
+
+        From now on the caller gives this TCB only the acknowledgment part of
+        the segments that arrive (``on_ack``); their text and FIN are the
+        relay's.  RCV.NXT therefore stays where it is: every segment this TCB
+        still sends acknowledges exactly what it received, which is the
+        relay's base point for this side (daemon/splice/session.py).
+        """
+        self.frozen = True
+        self.delack_deadline = None
+        self._ack_now = False
+        return self.recv_buf.read(len(self.recv_buf))
+
+    def on_ack(
+        self,
+        seq: int,
+        ack: int,
+        window: int,
+        flags: int,
+        has_text: bool,
+        timestamp: tuple[int, int] | None,
+        now: float,
+    ) -> None:
+        """The acknowledgment of a segment that arrived while frozen.
+
+        RFC 9293 3.10.7.4 fifth step only (a frozen TCB receives no text):
+        new ACKs free the send buffer and drive retransmission, duplicate ACKs
+        count only for segments without text (RFC 5681 2: the peer's relayed
+        data segments repeat SND.UNA without being duplicates), and the
+        window updates with the segment's real SEQ in the WL1/WL2 test.
+        PAWS (RFC 7323 5.3) still discards an old duplicate.
+        """
+        if self.state is CLOSED or not flags & ACK or flags & (SYN | RST):
+            return
+        if self.ts_ok and timestamp is not None:
+            if seq_lt(timestamp[0], self.ts_recent):
+                self.stats.paws_drops += 1
+                return
+            # RFC 7323 4.3 would take TSval only from a segment at RCV.NXT;
+            # frozen, RCV.NXT never moves, and the newest TSval is the one the
+            # peer's RTT measurement needs echoed.
+            self.ts_recent = timestamp[0]
+        self.stats.segments_received += 1
+        self._ack_field(seq, ack, window, flags, has_text, now)
+        self._ack_now = False  # nothing was received that needs an ACK
+
+    def all_acked(self) -> bool:
+        """Everything queued, data and a requested FIN, is sent and acknowledged."""
+        if len(self.send_buf) or self.snd_una != self.snd_max:
+            return False
+        return not self._fin_requested or self.snd_una == (self._fin_seq + 1) & MASK
+
+    @property
+    def peer_closed(self) -> bool:
+        """The peer's FIN has arrived in order (CLOSE-WAIT and the states after it)."""
+        return self.state in (CLOSE_WAIT, LAST_ACK, CLOSING, TIME_WAIT)
 
     # -------------------------------------------------------------- timers
 
@@ -616,6 +677,11 @@ class TcpConnection:
 
     def _process_ack(self, seg: TcpSegment, ack: int, now: float) -> bool:
         """RFC 9293 3.10.7.4 fifth step for synchronized states; False = drop segment."""
+        return self._ack_field(seg.seq, ack, seg.window, seg.flags, bool(seg.payload), now)
+
+    def _ack_field(
+        self, seq: int, ack: int, window: int, flags: int, has_text: bool, now: float
+    ) -> bool:
         snd_una = self.snd_una
         if seq_gt(ack, self.snd_max):
             self._ack_now = True  # acks something not yet sent: ACK and drop
@@ -623,15 +689,15 @@ class TcpConnection:
         if seq_lt(ack, (snd_una - self.max_snd_wnd) & MASK):
             self._challenge_ack()  # RFC 5961 5.2: too old to be real
             return False
-        wnd = seg.window << self.snd_wscale if not seg.flags & SYN else seg.window
+        wnd = window << self.snd_wscale if not flags & SYN else window
         if ack != snd_una and seq_gt(ack, snd_una):
             self._on_new_ack(ack, now)
         elif ack == snd_una:
             # RFC 5681 2: a duplicate ACK carries no data, no SYN/FIN, does not
             # move the window and arrives while data is outstanding.
             if (
-                not seg.payload
-                and not seg.flags & (SYN | FIN)
+                not has_text
+                and not flags & (SYN | FIN)
                 and wnd == self.snd_wnd
                 and self.snd_max != snd_una
                 and self.persist_deadline is None
@@ -644,7 +710,6 @@ class TcpConnection:
         else:
             return True  # an old ACK: ignore the field, keep the text
         # Window update, guarded by WL1/WL2 against old segments (RFC 9293 3.10.7.4).
-        seq = seg.seq
         if seq_lt(self.snd_wl1, seq) or (self.snd_wl1 == seq and seq_le(self.snd_wl2, ack)):
             self.snd_wnd = wnd
             self.snd_wl1 = seq
@@ -837,7 +902,7 @@ class TcpConnection:
             opts.wscale = c.rcv_wscale
             opts.sack_permitted = c.sack
             if c.timestamps:
-                opts.timestamp = (self._ts_now(now), 0)
+                opts.timestamp = (self.ts_now(now), 0)
             ack = 0
         else:
             # RFC 7323 1.3 / RFC 2018 2: answer only options the peer offered.
@@ -846,7 +911,7 @@ class TcpConnection:
                 opts.wscale = self.rcv_wscale
             opts.sack_permitted = self.sack_ok
             if self.ts_ok:
-                opts.timestamp = (self._ts_now(now), self.ts_recent)
+                opts.timestamp = (self.ts_now(now), self.ts_recent)
             ack = self.rcv_nxt
             self.rcv_adv = (self.rcv_nxt + window) & MASK
             self.last_ack_sent = ack
@@ -941,7 +1006,7 @@ class TcpConnection:
         if flags & RST:
             return TcpSegment(self.local[1], self.remote[1], seq, 0, flags, 0, opts)
         if self.ts_ok and now is not None:
-            opts.timestamp = (self._ts_now(now), self.ts_recent)
+            opts.timestamp = (self.ts_now(now), self.ts_recent)
         if self.sack_ok and self.ooo:
             opts.sack_blocks = self.ooo.sack_blocks(3 if self.ts_ok else 4)
         ack = self.rcv_nxt
@@ -968,6 +1033,7 @@ class TcpConnection:
         self.rcv_adv = (self.rcv_nxt + (field_ << shift)) & MASK
         return field_
 
-    def _ts_now(self, now: float) -> int:
+    def ts_now(self, now: float) -> int:
+        """The TSval this connection would send at ``now``."""
         # RFC 7323 5.4: a 1 ms clock with a random per-connection offset.
         return (int(now * 1000) + self.ts_offset) & MASK
