@@ -244,11 +244,13 @@ class FastPath:
         value = encode(t, egress_ifindex)
         self._update(key, value, libbpf.BPF_ANY)
 
-    def watch_fin_ack(self, key: FlowKey, fin_ack: int) -> None:
+    def watch_fin_ack(self, key: FlowKey, fin_ack: int | None) -> None:
         """Punt, from now on, every segment of ``key`` whose ACK field is >= ``fin_ack``.
 
         For the ACK of a FIN the daemon relayed: only the daemon knows what
-        it closes.  Raises KeyError if ``key`` is not installed.  The value
+        it closes.  ``None`` ends the watch once that ACK was seen (a
+        half-closed splice keeps carrying the other direction in the
+        kernel).  Raises KeyError if ``key`` is not installed.  The value
         is replaced whole (hash maps have no partial update), carrying the
         counters read just before: packets counted by the program in
         between, a syscall's worth at most, are lost from the statistics.
@@ -256,8 +258,8 @@ class FastPath:
         value = self._lookup(key)
         if value is None:
             raise KeyError(key)
-        value.fin_watch = 1
-        value.fin_ack = fin_ack & 0xFFFFFFFF
+        value.fin_watch = 0 if fin_ack is None else 1
+        value.fin_ack = 0 if fin_ack is None else fin_ack & 0xFFFFFFFF
         self._update(key, value, libbpf.BPF_EXIST)
 
     def remove(self, key: FlowKey) -> tuple[int, int]:

@@ -122,22 +122,13 @@ class Conn:
     tcp_gone: bool = False  # TCB closed; draining what is left to the proxy
     to_proxy: int = 0  # bytes written into the proxy's fd
     from_proxy: int = 0  # bytes read from the proxy's fd
-    # Splice (daemon/io/splicer.py).
+    outbox: deque[bytes] = field(default_factory=deque)  # proxy bytes not yet in the TCB
+    # Splice (daemon/io/splicer.py, daemon/splice/relay.py).
     splice: Splice | None = None
     is_client: bool = True  # the client side of its splice
     reserved_id: int | None = None  # server side: the id intend_splice handed out
     hold_rx: bool = False  # deliver nothing more to the proxy (thesis 4.1)
-    frozen: bool = False  # splice() called: incoming segments go to the splicer
-    silent: bool = False  # the TCB drained after splice() and speaks no more
-    reclaimed: bytes = b""  # taken from the TCB for the proxy, never delivered
-    outbox: deque[bytes] = field(default_factory=deque)  # bytes for the TCB after splice()
-    outbox_fin: bool = False  # FIN after the outbox
-    fin_queued: bool = False
-    len_remaining: int = 0  # client side: bytes the proxy may still write (splice len)
-    rs_pending: bytes | None = None  # server bytes for the client, after the len bytes
-    rs_fin: bool = False
-    proxy_discarded: int = 0  # bytes written against the rules after splice (dropped)
-    misuse_reported: bool = False
+    frozen: bool = False  # splice() called: the relay owns the TCB and the 4-tuple
     close_pending: bool = False  # API close: close the TCB once the outbox is sent
 
     @property
@@ -234,9 +225,11 @@ class Daemon:
     def terminate(self) -> None:
         """Abort every connection (RST to the peers), close the API, the TUN."""
         self.stopping = True
+        now = time.monotonic()
+        self.splicer.terminate(now)
         for conn in list(self.flows.values()):
             conn.tcp.abort()
-            self._emit_output(conn, time.monotonic())
+            self._emit_output(conn, now)
             self._free(conn)
         self.api.close()
         self.sel.close()
@@ -288,11 +281,11 @@ class Daemon:
             and not _FRAG.unpack_from(pkt, 6)[0] & 0x3FFF
         ):
             sport, dport = _PORTS.unpack_from(pkt, 20)
-            conn = self.flows.get((bytes(pkt[16:20]), dport, bytes(pkt[12:16]), sport))
-            if conn is not None and conn.frozen:
+            hit = self.splicer.flows.get((bytes(pkt[16:20]), dport, bytes(pkt[12:16]), sport))
+            if hit is not None:
                 if vnet.gso_size:
                     self.counters["gso_in"] += 1
-                if self.splicer.on_packet(conn, vnet, pkt, now):
+                if self.splicer.on_packet(hit[0], hit[1], vnet, pkt, now):
                     return
         if not pkt or pkt[0] >> 4 != 4:
             self.counters["not_ipv4"] += 1
@@ -322,15 +315,15 @@ class Daemon:
         payload = ip.payload
         if len(payload) >= 4:
             sport, dport = _PORTS.unpack_from(payload)
-            conn = self.flows.get((dst, dport, src, sport))
-            if conn is not None and conn.frozen:
+            hit = self.splicer.flows.get((dst, dport, src, sport))
+            if hit is not None:
                 # Spliced: verify (unless the kernel vouches), then relay as is.
                 if verify and internet_checksum(
                     payload, pseudo_header_sum(src, dst, PROTO_TCP, len(payload))
                 ):
                     self.counters["bad_checksum"] += 1
                     return
-                if self.splicer.on_packet(conn, vnet, pkt, now):
+                if self.splicer.on_packet(hit[0], hit[1], vnet, pkt, now):
                     return
         try:
             seg = parse_tcp(payload, src, dst, verify_checksum=verify)
@@ -338,7 +331,7 @@ class Daemon:
             self.counters["bad_checksum" if "checksum" in str(exc) else "malformed"] += 1
             return
         conn = self.flows.get((dst, seg.dst_port, src, seg.src_port))
-        if conn is not None and not conn.frozen and conn.tcp.reopens_with(seg):
+        if conn is not None and conn.tcp.reopens_with(seg):
             self._free(conn)  # RFC 6191: TIME-WAIT ends, the SYN goes to the listener
             conn = None
         if conn is not None:
@@ -402,6 +395,13 @@ class Daemon:
         if seg.flags & 0x04:
             self.counters["resets_sent"] += 1
 
+    def tun_write(self, hdr: bytes | None, pkt: memoryview | bytearray | bytes) -> None:
+        """A relayed packet out; a full TUN queue drops it like a wire would."""
+        try:
+            self.tun.write(hdr, pkt)
+        except BlockingIOError:
+            self.counters["tun_write_drops"] += 1
+
     def _emit_output(self, conn: Conn, now: float) -> None:
         tcp = conn.tcp
         for seg in tcp.poll_output(now):
@@ -425,9 +425,9 @@ class Daemon:
     def _service(self, conn: Conn, now: float) -> None:
         tcp = conn.tcp
         if conn.frozen:
+            # The relay drives the TCB; the pump only watches the proxy's fd.
             if conn.sock is not None:
                 self._pump_in(conn)
-            self.splicer.service(conn, now)
             if conn.sock is not None:
                 self._update_interest(conn)
             return
@@ -519,7 +519,8 @@ class Daemon:
             self.splicer.conn_freed(conn)
         conn.timer.cancel()
         conn.connect_timer.cancel()
-        self.flows.pop(conn.key, None)
+        if self.flows.get(conn.key) is conn:
+            del self.flows[conn.key]
         self._drop_socket(conn)
         if conn.id is not None and self.conns.pop(conn.id, None) is not None:
             self.api.forget(ObjectKind.CONN, conn.id)
@@ -854,7 +855,8 @@ class Daemon:
             port = lo + (start + step) % span
             if (local_addr, port) in self.listeners:
                 continue
-            if remote is None or (local_addr, port, remote[0], remote[1]) not in self.flows:
+            flow = (local_addr, port, remote[0], remote[1]) if remote is not None else None
+            if flow is None or (flow not in self.flows and flow not in self.splicer.flows):
                 self._port_cursor[key] = (start + step + 1) % span
                 return port
         raise ApiError(ErrorCode.ELIMIT, "no free local port")
@@ -934,7 +936,7 @@ class Daemon:
                 "connections": len(self.flows),
                 "listeners": len(self.listeners),
                 "counters": dict(self.counters),
-                "splice_counters": dict(self.splicer.counters),
+                "splice_counters": self.splicer.counters.as_dict(),
                 "splices": self.splicer.stats(),
             }
         c = self._conn(conn)
@@ -960,7 +962,7 @@ class Daemon:
             "splice_state": (
                 None
                 if c.splice is None
-                else c.splice.pair.state(Iface.CLIENT if c.is_client else Iface.SERVER).name
+                else c.splice.relay.pair.state(Iface.CLIENT if c.is_client else Iface.SERVER).name
             ),
             "options": {
                 "wscale": [t.snd_wscale, t.rcv_wscale] if t.wscale_ok else None,

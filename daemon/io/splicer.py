@@ -1,55 +1,51 @@
-"""The splice relay's I/O side: intend_splice / splice, freezing, queues, relaying.
+"""The splice relay's I/O glue: API ops, the spliced flow table, actions carried out.
 
-Theory of operation
--------------------
-``intend_splice(client)`` (thesis 4.1) stops delivering the client's bytes
-to the proxy: they stay in the client TCB, acknowledged, and will cross to
-the server.  It reserves the server-side connection id and derives its TCP
-options from the client connection (thesis 5.4): MSS = the client's MSS,
-receive window scale = the client's own scale, timestamps and SACK offered.
-``connect`` then opens it like any connection (splice state CLOSE ->
-ESTABLISHED).
+The rules of a splice live in daemon/splice/relay.py (sans-I/O, one
+``Relay`` per splice).  This module is what the daemon needs around it:
 
-``splice(client, server, len)`` *freezes* both receive sides: from then on
-segments arriving on either connection are not processed as data by the
-TCBs.  What the TCBs had received crosses over as ordinary data: the client
-TCB's unread bytes are sent by the server TCB, the server TCB's unread bytes
-by the client TCB after the ``len`` bytes the proxy still writes (the SOCKS
-reply).  Each TCB keeps receiving the *acknowledgment* part of incoming
-segments (a zero-length copy at its own rcv_nxt) until everything it sent
-is acknowledged; then it falls silent and its interface goes PRE_SPLICED ->
-SPLICED, which fixes that side's base point (daemon/splice/session.py) and
-flushes the segments queued toward it.  From then on a segment costs one
-flow-table lookup, ``translate`` (a rewrite of the headers in the read
-buffer) and one write.
+* the API ops of thesis 4.1 (``intend_splice``, the server side's
+  ``connect``, ``splice``), checking what the proxy asked against the state
+  of its connections;
+* the *spliced flow table*: after ``splice()`` both connections' 4-tuples
+  map to the splice and the interface, so the daemon's TUN input hands their
+  segments to the relay without building any object;
+* carrying out the relay's actions: writes to the TUN, a draining TCB's
+  segments and timer, the TIMEWAIT timer, the teardown, and the fast path
+  (daemon/fastpath) when it runs.
 
-Teardown follows Fig. 5.1 (daemon/splice/state.py): a relayed FIN and its
-ACK give FIN_RELAYED then SHUTDOWN per interface, both SHUTDOWN give
-TIMEWAIT, and 2MSL later the pair is forgotten, after which segments of
-either connection get a RST from the daemon (RFC 9293 3.10.7.1).  A RST from
-either side is relayed and tears the splice down at once.
+A ``Splice`` is the glue of one relay: the daemon's two ``Conn`` objects
+(they own the proxy's socketpair ends and the API ids) and the timers.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Protocol
 
 from daemon.api.core import ApiError, Done, Result
 from daemon.api.protocol import Address, ErrorCode
 from daemon.io.timers import Timer
-from daemon.splice.session import TS_MARGIN, Side, SpliceSession
-from daemon.splice.state import Event, Iface, SplicePair, SpliceState, Transition
-from daemon.splice.translator import SegmentInfo, peek, translate
-from daemon.tcp.config import TcpConfig
-from daemon.tcp.events import TcpEvent
-from daemon.tcp.seq import seq_ge
+from daemon.splice.relay import (
+    Action,
+    ArmTimer,
+    ArmTimewait,
+    Emit,
+    InstallFastPath,
+    ProxyMisuse,
+    Relay,
+    RelayCounters,
+    Reopen,
+    TearDown,
+    WatchFinAck,
+    Write,
+)
+from daemon.splice.state import Iface, SpliceState
+from daemon.splice.translator import Translator
 from daemon.tcp.state import TcpState
-from daemon.wire.error import WireError
-from daemon.wire.tcp import ACK, FIN, RST, SYN, TcpOptions, TcpSegment, parse_tcp
 from daemon.wire.vnet import VnetHeader
 
 if TYPE_CHECKING:
@@ -57,44 +53,57 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("daemon.splice")
 
-MASK = 0xFFFFFFFF
-QUEUE_LIMIT = 8 << 20  # bytes of segments held per splice while a side drains
 CLIENT, SERVER = Iface.CLIENT, Iface.SERVER
 
+# The daemon's flow key: local address, local port, remote address, remote port.
+LocalKey = tuple[bytes, int, bytes, int]
+# Relay keys (and the fast path's) are of *arriving* segments: remote first.
+RelayKey = tuple[bytes, int, bytes, int]
 
-@dataclass(eq=False)
+
+class FastPathPort(Protocol):
+    """What the splicer needs of daemon.fastpath.FastPath (a fake in tests)."""
+
+    def install(self, key: RelayKey, t: Translator, egress_ifindex: int) -> None: ...
+
+    def watch_fin_ack(self, key: RelayKey, fin_ack: int | None) -> None: ...
+
+    def remove(self, key: RelayKey) -> tuple[int, int]: ...
+
+    def counters(self, key: RelayKey) -> tuple[int, int]: ...
+
+
+@dataclass(slots=True, eq=False)
 class Splice:
-    """One splice from intend_splice until it is forgotten."""
+    """One splice from intend_splice until it is forgotten: the relay and its I/O glue."""
 
+    relay: Relay
     client: Conn
-    server_id: int
-    server_config: TcpConfig
-    owner: int
-    pair: SplicePair = field(default_factory=SplicePair)
     server: Conn | None = None
-    session: SpliceSession | None = None
     timewait: Timer = field(default_factory=Timer)
-    spliced_at: float | None = None
+    # Fast path entries installed for this splice (keys of arriving segments).
+    offloaded: list[RelayKey] = field(default_factory=list)
 
     def conn(self, iface: Iface) -> Conn | None:
         return self.client if iface is CLIENT else self.server
 
 
 class Splicer:
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(
+        self,
+        daemon: Daemon,
+        fast_path: FastPathPort | None = None,
+        egress: Callable[[bytes], int | None] | None = None,
+    ) -> None:
         self.d = daemon
         self.intents: dict[int, Splice] = {}  # server-side conn id -> splice
         self.splices: set[Splice] = set()
-        self.counters = {
-            "spliced": 0,
-            "relayed": 0,
-            "queued": 0,
-            "queue_drops": 0,
-            "relay_malformed": 0,
-            "resets_relayed": 0,
-            "torn_down": 0,
-            "timewait_reopened": 0,
-        }
+        # Spliced 4-tuples (the daemon's LocalKey order) -> (splice, interface).
+        self.flows: dict[LocalKey, tuple[Splice, Iface]] = {}
+        self.counters = RelayCounters()
+        self.fast_path = fast_path
+        self._egress = egress  # destination address -> ifindex toward it
+        self.fast_path_errors = 0
 
     # ----------------------------------------------------------- API ops
 
@@ -106,28 +115,26 @@ class Splicer:
             raise ApiError(ErrorCode.ESTATE, f"conn {conn_id} is not established")
         if c.listener is not None or c.connect_done is not None:
             raise ApiError(ErrorCode.ESTATE, f"conn {conn_id} is not a connection you accepted")
-        t = c.tcp
-        # Thesis 5.4: the server side is offered what the client negotiated,
-        # so that segments can later pass between them unchanged: MSS clamp =
-        # the client's MSS (5.4.4), receive scale = the client's own (5.4.2).
-        cfg = dataclasses.replace(
+        relay = Relay.intend(
+            owner,
+            c.tcp,
+            self.d._new_id(),
             self.d.connect_config,
-            mss=t.peer_mss,
-            rcv_wscale=t.snd_wscale if t.wscale_ok else None,
-            sack=True,
-            timestamps=True,
+            msl=self.d.tcp_config.msl,
+            offload=self.d.offload,
+            counters=self.counters,
         )
-        sp = Splice(c, self.d._new_id(), cfg, owner)
+        sp = Splice(relay, c)
         c.splice = sp
         c.hold_rx = True  # thesis 4.1: reading from the client stops here
         if c.pending is not None:
             # Taken out of the TCB but never delivered to the proxy: it belongs
             # to the server now, in front of what is still in the TCB.
-            c.reclaimed = bytes(c.pending)
+            relay.reclaimed = bytes(c.pending)
             c.pending = None
-        self.intents[sp.server_id] = sp
+        self.intents[relay.server_id] = sp
         self.splices.add(sp)
-        return {"conn": sp.server_id}
+        return {"conn": relay.server_id}
 
     def connect(
         self,
@@ -145,7 +152,7 @@ class Splicer:
         if sp.server is not None:
             done(ApiError(ErrorCode.ESTATE, f"conn {conn_id} is already connected"), None)
             return
-        conn = self.d._open(owner, remote, local, timeout, done, sp.server_config)
+        conn = self.d._open(owner, remote, local, timeout, done, sp.relay.server_config)
         if conn is None:
             return
         conn.splice = sp
@@ -157,14 +164,15 @@ class Splicer:
     def server_connected(self, conn: Conn) -> None:
         sp = conn.splice
         assert sp is not None
-        self.intents.pop(sp.server_id, None)
-        self._handle(sp, SERVER, Event.SERVER_CONNECTED)
+        self.intents.pop(sp.relay.server_id, None)
+        sp.relay.server_connected(conn.tcp)
 
     def connect_failed(self, conn: Conn) -> None:
         """The server side did not connect: the proxy may connect it again."""
         sp = conn.splice
         if sp is not None and sp.server is conn:
             sp.server = None
+            sp.relay.connect_failed()
 
     def splice(
         self, owner: int, client_id: int, server_id: int, length: int, unread: bytes = b""
@@ -173,12 +181,13 @@ class Splicer:
         sp = c.splice
         if sp is None or sp.client is not c:
             raise ApiError(ErrorCode.ESTATE, f"conn {client_id}: call intend_splice first")
-        if sp.server_id != server_id:
+        relay = sp.relay
+        if relay.server_id != server_id:
             raise ApiError(ErrorCode.ESTATE, f"conn {server_id} is not {client_id}'s server side")
         s = sp.server
-        if s is None or sp.pair.server is not SpliceState.ESTABLISHED:
+        if s is None or relay.pair.server is not SpliceState.ESTABLISHED:
             raise ApiError(ErrorCode.ESTATE, f"conn {server_id} is not connected yet")
-        if sp.session is not None:
+        if relay.spliced:
             raise ApiError(ErrorCode.ESTATE, "already spliced")
         if length < 0:
             raise ApiError(ErrorCode.EBADREQ, "len must be >= 0")
@@ -189,36 +198,25 @@ class Splicer:
         # socketpairs: it goes out ahead of everything else.
         self.d._drain_proxy(c)
         self.d._drain_proxy(s)
-        ct, st = c.tcp, s.tcp
-        # Bytes each TCB received but nobody read cross to the other side.
-        # In stream order: what sat unread in the proxy's fd, what the daemon
-        # had taken out of the TCB for the fd, what is still in the TCB.
-        r_c = unread + c.reclaimed + (ct.recv(ct.readable()) if ct.readable() else b"")
-        r_s = st.recv(st.readable()) if st.readable() else b""
-        c.reclaimed = b""
-        session = SpliceSession(_side(ct, now), _side(st, now), self.d.offload)
-        sp.session = session
-        sp.spliced_at = now
-        s.outbox.append(r_c) if r_c else None
-        s.outbox_fin = c.peer_fin  # the client's FIN, if it came before the splice
-        c.len_remaining = length
-        c.rs_pending = r_s
-        c.rs_fin = s.peer_fin
-        for conn in (c, s):
+        # From now on both 4-tuples are the relay's.
+        for conn, iface in ((c, CLIENT), (s, SERVER)):
+            relay.side(iface).outbox.extend(conn.outbox)
+            conn.outbox.clear()
             conn.frozen = True
-        self._handle(sp, CLIENT, Event.SPLICE)
-        self._handle(sp, SERVER, Event.SPLICE)
-        self.counters["spliced"] += 1
-        self._client_progress(c)
-        self.d.dirty.add(c)
-        self.d.dirty.add(s)
+            conn.timer.cancel()
+            self.d.flows.pop(conn.key, None)
+            self.flows[conn.key] = (sp, iface)
+        actions = relay.splice(length, unread, now)
+        self.execute(sp, actions)
+        for conn in (c, s):
+            self.d.dirty.add(conn)  # the pump watches the proxy's fd for its len bytes
         return {"client": client_id, "server": server_id, "len": length}
 
     def client_gone(self, owner: int) -> None:
         """Unspliced intents die with their proxy; spliced pairs keep flowing."""
         for sp in list(self.splices):
-            if sp.owner == owner and sp.session is None:
-                self.intents.pop(sp.server_id, None)
+            if sp.relay.owner == owner and not sp.relay.spliced:
+                self.intents.pop(sp.relay.server_id, None)
                 self.splices.discard(sp)
                 if sp.server is not None:
                     sp.server.splice = None
@@ -228,12 +226,13 @@ class Splicer:
         """A connection of an intent (not spliced yet) is gone: so is the intent."""
         sp = conn.splice
         conn.splice = None
-        if sp is None or sp.session is not None:
+        if sp is None or sp.relay.spliced:
             return
         if conn is sp.server:
             sp.server = None  # the proxy may still connect the intent again
+            sp.relay.connect_failed()
             return
-        self.intents.pop(sp.server_id, None)
+        self.intents.pop(sp.relay.server_id, None)
         self.splices.discard(sp)
         if sp.server is not None:
             sp.server.splice = None
@@ -243,374 +242,164 @@ class Splicer:
     def stats(self) -> list[dict[str, object]]:
         out: list[dict[str, object]] = []
         for sp in self.splices:
-            ses = sp.session
-            out.append(
-                {
-                    "client": sp.client.api_id,
-                    "server": sp.server_id,
-                    "client_state": sp.pair.client.name,
-                    "server_state": sp.pair.server.name,
-                    "bytes_c2s": ses.bytes_c2s if ses else 0,
-                    "bytes_s2c": ses.bytes_s2c if ses else 0,
-                    "packets_c2s": ses.packets_c2s if ses else 0,
-                    "packets_s2c": ses.packets_s2c if ses else 0,
-                    "queued": len(ses.to_client) + len(ses.to_server) if ses else 0,
-                    "queue_drops": ses.queue_drops if ses else 0,
-                    "sides": {
-                        name: _side_debug(conn)
-                        for name, conn in (("client", sp.client), ("server", sp.server))
-                        if conn is not None
-                    },
-                }
-            )
+            row = sp.relay.stats()
+            row["client"] = sp.client.id
+            row["server"] = sp.relay.server_id
+            if sp.offloaded and self.fast_path is not None:
+                # The kernel's share of the traffic, per direction.
+                pc, bc = self.fast_path.counters(sp.offloaded[0])
+                ps, bs = self.fast_path.counters(sp.offloaded[1])
+                row["packets_c2s"] = int(str(row["packets_c2s"])) + pc
+                row["bytes_c2s"] = int(str(row["bytes_c2s"])) + bc
+                row["packets_s2c"] = int(str(row["packets_s2c"])) + ps
+                row["bytes_s2c"] = int(str(row["bytes_s2c"])) + bs
+                row["fast_path_packets"] = pc + ps
+            out.append(row)
         return out
 
-    # ------------------------------------------------------ proxy bytes
+    # ------------------------------------------------------- proxy bytes
 
     def proxy_data(self, conn: Conn, data: bytes) -> None:
         """Bytes the proxy wrote to a frozen connection's fd (thesis 4.1 rules)."""
-        if conn.is_client and conn.len_remaining > 0:
-            take = data[: conn.len_remaining]
-            conn.outbox.append(take)
-            conn.len_remaining -= len(take)
-            data = data[len(take) :]
-            self._client_progress(conn)
-        if data:
-            # Thesis 4.1: writing more than len to the client, or anything to
-            # the server, after splice is not allowed.  Never relay it.
-            conn.proxy_discarded += len(data)
-            if not conn.misuse_reported and conn.api_id is not None:
-                conn.misuse_reported = True
-                what = "more than len bytes to the client" if conn.is_client else "to the server"
-                self.d.api.push_event(
-                    conn.owner,
-                    {
-                        "event": "error",
-                        "conn": conn.api_id,
-                        "error": ErrorCode.ESTATE.value,
-                        "message": f"wrote {what} after splice; the bytes were discarded",
-                    },
-                )
+        sp = conn.splice
+        if sp is None:
+            return
+        iface = CLIENT if conn is sp.client else SERVER
+        self.execute(sp, sp.relay.on_proxy_data(iface, data, time.monotonic()))
 
     def proxy_done(self, conn: Conn) -> None:
         """The proxy let go of a spliced fd: no more of its len bytes will come."""
-        if conn.is_client and conn.len_remaining > 0:
-            log.warning("proxy closed with %d of its announced bytes unwritten", conn.len_remaining)
-            conn.len_remaining = 0
-            self._client_progress(conn)
-            self.d.dirty.add(conn)
-
-    def _client_progress(self, c: Conn) -> None:
-        """Once the proxy wrote its len bytes, the server's early bytes follow them."""
-        if c.len_remaining == 0 and c.rs_pending is not None:
-            if c.rs_pending:
-                c.outbox.append(c.rs_pending)
-            c.outbox_fin = c.outbox_fin or c.rs_fin
-            c.rs_pending = None
-
-    # --------------------------------------------------------- service
-
-    def service(self, conn: Conn, now: float) -> None:
-        """A frozen connection: feed its TCB from the outbox until it drains."""
         sp = conn.splice
-        assert sp is not None and sp.session is not None
-        tcp = conn.tcp
-        if conn.silent:
+        if sp is None:
             return
-        while tcp.events:
-            ev = tcp.events.popleft()
-            if ev in (TcpEvent.TIMED_OUT, TcpEvent.RESET):
-                # The TCB gave up on its peer before draining: the splice
-                # cannot complete; reset both sides (thesis 5.1 RST rule).
-                self._abort(sp, now)
-                return
-        self.d.feed_outbox(conn)
-        if not conn.outbox and conn.outbox_fin and not conn.fin_queued:
-            conn.fin_queued = True
-            if tcp.state in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT):
-                tcp.shutdown_write()
-        self.d._emit_output(conn, now)
-        if self._drained(conn):
-            self._fall_silent(sp, conn, now)
-            return
-        deadline = tcp.next_deadline()
-        if deadline is None:
-            conn.timer.cancel()
-        else:
-            self.d.timers.schedule(conn.timer, deadline, lambda: self.d._on_timer(conn))
-
-    def _drained(self, conn: Conn) -> bool:
-        tcp = conn.tcp
-        if conn.outbox or (conn.outbox_fin and not conn.fin_queued):
-            return False
-        if conn.is_client and (conn.len_remaining > 0 or conn.rs_pending is not None):
-            return False
-        return len(tcp.send_buf) == 0 and tcp.snd_una == tcp.snd_max
-
-    def _fall_silent(self, sp: Splice, conn: Conn, now: float) -> None:
-        """Thesis 5.1 PRE_SPLICED -> SPLICED: this TCB is done; relay toward its peer."""
-        ses = sp.session
-        assert ses is not None
-        conn.silent = True
-        conn.timer.cancel()
-        iface = CLIENT if conn.is_client else SERVER
-        side = ses.client if conn.is_client else ses.server
-        side.iss = conn.tcp.snd_max
-        side.snd_mss = conn.tcp.snd_mss
-        ses.rebuild()
-        self._handle(sp, iface, Event.WRITE_QUEUE_DRAINED)
-        if conn.fin_queued:
-            # The FIN of this direction was sent by the TCB itself (it came
-            # before the splice) and is acknowledged: already relayed and
-            # acked in Fig. 5.1's terms.
-            self._handle(sp, iface, Event.FIN_RELAYED)
-            self._handle(sp, iface, Event.FIN_ACKED)
+        iface = CLIENT if conn is sp.client else SERVER
+        if iface is CLIENT and sp.relay.len_remaining > 0:
+            log.warning(
+                "proxy closed with %d of its announced bytes unwritten", sp.relay.len_remaining
+            )
+        self.execute(sp, sp.relay.on_proxy_done(iface, time.monotonic()))
 
     # ---------------------------------------------------------- packets
 
-    def on_packet(self, conn: Conn, vnet: VnetHeader | None, pkt: memoryview, now: float) -> bool:
-        """A segment arrived on a frozen connection: feed, relay or queue it.
+    def on_packet(
+        self, sp: Splice, iface: Iface, vnet: VnetHeader | None, pkt: memoryview, now: float
+    ) -> bool:
+        """A segment of a spliced connection; False when it opens a new connection instead."""
+        return self.execute(sp, sp.relay.on_packet(iface, vnet, pkt, now))
 
-        Returns False when the segment is not the splice's after all: a new
-        SYN on a 4-tuple whose splice waits in TIMEWAIT ends that wait (as a
-        TCP in TIME-WAIT may accept a new SYN, RFC 9293 3.10.7.4 / RFC 6191)
-        and the caller handles it as a new connection.  Clients that closed
-        passively reuse their port at once; without this their SYN would be
-        relayed into the dead pair.
-        """
-        sp = conn.splice
-        assert sp is not None and sp.session is not None
-        info = peek(pkt)
-        if info is None:
-            self.counters["relay_malformed"] += 1
-            return True
-        if info.flags & (SYN | ACK) == SYN and sp.pair.client is SpliceState.TIMEWAIT:
-            self.counters["timewait_reopened"] += 1
-            self._handle(sp, CLIENT, Event.TIMEWAIT_EXPIRED)
-            return False
-        src = CLIENT if conn.is_client else SERVER
-        dst = SERVER if conn.is_client else CLIENT
-        pair = sp.pair
-        if info.flags & RST:
-            self._relay_reset(sp, src, vnet, pkt, info, now)
-            return True
-        ses = sp.session
-        # Does this segment acknowledge the FIN we relayed toward its sender?
-        fin_ack = ses.fin_ack_client if src is CLIENT else ses.fin_ack_server
-        if (
-            fin_ack is not None
-            and info.flags & ACK
-            and pair.state(src) is SpliceState.FIN_RELAYED
-            and seq_ge(info.ack, fin_ack)
-        ):
-            self._handle(sp, src, Event.FIN_ACKED)
-            if sp.pair.client is SpliceState.GONE:
-                return True
-        if not conn.silent and info.flags & ACK:
-            self._feed_ack(conn, pkt, info, now)
-        if pair.relays_toward(dst):
-            self._relay(sp, src, vnet, pkt, info)
-        else:
-            self._queue(sp, dst, vnet, pkt)
-        return True
+    def _on_timer(self, sp: Splice, iface: Iface) -> None:
+        self.execute(sp, sp.relay.on_timer(iface, time.monotonic()))
 
-    def _feed_ack(self, conn: Conn, pkt: memoryview, info: SegmentInfo, now: float) -> None:
-        """Give the TCB the acknowledgment of a segment, never its data or FIN."""
-        ip = pkt[: info.ip_header_len]
+    def _on_timewait(self, sp: Splice) -> None:
+        self.execute(sp, sp.relay.on_timewait_expired(time.monotonic()))
+
+    # ------------------------------------------------------------ actions
+
+    def execute(self, sp: Splice, actions: list[Action]) -> bool:
+        """Carry out what the relay asked for; False if it asked to reopen the 4-tuple."""
+        keep = True
+        d = self.d
+        for a in actions:
+            match a:
+                case Write(vnet, packet):
+                    d.tun_write(vnet, packet)
+                case Emit(_, tcb, segments):
+                    for seg in segments:
+                        d._write_segment(tcb.local, tcb.remote, seg, tcb.snd_mss)
+                case ArmTimer(iface, deadline):
+                    conn = sp.conn(iface)
+                    if conn is None:
+                        continue
+                    if deadline is None:
+                        conn.timer.cancel()
+                    else:
+                        d.timers.schedule(conn.timer, deadline, partial(self._on_timer, sp, iface))
+                case ArmTimewait(deadline):
+                    d.timers.schedule(sp.timewait, deadline, partial(self._on_timewait, sp))
+                case TearDown():
+                    self._tear_down(sp)
+                case Reopen():
+                    keep = False
+                case InstallFastPath():
+                    self._install(sp, a)
+                case WatchFinAck(key, fin_ack):
+                    if self.fast_path is not None and key in sp.offloaded:
+                        try:
+                            self.fast_path.watch_fin_ack(key, fin_ack)
+                        except (OSError, KeyError) as exc:
+                            self._fast_path_failed(sp, f"watch FIN ACK: {exc}")
+                case ProxyMisuse(iface, message):
+                    conn = sp.conn(iface)
+                    if conn is not None and conn.id is not None:
+                        d.api.push_event(
+                            conn.owner,
+                            {
+                                "event": "error",
+                                "conn": conn.id,
+                                "error": ErrorCode.ESTATE.value,
+                                "message": message,
+                            },
+                        )
+        return keep
+
+    def _install(self, sp: Splice, a: InstallFastPath) -> None:
+        fp = self.fast_path
+        if fp is None or self._egress is None:
+            return
         try:
-            seg = parse_tcp(
-                pkt[info.ip_header_len :], bytes(ip[12:16]), bytes(ip[16:20]), verify_checksum=False
-            )
-        except WireError:
-            return
-        tcp = conn.tcp
-        ack_only = TcpSegment(
-            seg.src_port,
-            seg.dst_port,
-            tcp.rcv_nxt,
-            seg.ack,
-            ACK,
-            seg.window,
-            TcpOptions(timestamp=seg.options.timestamp),
-            b"",
-        )
-        tcp.on_segment(ack_only, now)
-        self.d.dirty.add(conn)
+            for key, t, fin_ack in a.entries:
+                ifindex = self._egress(t.dst_addr)
+                if ifindex is None:
+                    raise OSError(f"no route toward {t.dst_addr.hex()}")
+                fp.install(key, t, ifindex)
+                sp.offloaded.append(key)
+                if fin_ack is not None:
+                    fp.watch_fin_ack(key, fin_ack)
+        except (OSError, ValueError, KeyError) as exc:
+            self._fast_path_failed(sp, f"install: {exc}")
 
-    def _relay(
-        self, sp: Splice, src: Iface, vnet: VnetHeader | None, pkt: memoryview, info: SegmentInfo
-    ) -> None:
-        ses = sp.session
-        assert ses is not None
-        t = ses.c2s if src is CLIENT else ses.s2c
-        assert t is not None
-        outs = translate(t, vnet, pkt)
-        if not outs:
-            self.counters["relay_malformed"] += 1
-            return
-        write = self.d.tun.write
-        for hdr, buf in outs:
+    def _fast_path_failed(self, sp: Splice, why: str) -> None:
+        """The splice stays correct on the Python path; say so once per splice."""
+        self.fast_path_errors += 1
+        log.warning("fast path %s; splice %d stays in the daemon", why, sp.relay.server_id)
+        self._offload_removed(sp)
+
+    def _offload_removed(self, sp: Splice) -> None:
+        fp = self.fast_path
+        relay = sp.relay
+        for i, key in enumerate(sp.offloaded):
             try:
-                write(hdr, buf)
-            except BlockingIOError:
-                self.d.counters["tun_write_drops"] += 1
-        self.counters["relayed"] += 1
-        if src is CLIENT:
-            ses.bytes_c2s += info.payload_len
-            ses.packets_c2s += 1
-        else:
-            ses.bytes_s2c += info.payload_len
-            ses.packets_s2c += 1
-        if info.flags & FIN:
-            dst = SERVER if src is CLIENT else CLIENT
-            if sp.pair.state(dst) is SpliceState.SPLICED:
-                end = (info.seq + t.seq_delta + info.payload_len + 1) & MASK
-                if dst is SERVER:
-                    ses.fin_ack_server = end
-                else:
-                    ses.fin_ack_client = end
-                self._handle(sp, dst, Event.FIN_RELAYED)
-
-    def _queue(self, sp: Splice, dst: Iface, vnet: VnetHeader | None, pkt: memoryview) -> None:
-        ses = sp.session
-        assert ses is not None
-        if ses.queued_bytes + len(pkt) > QUEUE_LIMIT:
-            # Like a drop on a congested link: the sender retransmits.
-            ses.queue_drops += 1
-            self.counters["queue_drops"] += 1
-            return
-        q = ses.to_server if dst is SERVER else ses.to_client
-        q.append((None if vnet is None else vnet.to_bytes(), bytes(pkt)))
-        ses.queued_bytes += len(pkt)
-        self.counters["queued"] += 1
-
-    def _flush(self, sp: Splice, dst: Iface) -> None:
-        """Thesis 5.1: the queue toward an interface is relayed once it splices."""
-        ses = sp.session
-        assert ses is not None
-        q = ses.to_server if dst is SERVER else ses.to_client
-        src = CLIENT if dst is SERVER else SERVER
-        while q and sp.pair.relays_toward(dst):
-            hdr, raw = q.popleft()
-            ses.queued_bytes -= len(raw)
-            buf = memoryview(bytearray(raw))
-            info = peek(buf)
-            if info is None:
-                continue
-            vnet = VnetHeader.parse(hdr) if hdr is not None else None
-            if info.flags & RST:
-                self._relay_reset(sp, src, vnet, buf, info, time.monotonic())
-                return
-            self._relay(sp, src, vnet, buf, info)
-
-    def _relay_reset(
-        self,
-        sp: Splice,
-        src: Iface,
-        vnet: VnetHeader | None,
-        pkt: memoryview,
-        info: SegmentInfo,
-        now: float,
-    ) -> None:
-        """Thesis 5.1: a RST is relayed and tears the splice down."""
-        ses = sp.session
-        assert ses is not None
-        dst = SERVER if src is CLIENT else CLIENT
-        t = ses.c2s if src is CLIENT else ses.s2c
-        other = sp.conn(dst)
-        if t is not None:
-            for hdr, buf in translate(t, vnet, pkt):
-                self.d.tun.write(hdr, buf)
-        elif other is not None and not other.tcp_gone:
-            # That direction is not spliced yet: its own TCB still speaks for
-            # it and resets the peer with its own sequence numbers.
-            other.tcp.abort()
-            self.d._emit_output(other, now)
-        self.counters["resets_relayed"] += 1
-        self._handle(sp, src, Event.RESET)
-
-    def _abort(self, sp: Splice, now: float) -> None:
-        for iface in (CLIENT, SERVER):
-            conn = sp.conn(iface)
-            if conn is not None and not conn.tcp_gone:
-                conn.tcp.abort()
-                self.d._emit_output(conn, now)
-        if sp.pair.client is not SpliceState.GONE:
-            self._handle(sp, CLIENT, Event.RESET)
-
-    def on_timer(self, conn: Conn) -> None:
-        """A frozen TCB's timer (retransmission while it drains)."""
-        self.d.dirty.add(conn)
-
-    # ----------------------------------------------------------- states
-
-    def _handle(self, sp: Splice, iface: Iface, event: Event) -> None:
-        for tr in sp.pair.handle(iface, event):
-            self._on_transition(sp, tr)
-
-    def _on_transition(self, sp: Splice, tr: Transition) -> None:
-        log.debug("splice %s: %s %s -> %s", sp.server_id, tr.iface.value, tr.old.name, tr.new.name)
-        if tr.starts_relaying and sp.session is not None:
-            self._flush(sp, tr.iface)
-        if tr.enters_timewait and tr.iface is CLIENT:
-            msl = self.d.tcp_config.msl
-            self.d.timers.schedule(
-                sp.timewait, time.monotonic() + 2 * msl, lambda: self._timewait_over(sp)
-            )
-        if tr.torn_down and tr.iface is CLIENT:
-            self._tear_down(sp)
-
-    def _timewait_over(self, sp: Splice) -> None:
-        if sp.pair.client is SpliceState.TIMEWAIT:
-            self._handle(sp, CLIENT, Event.TIMEWAIT_EXPIRED)
+                packets, nbytes = fp.remove(key) if fp is not None else (0, 0)
+            except OSError:
+                packets = nbytes = 0
+            # Keep the kernel's share in the relay's totals.
+            if i == 0:
+                relay.packets_c2s += packets
+                relay.bytes_c2s += nbytes
+            else:
+                relay.packets_s2c += packets
+                relay.bytes_s2c += nbytes
+        sp.offloaded.clear()
 
     def _tear_down(self, sp: Splice) -> None:
         """Forget the pair: later segments of either connection get a RST."""
+        self._offload_removed(sp)
         sp.timewait.cancel()
         self.splices.discard(sp)
-        self.intents.pop(sp.server_id, None)
-        self.counters["torn_down"] += 1
+        self.intents.pop(sp.relay.server_id, None)
         for conn in (sp.client, sp.server):
             if conn is not None:
+                self.flows.pop(conn.key, None)
                 conn.splice = None
                 self.d._free(conn)
 
-
-def _side_debug(conn: Conn) -> dict[str, object]:
-    """What a stuck splice needs looked at: is this side's TCB drained?"""
-    t = conn.tcp
-    return {
-        "tcp_state": t.state.name,
-        "silent": conn.silent,
-        "frozen": conn.frozen,
-        "unacked": len(t.send_buf),
-        "snd_una": t.snd_una,
-        "snd_max": t.snd_max,
-        "outbox": sum(len(b) for b in conn.outbox),
-        "len_remaining": conn.len_remaining,
-        "rs_pending": None if conn.rs_pending is None else len(conn.rs_pending),
-        "fin": [conn.outbox_fin, conn.fin_queued],
-    }
+    def terminate(self, now: float) -> None:
+        """The daemon stops: reset every splice (RST to both peers, thesis 5.1)."""
+        for sp in list(self.splices):
+            if sp.relay.spliced:
+                self.execute(sp, sp.relay.abort(now))
+            if sp in self.splices:
+                self._tear_down(sp)
 
 
-def _side(tcp: object, now: float) -> Side:
-    from daemon.tcp.connection import TcpConnection
-
-    assert isinstance(tcp, TcpConnection)
-    ts_clock = (int(now * 1000) + tcp.ts_offset) & MASK
-    return Side(
-        local=tcp.local,
-        remote=tcp.remote,
-        irs=tcp.rcv_nxt,
-        ts_ok=tcp.ts_ok,
-        ts_recv=tcp.ts_recent,
-        ts_sent=(ts_clock + TS_MARGIN) & MASK,
-        sack_ok=tcp.sack_ok,
-        wscale_ok=tcp.wscale_ok,
-        peer_wscale=tcp.snd_wscale,
-        our_wscale=tcp.rcv_wscale,
-        snd_mss=tcp.snd_mss,
-    )
-
-
-__all__ = ["Splice", "Splicer"]
+__all__ = ["FastPathPort", "Splice", "Splicer"]

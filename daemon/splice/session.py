@@ -35,11 +35,11 @@ offered the client (rounded down: never more than the server allowed).
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from daemon.splice.translator import Translator, TsMode
 from daemon.tcp.config import Endpoint
+from daemon.tcp.connection import TcpConnection
 
 MASK = 0xFFFFFFFF
 # How far ahead of a TCB's TS clock the relayed TSvals start (ms ticks): the
@@ -64,36 +64,36 @@ class Side:
     our_wscale: int = 0  # the shift the peer applies to *our* window fields
     snd_mss: int = 536  # the largest payload this side's peer accepts
 
+    @classmethod
+    def of(cls, tcb: TcpConnection, now: float) -> Side:
+        """The base points of ``tcb`` as splice() freezes it (iss comes when it drains)."""
+        return cls(
+            local=tcb.local,
+            remote=tcb.remote,
+            irs=tcb.rcv_nxt,
+            ts_ok=tcb.ts_ok,
+            ts_recv=tcb.ts_recent,
+            ts_sent=(tcb.ts_now(now) + TS_MARGIN) & MASK,
+            sack_ok=tcb.sack_ok,
+            wscale_ok=tcb.wscale_ok,
+            peer_wscale=tcb.snd_wscale,
+            our_wscale=tcb.rcv_wscale,
+            snd_mss=tcb.snd_mss,
+        )
 
-@dataclass(slots=True, eq=False)
-class SpliceSession:
-    """Bookkeeping of one spliced pair (the state machine lives in daemon.splice.state)."""
 
-    client: Side
-    server: Side
-    offload: bool
-    # Segments waiting while the direction toward their destination is not
-    # spliced yet (thesis 5.1: queued in ESTABLISHED / PRE_SPLICED).
-    to_client: deque[tuple[bytes | None, bytes]] = field(default_factory=deque)
-    to_server: deque[tuple[bytes | None, bytes]] = field(default_factory=deque)
-    queued_bytes: int = 0
-    queue_drops: int = 0
-    c2s: Translator | None = None
-    s2c: Translator | None = None
-    # Where a relayed FIN ends, in the destination's sequence space: its ACK
-    # (>= this value) moves that interface from FIN_RELAYED to SHUTDOWN.
-    fin_ack_client: int | None = None
-    fin_ack_server: int | None = None
-    bytes_c2s: int = 0
-    bytes_s2c: int = 0
-    packets_c2s: int = 0
-    packets_s2c: int = 0
+def translators(
+    client: Side, server: Side, offload: bool
+) -> tuple[Translator | None, Translator | None]:
+    """The (client -> server, server -> client) translators from the base points known so far.
 
-    def rebuild(self) -> None:
-        """(Re)make both translators from the base points known so far."""
-        c, s = self.client, self.server
-        self.c2s = _translator(c, s, self.offload) if s.iss is not None else None
-        self.s2c = _translator(s, c, self.offload) if c.iss is not None else None
+    A direction exists once its *destination* side has fallen silent (its
+    iss is fixed); until the reverse direction exists too, its ACK field is
+    the constant ``irs`` of its output TCB (see the module docstring).
+    """
+    c2s = _translator(client, server, offload) if server.iss is not None else None
+    s2c = _translator(server, client, offload) if client.iss is not None else None
+    return c2s, s2c
 
 
 def _translator(src: Side, dst: Side, offload: bool) -> Translator:

@@ -100,6 +100,17 @@ def parse_options(data: bytes | bytearray | memoryview) -> TcpOptions:
     return opts
 
 
+def find_timestamp(data: bytes | bytearray | memoryview) -> tuple[int, int] | None:
+    """(TSval, TSecr) of an option list, or None if absent or the list is malformed."""
+    if len(data) >= 12 and data[:4] == _NOP_NOP_TS:
+        tsval, tsecr = _U32X2.unpack_from(data, 4)
+        return tsval, tsecr
+    try:
+        return parse_options(data).timestamp
+    except WireError:
+        return None
+
+
 def options_len(opts: TcpOptions) -> int:
     """Bytes ``emit_options`` will produce for ``opts`` (a multiple of 4)."""
     n = 0

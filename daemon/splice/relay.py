@@ -1,0 +1,674 @@
+"""The splice relay: one object per splice, from intend_splice until it is forgotten.
+
+Read first: thesis 4.1 (the API: intend_splice, splice(len)), 5.1 and
+Fig. 5.1 (daemon/splice/state.py), 5.2-5.4 (daemon/splice/translator.py),
+and the base points of daemon/splice/session.py.
+
+Theory of operation
+-------------------
+``Relay`` is sans-I/O, like the TCP code: it is driven by calls that carry
+the time and answers with a list of *actions* for the I/O shell
+(daemon/io/splicer.py) to carry out.  It never reads a clock, a socket or
+the TUN, so every rule below is unit-tested from golden packets without
+root (tests/test_splice_relay.py).
+
+``intend_splice`` (thesis 4.1) creates the relay with the client TCB; the
+proxy's reads of the client stop (the shell holds them back).  The server
+TCB joins when its connect completes (Fig. 5.1 CLOSE -> ESTABLISHED).
+
+``splice(len)`` *freezes* both TCBs (``TcpConnection.freeze``): from then on
+segments of either connection come here, not to the TCBs.  Bytes the TCBs
+had received but the proxy never read cross over as ordinary data: the
+client's go out through the server TCB, the server's through the client TCB
+after the ``len`` bytes the proxy still writes (the SOCKS reply).  Each TCB
+is fed only the acknowledgment part of incoming segments
+(``TcpConnection.on_ack``) until everything it sent is acknowledged; then it
+falls silent, is dropped, and its interface goes PRE_SPLICED -> SPLICED,
+which fixes that side's base point and flushes the segments queued toward
+it.  From then on a segment costs one ``peek``, ``translate`` (a rewrite of
+the headers in the read buffer) and one write.
+
+Once both interfaces relay, the relay asks for the *fast path*
+(``InstallFastPath``): the same two translations go into a BPF map and the
+kernel rewrites and forwards the steady state (daemon/fastpath).  What the
+program does not handle (SYN, FIN, RST, unusual options) still arrives here
+and is relayed by ``translate``, so Fig. 5.1 stays in Python.  The program
+must let the daemon see the ACK of a FIN relayed toward a side
+(FIN_RELAYED -> SHUTDOWN): ``WatchFinAck`` asks it to pass up any segment
+from that side acknowledging it, and clears the watch once seen.
+
+Teardown follows Fig. 5.1: a relayed FIN and its ACK give FIN_RELAYED then
+SHUTDOWN per interface, both SHUTDOWN give TIMEWAIT (``ArmTimewait``), and
+2MSL later the pair is forgotten (``TearDown``), after which segments of
+either connection get a RST from the daemon (RFC 9293 3.10.7.1).  A RST
+from either side is relayed and tears the splice down at once.  A new SYN on
+the client's 4-tuple during TIMEWAIT ends the wait (RFC 9293 3.10.7.4 /
+RFC 6191) and is the shell's to handle as a new connection (``Reopen``).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
+
+from daemon.splice.session import Side, translators
+from daemon.splice.state import QUEUEING_STATES, Event, Iface, SplicePair, SpliceState
+from daemon.splice.translator import SegmentInfo, Translator, peek, translate
+from daemon.tcp.config import Endpoint, TcpConfig
+from daemon.tcp.connection import TcpConnection
+from daemon.tcp.events import TcpEvent
+from daemon.tcp.seq import seq_ge
+from daemon.tcp.state import TcpState
+from daemon.wire.tcp import ACK, FIN, RST, SYN, TcpSegment
+from daemon.wire.tcp_options import find_timestamp
+from daemon.wire.vnet import VnetHeader
+
+__all__ = [
+    "Action",
+    "ArmTimer",
+    "ArmTimewait",
+    "Emit",
+    "FlowKey",
+    "InstallFastPath",
+    "ProxyMisuse",
+    "Relay",
+    "RelayCounters",
+    "RelaySide",
+    "Reopen",
+    "TearDown",
+    "WatchFinAck",
+    "Write",
+]
+
+MASK = 0xFFFFFFFF
+QUEUE_LIMIT = 8 << 20  # bytes of segments held per splice while a side drains
+CLIENT, SERVER = Iface.CLIENT, Iface.SERVER
+
+# (source address, source port, destination address, destination port) of
+# the segments that *arrive* on one connection: the fast path's map key.
+FlowKey = tuple[bytes, int, bytes, int]
+
+
+# ----------------------------------------------------------------- actions
+
+
+class Write(NamedTuple):
+    """A relayed packet for the TUN (virtio header in offload mode)."""
+
+    vnet: bytes | None
+    packet: memoryview | bytearray
+
+
+class Emit(NamedTuple):
+    """Segments a draining TCB sends on its own connection."""
+
+    iface: Iface
+    tcb: TcpConnection
+    segments: list[TcpSegment]
+
+
+class ArmTimer(NamedTuple):
+    """(Re)arm or, with None, cancel the retransmission timer of a draining TCB."""
+
+    iface: Iface
+    deadline: float | None
+
+
+class ArmTimewait(NamedTuple):
+    deadline: float
+
+
+class TearDown(NamedTuple):
+    """Forget the splice: free both connections, remove any fast path entries."""
+
+
+class Reopen(NamedTuple):
+    """The segment opens a new connection on the client's 4-tuple: handle it as such."""
+
+
+class InstallFastPath(NamedTuple):
+    """Both directions relay: the steady state may leave for the kernel.
+
+    ``entries`` are (key of the arriving segments, translator, FIN ACK to
+    watch for or None), one per direction.
+    """
+
+    entries: tuple[tuple[FlowKey, Translator, int | None], ...]
+
+
+class WatchFinAck(NamedTuple):
+    """Pass up segments with key ``key`` that acknowledge ``fin_ack`` (None: stop)."""
+
+    key: FlowKey
+    fin_ack: int | None
+
+
+class ProxyMisuse(NamedTuple):
+    """The proxy broke a thesis 4.1 rule; its bytes were discarded."""
+
+    iface: Iface
+    message: str
+
+
+Action = (
+    Write
+    | Emit
+    | ArmTimer
+    | ArmTimewait
+    | TearDown
+    | Reopen
+    | InstallFastPath
+    | WatchFinAck
+    | ProxyMisuse
+)
+
+
+@dataclass(slots=True)
+class RelayCounters:
+    """Daemon-wide relay counters, shared by every Relay (``stats``)."""
+
+    spliced: int = 0
+    relayed: int = 0
+    queued: int = 0
+    queue_drops: int = 0
+    relay_malformed: int = 0
+    resets_relayed: int = 0
+    torn_down: int = 0
+    timewait_reopened: int = 0
+    fast_path_installed: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+# ------------------------------------------------------------------- sides
+
+
+@dataclass(slots=True, eq=False)
+class RelaySide:
+    """One connection of the splice, as the relay sees it."""
+
+    iface: Iface
+    local: Endpoint
+    remote: Endpoint
+    # The daemon's TCB on this connection until it falls silent (then None).
+    tcb: TcpConnection | None
+    # Bytes this TCB still has to send after splice(), then maybe a FIN.
+    outbox: deque[bytes] = field(default_factory=deque)
+    outbox_fin: bool = False
+    fin_queued: bool = False
+    base: Side | None = None  # base points, from splice() on
+    # Segments waiting to be relayed toward this side (it is not SPLICED yet).
+    queue: deque[tuple[bytes | None, bytes]] = field(default_factory=deque)
+    # Where the FIN relayed toward this side ends, in this connection's space.
+    fin_ack: int | None = None
+    misuse_reported: bool = False  # the proxy broke a 4.1 rule on this fd (said once)
+
+    @property
+    def key(self) -> FlowKey:
+        """The 4-tuple of segments arriving on this connection."""
+        return (self.remote[0], self.remote[1], self.local[0], self.local[1])
+
+
+# ------------------------------------------------------------------- relay
+
+
+@dataclass(slots=True, eq=False)
+class Relay:
+    """One splice (thesis 4.1, 5.1): both interfaces, their base points, queues, counters."""
+
+    owner: int
+    server_id: int  # the server side's API id, handed out by intend_splice
+    server_config: TcpConfig  # options derived from the client (thesis 5.4)
+    client: RelaySide
+    msl: float
+    offload: bool
+    counters: RelayCounters
+    server: RelaySide | None = None
+    pair: SplicePair = field(default_factory=SplicePair)
+    reclaimed: bytes = b""  # taken from the client TCB for the proxy, never delivered
+    # Client side after splice(): the proxy's announced bytes still to come,
+    # then the server's early bytes (and FIN) that cross to the client.
+    len_remaining: int = 0
+    early_s2c: bytes | None = None
+    early_s2c_fin: bool = False
+    proxy_discarded: int = 0
+    c2s: Translator | None = None
+    s2c: Translator | None = None
+    queued_bytes: int = 0
+    queue_drops: int = 0
+    bytes_c2s: int = 0
+    bytes_s2c: int = 0
+    packets_c2s: int = 0
+    packets_s2c: int = 0
+    spliced_at: float | None = None
+    fast_path: bool = False  # InstallFastPath was asked for
+
+    @classmethod
+    def intend(
+        cls,
+        owner: int,
+        client_tcb: TcpConnection,
+        server_id: int,
+        connect_config: TcpConfig,
+        *,
+        msl: float,
+        offload: bool,
+        counters: RelayCounters,
+    ) -> Relay:
+        """Thesis 4.1 intend_splice: the server side is offered what the client negotiated.
+
+        5.4: MSS clamp = the client's MSS (5.4.4) and receive window scale =
+        the client's own (5.4.2), so that segments can later pass between
+        them unchanged; timestamps and SACK are offered.
+        """
+        t = client_tcb
+        cfg = replace(
+            connect_config,
+            mss=t.peer_mss,
+            rcv_wscale=t.snd_wscale if t.wscale_ok else None,
+            sack=True,
+            timestamps=True,
+        )
+        side = RelaySide(CLIENT, t.local, t.remote, t)
+        return cls(owner, server_id, cfg, side, msl, offload, counters)
+
+    # ------------------------------------------------------------ phases
+
+    @property
+    def spliced(self) -> bool:
+        """splice() was called: segments of both connections come to the relay."""
+        return self.spliced_at is not None
+
+    def side(self, iface: Iface) -> RelaySide:
+        if iface is CLIENT:
+            return self.client
+        assert self.server is not None
+        return self.server
+
+    def server_connected(self, tcb: TcpConnection) -> None:
+        """The server TCB reached ESTABLISHED (Fig. 5.1 CLOSE -> ESTABLISHED)."""
+        self.server = RelaySide(SERVER, tcb.local, tcb.remote, tcb)
+        self._handle(SERVER, Event.SERVER_CONNECTED, [], 0.0)
+
+    def connect_failed(self) -> None:
+        """The server side did not connect: the proxy may connect it again."""
+        self.server = None
+
+    def splice(self, length: int, unread: bytes, now: float) -> list[Action]:
+        """Thesis 4.1 splice(len): freeze both TCBs and start the cross-over.
+
+        ``unread`` are bytes the proxy found unread in its client fd.  In
+        stream order the client's bytes for the server are: those, the ones
+        the shell took out of the TCB for the fd (``reclaimed``), then what
+        is still in the TCB.
+        """
+        assert self.server is not None and not self.spliced
+        ct, st = self.client.tcb, self.server.tcb
+        assert ct is not None and st is not None
+        r_c = unread + self.reclaimed + ct.freeze()
+        r_s = st.freeze()
+        self.reclaimed = b""
+        self.client.base = Side.of(ct, now)
+        self.server.base = Side.of(st, now)
+        self.spliced_at = now
+        if r_c:
+            self.server.outbox.append(r_c)
+        self.server.outbox_fin = ct.peer_closed  # the client's FIN came before the splice
+        self.len_remaining = length
+        self.early_s2c = r_s
+        self.early_s2c_fin = st.peer_closed
+        self.counters.spliced += 1
+        out: list[Action] = []
+        self._handle(CLIENT, Event.SPLICE, out, now)
+        self._handle(SERVER, Event.SPLICE, out, now)
+        self._client_progress()
+        self._drive(self.client, now, out)
+        self._drive(self.server, now, out)
+        return out
+
+    # ------------------------------------------------------- proxy bytes
+
+    def on_proxy_data(self, iface: Iface, data: bytes, now: float) -> list[Action]:
+        """Bytes the proxy wrote to a spliced connection's fd (thesis 4.1 rules)."""
+        out: list[Action] = []
+        if iface is CLIENT and self.len_remaining > 0:
+            take = data[: self.len_remaining]
+            self.client.outbox.append(take)
+            self.len_remaining -= len(take)
+            data = data[len(take) :]
+            self._client_progress()
+            self._drive(self.client, now, out)
+        if data:
+            # Thesis 4.1: writing more than len to the client, or anything to
+            # the server, after splice is not allowed.  Never relay it.
+            self.proxy_discarded += len(data)
+            s = self.side(iface)
+            if not s.misuse_reported:
+                s.misuse_reported = True
+                what = "more than len bytes to the client" if iface is CLIENT else "to the server"
+                out.append(
+                    ProxyMisuse(iface, f"wrote {what} after splice; the bytes were discarded")
+                )
+        return out
+
+    def on_proxy_done(self, iface: Iface, now: float) -> list[Action]:
+        """The proxy let go of a spliced fd: no more of its len bytes will come."""
+        out: list[Action] = []
+        if iface is CLIENT and self.len_remaining > 0:
+            self.len_remaining = 0
+            self._client_progress()
+            self._drive(self.client, now, out)
+        return out
+
+    def _client_progress(self) -> None:
+        """Once the proxy wrote its len bytes, the server's early bytes follow them."""
+        if self.len_remaining == 0 and self.early_s2c is not None:
+            if self.early_s2c:
+                self.client.outbox.append(self.early_s2c)
+            self.client.outbox_fin = self.client.outbox_fin or self.early_s2c_fin
+            self.early_s2c = None
+
+    # ---------------------------------------------------------- packets
+
+    def on_packet(
+        self, src: Iface, vnet: VnetHeader | None, pkt: memoryview, now: float
+    ) -> list[Action]:
+        """A segment arrived on connection ``src`` after splice(): feed, relay or queue it."""
+        info = peek(pkt)
+        if info is None:
+            self.counters.relay_malformed += 1
+            return []
+        flags = info.flags
+        pair = self.pair
+        if flags & (SYN | ACK) == SYN and pair.client is SpliceState.TIMEWAIT:
+            # RFC 9293 3.10.7.4 / RFC 6191: a new SYN ends TIME-WAIT.  Clients
+            # that closed passively reuse their port at once; without this
+            # their SYN would be relayed into the dead pair.
+            self.counters.timewait_reopened += 1
+            out: list[Action] = []
+            self._handle(CLIENT, Event.TIMEWAIT_EXPIRED, out, now)
+            out.append(Reopen())
+            return out
+        if flags & RST:
+            return self._relay_reset(src, vnet, pkt, info, now)
+        out = []
+        s = self.client if src is CLIENT else self.server
+        assert s is not None
+        # Does this segment acknowledge the FIN relayed toward its sender?
+        if (
+            s.fin_ack is not None
+            and flags & ACK
+            and pair.state(src) is SpliceState.FIN_RELAYED
+            and seq_ge(info.ack, s.fin_ack)
+        ):
+            self._handle(src, Event.FIN_ACKED, out, now)
+            if self.fast_path:
+                out.append(WatchFinAck(s.key, None))
+            if pair.client is SpliceState.GONE:
+                return out
+        tcb = s.tcb
+        if tcb is not None and flags & ACK:
+            ts = None
+            if tcb.ts_ok and info.tcp_header_len > 20:
+                start = info.ip_header_len + 20
+                ts = find_timestamp(pkt[start : info.ip_header_len + info.tcp_header_len])
+            tcb.on_ack(info.seq, info.ack, info.window, flags, info.payload_len > 0, ts, now)
+            self._drive(s, now, out)
+            if pair.client is SpliceState.GONE:
+                return out
+        dst = src.other
+        if pair.relays_toward(dst):
+            self._relay(src, vnet, pkt, info, out, now)
+        else:
+            self._queue(dst, vnet, pkt)
+        return out
+
+    def _relay(
+        self,
+        src: Iface,
+        vnet: VnetHeader | None,
+        pkt: memoryview,
+        info: SegmentInfo,
+        out: list[Action],
+        now: float,
+    ) -> None:
+        t = self.c2s if src is CLIENT else self.s2c
+        assert t is not None
+        outs = translate(t, vnet, pkt, info)
+        if not outs:
+            self.counters.relay_malformed += 1
+            return
+        for hdr, buf in outs:
+            out.append(Write(hdr, buf))
+        self.counters.relayed += 1
+        if src is CLIENT:
+            self.bytes_c2s += info.payload_len
+            self.packets_c2s += 1
+        else:
+            self.bytes_s2c += info.payload_len
+            self.packets_s2c += 1
+        if info.flags & FIN:
+            dst = src.other
+            if self.pair.state(dst) is SpliceState.SPLICED:
+                d = self.side(dst)
+                d.fin_ack = (info.seq + t.seq_delta + info.payload_len + 1) & MASK
+                self._handle(dst, Event.FIN_RELAYED, out, now)
+                if self.fast_path:
+                    out.append(WatchFinAck(d.key, d.fin_ack))
+
+    def _queue(self, dst: Iface, vnet: VnetHeader | None, pkt: memoryview) -> None:
+        if self.queued_bytes + len(pkt) > QUEUE_LIMIT:
+            # Like a drop on a congested link: the sender retransmits.
+            self.queue_drops += 1
+            self.counters.queue_drops += 1
+            return
+        d = self.side(dst)
+        d.queue.append((None if vnet is None else vnet.to_bytes(), bytes(pkt)))
+        self.queued_bytes += len(pkt)
+        self.counters.queued += 1
+
+    def _flush(self, dst: Iface, out: list[Action], now: float) -> None:
+        """Thesis 5.1: the queue toward an interface is relayed once it splices."""
+        d = self.side(dst)
+        src = dst.other
+        q = d.queue
+        while q and self.pair.relays_toward(dst):
+            hdr, raw = q.popleft()
+            self.queued_bytes -= len(raw)
+            buf = memoryview(bytearray(raw))
+            info = peek(buf)
+            if info is None:
+                continue
+            vnet = VnetHeader.parse(hdr) if hdr is not None else None
+            if info.flags & RST:
+                out.extend(self._relay_reset(src, vnet, buf, info, now))
+                return
+            self._relay(src, vnet, buf, info, out, now)
+
+    def _relay_reset(
+        self,
+        src: Iface,
+        vnet: VnetHeader | None,
+        pkt: memoryview,
+        info: SegmentInfo,
+        now: float,
+    ) -> list[Action]:
+        """Thesis 5.1: a RST is relayed and tears the splice down."""
+        out: list[Action] = []
+        dst = src.other
+        t = self.c2s if src is CLIENT else self.s2c
+        other = self.server if dst is SERVER else self.client
+        if t is not None:
+            for hdr, buf in translate(t, vnet, pkt, info):
+                out.append(Write(hdr, buf))
+        elif other is not None and other.tcb is not None:
+            # That direction is not spliced yet: its own TCB still speaks for
+            # it and resets the peer with its own sequence numbers.
+            other.tcb.abort()
+            out.append(Emit(dst, other.tcb, other.tcb.poll_output(now)))
+        self.counters.resets_relayed += 1
+        self._handle(src, Event.RESET, out, now)
+        return out
+
+    def abort(self, now: float) -> list[Action]:
+        """Reset both connections (a TCB gave up, or the daemon stops)."""
+        out: list[Action] = []
+        for s in (self.client, self.server):
+            if s is not None and s.tcb is not None and s.tcb.state is not TcpState.CLOSED:
+                s.tcb.abort()
+                out.append(Emit(s.iface, s.tcb, s.tcb.poll_output(now)))
+        if self.pair.client is not SpliceState.GONE:
+            self._handle(CLIENT, Event.RESET, out, now)
+        return out
+
+    # ----------------------------------------------------------- timers
+
+    def on_timer(self, iface: Iface, now: float) -> list[Action]:
+        """A draining TCB's retransmission timer fired."""
+        s = self.side(iface)
+        out: list[Action] = []
+        tcb = s.tcb
+        if tcb is None:
+            return out
+        deadline = tcb.next_deadline()
+        if deadline is not None and deadline <= now:
+            tcb.on_timer(now)
+        self._drive(s, now, out)
+        return out
+
+    def on_timewait_expired(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        if self.pair.client is SpliceState.TIMEWAIT:
+            self._handle(CLIENT, Event.TIMEWAIT_EXPIRED, out, now)
+        return out
+
+    # -------------------------------------------------------- the drain
+
+    def _drive(self, s: RelaySide, now: float, out: list[Action]) -> None:
+        """A frozen TCB: feed it from the outbox, take its output, see if it drained."""
+        tcb = s.tcb
+        if tcb is None or not self.spliced:
+            return
+        events = tcb.events
+        while events:
+            ev = events.popleft()
+            if ev is TcpEvent.TIMED_OUT or ev is TcpEvent.RESET:
+                # The TCB gave up on its peer before draining: the splice
+                # cannot complete; reset both sides (thesis 5.1 RST rule).
+                segs = tcb.poll_output(now)  # its own RST, if it sent one
+                if segs:
+                    out.append(Emit(s.iface, tcb, segs))
+                out.extend(self.abort(now))
+                return
+        outbox = s.outbox
+        while outbox and tcb.send_space() > 0:
+            chunk = outbox[0]
+            try:
+                n = tcb.send(chunk)
+            except BrokenPipeError:
+                outbox.clear()
+                break
+            if n < len(chunk):
+                outbox[0] = chunk[n:]
+                break
+            outbox.popleft()
+        if not outbox and s.outbox_fin and not s.fin_queued:
+            s.fin_queued = True
+            if tcb.state in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT):
+                tcb.shutdown_write()
+        segs = tcb.poll_output(now)
+        if segs:
+            out.append(Emit(s.iface, tcb, segs))
+        if self._drained(s, tcb):
+            self._fall_silent(s, tcb, now, out)
+        else:
+            out.append(ArmTimer(s.iface, tcb.next_deadline()))
+
+    def _drained(self, s: RelaySide, tcb: TcpConnection) -> bool:
+        if s.outbox or (s.outbox_fin and not s.fin_queued):
+            return False
+        if s.iface is CLIENT and (self.len_remaining > 0 or self.early_s2c is not None):
+            return False
+        return tcb.all_acked()
+
+    def _fall_silent(self, s: RelaySide, tcb: TcpConnection, now: float, out: list[Action]) -> None:
+        """Thesis 5.1 PRE_SPLICED -> SPLICED: this TCB is done; relay toward its peer."""
+        assert s.base is not None and self.client.base is not None
+        assert self.server is not None and self.server.base is not None
+        s.base.iss = tcb.snd_max
+        s.base.snd_mss = tcb.snd_mss
+        s.tcb = None
+        out.append(ArmTimer(s.iface, None))
+        self.c2s, self.s2c = translators(self.client.base, self.server.base, self.offload)
+        self._handle(s.iface, Event.WRITE_QUEUE_DRAINED, out, now)
+        if s.fin_queued:
+            # The FIN of this direction was sent by the TCB itself (it came
+            # before the splice) and is acknowledged: already relayed and
+            # acked in Fig. 5.1's terms.
+            self._handle(s.iface, Event.FIN_RELAYED, out, now)
+            self._handle(s.iface, Event.FIN_ACKED, out, now)
+        self._maybe_fast_path(out)
+
+    def _maybe_fast_path(self, out: list[Action]) -> None:
+        """Both TCBs are silent and both translations exist: offer the kernel the pair."""
+        if self.fast_path or self.c2s is None or self.s2c is None or self.server is None:
+            return
+        if self.pair.client is SpliceState.GONE:
+            return
+        if self.client.queue or self.server.queue:
+            return  # flushed first, in order, by the relay itself
+        self.fast_path = True
+        self.counters.fast_path_installed += 1
+        c, s = self.client, self.server
+        # A watch belongs to the side a FIN was relayed toward, while FIN_RELAYED.
+        c_watch = c.fin_ack if self.pair.client is SpliceState.FIN_RELAYED else None
+        s_watch = s.fin_ack if self.pair.server is SpliceState.FIN_RELAYED else None
+        out.append(InstallFastPath(((c.key, self.c2s, c_watch), (s.key, self.s2c, s_watch))))
+
+    # ----------------------------------------------------------- states
+
+    def _handle(self, iface: Iface, event: Event, out: list[Action], now: float) -> None:
+        for tr in self.pair.handle(iface, event):
+            if tr.starts_relaying and self.spliced:
+                self._flush(tr.iface, out, now)
+            if tr.enters_timewait and tr.iface is CLIENT:
+                out.append(ArmTimewait(now + 2 * self.msl))
+            if tr.torn_down and tr.iface is CLIENT:
+                self.counters.torn_down += 1
+                out.append(TearDown())
+
+    # ------------------------------------------------------------ stats
+
+    def stats(self) -> dict[str, object]:
+        def side(s: RelaySide | None) -> dict[str, object] | None:
+            if s is None:
+                return None
+            tcb = s.tcb
+            return {
+                "draining": tcb is not None and self.spliced,
+                "tcp_state": tcb.state.name if tcb is not None else None,
+                "unacked": len(tcb.send_buf) if tcb is not None else 0,
+                "outbox": sum(len(b) for b in s.outbox),
+                "fin": [s.outbox_fin, s.fin_queued],
+                "queued": len(s.queue),
+            }
+
+        return {
+            "client_state": self.pair.client.name,
+            "server_state": self.pair.server.name,
+            "bytes_c2s": self.bytes_c2s,
+            "bytes_s2c": self.bytes_s2c,
+            "packets_c2s": self.packets_c2s,
+            "packets_s2c": self.packets_s2c,
+            "queued": len(self.client.queue) + (len(self.server.queue) if self.server else 0),
+            "queue_drops": self.queue_drops,
+            "len_remaining": self.len_remaining,
+            "fast_path": self.fast_path,
+            "sides": {"client": side(self.client), "server": side(self.server)},
+        }
+
+    def draining(self, iface: Iface) -> bool:
+        """Is this side's TCB still speaking (ESTABLISHED or PRE_SPLICED after splice())?"""
+        return self.pair.state(iface) in QUEUEING_STATES
