@@ -12,10 +12,12 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pyroute2 import IPRoute
 
 from daemon.api.server import SocketPathInUse
+from daemon.fastpath import DEFAULT_OBJECT, FastPathUnavailable
 from daemon.io.daemon import Daemon, DaemonConfig
 from daemon.io.tun import configure_tun
 from daemon.tcp.config import TcpConfig
@@ -42,6 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rcv-buf", type=int, default=1 << 20, help="per-connection receive buffer")
     p.add_argument("--snd-buf", type=int, default=1 << 20, help="per-connection send buffer")
     p.add_argument("--no-offload", action="store_true", help="plain TUN (no GSO/checksum offload)")
+    p.add_argument(
+        "--fastpath",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="kernel fast path for spliced flows (tc eBPF); auto falls back to Python",
+    )
+    p.add_argument(
+        "--fastpath-object",
+        type=Path,
+        default=DEFAULT_OBJECT,
+        help="the compiled program (make fastpath)",
+    )
     p.add_argument("--log-level", default="info")
     return p
 
@@ -67,11 +81,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         source=args.source,
         offload=not args.no_offload,
         tcp=tcp,
+        fastpath=args.fastpath,
+        fastpath_object=args.fastpath_object,
     )
     try:
         daemon = Daemon(cfg)
     except SocketPathInUse as exc:
         print(f"daemon: {exc}", file=sys.stderr)
+        return 1
+    except FastPathUnavailable as exc:
+        print(f"daemon: --fastpath on, but the fast path cannot run: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"daemon: cannot start: {exc}", file=sys.stderr)

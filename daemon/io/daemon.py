@@ -42,10 +42,13 @@ import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from daemon.api.core import ApiError, Done, ObjectKind, Result
 from daemon.api.protocol import Address, ErrorCode
 from daemon.api.server import ApiServer
+from daemon.fastpath import DEFAULT_OBJECT, FastPathUnavailable
+from daemon.io.fastpath import FastPathMode, start_fast_path
 from daemon.io.splicer import Splice, Splicer
 from daemon.io.timers import Timer, TimerHeap
 from daemon.io.tun import TunDevice, new_read_buffer
@@ -99,6 +102,9 @@ class DaemonConfig:
     # scale can be forwarded after a splice); nothing constrains the server
     # side, and without scaling its window would stop at 64 KB.
     connect_rcv_wscale: int | None = 7
+    # The kernel fast path for spliced flows (daemon/io/fastpath.py).
+    fastpath: FastPathMode = "auto"
+    fastpath_object: Path = DEFAULT_OBJECT
 
 
 @dataclass(eq=False)
@@ -202,9 +208,24 @@ class Daemon:
             config.socket_path, self, mode=config.socket_mode, group=config.socket_group
         )
         self.api.register(self.sel)
-        self.splicer = Splicer(self)
+        try:
+            self.fast_path, self.fast_path_reason = start_fast_path(
+                config.fastpath, config.tun_name, config.fastpath_object
+            )
+        except FastPathUnavailable:
+            self.api.close()
+            self.tun.close()
+            raise
+        fp = self.fast_path
+        self.splicer = Splicer(self, fp, fp.egress if fp is not None else None)
         self.stopping = False
-        log.info("TUN %s in %s mode; API on %s", config.tun_name, self.tun.mode, config.socket_path)
+        log.info(
+            "TUN %s in %s mode; fast path %s; API on %s",
+            config.tun_name,
+            self.tun.mode,
+            "on" if fp is not None else "off",
+            config.socket_path,
+        )
 
     # ------------------------------------------------------------------ loop
 
@@ -233,6 +254,8 @@ class Daemon:
             self._free(conn)
         self.api.close()
         self.sel.close()
+        if self.fast_path is not None:
+            self.fast_path.close()
         self.tun.close()
 
     def _new_id(self) -> int:
@@ -937,6 +960,7 @@ class Daemon:
                 "listeners": len(self.listeners),
                 "counters": dict(self.counters),
                 "splice_counters": self.splicer.counters.as_dict(),
+                "fast_path": self._fast_path_status(),
                 "splices": self.splicer.stats(),
             }
         c = self._conn(conn)
@@ -970,6 +994,13 @@ class Daemon:
                 "timestamps": t.ts_ok,
             },
         }
+
+    def _fast_path_status(self) -> dict[str, object]:
+        if self.fast_path is None:
+            return {"running": False, "reason": self.fast_path_reason}
+        st: dict[str, object] = self.fast_path.status()
+        st["errors"] = self.splicer.fast_path_errors
+        return st
 
     def intend_splice(self, owner: int, conn: int) -> Result:
         return self.splicer.intend_splice(owner, conn)

@@ -436,6 +436,16 @@ class Relay:
     ) -> None:
         t = self.c2s if src is CLIENT else self.s2c
         assert t is not None
+        if info.flags & FIN:
+            dst = src.other
+            if self.pair.state(dst) is SpliceState.SPLICED:
+                d = self.side(dst)
+                d.fin_ack = (info.seq + t.seq_delta + info.payload_len + 1) & MASK
+                self._handle(dst, Event.FIN_RELAYED, out, now)
+                if self.fast_path:
+                    # Before the FIN leaves: its ACK may come back through
+                    # the kernel before the daemon makes another syscall.
+                    out.append(WatchFinAck(d.key, d.fin_ack))
         outs = translate(t, vnet, pkt, info)
         if not outs:
             self.counters.relay_malformed += 1
@@ -449,14 +459,6 @@ class Relay:
         else:
             self.bytes_s2c += info.payload_len
             self.packets_s2c += 1
-        if info.flags & FIN:
-            dst = src.other
-            if self.pair.state(dst) is SpliceState.SPLICED:
-                d = self.side(dst)
-                d.fin_ack = (info.seq + t.seq_delta + info.payload_len + 1) & MASK
-                self._handle(dst, Event.FIN_RELAYED, out, now)
-                if self.fast_path:
-                    out.append(WatchFinAck(d.key, d.fin_ack))
 
     def _queue(self, dst: Iface, vnet: VnetHeader | None, pkt: memoryview) -> None:
         if self.queued_bytes + len(pkt) > QUEUE_LIMIT:
