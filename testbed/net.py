@@ -253,6 +253,7 @@ class Testbed:
     sysctls: Mapping[str, Mapping[str, str | int]] = field(default_factory=dict)
     services: bool = True
     msl: float = 30.0  # the splice daemon's MSL (TIME-WAIT = 2 MSL); tests shorten it
+    fastpath: str = "auto"  # the daemon's kernel fast path for spliced flows: auto, on, off
     run_root: Path = RUN_ROOT
 
     def __post_init__(self) -> None:
@@ -448,6 +449,8 @@ class Testbed:
                 str(self.daemon_socket),
                 "--msl",
                 str(self.msl),
+                "--fastpath",
+                self.fastpath,
             ],
         )
         daemon_args = ["--daemon", str(self.daemon_socket), "--source", SPLICE_SOURCE]

@@ -52,3 +52,17 @@ def tb() -> Iterator[object]:
         yield bed
     finally:
         bed.down()
+
+
+@pytest.fixture(scope="module", params=["fastpath", "python"])
+def spliced_tb(request: pytest.FixtureRequest) -> Iterator[object]:
+    """Like ``tb``, once with the kernel fast path carrying spliced flows, once without."""
+    from testbed.net import Testbed
+
+    mode = "on" if request.param == "fastpath" else "off"
+    bed = Testbed(unique_prefix(), msl=1.0, fastpath=mode)
+    try:
+        bed.up()
+        yield bed
+    finally:
+        bed.down()

@@ -38,6 +38,12 @@ pytestmark = pytest.mark.root
 MSL = 1.0  # short, so TIMEWAIT (2 MSL) ends within the test
 
 
+@pytest.fixture(scope="module")
+def tb(spliced_tb: Testbed) -> Testbed:
+    """Every test here runs twice: spliced flows in the kernel fast path, and in Python."""
+    return spliced_tb
+
+
 def stats(tb: Testbed) -> dict[str, Any]:
     return daemon_stats(tb)
 
@@ -111,6 +117,28 @@ def test_http_proxy_serves_a_hit_from_its_cache(tb: Testbed) -> None:
     assert "X-Cache: HIT" in again.stdout
     rc, digest = curl_sha256(client, target, "-x", proxy)
     assert rc == 0 and digest == pattern_sha256(4321)
+
+
+def test_the_path_that_carries_spliced_bytes_is_the_one_asked_for(tb: Testbed) -> None:
+    before = stats(tb)
+    size = 64 << 20
+    rc, digest = curl_sha256(tb.host("client"), url(tb, size), *socks(tb))
+    assert rc == 0 and digest == pattern_sha256(size)
+    after = stats(tb)
+    fp = after["fast_path"]
+    relayed = after["splice_counters"]["relayed"] - before["splice_counters"]["relayed"]
+    if tb.fastpath == "on":
+        assert fp["running"], fp
+        moved = fp["counters"]["redirected_bytes"] - before["fast_path"]["counters"][
+            "redirected_bytes"
+        ]
+        # The handshake, the SOCKS exchange and the FINs are the daemon's;
+        # nearly every byte of the payload is the kernel's.
+        assert moved >= size * 0.95, (moved, fp)
+        assert relayed < 200, relayed
+    else:
+        assert not fp["running"] and "off" in fp["reason"]
+        assert relayed > size // 65536  # at most one 64 KB super-packet per relay
 
 
 def test_the_proxy_reads_none_of_the_payload_after_splice(tb: Testbed) -> None:
