@@ -129,9 +129,9 @@ def test_the_path_that_carries_spliced_bytes_is_the_one_asked_for(tb: Testbed) -
     relayed = after["splice_counters"]["relayed"] - before["splice_counters"]["relayed"]
     if tb.fastpath == "on":
         assert fp["running"], fp
-        moved = fp["counters"]["redirected_bytes"] - before["fast_path"]["counters"][
-            "redirected_bytes"
-        ]
+        moved = (
+            fp["counters"]["redirected_bytes"] - before["fast_path"]["counters"]["redirected_bytes"]
+        )
         # The handshake, the SOCKS exchange and the FINs are the daemon's;
         # nearly every byte of the payload is the kernel's.
         assert moved >= size * 0.95, (moved, fp)

@@ -591,24 +591,27 @@ def test_peek_reads_the_fixed_fields() -> None:
     pkt = packet(segment(seq=M32, ack=3, flags=ACK | FIN, window=9, payload=b"12345"))
     info = peek(memoryview(pkt))
     assert info is not None
-    assert info[:9] == SegmentInfo(
-        ip_header_len=20,
-        tcp_header_len=32,
-        flags=ACK | FIN,
-        seq=M32,
-        ack=3,
-        window=9,
-        payload_len=5,
-        src_port=1234,
-        dst_port=8080,
-        tos=0,
-        total=20 + 32 + 5,
-        ident=0,
-        frag=0,
-        offset_byte=0x80,
-        checksum=0,
-        urgent=0,
-    )[:9]
+    assert (
+        info[:9]
+        == SegmentInfo(
+            ip_header_len=20,
+            tcp_header_len=32,
+            flags=ACK | FIN,
+            seq=M32,
+            ack=3,
+            window=9,
+            payload_len=5,
+            src_port=1234,
+            dst_port=8080,
+            tos=0,
+            total=20 + 32 + 5,
+            ident=0,
+            frag=0,
+            offset_byte=0x80,
+            checksum=0,
+            urgent=0,
+        )[:9]
+    )
     assert info.total == 57 and info.offset_byte >> 4 == 8 and info.frag & 0x3FFF == 0
     info = peek(memoryview(with_ip_options(pkt, bytes(4))))
     assert info is not None
