@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rcv-wscale",
         type=int,
-        default=0,
-        help="receive window scale we offer (thesis 5.4: 0); -1 = no option",
+        default=7,
+        help="receive window scale we offer on accepted connections; -1 = no option",
     )
     p.add_argument("--msl", type=float, default=30.0, help="MSL in seconds (TIME-WAIT = 2 MSL)")
     p.add_argument("--rcv-buf", type=int, default=1 << 20, help="per-connection receive buffer")

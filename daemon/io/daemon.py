@@ -97,10 +97,10 @@ class DaemonConfig:
     offload: bool = True
     mtu: int = 1500
     tcp: TcpConfig = field(default_factory=TcpConfig)
-    # Window scale we offer on connections we open (the server side).  The
-    # client side keeps tcp.rcv_wscale (thesis 5.4.2: 0, so the client's own
-    # scale can be forwarded after a splice); nothing constrains the server
-    # side, and without scaling its window would stop at 64 KB.
+    # Window scale we offer on connections we open.  A splice's server side
+    # is offered the client's own scale instead (thesis 5.4.2), so that client
+    # windows pass unchanged; the client side offers tcp.rcv_wscale and the
+    # translator rescales server windows for it.
     connect_rcv_wscale: int | None = 7
     # The kernel fast path for spliced flows (daemon/io/fastpath.py).
     fastpath: FastPathMode = "auto"
