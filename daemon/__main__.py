@@ -43,6 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--msl", type=float, default=30.0, help="MSL in seconds (TIME-WAIT = 2 MSL)")
     p.add_argument("--rcv-buf", type=int, default=1 << 20, help="per-connection receive buffer")
     p.add_argument("--snd-buf", type=int, default=1 << 20, help="per-connection send buffer")
+    p.add_argument(
+        "--max-server-ack-delay",
+        type=float,
+        default=0.25,
+        help="a splice's server side acks nothing sooner than the client's RTT, at most this (s)",
+    )
+    p.add_argument(
+        "--client-ack-delay",
+        type=float,
+        default=0.0,
+        help="accepted connections ack nothing received less than this ago (s): for"
+        " proxies whose servers are far, so that clients do not time the short proxy link",
+    )
     p.add_argument("--no-offload", action="store_true", help="plain TUN (no GSO/checksum offload)")
     p.add_argument(
         "--fastpath",
@@ -71,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         msl=args.msl,
         rcv_buf=args.rcv_buf,
         snd_buf=args.snd_buf,
+        min_ack_delay=args.client_ack_delay,
     )
     cfg = DaemonConfig(
         tun_name=args.tun,
@@ -82,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         offload=not args.no_offload,
         tcp=tcp,
         fastpath=args.fastpath,
+        max_server_ack_delay=args.max_server_ack_delay,
         fastpath_object=args.fastpath_object,
     )
     try:

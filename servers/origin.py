@@ -142,8 +142,10 @@ class OriginServer:
         seed: int = DEFAULT_SEED,
         log: TextIO | None = sys.stderr,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        congestion: str | None = None,
     ) -> None:
         self.seed = seed
+        self.congestion = congestion
         self.idle_timeout = idle_timeout
         self._log = _RequestLog(log)
         self._memfd: int | None = None
@@ -177,6 +179,11 @@ class OriginServer:
             # Lets a restarted server rebind while old connections sit in
             # TIME-WAIT; Linux still refuses a port someone is listening on.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.congestion:
+                # Accepted connections keep the listener's algorithm.  Per
+                # socket, so it works where the namespace's default may not be
+                # changed (net.ipv4.tcp_allowed_congestion_control).
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, self.congestion.encode())
             sock.bind(address)
             sock.listen(1024)
         except OSError as e:
@@ -392,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="pattern seed (default 1)")
     parser.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT, metavar="S")
     parser.add_argument("--quiet", "-q", action="store_true", help="no per-request log lines")
+    parser.add_argument(
+        "--congestion", metavar="ALGO", help="TCP congestion control of every connection (cubic...)"
+    )
     args = parser.parse_args(argv)
     try:
         listen = parse_host_port(args.listen)
@@ -406,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             log=None if args.quiet else sys.stderr,
             idle_timeout=args.idle_timeout,
+            congestion=args.congestion,
         )
     except ListenError as e:
         print(f"origin: {e.strerror}", file=sys.stderr)

@@ -254,6 +254,7 @@ class Testbed:
     services: bool = True
     msl: float = 30.0  # the splice daemon's MSL (TIME-WAIT = 2 MSL); tests shorten it
     fastpath: str = "auto"  # the daemon's kernel fast path for spliced flows: auto, on, off
+    daemon_args: tuple[str, ...] = ()  # more options for `python -m daemon`
     run_root: Path = RUN_ROOT
 
     def __post_init__(self) -> None:
@@ -451,6 +452,7 @@ class Testbed:
                 str(self.msl),
                 "--fastpath",
                 self.fastpath,
+                *self.daemon_args,
             ],
         )
         daemon_args = ["--daemon", str(self.daemon_socket), "--source", SPLICE_SOURCE]

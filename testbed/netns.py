@@ -107,7 +107,8 @@ def write_sysctl(name: str, key: str, value: str | int) -> None:
     write happens in a short-lived child that entered the namespace.
     """
     path = "/proc/sys/" + key.replace(".", "/")
-    code = "import sys; open(sys.argv[1], 'w').write(sys.argv[2])"
+    # A refused value surfaces only when the file is closed: close it here.
+    code = "import sys\nwith open(sys.argv[1], 'w') as f: f.write(sys.argv[2])"
     res = run(name, [sys.executable, "-c", code, path, str(value)], timeout=10)
     if res.returncode != 0:
         msg = res.stderr.strip().splitlines()[-1:] or ["unknown error"]

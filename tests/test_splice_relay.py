@@ -208,6 +208,16 @@ def test_intend_splice_offers_the_server_the_clients_mss_and_scale() -> None:
     assert relay.server_config.timestamps and relay.server_config.sack
 
 
+@pytest.mark.parametrize(("client_rtt", "expected"), [(0.02, 0.02), (0.0001, 0.0001), (3.0, 0.25)])
+def test_the_server_side_acks_nothing_sooner_than_the_client_paths_rtt(
+    client_rtt: float, expected: float
+) -> None:
+    ct, _ = client_tcb(T0)
+    ct.rto.min_rtt = client_rtt
+    relay = Relay.intend(1, ct, 2, CFG, msl=1.0, offload=False, counters=RelayCounters())
+    assert relay.server_config.min_ack_delay == expected
+
+
 def test_splice_with_nothing_to_drain_relays_at_once_and_offers_the_fast_path() -> None:
     bed, actions = spliced(0)
     assert bed.relay.pair.client is S.SPLICED and bed.relay.pair.server is S.SPLICED

@@ -541,3 +541,71 @@ def test_timestamps_echo_the_peer_tsval_and_paws_drops_old_ones() -> None:
     )
     assert conn.readable() == 10 and conn.stats.paws_drops == 1
     assert only(conn, 0.2).ack == PISS + 11
+
+
+# --- min_ack_delay: a spliced server's RTT sample covers the client's path ---------
+
+HELD = TcpConfig(timestamps=False, sack=True, msl=1.0, min_ack_delay=0.02)
+
+
+def held_open() -> TcpConnection:
+    conn = TcpConnection.connect(HELD, L, R, iss=ISS, now=0.0)
+    (syn,) = conn.poll_output(0.0)
+    assert syn.flags == SYN  # the SYN itself is never held
+    conn.on_segment(seg(PISS, ISS + 1, SYN | ACK, opts=TcpOptions(mss=1460)), 1.0)
+    return conn
+
+
+def test_the_handshake_ack_waits_min_ack_delay_after_the_syn_ack() -> None:
+    conn = held_open()
+    assert conn.state is S.ESTABLISHED and TcpEvent.ESTABLISHED in conn.events
+    assert conn.poll_output(1.0) == [] and conn.poll_output(1.019) == []
+    assert conn.next_deadline() == 1.02
+    conn.on_timer(1.02)
+    ack = only(conn, 1.02)
+    assert ack.flags == ACK and ack.ack == PISS + 1
+
+
+def test_data_written_before_the_handshake_ack_may_leave_waits_with_it() -> None:
+    conn = held_open()
+    conn.send(b"GET / HTTP/1.0\r\n\r\n")
+    assert conn.poll_output(1.005) == []
+    conn.on_timer(1.02)
+    (data,) = conn.poll_output(1.02)
+    assert bytes(data.payload).startswith(b"GET") and data.ack == PISS + 1
+
+
+def test_received_data_is_acknowledged_only_min_ack_delay_after_it_arrived() -> None:
+    conn = held_open()
+    conn.on_timer(1.02)
+    conn.poll_output(1.02)
+    conn.on_segment(seg(PISS + 1, ISS + 1, ACK, b"a" * 100), 2.0)
+    conn.on_segment(seg(PISS + 101, ISS + 1, ACK, b"b" * 100), 2.01)
+    assert conn.poll_output(2.01) == []
+    conn.on_timer(2.02)
+    first = only(conn, 2.02)
+    assert first.ack == PISS + 101  # the second segment is 10 ms younger
+    conn.on_timer(2.03)
+    second = only(conn, 2.03)
+    assert second.ack == PISS + 201
+    # Held back or not, the right edge advertised never moves left.
+    assert (second.ack + second.window) >= (first.ack + first.window)
+
+
+def test_a_data_segment_sent_during_the_hold_carries_the_older_ack() -> None:
+    conn = held_open()
+    conn.on_timer(1.02)
+    conn.poll_output(1.02)
+    conn.on_segment(seg(PISS + 1, ISS + 1, ACK, b"banner"), 2.0)
+    conn.send(b"hello")
+    (data,) = conn.poll_output(2.001)
+    assert data.ack == PISS + 1 and bytes(data.payload) == b"hello"
+    # The window still reaches as far as the received bytes allowed.
+    assert data.ack + data.window >= PISS + 7
+
+
+def test_without_min_ack_delay_the_handshake_ack_leaves_at_once() -> None:
+    conn = TcpConnection.connect(CFG, L, R, iss=ISS, now=0.0)
+    conn.poll_output(0.0)
+    conn.on_segment(seg(PISS, ISS + 1, SYN | ACK, opts=TcpOptions(mss=1460)), 1.0)
+    assert only(conn, 1.0).ack == PISS + 1

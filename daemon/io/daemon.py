@@ -102,6 +102,9 @@ class DaemonConfig:
     # windows pass unchanged; the client side offers tcp.rcv_wscale and the
     # translator rescales server windows for it.
     connect_rcv_wscale: int | None = 7
+    # A splice's server side acknowledges nothing sooner than the client
+    # path's RTT, at most this (daemon/splice/relay.py, Relay.intend).
+    max_server_ack_delay: float = 0.25
     # The kernel fast path for spliced flows (daemon/io/fastpath.py).
     fastpath: FastPathMode = "auto"
     fastpath_object: Path = DEFAULT_OBJECT
@@ -172,7 +175,11 @@ class Daemon:
             # Without GSO every segment we emit must fit the MSS on its own.
             tcp_cfg = _replace(tcp_cfg, max_tso_bytes=tcp_cfg.mss)
         self.tcp_config = tcp_cfg
-        self.connect_config = _replace(tcp_cfg, rcv_wscale=config.connect_rcv_wscale)
+        # Connections we open acknowledge at once (a splice's server side sets
+        # its own min_ack_delay); tcp.min_ack_delay is for accepted ones.
+        self.connect_config = _replace(
+            tcp_cfg, rcv_wscale=config.connect_rcv_wscale, min_ack_delay=0.0
+        )
         self.sel = selectors.DefaultSelector()
         self.timers = TimerHeap()
         self.isn = IsnGenerator()

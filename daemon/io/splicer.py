@@ -123,6 +123,7 @@ class Splicer:
             msl=self.d.tcp_config.msl,
             offload=self.d.offload,
             counters=self.counters,
+            max_ack_delay=self.d.config.max_server_ack_delay,
         )
         sp = Splice(relay, c)
         c.splice = sp

@@ -256,20 +256,32 @@ class Relay:
         msl: float,
         offload: bool,
         counters: RelayCounters,
+        max_ack_delay: float = 0.25,
     ) -> Relay:
         """Thesis 4.1 intend_splice: the server side is offered what the client negotiated.
 
         5.4: MSS clamp = the client's MSS (5.4.4) and receive window scale =
         the client's own (5.4.2), so that segments can later pass between
         them unchanged; timestamps and SACK are offered.
+
+        And the server side acknowledges nothing sooner than the client
+        path's RTT (``TcpConfig.min_ack_delay``): the server will carry its
+        traffic across both paths, and its congestion control takes its
+        minimum RTT from the handshake (BBR keeps it 10 s, Linux's reordering
+        window 300 s).  The client TCB's smallest RTT sample is the client
+        path at best, so no sample the server takes is smaller than the
+        spliced path's; ``max_ack_delay`` bounds it, so that a server that
+        speaks first (SSH, SMTP) does not wait on a bad estimate.
         """
         t = client_tcb
+        client_rtt = t.rto.min_rtt if t.rto.min_rtt is not None else 0.0
         cfg = replace(
             connect_config,
             mss=t.peer_mss,
             rcv_wscale=t.snd_wscale if t.wscale_ok else None,
             sack=True,
             timestamps=True,
+            min_ack_delay=min(client_rtt, max_ack_delay),
         )
         side = RelaySide(CLIENT, t.local, t.remote, t)
         return cls(owner, server_id, cfg, side, msl, offload, counters)

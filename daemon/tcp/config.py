@@ -61,3 +61,12 @@ class TcpConfig:
     """Slow start grows cwnd by at most this many MSS per ACK (RFC 3465 2.2)."""
     persist_max: float = 60.0
     """Longest interval between zero-window probes."""
+    min_ack_delay: float = 0.0
+    """Acknowledge no sequence space received less than this long ago (0 = off).
+
+    For the server side of a splice: the server times its RTT (and BBR its
+    min-RTT filter, for 10 s) from our ACKs, but carries its traffic across
+    the client's path too; an ACK from the proxy host would tell it the path
+    is as short as the proxy link.  The daemon sets it to the client
+    connection's RTT.  Data we send waits with it, since it carries the ACK.
+    """

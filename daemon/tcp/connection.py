@@ -207,6 +207,10 @@ class TcpConnection:
     _readable_signalled: bool = field(init=False, default=False)
     _send_blocked: bool = field(init=False, default=False)
     frozen: bool = field(init=False, default=False)
+    # min_ack_delay: (arrival time, RCV.NXT after it) of what we may not ACK
+    # yet, oldest first, and the highest RCV.NXT we may (None: not even the SYN).
+    _rx_marks: deque[tuple[float, int]] = field(init=False, default_factory=deque)
+    _ack_allowed: int | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         c = self.config
@@ -254,6 +258,7 @@ class TcpConnection:
         conn = cls(config, local, remote, parent=parent)
         conn._init_send_space(iss)
         conn._on_peer_syn(syn)
+        conn._mark_rx(now)
         conn.state = SYN_RECEIVED
         conn.stats.opened_at = now
         return conn
@@ -451,6 +456,10 @@ class TcpConnection:
         t = self.timewait_deadline
         if t is not None and (best is None or t < best):
             best = t
+        if self._rx_marks:
+            t = self._rx_marks[0][0] + self.config.min_ack_delay
+            if best is None or t < best:
+                best = t
         return best
 
     def on_timer(self, now: float) -> None:
@@ -467,6 +476,8 @@ class TcpConnection:
         if self.delack_deadline is not None and now >= self.delack_deadline:
             self.delack_deadline = None
             self._ack_now = True
+        if self._rx_marks and now >= self._rx_marks[0][0] + self.config.min_ack_delay:
+            self._ack_now = True  # received sequence space may be acknowledged now
 
     def _on_rto(self, now: float) -> None:
         st = self.state
@@ -654,6 +665,7 @@ class TcpConnection:
         if not flags & SYN:
             return
         self._on_peer_syn(seg)
+        self._mark_rx(now)
         if flags & ACK:
             self.snd_wnd = seg.window  # a SYN's window is unscaled (RFC 7323 2.2)
             self._process_ack(seg, ack, now)
@@ -803,6 +815,7 @@ class TcpConnection:
                 ready = self.ooo.pop_ready(rcv_nxt)
             self._ack_now = True  # RFC 5681 4.2: ACK a segment that fills a hole at once
         self.rcv_nxt = rcv_nxt
+        self._mark_rx(now)
         self.stats.bytes_received += delivered
         if not self._readable_signalled:
             self._readable_signalled = True
@@ -826,6 +839,7 @@ class TcpConnection:
             return
         self._peer_fin_seq = None
         self.rcv_nxt = (self.rcv_nxt + 1) & MASK
+        self._mark_rx(now)
         self._ack_now = True
         self.events.append(TcpEvent.PEER_CLOSED)
         if st is ESTABLISHED or st is SYN_RECEIVED:
@@ -880,11 +894,22 @@ class TcpConnection:
         out = self._out
         self._out = []
         st = self.state
+        held = False
+        if self.config.min_ack_delay and st is not SYN_SENT:
+            ack = self._ack_value(now)
+            # Nothing that carries an ACK leaves before the SYN may be acked;
+            # a pure ACK that acknowledges nothing new waits for the timer.
+            held = ack is None or (ack == self.last_ack_sent and ack != self.rcv_nxt)
+            if ack is None:
+                self.stats.segments_sent += len(out)
+                return out  # RSTs only
         if st is SYN_SENT or st is SYN_RECEIVED:
             if self.snd_nxt == self.iss:
                 out.append(self._syn_segment(now))
         elif st in _SENDING:
             self._output_data(now, out)
+        if held and self._ack_now:
+            self._ack_now = False
         if self._ack_now and st is not CLOSED and st is not SYN_SENT:
             # A pure ACK carries SND.MAX, not SND.NXT: during go-back-N SND.NXT
             # is left of the peer's RCV.NXT and the ACK would be unacceptable
@@ -1010,28 +1035,50 @@ class TcpConnection:
         if self.sack_ok and self.ooo:
             opts.sack_blocks = self.ooo.sack_blocks(3 if self.ts_ok else 4)
         ack = self.rcv_nxt
+        if self.config.min_ack_delay and now is not None:
+            allowed = self._ack_value(now)
+            if allowed is not None:
+                ack = allowed
         self.last_ack_sent = ack
         self._ack_now = False
         self._rcv_unacked_segs = 0
         self.delack_deadline = None
         return TcpSegment(
-            self.local[1], self.remote[1], seq, ack, flags, self._window_field(), opts, payload
+            self.local[1], self.remote[1], seq, ack, flags, self._window_field(ack), opts, payload
         )
 
-    def _window_field(self) -> int:
-        """The 16-bit window to advertise, moving ``rcv_adv`` (RFC 9293 3.8.6.2.2)."""
+    def _window_field(self, ack: int) -> int:
+        """The 16-bit window to advertise with ``ack``, moving ``rcv_adv`` (RFC 9293 3.8.6.2.2).
+
+        ``ack`` is RCV.NXT unless min_ack_delay holds it back; the window is
+        then counted from it, so the right edge is the same either way.
+        """
         shift = self.rcv_wscale
         cur = max(seq_sub(self.rcv_adv, self.rcv_nxt), 0)
         free = min(self.recv_buf.free(), 0xFFFF << shift)
         cap = self.recv_buf.capacity
         # RFC 1122 4.2.3.3: move the right edge only by a useful amount.
         wnd = free if free - cur >= min(cap // 2, self.config.mss) else cur
-        field_ = wnd >> shift
-        if (field_ << shift) < cur:
+        lag = seq_sub(self.rcv_nxt, ack)
+        field_ = (wnd + lag) >> shift
+        if (field_ << shift) < cur + lag:
             field_ += 1  # rounding must never move the right edge left
         field_ = min(field_, 0xFFFF)
-        self.rcv_adv = (self.rcv_nxt + (field_ << shift)) & MASK
+        self.rcv_adv = (ack + (field_ << shift)) & MASK
         return field_
+
+    def _mark_rx(self, now: float) -> None:
+        """RCV.NXT moved at ``now``: with min_ack_delay, remember when it may be acked."""
+        if self.config.min_ack_delay:
+            self._rx_marks.append((now, self.rcv_nxt))
+
+    def _ack_value(self, now: float) -> int | None:
+        """The highest RCV.NXT received at least min_ack_delay ago (None: none yet)."""
+        marks = self._rx_marks
+        due = now - self.config.min_ack_delay
+        while marks and marks[0][0] <= due:
+            self._ack_allowed = marks.popleft()[1]
+        return self._ack_allowed
 
     def ts_now(self, now: float) -> int:
         """The TSval this connection would send at ``now``."""

@@ -25,11 +25,14 @@ class RtoEstimator:
     srtt: float | None = None
     rttvar: float = 0.0
     backoff: int = 0
+    min_rtt: float | None = None  # the smallest sample seen (what a path is at best)
 
     def on_rtt_sample(self, rtt: float) -> None:
         """Fold in one RTT measurement (RFC 6298 2.2 first, 2.3 later)."""
         if rtt < 0:
             return
+        if self.min_rtt is None or rtt < self.min_rtt:
+            self.min_rtt = rtt
         if self.srtt is None:
             self.srtt = rtt
             self.rttvar = rtt / 2
