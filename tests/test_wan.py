@@ -126,8 +126,9 @@ def test_a_spliced_transfer_over_a_10ms_link_keeps_up_with_the_router(
         )
     router, spliced = router_and_spliced(wan, link, direction == "upload")
     bound = 2.0
-    if link == "proxy-server" and wan.bed.fastpath != "on":
-        # The impairment re-injects the server's segments one by one (no
+    data_crosses_the_delay_first = (link == "client-proxy") == (direction == "upload")
+    if data_crosses_the_delay_first and wan.bed.fastpath != "on":
+        # The impairment re-injects the sender's segments one by one (no
         # GSO), so the Python relay reads every 1448-byte packet, and shares
         # the 2 cores with the (Python) impairment itself: CPU-bound near
         # 2x the router's time here (docs/architecture.md).  The fast path is
