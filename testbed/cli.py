@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--mtu", action="append", default=[], metavar="LINK=MTU")
     up.add_argument("--sysctl", action="append", default=[], metavar="HOST:KEY=VALUE")
     up.add_argument("--no-services", action="store_true", help="only the namespaces and links")
+    up.add_argument(
+        "--fastpath",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the splice daemon's kernel fast path (auto: on where BPF works)",
+    )
     sub.add_parser("down", help="remove exactly what `up` made")
     st = sub.add_parser("status", help="what exists and what runs")
     st.add_argument("--json", action="store_true")
@@ -91,6 +97,7 @@ def _run(args: argparse.Namespace) -> int:
             mtu=_parse_mtu(args.mtu),
             sysctls=_parse_sysctls(args.sysctl),
             services=not args.no_services,
+            fastpath=args.fastpath,
         )
         was_up = tb.is_up()
         done = tb.up()
