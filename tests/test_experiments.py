@@ -61,13 +61,13 @@ def test_bad_input_prints_one_line_and_exits_2(capsys: pytest.CaptureFixture[str
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         "python -m testbed.experiments: error: unknown mode 'ftp': choose from "
-        "router,plain,endpoint,spliced,dante,microsocks"
+        "router,plain,endpoint,spliced,spliced-py,dante,microsocks"
     ]
 
 
 def test_quick_shrinks_the_defaults_and_skips_shaped_runs() -> None:
     p = parse_args(["--quick"])
-    assert p.quick and not p.shaped and p.cost
+    assert p.quick and not p.shaped and not p.wan and p.cost
     assert p.concurrency == (2,) and p.repeat == 1
     assert max(p.sizes) <= M and max(p.load_sizes) <= 64 * K
 
@@ -286,6 +286,35 @@ def test_report_without_spliced_says_the_claims_cannot_be_judged_yet() -> None:
     for key in "abcd":
         assert f"| ({key}) |" in text
     assert "relative to the router" in text
+
+
+def test_report_gives_wan_throughput_each_way_as_ratios_to_the_router() -> None:
+    world = dict(_thesis_world())
+    size = 32 * M
+    for mode, down, up in (("router", 1.0, 1.0), ("spliced", 1.25, 2.0)):
+        world[("wan", "download", mode, 1, size)] = summarize(_spread(down), [])
+        world[("wan", "upload", mode, 1, size)] = summarize(_spread(up), ["timeout"])
+    text = render(
+        ReportInput(
+            title="t",
+            started="s",
+            finished="f",
+            command="c",
+            machine={},
+            params={"wan_shape": "delay=10ms", "wan_size": size},
+            modes=["router", "spliced"],
+            skipped={},
+            cells=world,
+            costs=[],
+            claims={},
+            environment={"congestion_control": {"client": "bbr", "server": "cubic"}},
+        )
+    )
+    assert "## 6. Over real latency (delay=10ms on the client-proxy link)" in text
+    assert "client bbr, server cubic" in text
+    # 32 MB in 1 s is 268 Mbit/s; in 1.25 s 215 (0.80x); upload 2 s: 134 (0.50x).
+    assert "| router | 268 | 1.00x | 268 | 1.00x | 1 |" in text
+    assert "| spliced | 215 | 0.80x | 134 | 0.50x | 1 |" in text
 
 
 # -- a real quick run ---------------------------------------------------------

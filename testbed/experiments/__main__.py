@@ -120,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         costs=collected.costs,
         claims=claims,
         notes=collected.notes,
+        environment=collected.environment,
         figures=figures,
         interrupted=collected.interrupted,
     )
@@ -132,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "modes": modes,
         "skipped": dict(modeset.skipped),
         "notes": collected.notes,
+        "environment": collected.environment,
         "interrupted": collected.interrupted,
         "claims": {ref: store.claim_json(results) for ref, results in claims.items()},
     }

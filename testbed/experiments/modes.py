@@ -3,7 +3,12 @@
 * ``router``: straight to the origin, the proxy namespace forwarding (kernel).
 * ``plain``: our copy-loop SOCKS5 on kernel sockets (the thesis's "normal" proxy).
 * ``endpoint``: SOCKS5 whose TCP connections the splice daemon terminates (copying).
-* ``spliced``: the spliced SOCKS5 (the thesis's subject), when the testbed has it.
+* ``spliced``: the spliced SOCKS5 (the thesis's subject), when the testbed has it;
+  its daemon runs the kernel fast path where BPF works (``auto``).
+* ``spliced-py``: the same proxy on a second daemon started here with
+  ``--fastpath off`` (every spliced packet relayed in Python), on its own TUN
+  and the upper half of the splice network (198.51.100.128/25, more specific
+  than the testbed daemon's /24, so the kernel routes it there).
 * ``dante``, ``microsocks``: Debian's SOCKS servers, started here in the proxy
   namespace for the run and stopped afterwards.
 
@@ -20,6 +25,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +34,10 @@ from testbed import process
 
 DANTE_PORT = 1090
 MICROSOCKS_PORT = 1091
+PY_NET = "198.51.100.128/25"
+PY_SERVICE = "198.51.100.129"
+PY_SOURCE = "198.51.100.130"
+PY_PORT = 1080
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +188,8 @@ def resolve(tb: Any, wanted: tuple[str, ...], work_dir: Path) -> ModeSet:
                 found.modes.append(
                     Mode(name, tuple(tb.spliced_socks), pids, "daemon + " + ", ".join(names[1:]))
                 )
+        elif name == "spliced-py":
+            _start_spliced_py(tb, found, work_dir)
         elif name == "dante":
             binary = shutil.which("danted")
             if binary is None:
@@ -209,3 +221,76 @@ def _start(
         return
     found.started.append(proc)
     found.modes.append(Mode(name, (addr, port), (proc.pid,), "with its child processes"))
+
+
+def _start_spliced_py(tb: Any, found: ModeSet, work_dir: Path) -> None:
+    """A second daemon, fast path off, and a spliced SOCKS5 proxy on it (mode spliced-py)."""
+    sock = work_dir / "spliced-py.sock"
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    daemon_argv = [
+        sys.executable,
+        "-m",
+        "daemon",
+        "--tun",
+        (tb.prefix + "-tunpy")[:15],
+        "--prefix",
+        PY_NET,
+        "--source",
+        PY_SOURCE,
+        "--socket",
+        str(sock),
+        "--fastpath",
+        "off",
+    ]
+    log = work_dir / "spliced-py-daemon.log"
+    with open(log, "wb") as out:
+        daemon = tb.host("proxy").popen(
+            daemon_argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env
+        )
+    found.started.append(daemon)
+    if not _wait_file(sock, daemon):
+        found.skipped["spliced-py"] = "the second splice daemon did not start (see its log)"
+        return
+    proxy_argv = [
+        sys.executable,
+        "-m",
+        "proxies.socks5_spliced",
+        "--daemon",
+        str(sock),
+        "--source",
+        PY_SOURCE,
+        "--listen",
+        f"{PY_SERVICE}:{PY_PORT}",
+    ]
+    plog = work_dir / "spliced-py-proxy.log"
+    with open(plog, "wb") as out:
+        proxy = tb.host("proxy").popen(
+            proxy_argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env
+        )
+    why = _wait_port(tb, PY_SERVICE, PY_PORT, proxy, plog)
+    if why:
+        found.skipped["spliced-py"] = f"spliced SOCKS5 on the second daemon {why}"
+        return
+    found.started.append(proxy)
+    found.modes.append(
+        Mode(
+            "spliced-py",
+            (PY_SERVICE, PY_PORT),
+            (daemon.pid, proxy.pid),
+            "daemon (--fastpath off) + spliced SOCKS5",
+        )
+    )
+
+
+def _wait_file(path: Path, proc: subprocess.Popen[Any], timeout: float = 15.0) -> bool:
+    """True once `path` exists (the daemon's API socket), False if `proc` died first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False

@@ -19,13 +19,14 @@ from clients.loadgen import parse_size
 from testbed.impair import LinkShape
 from testbed.topology import DEFAULT_PREFIX, check_prefix
 
-MODES = ("router", "plain", "endpoint", "spliced", "dante", "microsocks")
+MODES = ("router", "plain", "endpoint", "spliced", "spliced-py", "dante", "microsocks")
 
 # Fig. 6.1: 1 KB to 16 MB in steps of 4, plus 64 MB.
 DEFAULT_SIZES = "1K,4K,16K,64K,256K,1M,4M,16M,64M"
 QUICK_SIZES = "1K,64K,1M"
 DEFAULT_CONCURRENCY = "8,32,64"
 DEFAULT_SHAPE = "delay=10ms loss=1%"
+DEFAULT_WAN_SHAPE = "delay=10ms"
 
 _MAX_CONCURRENCY = 256
 
@@ -50,6 +51,9 @@ class Params:
     shaped: bool  # experiment 5
     shape: str
     shaped_sizes: tuple[int, ...]
+    wan: bool  # experiment 6: sustained throughput over a link with real delay
+    wan_shape: str
+    wan_size: int
     out: Path
     prefix: str
     quick: bool
@@ -132,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cost", action="store_true", help="skip the CPU-cost experiment")
     p.add_argument("--no-shaped", action="store_true", help="skip the shaped-link experiment")
     p.add_argument(
+        "--wan-shape",
+        default=DEFAULT_WAN_SHAPE,
+        help=f"the client link for the WAN runs (default {DEFAULT_WAN_SHAPE!r})",
+    )
+    p.add_argument("--no-wan", action="store_true", help="skip the WAN (delayed link) experiment")
+    p.add_argument(
         "--prefix",
         "--prefix-for-tests",
         dest="prefix",
@@ -155,6 +165,7 @@ def parse_args(argv: Sequence[str]) -> Params:
     else:
         repeat = int(args.repeat)
     shape = parse_shape(args.shape)
+    wan_shape = parse_shape(args.wan_shape)
     try:
         prefix = check_prefix(args.prefix)
     except ValueError as exc:
@@ -176,6 +187,9 @@ def parse_args(argv: Sequence[str]) -> Params:
         shaped=not (args.no_shaped or quick),
         shape=shape,
         shaped_sizes=tuple(s for s in sizes if s <= shaped_max) or sizes[:1],
+        wan=not (args.no_wan or quick),
+        wan_shape=wan_shape,
+        wan_size=32 << 20,
         out=Path(args.out),
         prefix=prefix,
         quick=quick,

@@ -24,7 +24,14 @@ from testbed.experiments.stats import CellStats
 
 CellKey = tuple[str, str, str, int, int]
 
-MARKERS = {"router": "o", "plain": "s", "endpoint": "^", "spliced": "D", "dante": "v"}
+MARKERS = {
+    "router": "o",
+    "plain": "s",
+    "endpoint": "^",
+    "spliced": "D",
+    "spliced-py": "d",
+    "dante": "v",
+}
 
 
 def _label_size(size: float) -> str:

@@ -28,6 +28,10 @@ HIGH_LOAD = "high_load"
 THROUGHPUT = "throughput"
 UNSHAPED = "unshaped"
 SHAPED = "shaped"
+WAN = "wan"
+DOWNLOAD = "download"
+UPLOAD = "upload"
+WAN_LINK = "client-proxy"
 
 LINKS = ("client-proxy", "proxy-server")
 
@@ -58,6 +62,8 @@ class Collected:
     notes: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # modes dropped during the run
     interrupted: bool = False
+    # What the runs depend on beyond the parameters (e.g. congestion control).
+    environment: dict[str, Any] = field(default_factory=dict)
 
 
 def rotated(items: Sequence[Mode], k: int) -> list[Mode]:
@@ -108,6 +114,7 @@ def loadgen_argv(
     repeat: int,
     concurrency: int,
     timeout: float,
+    upload: bool = False,
 ) -> list[str]:
     argv = [sys.executable, "-m", "clients.loadgen", "--server", f"{origin[0]}:{origin[1]}"]
     for size in sizes:
@@ -116,6 +123,8 @@ def loadgen_argv(
         argv += ["--socks5", f"{mode.socks[0]}:{mode.socks[1]}"]
     argv += ["--repeat", str(repeat), "--concurrency", str(concurrency)]
     argv += ["--timeout", str(timeout)]
+    if upload:
+        argv.append("--upload")
     return argv
 
 
@@ -127,9 +136,10 @@ def run_loadgen(
     repeat: int,
     concurrency: int,
     timeout: float,
+    upload: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the load client in the client namespace; one dict per request."""
-    argv = loadgen_argv(tb.origin, mode, sizes, repeat, concurrency, timeout)
+    argv = loadgen_argv(tb.origin, mode, sizes, repeat, concurrency, timeout, upload)
     # Each worker's requests run one after another, each bounded by `timeout`.
     limit = timeout * repeat * len(sizes) + 30
     proc = tb.host("client").popen(
@@ -186,6 +196,8 @@ def plan_steps(params: Params, n_modes: int) -> int:
     )
     if params.shaped:
         steps += n_modes * min(params.repeat, 3)
+    if params.wan:
+        steps += 2 * n_modes * min(params.repeat, 3)
     return steps
 
 
@@ -249,6 +261,30 @@ def run_all(tb: Any, params: Params, modes: list[Mode], step: Step, into: Collec
                     raw = load(mode, params.shaped_sizes)
                     into.samples += _samples(raw, MIN_LOAD, SHAPED, mode.name, 1, rnd)
 
+    # (6) over real latency: one long transfer each way with the client link
+    # delayed, so the window and congestion-control traps of splicing show.
+    if params.wan:
+        into.environment["congestion_control"] = {
+            role: tb.host(role).sysctl("net.ipv4.tcp_congestion_control").strip()
+            for role in ("client", "server")
+        }
+        into.environment["wan_link"] = WAN_LINK
+        with shaped_links(tb, params.wan_shape, into.notes, (WAN_LINK,)):
+            for rnd in range(min(params.repeat, 3)):
+                for mode in rotated(modes, rnd):
+                    for direction in (DOWNLOAD, UPLOAD):
+                        step(f"wan {mode.name} {direction} round {rnd + 1}")
+                        raw = run_loadgen(
+                            tb,
+                            mode,
+                            [params.wan_size],
+                            repeat=1,
+                            concurrency=1,
+                            timeout=params.timeout,
+                            upload=direction == UPLOAD,
+                        )
+                        into.samples += _samples(raw, WAN, direction, mode.name, 1, rnd)
+
 
 def cost_plan(rate_bps: float, seconds: float, size: int) -> int:
     """Requests of `size` bytes to keep a path at `rate_bps` busy for `seconds` (>= 1)."""
@@ -290,17 +326,19 @@ def _cost_run(tb: Any, params: Params, mode: Mode, samples: list[Sample]) -> Cos
 
 
 @contextlib.contextmanager
-def shaped_links(tb: Any, shape: str, notes: list[str]) -> Iterator[None]:
-    """Shape both links for the block; restore each link's previous shape after."""
+def shaped_links(
+    tb: Any, shape: str, notes: list[str], links: Sequence[str] = LINKS
+) -> Iterator[None]:
+    """Shape `links` (both by default) for the block; restore each link's previous shape after."""
     before: dict[str, Any] = {}
     try:
-        for name in LINKS:
+        for name in links:
             link = tb.link(name)
             before[name], _ = link.shape_status()
             link.shape(shape)
         yield
     finally:
-        for name in LINKS:
+        for name in links:
             link = tb.link(name)
             try:
                 prev = before.get(name)
