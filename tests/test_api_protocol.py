@@ -15,6 +15,7 @@ from daemon.api.protocol import (
     Close,
     CloseListener,
     Connect,
+    ConnectSplice,
     ErrorCode,
     Hello,
     IntendSplice,
@@ -99,6 +100,22 @@ def test_part_two_splice_ops() -> None:
     assert parse_request(req(id=9, op="splice", client=1, server=2, len=0)) == Splice(9, 1, 2, 0)
 
 
+def test_connect_splice_carries_client_remote_and_len() -> None:
+    parsed = parse_request(
+        req(id=3, op="connect_splice", client=7, remote=["203.0.113.2", 80], len=10, timeout=2)
+    )
+    assert parsed == ConnectSplice(3, 7, ("203.0.113.2", 80), None, 2.0, 10)
+    for bad in (
+        {"remote": ["203.0.113.2", 80], "len": 10},  # no client
+        {"client": 7, "len": 10},  # no remote
+        {"client": 7, "remote": ["203.0.113.2", 0], "len": 10},  # port 0
+        {"client": 7, "remote": ["203.0.113.2", 80]},  # no len
+        {"client": 7, "remote": ["203.0.113.2", 80], "len": -1},
+    ):
+        parsed = parse_request(req(id=3, op="connect_splice", **bad))
+        assert isinstance(parsed, BadRequest) and parsed.code is ErrorCode.EBADREQ, bad
+
+
 def test_splice_carries_the_unread_bytes_as_base64() -> None:
     parsed = parse_request(req(id=9, op="splice", client=1, server=2, len=10, unread="R0VUIC8="))
     assert parsed == Splice(9, 1, 2, 10, b"GET /")
@@ -128,6 +145,7 @@ def test_every_op_has_a_parser() -> None:
         "list",
         "intend_splice",
         "splice",
+        "connect_splice",
     }
 
 

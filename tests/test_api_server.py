@@ -72,6 +72,7 @@ class FakeCore:
         self.listeners: dict[int, FakeListener] = {}
         self.gone: list[int] = []
         self.fail_stats = False
+        self.intents: dict[int, int] = {}  # client conn -> server conn of connect_splice
         self._ids = iter(range(1, 1 << 30))
 
     # helpers
@@ -177,6 +178,9 @@ class FakeCore:
 
     def close(self, owner: int, conn: int) -> Result:
         self._free(conn)
+        intent = self.intents.pop(conn, None)
+        if intent is not None and intent in self.conns:
+            self._free(intent)  # a connect_splice intent dies with its client, as in the daemon
         assert self.sink is not None
         self.sink.forget(ObjectKind.CONN, conn)
         return {}
@@ -212,6 +216,36 @@ class FakeCore:
         self, owner: int, client: int, server: int, length: int, unread: bytes = b""
     ) -> Result:
         raise ApiError(ErrorCode.EUNKNOWNOP, "splice is part 2")
+
+    def connect_splice(
+        self,
+        owner: int,
+        client: int,
+        remote: Address,
+        local: Address | None,
+        timeout: float,
+        length: int,
+        done: Done,
+    ) -> None:
+        """intend_splice (or the intent a failed attempt left), connect, splice: as the daemon."""
+        server = self.intents.get(client)
+        if server is None:
+            server = int(str(self.intend_splice(owner, client)["conn"]))
+            self.intents[client] = server
+
+        def connected(result: Result | ApiError, sock: socket.socket | None) -> None:
+            if isinstance(result, ApiError):
+                done(result, sock)
+                return
+            self.intents.pop(client, None)
+            try:
+                self.splice(owner, client, server, length)
+                result["spliced"] = True
+            except ApiError:
+                result["spliced"] = False
+            done(result, sock)
+
+        self.connect(owner, remote, local, timeout, server, connected)
 
     def client_gone(self, owner: int) -> None:
         self.gone.append(owner)

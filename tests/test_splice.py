@@ -729,3 +729,58 @@ def test_a_proxy_that_dies_leaves_spliced_pairs_flowing_and_closes_the_rest(
     outcome, size, ok = out.split()
     assert outcome in ("eof", "reset") and size == "2000000" and ok == "True"
     wait_until_idle(tb, timeout=4 * MSL + 10)
+
+
+CONNECT_SPLICE_PROXY = """
+import sys
+from daemon.api.client import Connection, SpliceClient
+with SpliceClient(sys.argv[1]) as api:
+    lst = api.listen(("198.51.100.1", 7030))
+    print("ready", flush=True)
+    for _ in range(2):
+        cli = lst.accept()
+        assert cli.recv(6) == b"hello\\n"   # whatever follows stays unread in the fd
+        reply, sock = api._call_fd(
+            "connect_splice", client=cli.id, remote=[sys.argv[2], int(sys.argv[3])], len=3
+        )
+        srv = Connection._from_reply(api, reply, sock)
+        print(reply["spliced"], flush=True)
+        if not reply["spliced"]:
+            api.splice(cli, srv, 3)  # hands the unread bytes back
+        cli.sendall(b"ok\\n")
+        cli.close()
+        srv.close()
+"""
+
+
+def test_connect_splice_splices_at_once_unless_the_proxy_left_bytes_unread(
+    tb: Testbed,
+) -> None:
+    proxy = tb.host("proxy").popen(
+        [sys.executable, "-c", CONNECT_SPLICE_PROXY, str(tb.daemon_socket), *map(str, tb.sink)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    client = """
+        import socket, sys, time
+        s = socket.create_connection(("198.51.100.1", 7030), timeout=10)
+        # The second client sends its payload with the hello: the proxy reads
+        # only the hello, so the daemon must leave the splice to the proxy.
+        early = sys.argv[1] == "early"
+        s.sendall(b"hello\\n" + (b"payload" if early else b""))
+        assert s.recv(3) == b"ok\\n"
+        if not early:
+            s.sendall(b"payload")
+        s.shutdown(socket.SHUT_WR)
+        print(s.recv(100).decode().strip())
+        """
+    try:
+        assert proxy.stdout is not None and proxy.stdout.readline().strip() == "ready"
+        digest = hashlib.sha256(b"payload").hexdigest()
+        assert run_py(tb.host("client"), client, "late").strip() == digest
+        assert proxy.stdout.readline().strip() == "True"
+        assert run_py(tb.host("client"), client, "early").strip() == digest
+        assert proxy.stdout.readline().strip() == "False"
+    finally:
+        proxy.kill()
+        proxy.wait()

@@ -219,6 +219,36 @@ class SpliceClient:
             unread=base64.b64encode(unread).decode("ascii"),
         )
 
+    def connect_splice(
+        self,
+        client: Connection,
+        remote: Address,
+        length: int,
+        local: Address | None = None,
+        timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    ) -> Connection:
+        """intend_splice + connect + splice(len) in one request; returns the server side.
+
+        Saves two round trips for a proxy that knows its reply length.  If the
+        daemon found bytes still unread in ``client``'s fd it connects but
+        leaves the splice to us, and this calls ``splice`` with them.  On a
+        connect error (``SpliceError``) ``client`` stays intended, as after
+        ``intend_splice``: try the next address with ``connect_splice`` again,
+        or write a failure reply and close.
+        """
+        reply, sock = self._call_fd(
+            "connect_splice",
+            client=_conn_id(client),
+            remote=list(remote),
+            local=None if local is None else list(local),
+            timeout=timeout,
+            len=length,
+        )
+        server = Connection._from_reply(self, reply, sock)
+        if not reply.get("spliced"):
+            self.splice(client, server, length)
+        return server
+
     def shutdown(self, conn: Connection | int) -> dict[str, object]:
         """Ask the daemon to send FIN after the data already written (the ``shutdown`` op)."""
         return self._call("shutdown", conn=_conn_id(conn))

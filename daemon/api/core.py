@@ -92,6 +92,24 @@ class Core(Protocol):
     ) -> Result:
         """``unread``: bytes the proxy found unread in the client fd after intend_splice."""
 
+    def connect_splice(
+        self,
+        owner: int,
+        client: int,
+        remote: Address,
+        local: Address | None,
+        timeout: float,
+        length: int,
+        done: Done,
+    ) -> None:
+        """intend_splice(client) (or its pending intent), connect, then splice(len).
+
+        ``done`` gets the connect result plus ``"spliced": bool``: false when
+        the proxy had not read everything delivered on ``client`` (then it
+        calls ``splice`` with those bytes itself).  On a connect error the
+        intent stays, as after intend_splice + a failed connect.
+        """
+
     def client_gone(self, owner: int) -> None:
         """The API client disconnected.
 

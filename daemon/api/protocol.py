@@ -159,6 +159,24 @@ class Splice:
     unread: bytes = b""
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectSplice:
+    """intend_splice + connect + splice(len) in one request (an optimisation, docs/api.md).
+
+    The thesis's three ops stay; this one saves a proxy that knows its reply
+    length two round trips.  The splice happens only if the proxy has read
+    everything delivered on ``client``; otherwise the reply says
+    ``"spliced": false`` and the proxy calls ``splice`` itself.
+    """
+
+    id: int
+    client: int
+    remote: Address
+    local: Address | None
+    timeout: float
+    length: int
+
+
 Request = (
     Hello
     | Listen
@@ -171,6 +189,7 @@ Request = (
     | ListObjects
     | IntendSplice
     | Splice
+    | ConnectSplice
 )
 
 
@@ -329,6 +348,18 @@ def _parse_splice(rid: int, obj: Mapping[str, object]) -> Request:
     return Splice(rid, client, server, length, unread)
 
 
+def _parse_connect_splice(rid: int, obj: Mapping[str, object]) -> Request:
+    local = obj.get("local")
+    return ConnectSplice(
+        rid,
+        _object_id(obj, "client"),
+        parse_address(_field(obj, "remote"), "remote", allow_port_zero=False),
+        None if local is None else parse_address(local, "local"),
+        _timeout(obj.get("timeout")),
+        _int(_field(obj, "len"), "len", 0, 2**31 - 1),
+    )
+
+
 _PARSERS = {
     "hello": _parse_hello,
     "listen": _parse_listen,
@@ -340,6 +371,7 @@ _PARSERS = {
     "list": _parse_list,
     "intend_splice": _parse_intend_splice,
     "splice": _parse_splice,
+    "connect_splice": _parse_connect_splice,
 }
 
 OPS: tuple[str, ...] = tuple(_PARSERS)

@@ -60,6 +60,7 @@ from daemon.api.protocol import (
     Close,
     CloseListener,
     Connect,
+    ConnectSplice,
     ErrorCode,
     Hello,
     IntendSplice,
@@ -385,6 +386,12 @@ class ApiServer:
                 result = self.core.intend_splice(owner, req.conn)
                 self._adopt(client, conn, result)
                 self._reply(client, req.id, result)
+            case ConnectSplice():
+                self._check(client, conn, req.client)
+                with self._completion(client, req.id) as done:
+                    self.core.connect_splice(
+                        owner, req.client, req.remote, req.local, req.timeout, req.length, done
+                    )
             case Splice():
                 self._check(client, conn, req.client)
                 self._check(client, conn, req.server)

@@ -1017,6 +1017,18 @@ class Daemon:
     ) -> Result:
         return self.splicer.splice(owner, client, server, length, unread)
 
+    def connect_splice(
+        self,
+        owner: int,
+        client: int,
+        remote: Address,
+        local: Address | None,
+        timeout: float,
+        length: int,
+        done: Done,
+    ) -> None:
+        self.splicer.connect_splice(owner, client, remote, local, timeout, length, done)
+
     def client_gone(self, owner: int) -> None:
         self.splicer.client_gone(owner)
         for lst in [lst for lst in self.listener_ids.values() if lst.owner == owner]:

@@ -19,7 +19,11 @@ A ``Splice`` is the glue of one relay: the daemon's two ``Conn`` objects
 
 from __future__ import annotations
 
+import array
+import fcntl
 import logging
+import socket
+import termios
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -161,6 +165,50 @@ class Splicer:
         conn.hold_rx = True  # thesis 4.1: the proxy never reads the server side
         conn.reserved_id = conn_id
         sp.server = conn
+
+    def connect_splice(
+        self,
+        owner: int,
+        client_id: int,
+        remote: Address,
+        local: Address | None,
+        timeout: float,
+        length: int,
+        done: Done,
+    ) -> None:
+        """intend_splice + connect + splice(len) in one op (docs/api.md, an optimisation)."""
+        c = self.d._conn(client_id)
+        sp = c.splice
+        if sp is None:
+            self.intend_splice(owner, client_id)
+            sp = c.splice
+            assert sp is not None
+        elif sp.client is not c or sp.relay.spliced or sp.server is not None:
+            # An intent whose server side is not connected may be retried
+            # (the proxy's next address); anything else is a misuse.
+            raise ApiError(ErrorCode.ESTATE, f"conn {client_id} is already part of a splice")
+        server_id = sp.relay.server_id
+
+        def connected(result: Result | ApiError, sock: socket.socket | None) -> None:
+            if isinstance(result, ApiError):
+                done(result, sock)
+                return
+            spliced = False
+            # Only if the proxy read everything delivered on the client fd:
+            # unread bytes belong to the server first, and only the proxy can
+            # take them out of its end (then it calls splice with them).
+            if not _unread_in(c.sock):
+                try:
+                    self.splice(owner, client_id, server_id, length)
+                    spliced = True
+                except ApiError as exc:
+                    log.info(
+                        "connect_splice: splice of conn %d left to the proxy: %s", client_id, exc
+                    )
+            result["spliced"] = spliced
+            done(result, sock)
+
+        self.connect(owner, server_id, remote, local, timeout, connected)
 
     def server_connected(self, conn: Conn) -> None:
         sp = conn.splice
@@ -401,6 +449,18 @@ class Splicer:
                 self.execute(sp, sp.relay.abort(now))
             if sp in self.splices:
                 self._tear_down(sp)
+
+
+def _unread_in(sock: socket.socket | None) -> bool:
+    """Does the proxy's end of this socketpair still hold bytes we wrote (SIOCOUTQ > 0)?"""
+    if sock is None:
+        return False
+    buf = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf)
+    except OSError:
+        return True  # cannot tell: let the proxy take the bytes, as with splice
+    return buf[0] > 0
 
 
 __all__ = ["FastPathPort", "Splice", "Splicer"]
