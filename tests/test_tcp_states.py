@@ -12,7 +12,7 @@ from daemon.tcp.config import TcpConfig
 from daemon.tcp.connection import TcpConnection
 from daemon.tcp.events import TcpEvent
 from daemon.tcp.state import TcpState
-from daemon.wire.tcp import ACK, FIN, RST, SYN, TcpOptions, TcpSegment
+from daemon.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpOptions, TcpSegment
 
 L = (bytes([198, 51, 100, 1]), 33000)
 R = (bytes([203, 0, 113, 9]), 80)
@@ -491,6 +491,18 @@ def test_reading_reopens_the_window_with_a_window_update() -> None:
     conn.recv(3000)
     upd = only(conn, 0.2)
     assert upd.window == 3100 and upd.ack == PISS + 4001
+
+
+def test_reading_a_request_with_the_window_wide_open_sends_no_pure_ack() -> None:
+    # The peer can keep sending: the window update waits for an ACK that
+    # leaves anyway (here the reply), instead of a segment of its own.
+    conn = established(TcpConfig(timestamps=False, rcv_buf=1 << 20, rcv_wscale=7))
+    conn.on_segment(seg(PISS + 1, ISS + 1, ACK | PSH, b"\x05\x01\x00"), 0.1)
+    conn.recv(3)
+    assert out(conn, 0.1) == []
+    conn.send(b"\x05\x00")
+    (reply,) = out(conn, 0.1)
+    assert reply.ack == PISS + 4 and bytes(reply.payload) == b"\x05\x00"
 
 
 def test_zero_peer_window_is_probed_with_backoff_until_it_opens() -> None:

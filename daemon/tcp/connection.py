@@ -331,13 +331,18 @@ class TcpConnection:
         self._readable_signalled = False
         if data and self.state in _RECEIVING:
             # RFC 1122 4.2.3.3: announce the opened window only once it
-            # grew by a useful amount (SWS avoidance on the receive side).
+            # grew by a useful amount (SWS avoidance on the receive side), and
+            # only to a sender the window may hold back: with a few MSS still
+            # open it keeps sending, and the ACKs of its data carry the new
+            # window (as Linux's tcp_cleanup_rbuf, which waits for a window
+            # that halved).  Else every request a proxy reads would cost a
+            # pure ACK just before its reply carries the same ACK.
             cur = max(seq_sub(self.rcv_adv, self.rcv_nxt), 0)
             free = min(self.recv_buf.free(), 0xFFFF << self.rcv_wscale)
             cap = self.recv_buf.capacity
             mss = self.config.mss
             thresh = min(cap // 2, mss if cur < mss else 2 * mss)
-            if free - cur >= thresh:
+            if cur < 4 * mss and free - cur >= thresh:
                 self._ack_now = True
         return data
 
