@@ -56,6 +56,7 @@ __all__ = [
     "FastPath",
     "FastPathUnavailable",
     "FlowKey",
+    "detach_stale",
 ]
 
 # Built by `make fastpath` (never at run time), relative to the repository root.
@@ -384,6 +385,31 @@ def _detach(f: _Filter) -> None:
             del _created[f.clsact]
             if not _filters_left(f.ifindex):
                 _destroy_clsact(f.ifindex)
+
+
+def detach_stale(ifindex: int) -> int:
+    """Detach our program's filters left on a link by a daemon that died; how many.
+
+    A daemon killed without ``close`` leaves its filter attached, and its
+    map still maps the 4-tuples of splices nobody tracks any more: a new
+    connection reusing one would be rewritten with a dead splice's numbers.
+    A filter is ours when libbpf named it after our program
+    (``TCA_BPF_NAME`` "splice_ingress:[id]").  Call before ``open``, in the
+    link's namespace.
+    """
+    from pyroute2 import IPRoute
+
+    prefix = PROGRAM.decode() + ":"
+    stale: list[_Filter] = []
+    with IPRoute() as ipr:
+        for msg in ipr.get_filters(index=ifindex, parent=_CLSACT_PARENTS[0]):
+            options = msg.get_attr("TCA_OPTIONS")
+            name = options.get_attr("TCA_BPF_NAME") if options is not None else None
+            if msg["handle"] and isinstance(name, str) and name.startswith(prefix):
+                stale.append(_Filter(ifindex, msg["handle"], msg["info"] >> 16, None))
+    for f in stale:
+        _detach(f)
+    return len(stale)
 
 
 def _destroy_clsact(ifindex: int) -> None:

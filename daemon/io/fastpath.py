@@ -30,6 +30,7 @@ from typing import Any, Literal
 from pyroute2 import IPRoute
 
 from daemon.fastpath import DEFAULT_OBJECT, FastPath, FastPathUnavailable
+from daemon.fastpath.loader import detach_stale
 from daemon.splice.translator import Translator
 
 log = logging.getLogger("daemon.fastpath")
@@ -117,6 +118,14 @@ def start_fast_path(
         links = external_links(tun_name)
         if not links:
             raise FastPathUnavailable("no Ethernet link in this namespace to attach to")
+        stale = 0
+        for ifindex in links:
+            try:
+                stale += detach_stale(ifindex)
+            except Exception as exc:  # a dump that fails must not keep the daemon down
+                log.warning("could not look for a stale fast path on %s: %s", links[ifindex], exc)
+        if stale:
+            log.warning("removed %d fast path filter(s) left by a daemon that died", stale)
         fp = FastPath.open(sorted(links), obj_path=obj_path, max_flows=max_flows)
     except FastPathUnavailable as exc:
         if mode == "on":
