@@ -3,12 +3,14 @@
 # curl: the real SOCKS/HTTP client; tcpdump: link captures; iptables: the
 # NFQUEUE hook of link shaping; iperf3: bulk baselines; microsocks and
 # dante-server: real SOCKS servers the experiments compare against.
+# proxychains4: iperf3 through the SOCKS proxies in the benchmarks (bench/).
 # clang, libbpf-dev: `make fastpath` (the tc eBPF program); gcc: the test that
 # checks the map layout's C side; ethtool: the fast path's checksum test.
 set -euo pipefail
 declare -A need=(
   [curl]=curl [tcpdump]=tcpdump [iptables]=iptables [iperf3]=iperf3
   [microsocks]=microsocks [danted]=dante-server [clang]=clang [gcc]=gcc [ethtool]=ethtool
+  [proxychains4]=proxychains4
 )
 missing=()
 for cmd in "${!need[@]}"; do
