@@ -73,8 +73,8 @@ def test_rst_to_listener_is_ignored() -> None:
     assert lst.poll_output() == []
 
 
-def test_syn_beyond_the_syn_backlog_is_dropped() -> None:
-    lst = listener(TcpConfig(syn_backlog=2))
+def test_syn_beyond_the_syn_backlog_is_dropped_without_cookies() -> None:
+    lst = listener(TcpConfig(syn_backlog=2, syn_cookies=False))
     conns = [lst.on_segment((PEER[0], 1000 + i), seg(1, 0, SYN), 0.0) for i in range(3)]
     assert conns[0] is not None and conns[1] is not None and conns[2] is None
     assert lst.syn_drops == 1

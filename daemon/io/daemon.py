@@ -959,13 +959,22 @@ class Daemon:
         self.dirty.add(c)
         return {}
 
+    def _listener_counters(self) -> dict[str, int]:
+        """SYN queue overflow, summed over listeners (RFC 4987: cookies or drops)."""
+        ls = [lst.tcp for lst in self.listeners.values()]
+        return {
+            "syn_drops": sum(t.syn_drops for t in ls),
+            "syn_cookies_sent": sum(t.cookies_sent for t in ls),
+            "syn_cookies_accepted": sum(t.cookies_accepted for t in ls),
+        }
+
     def stats(self, owner: int, conn: int | None) -> Result:
         if conn is None:
             return {
                 "mode": self.tun.mode,
                 "connections": len(self.flows),
                 "listeners": len(self.listeners),
-                "counters": dict(self.counters),
+                "counters": dict(self.counters) | self._listener_counters(),
                 "splice_counters": self.splicer.counters.as_dict(),
                 "fast_path": self._fast_path_status(),
                 "splices": self.splicer.stats(),

@@ -50,7 +50,9 @@ class TcpConfig:
     max_tso_bytes: int = 65000
     """Largest payload of one emitted segment; the I/O layer cuts it by GSO."""
     syn_backlog: int = 256
-    """Listener: connections in SYN-RECEIVED at once; more SYNs are dropped."""
+    """Listener: connections in SYN-RECEIVED at once; more get SYN cookies (or are dropped)."""
+    syn_cookies: bool = True
+    """Listener: answer SYNs with SYN cookies while the SYN-RECEIVED queue is full (RFC 4987)."""
     accept_backlog: int = 128
     """Listener: established connections waiting for accept()."""
     delayed_ack: float | None = 0.04

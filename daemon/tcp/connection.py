@@ -129,6 +129,16 @@ def _ts_offset(local_addr: bytes, remote_addr: bytes) -> int:
     return int.from_bytes(digest, "big")
 
 
+def ts_clock(local_addr: bytes, remote_addr: bytes, now: float) -> int:
+    """The TSval a connection between these addresses sends at ``now`` (``ts_now``).
+
+    A function of the addresses and the time only, so that a listener can
+    answer with a SYN cookie (daemon/tcp/syncookie.py) in the clock of the
+    connection it may build later.
+    """
+    return (int(now * 1000) + _ts_offset(local_addr, remote_addr)) & MASK
+
+
 def _acceptable(seq: int, seg_len: int, rcv_nxt: int, wnd: int) -> bool:
     """RFC 9293 3.10.7.4 first check, the four-case acceptability table."""
     if seg_len == 0:
@@ -261,6 +271,32 @@ class TcpConnection:
         conn._mark_rx(now)
         conn.state = SYN_RECEIVED
         conn.stats.opened_at = now
+        return conn
+
+    @classmethod
+    def from_cookie(
+        cls,
+        config: TcpConfig,
+        local: Endpoint,
+        remote: Endpoint,
+        syn: TcpSegment,
+        iss: int,
+        now: float,
+        parent: Parent | None = None,
+    ) -> TcpConnection:
+        """Passive open rebuilt from a SYN cookie (daemon/tcp/syncookie.py).
+
+        ``syn`` is the SYN the cookie stands for (sequence and options as
+        decoded from its ACK); the SYN-ACK with ISS ``iss`` counts as sent,
+        so the ACK that follows establishes the connection.  No RTT sample is
+        taken from it: the SYN-ACK's send time was never kept.
+        """
+        conn = cls.accept_syn(config, local, remote, syn, iss, now, parent)
+        window = min(conn.recv_buf.free(), 0xFFFF)  # what the cookie SYN-ACK offered
+        conn.snd_nxt = conn.snd_max = (iss + 1) & MASK
+        conn.rcv_adv = (conn.rcv_nxt + window) & MASK
+        conn.last_ack_sent = conn.rcv_nxt
+        conn._ack_now = False
         return conn
 
     def _init_send_space(self, iss: int) -> None:

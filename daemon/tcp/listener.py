@@ -9,10 +9,14 @@ whose destination is a listener goes to ``TcpListener.on_segment``.  A SYN
 returns a new SYN-RECEIVED ``TcpConnection`` the loop registers in its flow
 table and drives like any other (its SYN-ACK comes from its poll_output).
 Once its handshake completes it joins the accept queue, drained by
-``accept()``.  Both queues are bounded: a SYN is dropped when either is
-full, and a final ACK is dropped while the accept queue is full (the peer
-retransmits it), as Linux does.  Replies that belong to no connection (RSTs)
-come from ``poll_output()`` as (remote, segment) pairs.
+``accept()``.  Both queues are bounded.  A SYN is dropped while the accept
+queue is full, and a final ACK is dropped while the accept queue is full
+(the peer retransmits it), as Linux does.  While the SYN-RECEIVED queue is
+full (a SYN flood, RFC 4987) a SYN gets a *SYN cookie* instead
+(daemon/tcp/syncookie.py): a SYN-ACK that keeps no state here, whose ACK
+rebuilds the connection; with ``TcpConfig.syn_cookies`` off it is dropped.
+Replies that belong to no connection (RSTs, cookie SYN-ACKs) come from
+``poll_output()`` as (remote, segment) pairs.
 """
 
 from __future__ import annotations
@@ -20,17 +24,37 @@ from __future__ import annotations
 from collections import deque
 
 from daemon.tcp.config import Endpoint, TcpConfig
-from daemon.tcp.connection import TcpConnection
+from daemon.tcp.connection import DEFAULT_MSS, TcpConnection, ts_clock
 from daemon.tcp.isn import IsnGenerator
 from daemon.tcp.reset import reset_for_unknown
+from daemon.tcp.seq import MASK
 from daemon.tcp.state import TcpState
-from daemon.wire.tcp import ACK, RST, SYN, TcpSegment
+from daemon.tcp.syncookie import (
+    PERIOD,
+    TS_BITS_MASK,
+    SynCookies,
+    decode_ts_bits,
+    ts_bits,
+)
+from daemon.wire.tcp import ACK, FIN, RST, SYN, TcpOptions, TcpSegment
 
 __all__ = ["TcpListener", "reset_for_unknown"]
 
 
 class TcpListener:
-    __slots__ = ("_accept_queue", "_embryonic", "_out", "config", "isn", "local", "syn_drops")
+    __slots__ = (
+        "_accept_queue",
+        "_cookie_until",
+        "_cookies",
+        "_embryonic",
+        "_out",
+        "config",
+        "cookies_accepted",
+        "cookies_sent",
+        "isn",
+        "local",
+        "syn_drops",
+    )
 
     def __init__(self, config: TcpConfig, local: Endpoint, isn: IsnGenerator) -> None:
         self.config = config
@@ -39,7 +63,14 @@ class TcpListener:
         self._embryonic: dict[Endpoint, TcpConnection] = {}
         self._accept_queue: deque[TcpConnection] = deque()
         self._out: list[tuple[Endpoint, TcpSegment]] = []
+        self._cookies = SynCookies()
+        # Cookie ACKs are only looked at while cookies may be out there: a
+        # listener that never overflowed gives a blind attacker nothing to
+        # guess (Linux: tcp_synq_no_recent_overflow).
+        self._cookie_until = float("-inf")
         self.syn_drops = 0
+        self.cookies_sent = 0
+        self.cookies_accepted = 0
 
     @property
     def state(self) -> TcpState:
@@ -56,6 +87,12 @@ class TcpListener:
         if flags & RST:
             return None  # "An incoming RST should be ignored."
         if flags & ACK:
+            if not flags & SYN and now < self._cookie_until:
+                if len(self._accept_queue) >= self.config.accept_backlog:
+                    return None  # as for a final ACK: the peer retransmits it
+                child = self._from_cookie(remote, seg, now)
+                if child is not None:
+                    return child
             # "Any acknowledgment is bad if it arrives on a connection still
             # in the LISTEN state": <SEQ=SEG.ACK><CTL=RST>.
             rst = reset_for_unknown(seg)
@@ -64,15 +101,76 @@ class TcpListener:
             return None
         if not flags & SYN:
             return None
-        if (
-            len(self._embryonic) >= self.config.syn_backlog
-            or len(self._accept_queue) >= self.config.accept_backlog
-        ):
+        if len(self._accept_queue) >= self.config.accept_backlog:
             self.syn_drops += 1  # the peer retransmits its SYN later
+            return None
+        if len(self._embryonic) >= self.config.syn_backlog:
+            if self.config.syn_cookies:
+                self._send_cookie(remote, seg, now)
+            else:
+                self.syn_drops += 1
             return None
         iss = self.isn.isn(self.local, remote, now)
         conn = TcpConnection.accept_syn(self.config, self.local, remote, seg, iss, now, self)
         self._embryonic[remote] = conn
+        return conn
+
+    def _send_cookie(self, remote: Endpoint, syn: TcpSegment, now: float) -> None:
+        """Answer ``syn`` with a SYN cookie and keep nothing (RFC 4987 3.6)."""
+        c = self.config
+        o = syn.options
+        iss = self._cookies.make(self.local, remote, syn.seq, o.mss or DEFAULT_MSS, now)
+        opts = TcpOptions(mss=c.mss)
+        if c.timestamps and o.timestamp is not None:
+            # The options a stateless server would forget ride in our TSval
+            # (syncookie.py); as in _syn_segment, only those the peer offered.
+            wscale = o.wscale if c.rcv_wscale is not None else None
+            sack = c.sack and o.sack_permitted
+            if wscale is not None:
+                opts.wscale = c.rcv_wscale
+            opts.sack_permitted = sack
+            tsval = ts_clock(self.local[0], remote[0], now) & ~TS_BITS_MASK & MASK
+            opts.timestamp = (tsval | ts_bits(wscale, sack), o.timestamp[0])
+        # Without timestamps: neither scaling nor SACK, which both sides then
+        # go without (RFC 7323 2.2, RFC 2018 2).
+        window = min(c.rcv_buf, 0xFFFF)  # RFC 7323 2.2: unscaled in a SYN
+        ack = (syn.seq + 1) & MASK
+        self._out.append(
+            (remote, TcpSegment(self.local[1], remote[1], iss, ack, SYN | ACK, window, opts))
+        )
+        self.cookies_sent += 1
+        self._cookie_until = now + 2 * PERIOD
+
+    def _from_cookie(self, remote: Endpoint, seg: TcpSegment, now: float) -> TcpConnection | None:
+        """The connection a valid cookie's ACK stands for, established; None if not one."""
+        if seg.flags & (RST | FIN):
+            return None
+        client_isn = (seg.seq - 1) & MASK
+        iss = (seg.ack - 1) & MASK
+        mss = self._cookies.check(self.local, remote, client_isn, iss, now)
+        if mss is None:
+            return None
+        o = seg.options
+        wscale: int | None = None
+        sack = False
+        timestamp: tuple[int, int] | None = None
+        if self.config.timestamps and o.timestamp is not None:
+            wscale, sack = decode_ts_bits(o.timestamp[1])
+            timestamp = (o.timestamp[0], 0)
+        syn = TcpSegment(
+            remote[1],
+            self.local[1],
+            client_isn,
+            0,
+            SYN,
+            seg.window,
+            TcpOptions(mss=mss, wscale=wscale, sack_permitted=sack, timestamp=timestamp),
+        )
+        conn = TcpConnection.from_cookie(self.config, self.local, remote, syn, iss, now, self)
+        conn.on_segment(seg, now)
+        if conn.state is not TcpState.ESTABLISHED:
+            return None
+        self.cookies_accepted += 1
         return conn
 
     def accept(self) -> TcpConnection | None:
