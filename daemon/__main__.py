@@ -56,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="accepted connections ack nothing received less than this ago (s): for"
         " proxies whose servers are far, so that clients do not time the short proxy link",
     )
+    p.add_argument(
+        "--syn-backlog",
+        type=int,
+        default=256,
+        help="half-open connections per listener; beyond them SYNs get SYN cookies",
+    )
+    p.add_argument(
+        "--no-syn-cookies",
+        action="store_true",
+        help="drop SYNs beyond --syn-backlog instead of answering with SYN cookies (RFC 4987)",
+    )
     p.add_argument("--no-offload", action="store_true", help="plain TUN (no GSO/checksum offload)")
     p.add_argument(
         "--fastpath",
@@ -74,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.syn_backlog < 0:
+        parser.error("--syn-backlog must be 0 or more")
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
@@ -85,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rcv_buf=args.rcv_buf,
         snd_buf=args.snd_buf,
         min_ack_delay=args.client_ack_delay,
+        syn_backlog=args.syn_backlog,
+        syn_cookies=not args.no_syn_cookies,
     )
     cfg = DaemonConfig(
         tun_name=args.tun,
