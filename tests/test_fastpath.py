@@ -594,6 +594,54 @@ def test_two_instances_on_the_same_links_leave_nothing_after_both_close(
         assert "clsact" not in qdisc_kinds(name, ifindex)
 
 
+HOLDER = """
+import sys, time
+from daemon.fastpath import FastPath
+fp = FastPath.open([int(i) for i in sys.argv[1:]])
+print("attached", flush=True)
+time.sleep(600)
+"""
+
+
+def test_detach_stale_removes_a_killed_daemons_filters_and_spares_live_ones(
+    veth_ns: tuple[str, list[int]],
+) -> None:
+    import sys
+
+    from daemon.fastpath.loader import detach_stale
+
+    name, links = veth_ns
+    with inside(name):
+        live = FastPath.open(links)
+    holder = subprocess.Popen(
+        ["ip", "netns", "exec", name, sys.executable, "-c", HOLDER, *map(str, links)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "attached"
+        assert len(ingress_filters(name, links[0])) == 2
+        with inside(name):
+            # Both owners alive: nothing is stale, whoever asks.
+            assert [detach_stale(i) for i in links] == [0, 0]
+        assert len(ingress_filters(name, links[0])) == 2
+        holder.kill()  # SIGKILL: its filters stay behind, with its map
+        holder.wait()
+        assert len(ingress_filters(name, links[0])) == 2
+        with inside(name):
+            assert [detach_stale(i) for i in links] == [1, 1]
+        for ifindex in links:
+            assert len(ingress_filters(name, ifindex)) == 1  # the live one's
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        live.close()
+    for ifindex in links:
+        assert ingress_filters(name, ifindex) == set()
+
+
 def test_a_clsact_that_was_there_before_stays(veth_ns: tuple[str, list[int]]) -> None:
     from pyroute2 import NetNS
 

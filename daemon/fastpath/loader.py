@@ -394,22 +394,64 @@ def detach_stale(ifindex: int) -> int:
     map still maps the 4-tuples of splices nobody tracks any more: a new
     connection reusing one would be rewritten with a dead splice's numbers.
     A filter is ours when libbpf named it after our program
-    (``TCA_BPF_NAME`` "splice_ingress:[id]").  Call before ``open``, in the
-    link's namespace.
+    (``TCA_BPF_NAME`` "splice_ingress:[id]"), and stale when no process
+    holds a descriptor of its program any more: a live daemon keeps its
+    program's fd open for as long as it runs, so another daemon in the same
+    namespace (a second TUN, another prefix) keeps its filters.  Call before
+    ``open``, in the link's namespace.
     """
     from pyroute2 import IPRoute
 
     prefix = PROGRAM.decode() + ":"
-    stale: list[_Filter] = []
+    candidates: list[tuple[_Filter, int | None]] = []
     with IPRoute() as ipr:
         for msg in ipr.get_filters(index=ifindex, parent=_CLSACT_PARENTS[0]):
             options = msg.get_attr("TCA_OPTIONS")
             name = options.get_attr("TCA_BPF_NAME") if options is not None else None
             if msg["handle"] and isinstance(name, str) and name.startswith(prefix):
-                stale.append(_Filter(ifindex, msg["handle"], msg["info"] >> 16, None))
+                # The kernel names the program's id in TCA_BPF_NAME ("name:[id]");
+                # pyroute2 does not decode TCA_BPF_ID.
+                tail = name[len(prefix) :]
+                prog_id = int(tail[1:-1]) if tail[1:-1].isdigit() else None
+                candidates.append(
+                    (_Filter(ifindex, msg["handle"], msg["info"] >> 16, None), prog_id)
+                )
+    if not candidates:
+        return 0
+    held = held_prog_ids()
+    stale = [f for f, prog_id in candidates if prog_id is None or prog_id not in held]
     for f in stale:
         _detach(f)
     return len(stale)
+
+
+def held_prog_ids() -> set[int]:
+    """Ids of the BPF programs some process holds a descriptor of (/proc/*/fdinfo).
+
+    The fdinfo of a program's fd names it ("prog_id:"); a filter alone does
+    not appear here, so this is the set of programs somebody still runs.
+    """
+    held: set[int] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:  # gone, or not ours to read
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"{fd_dir}/{fd}") != "anon_inode:bpf-prog":
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                    for line in info:
+                        if line.startswith("prog_id:"):
+                            held.add(int(line.split()[1]))
+                            break
+            except (OSError, ValueError):
+                continue
+    return held
 
 
 def _destroy_clsact(ifindex: int) -> None:
