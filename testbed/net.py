@@ -255,6 +255,9 @@ class Testbed:
     msl: float = 30.0  # the splice daemon's MSL (TIME-WAIT = 2 MSL); tests shorten it
     fastpath: str = "auto"  # the daemon's kernel fast path for spliced flows: auto, on, off
     daemon_args: tuple[str, ...] = ()  # more options for `python -m daemon`
+    # A command the daemon runs under, e.g. setpriv to bound its capabilities
+    # (docs/operations.md): ("setpriv", "--bounding-set=-all,+net_admin,+bpf", "--").
+    daemon_wrapper: tuple[str, ...] = ()
     run_root: Path = RUN_ROOT
 
     def __post_init__(self) -> None:
@@ -437,6 +440,7 @@ class Testbed:
         wanted["daemon"] = (
             proxy_ns,
             [
+                *self.daemon_wrapper,
                 sys.executable,
                 "-m",
                 "daemon",

@@ -512,6 +512,8 @@ def _list_objects(client: ApiClient) -> Result:
 def _resolve_group(group: str | int | None) -> int | None:
     if group is None or isinstance(group, int):
         return group
+    if group.isdigit():  # a numeric gid, as chown(1) takes it
+        return int(group)
     return grp.getgrnam(group).gr_gid
 
 

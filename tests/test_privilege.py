@@ -1,0 +1,167 @@
+"""Least privilege: the daemon needs CAP_NET_ADMIN and CAP_BPF and nothing else.
+
+The daemon runs under ``setpriv --bounding-set=-all,+net_admin,+bpf``:
+whatever it is started as, it can hold no other capability (checked in
+/proc/PID/status).  With those two it opens its TUN, loads and attaches the
+fast path, and splices a transfer whose bytes the kernel carries.  Without
+CAP_BPF, ``--fastpath auto`` falls back to the Python relay with one log
+line and ``--fastpath on`` refuses to start with a clear message.
+
+The API socket's group is the access control (docs/operations.md): a
+process outside it is refused by the kernel, one in it can attach.  Those
+clients are forked children that drop to an unprivileged uid (no exec, so
+no interpreter path permissions matter).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from testbed.net import Testbed
+from tests.conftest import unique_prefix
+from tests.helpers import curl_sha256, daemon_stats, pattern_sha256
+
+pytestmark = pytest.mark.root
+
+CAP_NET_ADMIN = 12
+CAP_BPF = 39
+API_GID = 64002  # a group that owns the API socket; no /etc/group entry needed
+# The daemon is in the socket's group (as a systemd unit's Group= makes it):
+# without CAP_CHOWN it can give its socket only to a group of its own.
+WRAPPER = ("setpriv", f"--groups={API_GID}", "--bounding-set=-all,+net_admin,+bpf", "--")
+
+
+@pytest.fixture(scope="module")
+def capped() -> Iterator[Testbed]:
+    bed = Testbed(
+        unique_prefix(),
+        msl=1.0,
+        fastpath="on",
+        daemon_wrapper=WRAPPER,
+        daemon_args=("--socket-group", str(API_GID), "--socket-mode", "0660"),
+    )
+    try:
+        bed.up()
+        yield bed
+    finally:
+        bed.down()
+
+
+def _caps(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def test_the_daemon_holds_only_net_admin_and_bpf_and_still_splices_in_the_kernel(
+    capped: Testbed,
+) -> None:
+    pid = capped.status()["services"]["daemon"]["pid"]
+    wanted = (1 << CAP_NET_ADMIN) | (1 << CAP_BPF)
+    assert _caps(pid, "CapEff") == wanted
+    assert _caps(pid, "CapBnd") == wanted
+    before = daemon_stats(capped)
+    assert before["fast_path"]["running"] is True
+    size = 8 << 20
+    url = "http://{}:{}/bytes/{}".format(*capped.origin, size)
+    rc, digest = curl_sha256(
+        capped.host("client"), url, "--socks5", "{}:{}".format(*capped.spliced_socks)
+    )
+    assert rc == 0 and digest == pattern_sha256(size)
+    after = daemon_stats(capped)
+    carried = (
+        after["fast_path"]["counters"]["redirected_bytes"]
+        - before["fast_path"]["counters"]["redirected_bytes"]
+    )
+    assert carried > size // 2  # the map updates worked with CAP_BPF alone
+
+
+def _connect_as(path: Path, uid: int, groups: list[int]) -> str:
+    """Connect to ``path`` from a forked child running as ``uid``: 'ok' or the error."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: drop, try, report, exit without cleanup
+        try:
+            os.close(r)
+            os.setgroups(groups)
+            os.setgid(uid)
+            os.setuid(uid)
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.settimeout(5)
+                    s.connect(str(path))
+                    s.sendall(b'{"id":1,"op":"hello","version":1}\n')
+                    answer = s.recv(4096)
+                result = "ok" if b'"ok":true' in answer.replace(b" ", b"") else repr(answer)
+            except OSError as exc:
+                result = type(exc).__name__
+            os.write(w, result.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as f:
+            return f.read().decode()
+    finally:
+        os.waitpid(pid, 0)
+
+
+def test_the_api_socket_admits_its_group_and_refuses_others(capped: Testbed) -> None:
+    st = capped.daemon_socket.stat()
+    assert (st.st_gid, st.st_mode & 0o777) == (API_GID, 0o660)
+    assert _connect_as(capped.daemon_socket, 64003, [API_GID]) == "ok"
+    assert _connect_as(capped.daemon_socket, 64004, []) == "PermissionError"
+
+
+def _start_daemon(tb: Testbed, wrapper: tuple[str, ...], fastpath: str) -> tuple[int | None, str]:
+    """A second daemon in tb's proxy namespace: (None once its socket appeared, else rc; log)."""
+    sock = tb.run_dir / f"capless-{fastpath}.sock"
+    argv = [
+        *wrapper,
+        sys.executable,
+        "-m",
+        "daemon",
+        "--tun",
+        (tb.prefix + "-tcl")[:15],
+        "--prefix",
+        "198.51.100.128/25",
+        "--source",
+        "198.51.100.130",
+        "--socket",
+        str(sock),
+        "--fastpath",
+        fastpath,
+    ]
+    proc = tb.host("proxy").popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and proc.poll() is None and not sock.exists():
+            time.sleep(0.05)
+        started = sock.exists()
+        if started:
+            proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+        return (None if started else proc.returncode), out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_without_cap_bpf_auto_falls_back_and_on_refuses(capped: Testbed) -> None:
+    no_bpf = ("setpriv", "--bounding-set=-all,+net_admin", "--")
+    rc, log = _start_daemon(capped, no_bpf, "auto")
+    assert rc is None, log  # it started
+    assert "fast path off, spliced flows stay in the daemon" in log, log
+    rc, log = _start_daemon(capped, no_bpf, "on")
+    assert rc == 1, log
+    assert "--fastpath on, but the fast path cannot run" in log, log
