@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from daemon.tcp.config import TcpConfig
-from daemon.tcp.connection import TcpConnection
+from daemon.tcp.connection import TcpConnection, ts_clock
 from daemon.tcp.isn import IsnGenerator
 from daemon.tcp.listener import TcpListener
 from daemon.tcp.seq import MASK
@@ -179,3 +179,19 @@ def test_cookie_acks_are_ignored_by_a_listener_that_never_overflowed() -> None:
     assert lst.on_segment(PEER, ack, 1.001) is None
     ((_, rst),) = lst.poll_output()
     assert rst.flags & RST
+
+
+def test_a_cookie_tsval_is_never_ahead_of_the_connections_clock() -> None:
+    # The six option bits replace the clock's low bits; where they are larger
+    # the TSval steps back 64 ms, or the peer's PAWS would drop what follows.
+    lst = full_listener(TcpConfig(syn_backlog=4))
+    opts = TcpOptions(mss=1460, wscale=14, sack_permitted=True, timestamp=(5, 0))
+    for ms in range(128):
+        now = 50.0 + ms / 1000
+        lst.on_segment(PEER, TcpSegment(PEER[1], LOCAL[1], ms, 0, SYN, 65535, opts), now)
+        ((_, synack),) = lst.poll_output()
+        assert synack.options.timestamp is not None
+        tsval = synack.options.timestamp[0]
+        clock = ts_clock(LOCAL[0], PEER[0], now)
+        assert 0 <= (clock - tsval) & MASK < 64, (ms, clock, tsval)
+        assert decode_ts_bits(tsval) == (14, True)

@@ -27,7 +27,7 @@ from daemon.tcp.config import Endpoint, TcpConfig
 from daemon.tcp.connection import DEFAULT_MSS, TcpConnection, ts_clock
 from daemon.tcp.isn import IsnGenerator
 from daemon.tcp.reset import reset_for_unknown
-from daemon.tcp.seq import MASK
+from daemon.tcp.seq import MASK, seq_gt
 from daemon.tcp.state import TcpState
 from daemon.tcp.syncookie import (
     PERIOD,
@@ -129,8 +129,13 @@ class TcpListener:
             if wscale is not None:
                 opts.wscale = c.rcv_wscale
             opts.sack_permitted = sack
-            tsval = ts_clock(self.local[0], remote[0], now) & ~TS_BITS_MASK & MASK
-            opts.timestamp = (tsval | ts_bits(wscale, sack), o.timestamp[0])
+            clock = ts_clock(self.local[0], remote[0], now)
+            tsval = (clock & ~TS_BITS_MASK & MASK) | ts_bits(wscale, sack)
+            if seq_gt(tsval, clock):
+                # Never ahead of the clock the connection will send with, or
+                # the peer's PAWS (RFC 7323 5) drops our next segments.
+                tsval = (tsval - (TS_BITS_MASK + 1)) & MASK
+            opts.timestamp = (tsval, o.timestamp[0])
         # Without timestamps: neither scaling nor SACK, which both sides then
         # go without (RFC 7323 2.2, RFC 2018 2).
         window = min(c.rcv_buf, 0xFFFF)  # RFC 7323 2.2: unscaled in a SYN
