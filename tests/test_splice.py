@@ -784,3 +784,76 @@ def test_connect_splice_splices_at_once_unless_the_proxy_left_bytes_unread(
     finally:
         proxy.kill()
         proxy.wait()
+
+
+# A proxy that splices N clients in turn, closing its descriptors at once,
+# then reports how many conns the daemon still records for it.
+RELEASING_PROXY = """
+import sys
+from daemon.api.client import SpliceClient
+origin, n = (sys.argv[2], int(sys.argv[3])), int(sys.argv[4])
+with SpliceClient(sys.argv[1]) as api:
+    lst = api.listen(("198.51.100.1", 7021), backlog=64)
+    print("ready", flush=True)
+    for _ in range(n):
+        cli = lst.accept()
+        assert cli.recv(3) == b"GO\\n"
+        reply = b"OK\\n"
+        srv = api.connect_splice(cli, origin, len(reply), timeout=10)
+        cli.sendall(reply)
+        cli.close()
+        srv.close()
+    sys.stdin.readline()
+    print(len(api.list()["conns"]), flush=True)
+"""
+
+RELEASED_CLIENTS = """
+import hashlib, socket, sys
+for i in range(int(sys.argv[1])):
+    s = socket.create_connection(("198.51.100.1", 7021), timeout=10)
+    s.sendall(b"GO\\n")
+    assert s.recv(3) == b"OK\\n"
+    s.sendall(b"GET /bytes/65536 HTTP/1.0\\r\\n\\r\\n")
+    data = b""
+    while chunk := s.recv(1 << 16):
+        data += chunk
+    print(hashlib.sha256(data.partition(b"\\r\\n\\r\\n")[2]).hexdigest(), flush=True)
+    s.close()
+"""
+
+
+def test_closed_spliced_conns_leave_no_records_behind(tb: Testbed) -> None:
+    """Once the proxy closed both fds and both sides relay, the daemon keeps only the relay.
+
+    Its API records of the conns go at close (they leaked until the proxy
+    disconnected), and the daemon's connection records and TCBs go once
+    both interfaces are SPLICED (``compacted``): memory per idle splice.
+    """
+    n = 20
+    before = stats(tb)["splice_counters"]
+    proxy = tb.host("proxy").popen(
+        [
+            sys.executable,
+            "-c",
+            RELEASING_PROXY,
+            str(tb.daemon_socket),
+            *map(str, tb.origin),
+            str(n),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proxy.stdout is not None and proxy.stdin is not None
+        assert proxy.stdout.readline().strip() == "ready"
+        out = run_py(tb.host("client"), RELEASED_CLIENTS, str(n), timeout=120)
+        assert out.split() == [pattern_sha256(65536)] * n
+        proxy.stdin.write("\n")
+        proxy.stdin.flush()
+        assert proxy.stdout.readline().strip() == "0"
+        after = stats(tb)["splice_counters"]
+        assert after["compacted"] - before["compacted"] == n
+    finally:
+        proxy.kill()
+        proxy.wait()

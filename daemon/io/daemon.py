@@ -911,9 +911,8 @@ class Daemon:
                 self._pump_in_spliced(c)
             self._drop_socket(c)
             self.splicer.proxy_done(c)
-            if c.id is not None:
-                self.conns.pop(c.id, None)
-                c.id = None
+            self._release_id(c)
+            self.splicer.released(c)
             return
         if not c.tcp_gone:
             # What the proxy wrote before asking to close is in the socket
@@ -928,11 +927,19 @@ class Daemon:
             c.close_pending = True
             self.dirty.add(c)
         self._drop_socket(c)
-        if c.id is not None:
-            self.conns.pop(c.id, None)
-            c.id = None
+        self._release_id(c)
         if c.tcp_gone:
             self._free(c)
+
+    def _release_id(self, c: Conn) -> None:
+        """The proxy closed ``c``: its API id and the server's record of it go now.
+
+        (The TCB may live on, draining or spliced, but no API call can name it.)
+        """
+        if c.id is not None:
+            self.conns.pop(c.id, None)
+            self.api.forget(ObjectKind.CONN, c.id)
+            c.id = None
 
     def close_listener(self, owner: int, listener: int) -> Result:
         lst = self.listener_ids.get(listener)

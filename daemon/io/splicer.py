@@ -82,7 +82,9 @@ class Splice:
     """One splice from intend_splice until it is forgotten: the relay and its I/O glue."""
 
     relay: Relay
-    client: Conn
+    # The daemon's connection records: None once the splice is compact (both
+    # interfaces relay and the proxy let go of both fds, ``Splicer._compact``).
+    client: Conn | None
     server: Conn | None = None
     timewait: Timer = field(default_factory=Timer)
     # Fast path entries installed for this splice (keys of arriving segments).
@@ -269,7 +271,8 @@ class Splicer:
                 self.splices.discard(sp)
                 if sp.server is not None:
                     sp.server.splice = None
-                sp.client.splice = None
+                if sp.client is not None:
+                    sp.client.splice = None
 
     def conn_freed(self, conn: Conn) -> None:
         """A connection of an intent (not spliced yet) is gone: so is the intent."""
@@ -292,7 +295,7 @@ class Splicer:
         out: list[dict[str, object]] = []
         for sp in self.splices:
             row = sp.relay.stats()
-            row["client"] = sp.client.id
+            row["client"] = sp.client.id if sp.client is not None else None
             row["server"] = sp.relay.server_id
             if sp.offloaded and self.fast_path is not None:
                 # The kernel's share of the traffic, per direction.
@@ -327,6 +330,40 @@ class Splicer:
                 "proxy closed with %d of its announced bytes unwritten", sp.relay.len_remaining
             )
         self.execute(sp, sp.relay.on_proxy_done(iface, time.monotonic()))
+
+    def released(self, conn: Conn) -> None:
+        """The proxy closed a spliced conn (fd and id): maybe the splice can be compact."""
+        sp = conn.splice
+        if sp is not None and sp in self.splices:
+            self._compact(sp)
+
+    def _compact(self, sp: Splice) -> None:
+        """Forget the daemon's connection records of a splice that no longer needs them.
+
+        Once both interfaces relay (their TCBs fell silent and the relay
+        dropped them) and the proxy has let go of both fds (closed, every
+        announced byte taken), a Conn holds nothing but a dead TCB, a
+        socketpair slot and timers: a few KB per idle splice.  The relay
+        keeps what it relays with (base points, translators, Fig. 5.1 states).
+        """
+        r = sp.relay
+        c, s = sp.client, sp.server
+        if c is None or s is None or r.server is None:
+            return
+        if not r.spliced or r.client.tcb is not None or r.server.tcb is not None:
+            return
+        if r.len_remaining or r.early_s2c is not None:
+            return
+        for conn in (c, s):
+            if conn.sock is not None or conn.id is not None or conn.pending is not None:
+                return
+        for conn in (c, s):
+            conn.timer.cancel()
+            conn.connect_timer.cancel()
+            conn.splice = None
+            self.d.dirty.discard(conn)
+        sp.client = sp.server = None
+        self.counters.compacted += 1
 
     # ---------------------------------------------------------- packets
 
@@ -389,6 +426,8 @@ class Splicer:
                                 "message": message,
                             },
                         )
+        if sp.client is not None and sp.relay.spliced and sp in self.splices:
+            self._compact(sp)
         return keep
 
     def _install(self, sp: Splice, a: InstallFastPath) -> None:
@@ -436,9 +475,14 @@ class Splicer:
         sp.timewait.cancel()
         self.splices.discard(sp)
         self.intents.pop(sp.relay.server_id, None)
+        # By the relay's sides, not the Conns: a compact splice has none.
+        for side in (sp.relay.client, sp.relay.server):
+            if side is not None:
+                key = (side.local[0], side.local[1], side.remote[0], side.remote[1])
+                if self.flows.get(key, (None,))[0] is sp:
+                    del self.flows[key]
         for conn in (sp.client, sp.server):
             if conn is not None:
-                self.flows.pop(conn.key, None)
                 conn.splice = None
                 self.d._free(conn)
 

@@ -177,6 +177,7 @@ class RelayCounters:
     torn_down: int = 0
     timewait_reopened: int = 0
     fast_path_installed: int = 0
+    compacted: int = 0  # splices whose connection records the daemon dropped
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
