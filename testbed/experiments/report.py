@@ -122,6 +122,12 @@ def _why(result: ClaimResult) -> str:
                 " on a transfer of a few MB, and single transfers on 2 CPUs vary widely from"
                 " round to round (see the p5-p95 columns)."
             )
+        elif result.verdict is Verdict.UNCLEAR:
+            cause = (
+                " Both paths move data near what this machine's kernel can; the difference is"
+                " inside the noise of single transfers on 2 CPUs (see the p5-p95 columns and the"
+                " throughput table)."
+            )
         else:
             cause = slow + " Connection setup weighs on transfers of a few MB as well."
     else:
