@@ -232,6 +232,24 @@ def test_splice_with_nothing_to_drain_relays_at_once_and_offers_the_fast_path() 
     assert bed.counters.spliced == 1 and bed.counters.fast_path_installed == 1
 
 
+def test_a_sealed_splice_shares_empty_buffers_and_still_relays() -> None:
+    bed, _ = spliced(10)
+    relay = bed.relay
+    assert not relay.seal()  # the client side still owes the proxy's 10 bytes
+    bed2, _ = spliced(0)
+    relay = bed2.relay
+    assert relay.seal()
+    assert relay.server is not None
+    assert relay.client.queue is relay.server.outbox  # one shared instance
+    with pytest.raises(RuntimeError):
+        relay.client.queue.append((None, b""))
+    # Relaying needs none of them.
+    pkt = from_client(bed2, seq=C_IRS + 1, ack=C_ISS + 1, flags=ACK | PSH, payload=b"GET /")
+    ((_, seg),) = writes(relay.on_packet(CLIENT, None, pkt, T0 + 0.01))
+    assert bytes(seg.payload) == b"GET /"
+    assert relay.stats()["queued"] == 0
+
+
 def test_client_data_is_relayed_in_the_servers_sequence_space() -> None:
     bed, _ = spliced(0)
     pkt = from_client(bed, seq=C_IRS + 1, ack=C_ISS + 1, flags=ACK | PSH, payload=b"GET /")

@@ -357,6 +357,8 @@ class Splicer:
         for conn in (c, s):
             if conn.sock is not None or conn.id is not None or conn.pending is not None:
                 return
+        if not r.seal():
+            return
         for conn in (c, s):
             conn.timer.cancel()
             conn.connect_timer.cancel()

@@ -186,6 +186,25 @@ class RelayCounters:
 # ------------------------------------------------------------------- sides
 
 
+class _SealedDeque(deque):  # type: ignore[type-arg]
+    """An empty deque that refuses to grow: the outbox and queue of a sealed side.
+
+    A relaying side never queues or takes proxy bytes again, and an empty
+    deque costs ~600 bytes; every sealed side shares this one instance.
+    Growing it would be a bug, so it raises instead of dropping the data.
+    """
+
+    __slots__ = ()
+
+    def _refuse(self, *_args: object) -> None:
+        raise RuntimeError("a sealed splice side queues nothing (Relay.seal)")
+
+    append = appendleft = extend = extendleft = insert = _refuse
+
+
+_SEALED: deque = _SealedDeque()  # type: ignore[type-arg]
+
+
 @dataclass(slots=True, eq=False)
 class RelaySide:
     """One connection of the splice, as the relay sees it."""
@@ -653,6 +672,27 @@ class Relay:
             if tr.torn_down and tr.iface is CLIENT:
                 self.counters.torn_down += 1
                 out.append(TearDown())
+
+    def seal(self) -> bool:
+        """Drop the buffers a splice whose both sides relay will never use again.
+
+        Once both TCBs fell silent, nothing is queued toward either side
+        (they are past PRE_SPLICED) and no proxy bytes are owed (len fully
+        written, no early server bytes): the outboxes and queues are empty
+        for good.  The I/O shell calls this when it compacts a splice;
+        False (and nothing changed) if the splice is not there yet.
+        """
+        sides = (self.client, self.server)
+        for s in sides:
+            if s is None or s.tcb is not None or s.queue or s.outbox:
+                return False
+        if self.len_remaining or self.early_s2c is not None:
+            return False
+        for s in sides:
+            assert s is not None
+            s.outbox = s.queue = _SEALED
+        self.reclaimed = b""
+        return True
 
     # ------------------------------------------------------------ stats
 
