@@ -79,6 +79,8 @@ class SplicedConfig:
     credentials: Credentials | None = None
     connect_timeout: float = 10.0
     source: str | None = None  # the daemon address outgoing connections leave from
+    # A client that does not finish its handshake in time is dropped: it holds a thread.
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
 
 
 # -- sans-I/O: how many bytes of the handshake to consume ---------------------------
@@ -184,7 +186,7 @@ def serve_client(api: SpliceClient, client: Connection, config: SplicedConfig) -
     peer = client.peer
     sock = client.sock
     try:
-        sock.settimeout(HANDSHAKE_TIMEOUT)
+        sock.settimeout(config.handshake_timeout)
         request = read_request(sock, peer, config.credentials)
     except OSError as exc:
         log.info("client %s dropped during negotiation: %s", peer, exc)
@@ -263,15 +265,26 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, SplicedConf
     parser.add_argument("--user", help="require RFC 1929 username/password")
     parser.add_argument("--password")
     parser.add_argument("--connect-timeout", type=float, default=10.0, metavar="S")
+    parser.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=HANDSHAKE_TIMEOUT,
+        metavar="S",
+        help="drop a client that has not sent its request by then",
+    )
     parser.add_argument("--log-level", default="WARNING", metavar="L")
     args = parser.parse_args(argv)
+    if not args.handshake_timeout > 0:
+        parser.error("--handshake-timeout must be positive")
     if (args.user is None) != (args.password is None):
         parser.error("--user and --password go together")
     check_source(parser, args.source)
     credentials = None
     if args.user is not None:
         credentials = Credentials(args.user.encode(), args.password.encode())
-    return args, SplicedConfig(credentials, args.connect_timeout, args.source)
+    return args, SplicedConfig(
+        credentials, args.connect_timeout, args.source, args.handshake_timeout
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
