@@ -273,31 +273,16 @@ class TcpConnection:
         conn.stats.opened_at = now
         return conn
 
-    @classmethod
-    def from_cookie(
-        cls,
-        config: TcpConfig,
-        local: Endpoint,
-        remote: Endpoint,
-        syn: TcpSegment,
-        iss: int,
-        now: float,
-        parent: Parent | None = None,
-    ) -> TcpConnection:
-        """Passive open rebuilt from a SYN cookie (daemon/tcp/syncookie.py).
+    def syn_ack_sent_as_cookie(self, now: float) -> None:
+        """A passive open whose SYN-ACK went out earlier as a SYN cookie (daemon/tcp/syncookie.py).
 
-        ``syn`` is the SYN the cookie stands for (sequence and options as
-        decoded from its ACK); the SYN-ACK with ISS ``iss`` counts as sent,
-        so the ACK that follows establishes the connection.  No RTT sample is
-        taken from it: the SYN-ACK's send time was never kept.
+        The state is what sending it would have left (``_syn_segment``), so
+        the ACK that follows establishes the connection; but no RTT sample
+        and no retransmission timer: its send time was never kept.
         """
-        conn = cls.accept_syn(config, local, remote, syn, iss, now, parent)
-        window = min(conn.recv_buf.free(), 0xFFFF)  # what the cookie SYN-ACK offered
-        conn.snd_nxt = conn.snd_max = (iss + 1) & MASK
-        conn.rcv_adv = (conn.rcv_nxt + window) & MASK
-        conn.last_ack_sent = conn.rcv_nxt
-        conn._ack_now = False
-        return conn
+        self._syn_segment(now)
+        self._rtt_seq = None
+        self.rto_deadline = None
 
     def _init_send_space(self, iss: int) -> None:
         self.iss = self.snd_una = self.snd_nxt = self.snd_max = iss

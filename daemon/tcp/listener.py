@@ -171,7 +171,8 @@ class TcpListener:
             seg.window,
             TcpOptions(mss=mss, wscale=wscale, sack_permitted=sack, timestamp=timestamp),
         )
-        conn = TcpConnection.from_cookie(self.config, self.local, remote, syn, iss, now, self)
+        conn = TcpConnection.accept_syn(self.config, self.local, remote, syn, iss, now, self)
+        conn.syn_ack_sent_as_cookie(now)
         conn.on_segment(seg, now)
         if conn.state is not TcpState.ESTABLISHED:
             return None

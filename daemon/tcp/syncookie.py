@@ -35,11 +35,10 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from typing import NamedTuple
 
 from daemon.tcp.config import Endpoint
 
-__all__ = ["MSS_TABLE", "PERIOD", "CookieOptions", "SynCookies", "decode_ts_bits", "ts_bits"]
+__all__ = ["MSS_TABLE", "PERIOD", "SynCookies", "decode_ts_bits", "mss_index", "ts_bits"]
 
 PERIOD = 64.0  # seconds per count step
 _COUNT_BITS = 5
@@ -50,15 +49,6 @@ _MAC_MASK = (1 << _MAC_BITS) - 1
 # largest not above what it asked for (Linux's table is similar).
 MSS_TABLE = (536, 1200, 1260, 1360, 1440, 1460, 4312, 8960)
 TS_BITS_MASK = 0x3F
-
-
-class CookieOptions(NamedTuple):
-    """What the cookie's ACK tells about the client's SYN."""
-
-    mss: int
-    wscale: int | None  # None: no window scaling
-    sack: bool
-    timestamps: bool
 
 
 class SynCookies:
