@@ -346,18 +346,13 @@ class Splicer:
         socketpair slot and timers: a few KB per idle splice.  The relay
         keeps what it relays with (base points, translators, Fig. 5.1 states).
         """
-        r = sp.relay
         c, s = sp.client, sp.server
-        if c is None or s is None or r.server is None:
-            return
-        if not r.spliced or r.client.tcb is not None or r.server.tcb is not None:
-            return
-        if r.len_remaining or r.early_s2c is not None:
+        if c is None or s is None:
             return
         for conn in (c, s):
             if conn.sock is not None or conn.id is not None or conn.pending is not None:
                 return
-        if not r.seal():
+        if not sp.relay.seal():  # the relay decides whether both sides are done with it
             return
         for conn in (c, s):
             conn.timer.cancel()
@@ -386,6 +381,7 @@ class Splicer:
     def execute(self, sp: Splice, actions: list[Action]) -> bool:
         """Carry out what the relay asked for; False if it asked to reopen the 4-tuple."""
         keep = True
+        compact = False
         d = self.d
         for a in actions:
             match a:
@@ -409,7 +405,10 @@ class Splicer:
                 case Reopen():
                     keep = False
                 case InstallFastPath():
+                    # Both interfaces relay now: one of the two moments (with
+                    # the proxy's close, ``released``) a splice may turn compact.
                     self._install(sp, a)
+                    compact = True
                 case WatchFinAck(key, fin_ack):
                     if self.fast_path is not None and key in sp.offloaded:
                         try:
@@ -428,7 +427,7 @@ class Splicer:
                                 "message": message,
                             },
                         )
-        if sp.client is not None and sp.relay.spliced and sp in self.splices:
+        if compact and sp in self.splices:
             self._compact(sp)
         return keep
 
