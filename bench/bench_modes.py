@@ -183,10 +183,17 @@ def iperf(
     tmp: Path,
     seconds: int,
     reverse: bool,
+    congestion: str | None = None,
 ) -> tuple[float, float] | None:
+    """(bits/s received, machine CPU ms per MB) of one iperf3 run, None if it failed.
+
+    ``congestion`` is iperf3's -C: the algorithm of both ends' test sockets.
+    """
     argv = ["iperf3", "-c", bed.origin[0], "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
     if reverse:
         argv.append("-R")
+    if congestion is not None:
+        argv += ["-C", congestion]
     if proxy is not None:
         argv = ["proxychains4", "-q", "-f", str(proxychains_conf(tmp, mode, proxy)), *argv]
     cpu0 = busy_seconds()

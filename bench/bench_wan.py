@@ -19,7 +19,6 @@ keeps up with it.
 from __future__ import annotations
 
 import argparse
-import json
 import secrets
 import statistics
 import subprocess
@@ -28,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.bench_modes import IPERF_PORT, proxychains_conf
+from bench.bench_modes import IPERF_PORT, iperf
 from testbed.net import Testbed
 
 ALL_MODES = ["router", "plain", "spliced", "spliced-py"]
@@ -73,32 +72,23 @@ def main() -> int:
         for rnd in range(args.repeat):
             for cc in ccs:
                 for mode in modes:
-                    bed, proxy = proxies[mode]
-                    assert bed is not None
-                    for direction, extra in (("c2s", []), ("s2c", ["-R"])):
-                        argv = [
-                            "iperf3",
-                            "-c",
-                            bed.origin[0],
-                            "-p",
-                            str(IPERF_PORT),
-                            "-t",
-                            str(args.seconds),
-                            "-C",
-                            cc,
-                            "-J",
-                            *extra,
-                        ]
-                        if proxy is not None:
-                            conf = proxychains_conf(tmp, f"{mode}-{rnd}", proxy)
-                            argv = ["proxychains4", "-q", "-f", str(conf), *argv]
-                        res = bed.host("client").cmd(argv, timeout=args.seconds + 60)
-                        try:
-                            bps = json.loads(res.stdout)["end"]["sum_received"]["bits_per_second"]
-                        except (ValueError, KeyError):
+                    mode_bed, proxy = proxies[mode]
+                    assert mode_bed is not None
+                    for direction in ("c2s", "s2c"):
+                        run = iperf(
+                            mode_bed.host("client"),
+                            mode_bed,
+                            proxy,
+                            f"{mode}-{rnd}",
+                            tmp,
+                            args.seconds,
+                            reverse=direction == "s2c",
+                            congestion=cc,
+                        )
+                        if run is None:
                             print(f"{mode} {cc} {direction} round {rnd}: iperf3 failed")
                             continue
-                        results.setdefault((cc, mode, direction), []).append(float(bps))
+                        results.setdefault((cc, mode, direction), []).append(run[0])
     finally:
         for p in servers:
             p.kill()
