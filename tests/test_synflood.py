@@ -113,7 +113,11 @@ def test_real_clients_are_served_during_and_after_a_syn_flood(spliced_tb: Testbe
     )
     try:
         assert flood.stdout is not None and flood.stdout.readline().strip() == "ready"
-        time.sleep(0.5)  # the SYN-RECEIVED queue is full by now
+        # The SYN-RECEIVED queue is full once cookies go out: the siege is on.
+        deadline = time.monotonic() + 10
+        while daemon_stats(tb)["counters"]["syn_cookies_sent"] == before["syn_cookies_sent"]:
+            assert time.monotonic() < deadline, "the flood never filled the SYN queue"
+            time.sleep(0.05)
         during = _real_requests(tb, 25, 0.2)
         out, _ = flood.communicate(timeout=FLOOD_SECONDS + 30)
     finally:
