@@ -19,7 +19,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,7 +122,7 @@ def test_the_api_socket_admits_its_group_and_refuses_others(capped: Testbed) -> 
 
 
 def _start_daemon(tb: Testbed, wrapper: tuple[str, ...], fastpath: str) -> tuple[int | None, str]:
-    """A second daemon in tb's proxy namespace: (None once its socket appeared, else rc; log)."""
+    """A second daemon in tb's proxy namespace: (None if it got ready, else its rc; its log)."""
     sock = tb.run_dir / f"capless-{fastpath}.sock"
     argv = [
         *wrapper,
@@ -142,15 +141,19 @@ def _start_daemon(tb: Testbed, wrapper: tuple[str, ...], fastpath: str) -> tuple
         fastpath,
     ]
     proc = tb.host("proxy").popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and proc.poll() is None and not sock.exists():
-            time.sleep(0.05)
-        started = sock.exists()
-        if started:
-            proc.terminate()
+        # "ready" comes once everything is set up, the fast path (or the
+        # fallback) included; the API socket exists before that.
+        lines: list[str] = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.strip() == "ready":
+                proc.terminate()
+                break
         out, _ = proc.communicate(timeout=20)
-        return (None if started else proc.returncode), out
+        started = bool(lines) and lines[-1].strip() == "ready"
+        return (None if started else proc.returncode), "".join(lines) + out
     finally:
         if proc.poll() is None:
             proc.kill()
