@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("exec", help="run a command in a host: exec HOST -- CMD ...")
     ex.add_argument("host", choices=[h.role for h in THESIS.hosts])
     ex.add_argument("argv", nargs=argparse.REMAINDER)
-    sh = sub.add_parser("shape", help="impair a link: shape LINK delay=10ms loss=1% ... | clear")
+    sh = sub.add_parser("shape", help="impair a link: shape LINK delay=10ms loss=1%% ... | clear")
     sh.add_argument("link")
     sh.add_argument("words", nargs="*", help="netem-like words, or `clear`")
     cap = sub.add_parser("capture", help="tcpdump a link into a pcap file")

@@ -112,6 +112,11 @@ def parse_shape(text: str) -> str:
         raise UsageError(f"--shape: {exc}") from None
 
 
+def _pct(text: str) -> str:
+    """argparse %-formats help strings: a shape's 'loss=1%' must be escaped."""
+    return text.replace("%", "%%")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
@@ -131,14 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=str, help="rounds per experiment (default 5; quick 1)")
     p.add_argument("--out", default="results", help="results root (default results/)")
     p.add_argument(
-        "--shape", default=DEFAULT_SHAPE, help=f"shaped runs (default {DEFAULT_SHAPE!r})"
+        "--shape", default=DEFAULT_SHAPE, help=_pct(f"shaped runs (default {DEFAULT_SHAPE!r})")
     )
     p.add_argument("--no-cost", action="store_true", help="skip the CPU-cost experiment")
     p.add_argument("--no-shaped", action="store_true", help="skip the shaped-link experiment")
     p.add_argument(
         "--wan-shape",
         default=DEFAULT_WAN_SHAPE,
-        help=f"the client link for the WAN runs (default {DEFAULT_WAN_SHAPE!r})",
+        help=_pct(f"the client link for the WAN runs (default {DEFAULT_WAN_SHAPE!r})"),
     )
     p.add_argument("--no-wan", action="store_true", help="skip the WAN (delayed link) experiment")
     p.add_argument(
