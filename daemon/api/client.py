@@ -27,7 +27,6 @@ from __future__ import annotations
 import array
 import base64
 import contextlib
-import errno
 import itertools
 import json
 import logging
@@ -43,40 +42,25 @@ from typing import Self
 from daemon.api.protocol import (
     DEFAULT_BACKLOG,
     DEFAULT_CONNECT_TIMEOUT,
-    MAX_LINE,
     PROTOCOL_VERSION,
     Address,
     LineFramer,
 )
+from daemon.api.replies import (
+    MAX_FDS_PER_RECV,
+    RECV_SIZE,
+    REPLY_LIMIT,
+    DaemonGone,
+    SpliceError,
+    error_from,
+    reply_address,
+    reply_id,
+    take_unread,
+)
+
+__all__ = ["Connection", "DaemonGone", "Listener", "SpliceClient", "SpliceError"]
 
 log = logging.getLogger("daemon.api.client")
-
-REPLY_LIMIT = 64 * MAX_LINE  # replies (list, stats) may be longer than requests
-MAX_FDS_PER_RECV = 64
-DISCONNECTED = "EDISCONNECTED"  # client-side code: the API connection is gone
-
-
-class SpliceError(Exception):
-    """An error reply from the daemon.
-
-    ``code`` is the protocol's stable code (see ``ErrorCode``); ``errno`` is
-    the matching ``errno`` value where one exists (ECONNREFUSED, ETIMEDOUT,
-    ...), so a proxy can answer its own client as a socket error would.
-    """
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        value = getattr(errno, code, None)
-        self.errno: int | None = value if isinstance(value, int) else None
-
-
-class DaemonGone(SpliceError):
-    """The API connection to the daemon is closed; nothing more can be asked."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(DISCONNECTED, message)
 
 
 @dataclass(slots=True)
@@ -87,24 +71,6 @@ class _Call:
     reply: dict[str, object] | None = None
     fd: int | None = None
     error: SpliceError | None = None
-
-
-def _address(value: object) -> Address:
-    if (
-        isinstance(value, list)
-        and len(value) == 2
-        and isinstance(value[0], str)
-        and isinstance(value[1], int)
-    ):
-        return (value[0], value[1])
-    raise SpliceError("EPROTO", f"daemon sent a malformed address {value!r}")
-
-
-def _object_id(reply: dict[str, object], name: str) -> int:
-    value = reply.get(name)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    raise SpliceError("EPROTO", f"daemon reply lacks an integer {name!r}: {reply!r}")
 
 
 def _conn_id(conn: Connection | int) -> int:
@@ -174,8 +140,8 @@ class SpliceClient:
     def listen(self, addr: Address, backlog: int = DEFAULT_BACKLOG) -> Listener:
         """init_splice: a listening endpoint whose connections can later be spliced."""
         reply = self._call("listen", addr=list(addr), backlog=backlog)
-        bound = _address(reply["addr"]) if "addr" in reply else addr
-        return Listener(self, _object_id(reply, "listener"), bound)
+        bound = reply_address(reply["addr"]) if "addr" in reply else addr
+        return Listener(self, reply_id(reply, "listener"), bound)
 
     def connect(
         self,
@@ -198,7 +164,7 @@ class SpliceClient:
         The returned connection is not connected yet: call its ``connect()``.
         """
         reply = self._call("intend_splice", conn=_conn_id(conn))
-        return Connection(self, _object_id(reply, "conn"), None, None, None)
+        return Connection(self, reply_id(reply, "conn"), None, None, None)
 
     def splice(
         self, client: Connection | int, server: Connection | int, length: int
@@ -210,7 +176,7 @@ class SpliceClient:
         taken out of the fd here and handed back with the request (the daemon
         sends them on first).  Call this only after ``intend_splice``.
         """
-        unread = _take_unread(client.sock) if isinstance(client, Connection) else b""
+        unread = take_unread(client.sock) if isinstance(client, Connection) else b""
         return self._call(
             "splice",
             client=_conn_id(client),
@@ -337,7 +303,7 @@ class SpliceClient:
             while True:
                 try:
                     data, ancdata, flags, _ = self._sock.recvmsg(
-                        256 * 1024, socket.CMSG_SPACE(MAX_FDS_PER_RECV * 4)
+                        RECV_SIZE, socket.CMSG_SPACE(MAX_FDS_PER_RECV * 4)
                     )
                 except OSError as exc:
                     reason = f"API connection failed: {exc}"
@@ -399,7 +365,7 @@ class SpliceClient:
         else:
             if fd is not None:
                 socket.close(fd)
-            call.error = SpliceError(str(obj.get("error")), str(obj.get("message", "")))
+            call.error = error_from(obj)
         call.done.set()
 
     def _orphan(self, obj: dict[str, object], fd: int | None) -> None:
@@ -476,7 +442,7 @@ class Listener:
                         reply, sock = self.client._finish(call)
                         if sock is not None:
                             sock.close()
-                        self.client._close_remote(_object_id(reply, "conn"))
+                        self.client._close_remote(reply_id(reply, "conn"))
 
     def __enter__(self) -> Self:
         return self
@@ -522,10 +488,10 @@ class Connection:
                 raise SpliceError("EPROTO", f"reply without a descriptor: {reply!r}")
             return cls(
                 client,
-                _object_id(reply, "conn"),
+                reply_id(reply, "conn"),
                 sock,
-                _address(reply.get("peer")),
-                _address(reply.get("local")),
+                reply_address(reply.get("peer")),
+                reply_address(reply.get("local")),
             )
         except BaseException:
             if sock is not None:
@@ -560,7 +526,10 @@ class Connection:
         try:
             if sock is None:
                 raise SpliceError("EPROTO", f"reply without a descriptor: {reply!r}")
-            self.peer, self.local = _address(reply.get("peer")), _address(reply.get("local"))
+            self.peer, self.local = (
+                reply_address(reply.get("peer")),
+                reply_address(reply.get("local")),
+            )
         except BaseException:
             if sock is not None:
                 sock.close()
@@ -616,28 +585,3 @@ class Connection:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def _take_unread(sock: socket.socket | None) -> bytes:
-    """Everything readable in ``sock`` right now, without blocking."""
-    if sock is None:
-        return b""
-    out = bytearray()
-    # Not MSG_DONTWAIT alone: a socket with a timeout would first wait for
-    # readability in Python's own poll, for the whole timeout.
-    timeout = sock.gettimeout()
-    sock.setblocking(False)
-    try:
-        while True:
-            try:
-                chunk = sock.recv(1 << 20)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
-    finally:
-        sock.settimeout(timeout)
-    return bytes(out)
