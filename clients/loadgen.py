@@ -9,6 +9,8 @@ together. Each repeats R times, for every size in order: connect (directly, or
 through the SOCKS5 proxy and its CONNECT), send ``GET /bytes/N`` (or, with
 ``--upload``, ``POST /sink`` with N pattern bytes), take the response time from
 sending the request to the last byte of the response, check the content, close.
+The set-up before it (TCP connect, and the SOCKS5 greeting and CONNECT: what
+curl calls time_pretransfer) is timed on its own, so the two can be told apart.
 
 Content is checked, not only counted: a download against the seeded pattern
 (servers.pattern), an upload by the SHA-256 the origin returns. A failed
@@ -18,7 +20,14 @@ Output: one JSON object per request on stdout, as results arrive::
 
     {"mode": "direct", "op": "get", "size": 1024, "ok": true,
      "response_time_s": 0.00042, "bytes": 1024, "error": null, "detail": null,
-     "worker": 0, "pid": 4242, "start": 1764000000.123, "server": "203.0.113.2:80"}
+     "worker": 0, "pid": 4242, "start": 1764000000.123, "server": "203.0.113.2:80",
+     "setup_s": 0.00021, "end": 1764000000.124}
+
+``setup_s`` runs from the connection attempt to the moment the request can be
+sent (connected; through SOCKS5, the proxy's CONNECT reply read), so
+``setup_s + response_time_s`` is the whole request but the close. ``end`` is
+the unix time the request was over (connection closed, or failed): with
+``start`` it gives the wall-clock span of a run, hence connections per second.
 
 ``error`` is null or one of: refused, reset, timeout, unreachable, short
 (the stream ended early), corrupt (wrong bytes, extra bytes, wrong digest),
@@ -90,6 +99,10 @@ class Result:
     pid: int  # the worker process, so concurrent runs can be told apart
     start: float  # unix time the connection attempt began
     server: str
+    # connection attempt -> ready to send the request (TCP connect, SOCKS5 CONNECT
+    # reply); None unless the set-up completed (it may, and the transfer still fail)
+    setup_s: float | None = None
+    end: float | None = None  # unix time the request was over: closed, or failed
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(", ", ": "))
@@ -163,9 +176,11 @@ def fetch(
 
     deadline = time.monotonic() + timeout
     try:
+        began = time.perf_counter()
         with _connect(host, port, socks5, deadline) as sock:
             request = request_head("GET", f"/bytes/{size}", {"Host": format_host_port(host, port)})
             sent_at = time.perf_counter()
+            result.setup_s = sent_at - began
             sock.sendall(request)
             length, leftover = _receive_head(sock, deadline, size)
             _receive_body(sock, deadline, length, leftover, consume)
@@ -175,7 +190,7 @@ def fetch(
     except Exception as e:
         result.bytes = verifier.offset
         return _failed(result, e)
-    result.ok, result.response_time_s = True, elapsed
+    result.ok, result.response_time_s, result.end = True, elapsed, time.time()
     return result
 
 
@@ -201,9 +216,11 @@ def upload(
 
     deadline = time.monotonic() + timeout
     try:
+        began = time.perf_counter()
         with _connect(host, port, socks5, deadline) as sock:
             headers = {"Host": format_host_port(host, port), "Content-Length": str(size)}
             sent_at = time.perf_counter()
+            result.setup_s = sent_at - began
             sock.sendall(request_head("POST", "/sink", headers))
             for chunk in pattern_chunks(seed, size):
                 _set_timeout(sock, deadline)
@@ -217,7 +234,7 @@ def upload(
             raise _Failure("corrupt", f"origin hashed the upload as {digest[:64]!r}")
     except Exception as e:
         return _failed(result, e)
-    result.ok, result.response_time_s = True, elapsed
+    result.ok, result.response_time_s, result.end = True, elapsed, time.time()
     return result
 
 
@@ -342,6 +359,7 @@ def _new_result(
 def _failed(result: Result, error: Exception) -> Result:
     result.error = classify(error)
     result.detail = str(error) or type(error).__name__
+    result.end = time.time()
     return result
 
 

@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -224,9 +225,15 @@ def read_connect_request(conn: socket.socket) -> tuple[str, int]:
 
 
 def fake_socks5(
-    reply_code: int = 0, credentials: tuple[str, str] | None = None, seen: list[str] | None = None
+    reply_code: int = 0,
+    credentials: tuple[str, str] | None = None,
+    seen: list[str] | None = None,
+    delay: float = 0.0,
 ) -> Handler:
-    """A one-connection SOCKS5 server: negotiate, then relay or fail with ``reply_code``."""
+    """A one-connection SOCKS5 server: negotiate, then relay or fail with ``reply_code``.
+
+    ``delay``: seconds to wait before the CONNECT reply (a slow set-up).
+    """
 
     def handler(conn: socket.socket) -> None:
         version, count = recv_exactly(conn, 2)
@@ -251,6 +258,7 @@ def fake_socks5(
             conn.sendall(bytes([5, reply_code, 0, 1, 0, 0, 0, 0, 0, 0]))
             return
         target = socket.create_connection(("127.0.0.1" if host == "localhost" else host, port))
+        time.sleep(delay)
         conn.sendall(b"\x05\x00\x00\x01\x7f\x00\x00\x01\x30\x39")  # bound 127.0.0.1:12345
         relay(conn, target)
 
@@ -285,6 +293,31 @@ def test_fetch_through_socks5_connects_to_the_origin_and_verifies(origin: tuple[
     assert result.ok, result
     assert result.mode == "socks5" and result.bytes == 2 << 20
     assert seen == [f"{origin[0]}:{origin[1]}"]
+
+
+def test_set_up_is_timed_apart_from_the_transfer(origin: tuple[str, int]) -> None:
+    # The fake proxy sits on its CONNECT reply: that wait is set-up, not response time.
+    with tcp_server(fake_socks5(delay=0.3)) as proxy:
+        slow = fetch(origin, 1000, Socks5Proxy(*proxy), timeout=10)
+    direct = fetch(origin, 1000, timeout=10)
+    assert slow.ok and direct.ok, (slow, direct)
+    assert slow.setup_s is not None and slow.response_time_s is not None
+    assert slow.setup_s >= 0.3 and slow.response_time_s < 0.3
+    assert direct.setup_s is not None and 0 < direct.setup_s < 0.3
+    for r in (slow, direct):
+        assert r.end is not None and r.response_time_s is not None and r.setup_s is not None
+        assert r.end - r.start >= r.setup_s + r.response_time_s
+
+
+def test_a_failed_transfer_keeps_its_set_up_time_and_a_refused_one_has_none() -> None:
+    with tcp_server(respond_with(pattern_bytes(DEFAULT_SEED, 500), 1000)) as fake:
+        short = fetch(fake, 1000, timeout=10)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        refused = fetch(s.getsockname()[:2], 1000, timeout=5)
+    assert (short.error, refused.error) == ("short", "refused")
+    assert short.setup_s is not None and refused.setup_s is None
+    assert short.end is not None and refused.end is not None and refused.end >= refused.start
 
 
 def test_socks5_with_username_and_password(origin: tuple[str, int]) -> None:
@@ -390,10 +423,12 @@ def test_command_line_prints_one_json_line_per_request(origin: tuple[str, int]) 
     records = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(records) == 2 * 2 * 2
     fields = {"mode", "size", "ok", "response_time_s", "bytes", "error", "worker", "start"}
+    fields |= {"setup_s", "end"}
     for record in records:
         assert fields <= record.keys()
         assert record["mode"] == "direct" and record["ok"] is True and record["error"] is None
         assert record["bytes"] == record["size"] and record["response_time_s"] > 0
+        assert record["setup_s"] > 0 and record["end"] > record["start"]
         assert Result(**record).ok
     assert sorted(r["size"] for r in records) == [1024] * 4 + [100000] * 4
     assert {r["worker"] for r in records} == {0, 1}
