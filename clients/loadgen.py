@@ -2,7 +2,7 @@
 
     python -m clients.loadgen --server ADDR:PORT --size N [--size M ...]
         [--socks5 HOST:PORT [--user U --password P]] [--repeat R]
-        [--concurrency C] [--timeout S] [--upload] [--seed N]
+        [--concurrency C] [--timeout S] [--upload] [--warmup] [--seed N]
 
 C worker processes are forked (as the thesis's client forks) and start
 together. Each repeats R times, for every size in order: connect (directly, or
@@ -11,6 +11,12 @@ through the SOCKS5 proxy and its CONNECT), send ``GET /bytes/N`` (or, with
 sending the request to the last byte of the response, check the content, close.
 The set-up before it (TCP connect, and the SOCKS5 greeting and CONNECT: what
 curl calls time_pretransfer) is timed on its own, so the two can be told apart.
+
+With ``--warmup`` each worker first makes one untimed, unreported request of
+one byte (same path, same op), and the workers are released only once every
+one has: otherwise the first timed request of each process, always the first
+size, pays the process's first-call costs (glibc's resolver loads its
+configuration on the first getaddrinfo, ~2.5 ms here; cold code paths, ~1 ms).
 
 Content is checked, not only counted: a download against the seeded pattern
 (servers.pattern), an upload by the SHA-256 the origin returns. A failed
@@ -40,6 +46,7 @@ otherwise, 2 on bad usage.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import functools
 import hashlib
@@ -257,31 +264,44 @@ def run_load(
     timeout: float = DEFAULT_TIMEOUT,
     upload_mode: bool = False,
     seed: int = DEFAULT_SEED,
+    warmup: bool = False,
 ) -> Iterator[Result]:
     """Fork ``concurrency`` workers that each run ``repeat`` rounds over ``sizes``.
 
     Yields results as they arrive. Workers are released together once all are
-    forked, so the load is concurrent from the first request. Raises
-    RuntimeError at the end if a worker died without reporting all its requests.
+    forked (and, with ``warmup``, have made their untimed request), so the load
+    is concurrent from the first request. Raises RuntimeError at the end if a
+    worker died without reporting all its requests.
     """
     context = multiprocessing.get_context("fork")
     doubled_pattern(seed)  # computed once here, shared copy-on-write after fork
-    go = context.Event()
+    forked, go = context.Event(), context.Event()
     readers: list[Connection] = []
     workers: list[multiprocessing.process.BaseProcess] = []
     try:
         for index in range(concurrency):
             reader, writer = context.Pipe(duplex=False)
             plan = _WorkerPlan(
-                _host_port(server), tuple(sizes), socks5, repeat, timeout, upload_mode, seed
+                _host_port(server), tuple(sizes), socks5, repeat, timeout, upload_mode, seed, warmup
             )
             child = context.Process(
-                target=_worker_main, args=(index, plan, writer, go), name=f"loadgen-{index}"
+                target=_worker_main,
+                args=(index, plan, writer, forked, go),
+                name=f"loadgen-{index}",
             )
             child.start()
             writer.close()  # the worker holds the only write end: its exit is our EOF
             readers.append(reader)
             workers.append(child)
+        # Warm-ups start once every worker is forked: a connection open in this
+        # process while it forks would live on in the child (and in a test whose
+        # server runs here, keep the server's close from reaching the client).
+        forked.set()
+        if warmup:
+            for reader in readers:
+                # A worker that dies here leaves EOF, and its requests missing at the end.
+                with contextlib.suppress(EOFError):
+                    reader.recv()
         go.set()
         expected = concurrency * repeat * len(sizes)
         received = 0
@@ -310,6 +330,9 @@ def run_load(
             reader.close()
 
 
+_READY = "ready"  # a worker's untimed warm-up request is done
+
+
 @dataclass(slots=True, frozen=True)
 class _WorkerPlan:
     server: tuple[str, int]
@@ -319,10 +342,16 @@ class _WorkerPlan:
     timeout: float
     upload: bool
     seed: int
+    warmup: bool = False
 
 
-def _worker_main(index: int, plan: _WorkerPlan, out: Connection, go: Event) -> None:
+def _worker_main(index: int, plan: _WorkerPlan, out: Connection, forked: Event, go: Event) -> None:
     request = upload if plan.upload else fetch
+    forked.wait()
+    if plan.warmup:
+        # Its outcome does not matter: a broken path fails the timed requests too.
+        request(plan.server, 1, plan.socks5, plan.timeout, seed=plan.seed, worker=index)
+        out.send(_READY)
     go.wait()
     for _ in range(plan.repeat):
         for size in plan.sizes:
@@ -490,6 +519,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=1, metavar="C", help="worker processes")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S")
     parser.add_argument("--upload", action="store_true", help="POST N bytes to /sink instead")
+    parser.add_argument(
+        "--warmup",
+        action="store_true",
+        help="one untimed 1-byte request per worker first (first-call costs out of the times)",
+    )
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="pattern seed (default 1)")
     args = parser.parse_args(argv)
     try:
@@ -515,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout=args.timeout,
         upload_mode=args.upload,
         seed=args.seed,
+        warmup=args.warmup,
     ):
         print(result.to_json(), flush=True)
         results.append(result)

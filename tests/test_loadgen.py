@@ -413,15 +413,44 @@ def test_workers_are_separate_processes_running_at_the_same_time() -> None:
     assert os.getpid() not in pids
 
 
+def test_warm_up_requests_are_untimed_and_all_done_before_any_timed_one() -> None:
+    # The second warm-up to arrive is held back: a worker released before it
+    # ends would send its timed request while the other still warms up.
+    events: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def logging_origin(conn: socket.socket) -> None:
+        path = read_head(conn).split(b" ")[1].decode()
+        with lock:
+            events.append(("start", path))
+            late = path == "/bytes/1" and sum(p == path for _, p in events) == 2
+        if late:
+            time.sleep(0.5)
+        size = int(path.rsplit("/", 1)[1])
+        body = pattern_bytes(DEFAULT_SEED, size)
+        conn.sendall(f"HTTP/1.0 200 OK\r\nContent-Length: {size}\r\n\r\n".encode() + body)
+        with lock:
+            events.append(("done", path))
+
+    with tcp_server(logging_origin) as fake:
+        results = list(run_load(fake, [5000], concurrency=2, timeout=15, warmup=True))
+    assert [r.size for r in results] == [5000, 5000] and all(r.ok for r in results)
+    paths = [p for kind, p in events if kind == "start"]
+    assert sorted(paths) == ["/bytes/1", "/bytes/1", "/bytes/5000", "/bytes/5000"]
+    last_warm_up = max(i for i, e in enumerate(events) if e == ("done", "/bytes/1"))
+    first_timed = min(i for i, e in enumerate(events) if e == ("start", "/bytes/5000"))
+    assert last_warm_up < first_timed, events
+
+
 def test_command_line_prints_one_json_line_per_request(origin: tuple[str, int]) -> None:
     server = f"{origin[0]}:{origin[1]}"
     done = run_cli(
         *("--server", server, "--size", "1K", "--size", "100000"),
-        *("--repeat", "2", "--concurrency", "2"),
+        *("--repeat", "2", "--concurrency", "2", "--warmup"),
     )
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in done.stdout.splitlines()]
-    assert len(records) == 2 * 2 * 2
+    assert len(records) == 2 * 2 * 2  # the warm-ups are not reported
     fields = {"mode", "size", "ok", "response_time_s", "bytes", "error", "worker", "start"}
     fields |= {"setup_s", "end"}
     for record in records:
