@@ -38,7 +38,9 @@ from urllib.parse import urlsplit
 from daemon.api.client import Connection, DaemonGone, SpliceClient, SpliceError
 from proxies.daemon_shell import (
     check_source,
+    connect_server,
     destinations,
+    refuse_intended,
     release,
     run_proxy,
 )
@@ -49,7 +51,6 @@ from proxies.http_cache import (
     response_is_storable,
 )
 from proxies.socks5 import close_gently, parse_listen
-from proxies.socks5_spliced import connect_server, refuse_intended
 from servers.http1 import MAX_HEAD, HttpParseError, head_end, parse_response_head
 
 log = logging.getLogger("proxies.http_proxy")

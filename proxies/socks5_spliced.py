@@ -33,28 +33,28 @@ A failed connect is answered with its SOCKS code (RFC 1928 s.6, see
 ``reply_for_errno``) and the client is closed with a FIN after that reply; the
 reserved server side is released with the ``close`` op.
 
-Threads: the main thread waits for SIGTERM or for the accept thread to say why
-it stopped; each client gets a short-lived thread (its work ends at the
-splice, so there are only as many as handshakes in progress).
+One event loop serves every client (``proxies.aio_shell`` over the asyncio
+client ``daemon.api.aio``): a task per client from accept to splice, and the
+daemon's replies complete futures in the same thread.  The thread-per-client
+version cost two thread hand-offs per API request and a thread start per
+client, a large share of a spliced connection's set-up on a small machine
+(docs/architecture.md, "Connection setup").
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import logging
 import socket
 import sys
 from dataclasses import dataclass
 
-from daemon.api.client import Connection, DaemonGone, SpliceClient, SpliceError
-from proxies.daemon_shell import (
-    check_source,
-    destinations,
-    release,
-    run_proxy,
-)
-from proxies.socks5 import HANDSHAKE_TIMEOUT, close_gently, parse_listen
+from daemon.api.aio import AsyncConnection, AsyncSpliceClient, DaemonGone, SpliceError
+from proxies.aio_shell import close_gently, destinations_async, run_proxy
+from proxies.daemon_shell import check_source
+from proxies.socks5 import HANDSHAKE_TIMEOUT, parse_listen
 from proxies.socks5_protocol import (
     MAX_AUTH_LEN,
     Connect,
@@ -105,68 +105,44 @@ def feed_exactly(negotiation: Negotiation, data: bytes) -> tuple[int, list[Event
 # -- the I/O shell -------------------------------------------------------------------
 
 
-def _recv_exactly(sock: socket.socket, count: int) -> None:
+async def _recv_exactly(conn: AsyncConnection, count: int) -> None:
     """Consume ``count`` bytes that MSG_PEEK already showed us."""
     while count:
-        chunk = sock.recv(count)
+        chunk = await conn.recv(count)
         if not chunk:
             raise ConnectionError("EOF inside bytes already peeked")
         count -= len(chunk)
 
 
-def read_request(
-    sock: socket.socket, peer: object, credentials: Credentials | None
+async def read_request(
+    conn: AsyncConnection, peer: object, credentials: Credentials | None
 ) -> Request | None:
-    """Run the handshake on ``sock`` without reading past the request.
+    """Run the handshake on ``conn`` without reading past the request.
 
     None when the client went away or was rejected (the rejection reply is
-    sent and the socket closed gently).
+    sent and the connection closed gently).
     """
     negotiation = Negotiation(credentials)
     while True:
         # MAX_AUTH_LEN is the longest message: one peek can always complete one.
-        data = sock.recv(MAX_AUTH_LEN, socket.MSG_PEEK)
+        data = await conn.recv(MAX_AUTH_LEN, socket.MSG_PEEK)
         if not data:
             return None
         used, events = feed_exactly(negotiation, data)
-        _recv_exactly(sock, used)
+        await _recv_exactly(conn, used)
         for event in events:
             if isinstance(event, SendToClient):
-                sock.sendall(event.data)
+                await conn.sendall(event.data)
             elif isinstance(event, Reject):
                 log.info("rejected %s: %s", peer, event.reason)
-                sock.sendall(event.data)
-                close_gently(sock)
+                await conn.sendall(event.data)
+                await close_gently(conn)
                 return None
             else:
                 return event.request
 
 
-def connect_server(
-    server: Connection, remotes: list[tuple[str, int]], source: str | None, timeout: float
-) -> None:
-    """Connect the reserved server side to the first address that answers.
-
-    Raises the first failure's ``SpliceError`` (the most telling one for the
-    name the client asked for) when every address failed.
-    """
-    local = None if source is None else (source, 0)
-    first_error: SpliceError | None = None
-    for remote in remotes:
-        try:
-            server.connect(remote, local=local, timeout=timeout)
-            return
-        except DaemonGone:
-            raise
-        except SpliceError as exc:
-            log.debug("connect %s:%d failed: %s", remote[0], remote[1], exc)
-            first_error = first_error or exc
-            if exc.code == "ESTATE":  # the daemon does not let a reserved side retry
-                break
-    raise first_error or SpliceError("EHOSTUNREACH", "no address")
-
-
-def refuse_intended(client: Connection, reply: bytes) -> None:
+async def refuse_intended(client: AsyncConnection, reply: bytes) -> None:
     """Failure ``reply`` to a client we may no longer read, then FIN.
 
     Reading is forbidden after intend_splice (thesis 4.1), so unlike
@@ -174,60 +150,66 @@ def refuse_intended(client: Connection, reply: bytes) -> None:
     after the reply, and the ``close`` op releases the connection.
     """
     try:
-        client.sock.sendall(reply)
-        client.sock.shutdown(socket.SHUT_WR)
+        await client.sendall(reply)
+        client.shutdown(socket.SHUT_WR)
     except OSError as exc:
         log.debug("client %s gone before its reply: %s", client.peer, exc)
-    release(client)
+    client.release()
 
 
-def serve_client(api: SpliceClient, client: Connection, config: SplicedConfig) -> None:
-    """One client, from accept to splice (its own thread)."""
+async def serve_client(
+    api: AsyncSpliceClient, client: AsyncConnection, config: SplicedConfig
+) -> None:
+    """One client, from accept to splice (its own task)."""
     peer = client.peer
-    sock = client.sock
     try:
-        sock.settimeout(config.handshake_timeout)
-        request = read_request(sock, peer, config.credentials)
-    except OSError as exc:
-        log.info("client %s dropped during negotiation: %s", peer, exc)
-        release(client)
+        async with asyncio.timeout(config.handshake_timeout):
+            request = await read_request(client, peer, config.credentials)
+    except (OSError, TimeoutError) as exc:
+        log.info("client %s dropped during negotiation: %s", peer, exc or "timeout")
+        client.release()
         return
     if request is None:
-        release(client)
+        client.release()
         return
     try:
-        remotes = destinations(request.host, request.port, config.source)
+        remotes = await destinations_async(request.host, request.port, config.source)
     except socket.gaierror as exc:
         # A name that does not resolve is a host that cannot be reached (RFC 1928 s.6).
         log.info("cannot resolve %s: %s", request.host, exc)
         with contextlib.suppress(OSError):
-            sock.sendall(build_reply(Reply.HOST_UNREACHABLE))
-        close_gently(sock)
-        release(client)
+            await client.sendall(build_reply(Reply.HOST_UNREACHABLE))
+        await close_gently(client)
         return
     try:
-        server = connect_and_splice(api, client, remotes, config)
+        server = await connect_and_splice(api, client, remotes, config)
+    except DaemonGone:
+        client.release()
+        return
     except SpliceError as exc:
         code = reply_for_errno(exc.errno)
         log.info("connect %s:%d failed: %s -> %s", request.host, request.port, exc, code.name)
-        refuse_intended(client, build_reply(code))
+        await refuse_intended(client, build_reply(code))
         return
     assert server.local is not None
     reply = build_reply(Reply.SUCCEEDED, server.local)
     try:
-        sock.sendall(reply)  # exactly the len announced with the splice
+        await client.sendall(reply)  # exactly the len announced with the splice
     except OSError as exc:
         log.info("client %s gone before its reply: %s", peer, exc)
     log.debug("spliced %s <-> %s via %s", peer, server.peer, server.local)
-    release(client, server)
+    # Closing a spliced fd only releases our handle (thesis 4.2); nothing
+    # the client waits for depends on the daemon's answer.
+    client.release()
+    server.release()
 
 
-def connect_and_splice(
-    api: SpliceClient,
-    client: Connection,
+async def connect_and_splice(
+    api: AsyncSpliceClient,
+    client: AsyncConnection,
     remotes: list[tuple[str, int]],
     config: SplicedConfig,
-) -> Connection:
+) -> AsyncConnection:
     """Thesis Fig. 4.2's intend_splice, connect and splice(len), as one request per address.
 
     ``connect_splice`` (docs/api.md) does all three in the daemon; the reply's
@@ -241,7 +223,7 @@ def connect_and_splice(
         family_zero = "::" if ":" in (config.source or remote[0]) else "0.0.0.0"
         length = len(build_reply(Reply.SUCCEEDED, (family_zero, 0)))
         try:
-            return api.connect_splice(
+            return await api.connect_splice(
                 client, remote, length, local=local, timeout=config.connect_timeout
             )
         except DaemonGone:

@@ -23,6 +23,7 @@ The proxy runs as a subprocess, exactly as its CLI is used.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import selectors
@@ -35,14 +36,16 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import pytest
 
+from daemon.api.aio import AsyncConnection, AsyncSpliceClient
 from daemon.api.client import Connection, SpliceClient
 from daemon.api.core import ApiError, Done, Result
 from daemon.api.protocol import Address, ErrorCode
 from daemon.api.server import ApiServer
-from proxies.socks5_protocol import Connect, Negotiation, Reject, SendToClient
+from proxies.socks5_protocol import Connect, Negotiation, Reject, Request, SendToClient
 from proxies.socks5_spliced import feed_exactly, read_request
 from tests.sockutil import payload, recv_exactly, recv_to_eof, sha256, wait_until
 from tests.test_api_server import (
@@ -659,14 +662,21 @@ def test_feeding_stops_at_a_rejected_message() -> None:
 def test_read_request_leaves_pipelined_data_unread_in_the_socket() -> None:
     proxy_side, client_side = socket.socketpair()
     with proxy_side, client_side:
-        proxy_side.settimeout(5)
+        # The proxy's end as the asyncio client hands it out (no daemon needed to read it).
+        conn = AsyncConnection(cast(AsyncSpliceClient, None), 1, proxy_side, None, None)
+
+        async def handshake() -> Request | None:
+            async with asyncio.timeout(5):
+                return await read_request(conn, "test", None)
+
         # Everything at once, in two writes that split the request.
         stream = GREETING + ipv4_request(*ORIGIN) + b"early bytes"
         client_side.sendall(stream[:5])
         threading.Timer(0.1, client_side.sendall, args=(stream[5:],)).start()
-        request = read_request(proxy_side, "test", None)
+        request = asyncio.run(handshake())
         assert request is not None and (request.host, request.port) == ORIGIN
         assert client_side.recv(2) == b"\x05\x00"
+        proxy_side.settimeout(5)
         assert proxy_side.recv(100) == b"early bytes"
 
 

@@ -563,7 +563,7 @@ class AsyncConnection:
     # -- socket-like coroutines ----------------------------------------------
 
     async def _readable(self) -> None:
-        loop = self.client._loop
+        loop = asyncio.get_running_loop()
         fileno = self.sock.fileno()
         ready = loop.create_future()
         loop.add_reader(fileno, ready.set_result, None)
@@ -582,7 +582,7 @@ class AsyncConnection:
                 await self._readable()
 
     async def sendall(self, data: bytes | bytearray | memoryview) -> None:
-        await self.client._loop.sock_sendall(self.sock, data)
+        await asyncio.get_running_loop().sock_sendall(self.sock, data)
 
     def shutdown(self, how: int = socket.SHUT_WR) -> None:
         """Half-close the descriptor: after the bytes already written, the daemon sends FIN."""
