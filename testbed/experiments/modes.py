@@ -41,6 +41,14 @@ PY_PORT = 1080
 
 
 @dataclass(frozen=True, slots=True)
+class SpliceDaemon:
+    """The splice daemon a spliced mode runs on: VmRSS by PID, stats over its API."""
+
+    pid: int
+    socket: Path
+
+
+@dataclass(frozen=True, slots=True)
 class Mode:
     """A runnable mode: where the client connects, and whose CPU the cost counts."""
 
@@ -48,6 +56,7 @@ class Mode:
     socks: tuple[str, int] | None  # None: direct to the origin (router)
     cost_pids: tuple[int, ...]  # processes doing the proxy's work (children included)
     cost_note: str = ""
+    splice_daemon: SpliceDaemon | None = None  # spliced modes only (memory per splice)
 
 
 @dataclass(slots=True)
@@ -186,7 +195,13 @@ def resolve(tb: Any, wanted: tuple[str, ...], work_dir: Path) -> ModeSet:
                 found.skipped[name] = f"testbed service(s) not running: {', '.join(missing)}"
             else:
                 found.modes.append(
-                    Mode(name, tuple(tb.spliced_socks), pids, "daemon + " + ", ".join(names[1:]))
+                    Mode(
+                        name,
+                        tuple(tb.spliced_socks),
+                        pids,
+                        "daemon + " + ", ".join(names[1:]),
+                        SpliceDaemon(pids[0], tb.daemon_socket),  # "daemon" comes first
+                    )
                 )
         elif name == "spliced-py":
             _start_spliced_py(tb, found, work_dir)
@@ -280,6 +295,7 @@ def _start_spliced_py(tb: Any, found: ModeSet, work_dir: Path) -> None:
             (PY_SERVICE, PY_PORT),
             (daemon.pid, proxy.pid),
             "daemon (--fastpath off) + spliced SOCKS5",
+            SpliceDaemon(daemon.pid, sock),
         )
     )
 
