@@ -6,13 +6,19 @@ import csv
 import json
 import math
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from testbed.experiments import __main__ as cli
+from testbed.experiments import store
 from testbed.experiments.claims import (
     Cells,
     Outcome,
@@ -20,7 +26,16 @@ from testbed.experiments.claims import (
     combine,
     evaluate,
 )
+from testbed.experiments.connsetup import RateRun, rate_run, splits, summarize_rates
 from testbed.experiments.cost import Cost
+from testbed.experiments.memory import (
+    Holder,
+    MemoryRound,
+    counts,
+    fit_slope,
+    idle_splices,
+)
+from testbed.experiments.memory import summarize as summarize_memory
 from testbed.experiments.modes import Mode, dante_config
 from testbed.experiments.params import UsageError, parse_args
 from testbed.experiments.report import ReportInput, render
@@ -77,6 +92,16 @@ def test_defaults_follow_the_thesis_sizes_plus_64m() -> None:
     assert p.sizes[0] == K and p.sizes[-2:] == (16 * M, 64 * M)
     assert p.concurrency == (8, 32, 64) and p.shaped and p.prefix == "tsplice"
     assert max(p.shaped_sizes) <= M  # 1% loss and 10 ms: big sizes would take minutes
+
+
+def test_setup_rate_and_memory_run_unless_switched_off_and_quick_holds_fewer_splices() -> None:
+    default, quick = parse_args([]), parse_args(["--quick"])
+    assert default.setup_rate and default.memory and quick.setup_rate and quick.memory
+    assert default.memory_splices == (500, 1000, 2000) and max(quick.memory_splices) <= 400
+    assert quick.setup_rate_concurrency * quick.setup_rate_connections <= 100
+    assert default.setup_rate_size == 1 and default.setup_rate_repeat == 3
+    off = parse_args(["--no-setup-rate", "--no-memory"])
+    assert not off.setup_rate and not off.memory and off.cost
 
 
 def test_explicit_flags_win_over_quick_and_lists_are_normalized() -> None:
@@ -168,6 +193,170 @@ def test_dante_config_allows_everything_without_auth() -> None:
     assert "external: 203.0.113.1" in conf
     assert "clientmethod: none" in conf and "socksmethod: none" in conf
     assert conf.count("from: 0.0.0.0/0 to: 0.0.0.0/0") == 2
+
+
+# -- connection set-up (pure) ---------------------------------------------------
+
+
+def _request(ok: bool, start: float, end: float | None, error: str | None = None) -> dict[str, Any]:
+    return {"size": 1, "ok": ok, "start": start, "end": end, "error": error}
+
+
+def test_setup_rate_is_successes_over_the_wall_clock_span_and_failures_are_kept() -> None:
+    raw = [
+        _request(True, 100.0, 100.5),
+        _request(True, 100.2, 101.0),
+        _request(False, 100.4, 102.0, "reset"),  # a failure still takes time
+        {"size": 1, "ok": False, "start": None, "end": None, "error": "lost"},
+    ]
+    run = rate_run(raw, "plain", 2, 8)
+    assert (run.attempted, run.ok, run.failed) == (4, 2, 2)
+    assert run.errors == {"reset": 1, "lost": 1}
+    assert run.span_s == pytest.approx(2.0) and run.rate == pytest.approx(1.0)
+    none = rate_run([_request(False, 1.0, 2.0, "refused")], "x", 0, 1)
+    assert none.ok == 0 and math.isnan(none.rate)
+
+
+def test_setup_rate_summary_is_the_median_over_rounds_and_a_dead_round_counts_as_zero() -> None:
+    def run(mode: str, rnd: int, rate: float, failed: int = 0) -> RateRun:
+        errors = {"timeout": failed} if failed else {}
+        return RateRun(mode, rnd, 8, 800, 800 - failed, failed, errors, 1.0, rate)
+
+    runs = [run("spliced", 0, 300.0), run("spliced", 1, 250.0, 3), run("spliced", 2, math.nan)]
+    runs += [run("router", 0, 1000.0)]
+    router, spliced = summarize_rates(runs, ["router", "spliced", "dante"])
+    assert (router.mode, router.median) == ("router", 1000.0)
+    assert (spliced.median, spliced.low, spliced.high) == (250.0, 0.0, 300.0)
+    assert (spliced.connections, spliced.failed, spliced.errors) == (2400, 3, {"timeout": 3})
+
+
+def _timed(mode: str, size: int, setup: float | None, transfer: float | None) -> Sample:
+    ok = transfer is not None
+    row = Sample("min_load", "unshaped", mode, size, 1, 0, ok, transfer, size, None, None, 0, 0.0)
+    row.setup_s, row.error = setup, None if ok else "reset"
+    return row
+
+
+def test_small_requests_split_into_median_set_up_and_transfer() -> None:
+    rows = [
+        _timed("spliced", K, 0.003, 0.001),
+        _timed("spliced", K, 0.005, 0.002),
+        _timed("spliced", K, 0.004, 0.009),
+        _timed("spliced", K, 0.004, None),  # failed: counted, not timed
+        _timed("router", K, 0.0002, 0.0005),
+        _timed("router", M, 0.0002, 0.002),  # above the size limit
+    ]
+    rows.append(Sample("high_load", "unshaped", "router", K, 8, 0, True, 1.0, K, None, None, 0, 0))
+    spliced, router = splits(rows, ["spliced", "router"], 64 * K)
+    assert (spliced.mode, spliced.size, spliced.n, spliced.failed) == ("spliced", K, 3, 1)
+    assert (spliced.setup, spliced.transfer) == (0.004, 0.002)
+    # The median of the sums (4, 7, 13 ms) is not the sum of the medians (6 ms).
+    assert spliced.total == pytest.approx(0.007)
+    assert spliced.setup_share == pytest.approx(2 / 3)
+    assert (router.size, router.n, router.setup, router.transfer) == (K, 1, 0.0002, 0.0005)
+
+
+# -- memory (pure, and the holder on loopback) ------------------------------------
+
+
+def test_kib_per_splice_is_the_least_squares_slope() -> None:
+    assert fit_slope([(0, 1000), (500, 5500), (1000, 10000), (2000, 19000)]) == pytest.approx(9.0)
+    assert fit_slope([(0, 100), (10, 150), (20, 140)]) == pytest.approx(2.0)
+    assert math.isnan(fit_slope([(0, 1000)])) and math.isnan(fit_slope([(5, 1), (5, 2)]))
+
+
+def test_idle_splices_are_spliced_both_ways_with_no_byte_relayed() -> None:
+    idle = {"client_state": "SPLICED", "server_state": "SPLICED", "bytes_c2s": 0, "bytes_s2c": 0}
+    stats = {
+        "connections": 3,
+        "splices": [
+            idle,
+            dict(idle),
+            dict(idle, bytes_s2c=1124),  # a finished request
+            dict(idle, client_state="TIMEWAIT"),
+            dict(idle, client_state="PRE_SPLICED"),  # the CONNECT reply not yet acked
+        ],
+    }
+    assert idle_splices(stats) == 2
+    assert counts(stats) == (3, 5)
+    assert idle_splices({}) == 0 and counts({}) == (0, 0)
+
+
+def _round(
+    mode: str, rnd: int, slope: float, *, settled: bool = True, failed: int = 0
+) -> MemoryRound:
+    points = tuple((n, 40_000 + round(slope * n)) for n in (0, 500, 1000, 2000))
+    errors = {"timeout": failed} if failed else {}
+    return MemoryRound(mode, rnd, points, 60_000, failed, errors, 2000 - failed, settled)
+
+
+def test_memory_summary_takes_the_median_slope_and_counts_unsettled_rounds() -> None:
+    rounds = [_round("spliced", 0, 9.0), _round("spliced", 1, 6.0, settled=False)]
+    rounds.append(_round("spliced", 2, 7.0, failed=2))
+    (m,) = summarize_memory(rounds, ["router", "spliced"])
+    assert (m.rounds, m.held, m.failed, m.unsettled) == (3, 2000, 2, 1)
+    assert (m.kib_per_splice, m.low, m.high) == pytest.approx((7.0, 6.0, 9.0))
+
+
+class _LocalHost:
+    """Stands in for a testbed host: runs the command here, as its own process group."""
+
+    def popen(self, argv: list[str], **kw: Any) -> subprocess.Popen[Any]:
+        return subprocess.Popen(argv, start_new_session=True, **kw)
+
+
+@contextmanager
+def _fake_spliced_socks(refuse: set[int]) -> Iterator[tuple[tuple[str, int], list[int]]]:
+    """A SOCKS5 server that answers CONNECT (code 5 for the `refuse`-th ones, 1-based)
+    and keeps each connection until the client closes it; yields (address, closed)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    closed: list[int] = []
+    count = 0
+
+    def serve(conn: socket.socket, n: int) -> None:
+        with conn, suppress(OSError):
+            conn.recv(3)
+            conn.sendall(b"\x05\x00")
+            conn.recv(10)
+            code = 5 if n in refuse else 0
+            conn.sendall(bytes([5, code, 0, 1, 127, 0, 0, 1, 0, 80]))
+            if not code:
+                while conn.recv(64):
+                    pass
+                closed.append(n)
+
+    def accept() -> None:
+        nonlocal count
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            count += 1
+            threading.Thread(target=serve, args=(conn, count), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield listener.getsockname()[:2], closed
+    finally:
+        listener.close()
+
+
+def test_the_holder_grows_step_by_step_counts_refusals_and_closes_everything() -> None:
+    with _fake_spliced_socks({2}) as (address, closed):
+        holder = Holder(_LocalHost(), address, ("192.0.2.9", 9000))
+        try:
+            assert holder.hold(4) == (3, {"socks5:0x05": 1})  # the 2nd was refused
+            assert holder.hold(6) == (6, {"socks5:0x05": 1})  # 3 more, none retried
+            assert holder.close() == 6
+            for _ in range(50):
+                if len(closed) == 6:
+                    break
+                threading.Event().wait(0.1)
+            assert sorted(closed) == [1, 3, 4, 5, 6, 7]
+        finally:
+            holder.stop()
+    assert holder.proc.returncode == 0
 
 
 # -- claims -------------------------------------------------------------------
@@ -317,7 +506,118 @@ def test_report_gives_wan_throughput_each_way_as_ratios_to_the_router() -> None:
     assert "| spliced | 215 | 0.80x | 134 | 0.50x | 1 |" in text
 
 
+def _setup_and_memory_report() -> ReportInput:
+    rates = [
+        RateRun("router", 0, 8, 800, 800, 0, {}, 0.8, 1000.0),
+        RateRun("spliced", 0, 8, 800, 797, 3, {"timeout": 3}, 3.2, 249.0),
+        RateRun("spliced", 1, 8, 800, 800, 0, {}, 3.0, 266.7),
+    ]
+    rows = [_timed("router", K, 0.0002, 0.0006), _timed("spliced", K, 0.003, 0.001)]
+    memory = [_round("spliced", 0, 9.0), _round("spliced", 1, 6.0, settled=False, failed=2)]
+    return ReportInput(
+        title="t",
+        started="s",
+        finished="f",
+        command="c",
+        machine={},
+        params={"setup_rate_size": 1, "setup_rate_repeat": 2, "memory_splices": [500, 1000]},
+        modes=["router", "spliced"],
+        skipped={},
+        cells={},
+        costs=[],
+        claims={},
+        splits=splits(rows, ["router", "spliced"], 64 * K),
+        rates=rates,
+        memory=memory,
+    )
+
+
+def test_report_gives_set_up_split_rate_and_memory_with_their_failures() -> None:
+    text = render(_setup_and_memory_report())
+    assert "### Small requests: set-up and transfer" in text
+    assert "| 1K | spliced | 3 ms | 1 ms | 4 ms | 75% | 1 |" in text
+    assert "| 1K | router | 0.2 ms | 0.6 ms | 0.8 ms | 25% | 1 |" in text
+    assert (
+        "## 7. Connection set-up rate" in text and "8 load-client workers, each making 100" in text
+    )
+    # spliced: median of 249 and 266.7; 3 of 1600 requests failed, shown with the code.
+    assert "| spliced | 258 | 249-267 | 0.26x | 1600 | **3** (timeout: 3) |" in text
+    assert "| router | 1000 | 1000-1000 | 1.00x | 800 | 0 |" in text
+    assert "## 8. Memory per idle splice" in text and "N = 0, 500, 1000 in turn" in text
+    assert "| spliced | 7.5 | 6.0-9.0 | 2000 | **2** | **1 of 2** |" in text
+    assert "0: 40000 / 500: 44500 / 1000: 49000 / 2000: 58000" in text
+    assert "| spliced | 2 |" in text and "| **no** |" in text
+    failures = text.split("## Failures", 1)[1]
+    assert "| memory | round 2 | spliced |" in failures and "not back to baseline" in failures
+
+
+def test_without_those_runs_the_report_has_no_such_sections() -> None:
+    text = _report(_thesis_world(), ["router", "plain", "spliced"], {})
+    for title in ("set-up and transfer", "## 7.", "## 8."):
+        assert title not in text
+
+
+def test_the_run_directory_gets_the_new_tables_as_csv_and_in_run_json(tmp_path: Path) -> None:
+    data = _setup_and_memory_report()
+    store.write_raw(
+        tmp_path,
+        [],
+        {},
+        [],
+        {"command": "c"},
+        rates=data.rates,
+        splits=data.splits,
+        memory=data.memory,
+    )
+    with open(tmp_path / "setup_rate.csv") as f:
+        rates = list(csv.DictReader(f))
+    assert [(r["mode"], r["ok"], r["errors"]) for r in rates][:2] == [
+        ("router", "800", ""),
+        ("spliced", "797", "timeout=3"),
+    ]
+    with open(tmp_path / "memory.csv") as f:
+        points = list(csv.DictReader(f))
+    assert len(points) == 8 and points[3]["splices"] == "2000" and points[3]["rss_kib"] == "58000"
+    assert float(points[0]["kib_per_splice"]) == pytest.approx(9.0)
+    with open(tmp_path / "setup_split.csv") as f:
+        split = list(csv.DictReader(f))
+    assert [r["mode"] for r in split] == ["router", "spliced"]
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert len(run["setup_rate"]) == 3 and len(run["memory"]) == 8 and len(run["setup_split"]) == 2
+
+
 # -- a real quick run ---------------------------------------------------------
+
+
+def _check_setup_and_memory(info: dict[str, Any], report: str) -> None:
+    """Experiments 7 and 8 and the set-up split of a real run: measured, none failed."""
+    modes = info["modes"]
+    # 7: every mode made its connections, each one succeeded.
+    params = info["params"]
+    each = params["setup_rate_concurrency"] * params["setup_rate_connections"]
+    rates = info["setup_rate"]
+    assert sorted(r["mode"] for r in rates) == sorted(modes)
+    for r in rates:
+        assert r["failed"] == 0 and r["ok"] == r["attempted"] == each and r["rate"] > 0, r
+    assert "## 7. Connection set-up rate" in report
+    # The split: 1 KB in every mode, both parts timed.
+    split = {(r["mode"], r["size"]): r for r in info["setup_split"]}
+    for mode in modes:
+        r = split[(mode, K)]
+        assert r["n"] == 1 and r["failed"] == 0 and r["setup"] > 0 and r["transfer"] > 0, r
+    assert "### Small requests: set-up and transfer" in report
+    # 8: the splice daemons held every idle splice, grew, and went back to baseline.
+    steps = [0, *params["memory_splices"]]
+    daemons = [m for m in ("spliced", "spliced-py") if m in modes]
+    assert "spliced" in daemons
+    for mode in daemons:
+        points = [p for p in info["memory"] if p["mode"] == mode]
+        assert [p["splices"] for p in points] == steps, points
+        assert all(p["failed"] == 0 and p["settled"] for p in points), points
+        assert points[0]["daemon_idle"] == steps[-1]  # the daemon listed them all, idle
+        assert points[-1]["rss_kib"] > points[0]["rss_kib"]
+        assert 1 < points[0]["kib_per_splice"] < 50, points  # KiB of RSS per idle splice
+    assert "## 8. Memory per idle splice" in report
 
 
 @pytest.mark.root
@@ -343,7 +643,11 @@ def test_quick_run_writes_data_figures_and_a_report(tmp_path: Path) -> None:
         (run,) = list(tmp_path.iterdir())
         for name in ("samples.csv", "samples.json", "summary.csv", "cost.csv", "run.json"):
             assert (run / name).stat().st_size > 0, name
+        for name in ("setup_rate.csv", "setup_split.csv", "memory.csv"):
+            assert len((run / name).read_text().splitlines()) > 1, name
         for name in ("fig6_1_min_load.png", "fig6_2_high_load.png", "throughput.png", "cost.png"):
+            assert (run / name).read_bytes()[:4] == b"\x89PNG", name
+        for name in ("fig6_1_setup_split.png", "setup_rate.png", "memory.png"):
             assert (run / name).read_bytes()[:4] == b"\x89PNG", name
         info = json.loads((run / "run.json").read_text())
         expected = {"router", "plain", "endpoint"}
@@ -359,6 +663,7 @@ def test_quick_run_writes_data_figures_and_a_report(tmp_path: Path) -> None:
         report = (run / "report.md").read_text()
         for key in "abcd":
             assert f"| ({key}) |" in report
+        _check_setup_and_memory(info, report)
         # The suite brought its testbed up, so it took it down again.
         assert not list(Path("/run/netns").glob(f"{prefix}-*"))
     finally:

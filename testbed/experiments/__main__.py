@@ -3,7 +3,8 @@
 Uses the testbed named by --prefix (default tsplice): if it is up it is used
 and left up; if not, it is brought up for the run and taken down after.
 Results go to <out>/<timestamp>/: samples.csv/json, summary.csv, cost.csv,
-run.json, the figures and report.md (see docs/experiments.md).
+setup_rate.csv, setup_split.csv, memory.csv, run.json, the figures and
+report.md (see docs/experiments.md).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from testbed.experiments import plots, store
-from testbed.experiments.claims import evaluate
+from testbed.experiments.claims import SMALL_MAX, evaluate
+from testbed.experiments.connsetup import splits as setup_splits
 from testbed.experiments.modes import ModeSet, resolve
 from testbed.experiments.params import Params, UsageError, parse_args
 from testbed.experiments.report import ReportInput, render
@@ -47,7 +49,8 @@ def _existing_shapes(tb: Testbed) -> list[str]:
 def _experiment(tb: Testbed, params: Params, out_dir: Path, collected: Collected) -> ModeSet:
     modeset = resolve(tb, params.modes, out_dir)
     try:
-        total = plan_steps(params, len(modeset.modes))
+        daemons = sum(m.splice_daemon is not None for m in modeset.modes)
+        total = plan_steps(params, len(modeset.modes), daemons)
         with tqdm(total=total, unit="run", disable=None, file=sys.stderr) as bar:
 
             def step(what: str) -> None:
@@ -105,7 +108,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         ref: [c for c in evaluate(cells, reference=ref) if c.key != "b" or ref == refs[0]]
         for ref in refs
     }
-    figures = plots.write_all(out, cells, modes, collected.costs)
+    # Claim (a)'s small transfers, split into connection set-up and transfer.
+    splits = setup_splits(collected.samples, modes, SMALL_MAX)
+    figures = plots.write_all(
+        out,
+        cells,
+        modes,
+        collected.costs,
+        splits=splits,
+        rates=collected.rates,
+        memory=collected.memory,
+    )
     when = "%Y-%m-%d %H:%M:%S"
     data = ReportInput(
         title="Symmetric TCP splice: experiment report",
@@ -123,6 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         environment=collected.environment,
         figures=figures,
         interrupted=collected.interrupted,
+        splits=splits,
+        rates=collected.rates,
+        memory=collected.memory,
     )
     run = {
         "command": data.command,
@@ -137,7 +153,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "interrupted": collected.interrupted,
         "claims": {ref: store.claim_json(results) for ref, results in claims.items()},
     }
-    store.write_raw(out, collected.samples, cells, collected.costs, run)
+    store.write_raw(
+        out,
+        collected.samples,
+        cells,
+        collected.costs,
+        run,
+        rates=collected.rates,
+        splits=splits,
+        memory=collected.memory,
+    )
     (out / "report.md").write_text(render(data))
     print(f"{PROG}: {len(collected.samples)} requests in {finished - started:.0f} s -> {out}")
     return 130 if collected.interrupted else 0

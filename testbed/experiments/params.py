@@ -3,7 +3,8 @@
 Pure: parsing only.  Every mistake a user can make becomes a `UsageError`
 with one line of text; `__main__` prints it and exits 2.  `--quick`
 changes the defaults (tiny sizes, one repetition, concurrency 2, no shaped
-runs, a short cost run); flags given explicitly still win.
+runs, a short cost run, a few hundred idle splices instead of 2000); flags
+given explicitly still win.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ QUICK_SIZES = "1K,64K,1M"
 DEFAULT_CONCURRENCY = "8,32,64"
 DEFAULT_SHAPE = "delay=10ms loss=1%"
 DEFAULT_WAN_SHAPE = "delay=10ms"
+# Experiment 8: idle splices held at each step (the RSS before the first is the 0 point).
+MEMORY_SPLICES = (500, 1000, 2000)
+QUICK_MEMORY_SPLICES = (100, 200, 400)
 
 _MAX_CONCURRENCY = 256
 
@@ -54,6 +58,14 @@ class Params:
     wan: bool  # experiment 6: sustained throughput over a link with real delay
     wan_shape: str
     wan_size: int
+    setup_rate: bool  # experiment 7: connections per second
+    setup_rate_concurrency: int  # load-client workers
+    setup_rate_connections: int  # requests per worker and round, back to back
+    setup_rate_size: int  # the response body: tiny, so set-up is all there is
+    setup_rate_repeat: int
+    memory: bool  # experiment 8: the splice daemon's RSS with idle splices held
+    memory_splices: tuple[int, ...]
+    memory_repeat: int
     out: Path
     prefix: str
     quick: bool
@@ -147,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-wan", action="store_true", help="skip the WAN (delayed link) experiment")
     p.add_argument(
+        "--no-setup-rate", action="store_true", help="skip the connections-per-second experiment"
+    )
+    p.add_argument(
+        "--no-memory", action="store_true", help="skip the idle-splices-vs-daemon-RSS experiment"
+    )
+    p.add_argument(
         "--prefix",
         "--prefix-for-tests",
         dest="prefix",
@@ -195,6 +213,14 @@ def parse_args(argv: Sequence[str]) -> Params:
         wan=not (args.no_wan or quick),
         wan_shape=wan_shape,
         wan_size=32 << 20,
+        setup_rate=not args.no_setup_rate,
+        setup_rate_concurrency=4 if quick else 8,
+        setup_rate_connections=25 if quick else 100,
+        setup_rate_size=1,
+        setup_rate_repeat=max(1, min(repeat, 3)),
+        memory=not args.no_memory,
+        memory_splices=QUICK_MEMORY_SPLICES if quick else MEMORY_SPLICES,
+        memory_repeat=max(1, min(repeat, 3)),
         out=Path(args.out),
         prefix=prefix,
         quick=quick,

@@ -6,7 +6,13 @@
 * ``fig6_2_high_load.png``: one panel per concurrency: mean (the thesis's
   figure averages) and p95 (dashed) per mode;
 * ``throughput.png``: median MB/s of one long transfer per mode;
-* ``cost.png``: CPU milliseconds and context switches per MB relayed.
+* ``cost.png``: CPU milliseconds and context switches per MB relayed;
+* ``fig6_1_setup_split.png``: small requests at minimum load, one panel per
+  size: the median set-up and transfer stacked, per mode;
+* ``setup_rate.png``: connections per second per mode (median over rounds,
+  bars min..max);
+* ``memory.png``: one panel per splice daemon: VmRSS vs idle splices held,
+  one line per round, its slope (KiB per splice) in the legend.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from testbed.experiments.connsetup import RateRun, Split, summarize_rates
 from testbed.experiments.cost import Cost
+from testbed.experiments.memory import MemoryRound
 from testbed.experiments.stats import CellStats
 
 CellKey = tuple[str, str, str, int, int]
@@ -177,11 +185,89 @@ def cost_figure(costs: Sequence[Cost], path: Path) -> bool:
     return True
 
 
+def setup_split_figure(splits: Sequence[Split], modes: Sequence[str], path: Path) -> bool:
+    usable = [s for s in splits if s.n > 0]
+    sizes = sorted({s.size for s in usable})
+    if not sizes:
+        return False
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4.5 * len(sizes), 4.5), squeeze=False)
+    for ax, size in zip(axes[0], sizes, strict=True):
+        row = [s for m in modes for s in usable if s.mode == m and s.size == size]
+        names = [s.mode for s in row]
+        setup = [1000 * s.setup for s in row]
+        transfer = [1000 * s.transfer for s in row]
+        ax.bar(names, setup, label="set-up (connect + SOCKS5 CONNECT)", color="C1")
+        ax.bar(names, transfer, bottom=setup, label="transfer (request to last byte)", color="C0")
+        ax.set_title(f"{_label_size(size)} at minimum load")
+        ax.tick_params(axis="x", labelrotation=30)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("ms, medians stacked")
+    axes[0][0].legend(fontsize="small")
+    fig.suptitle("Small requests: connection set-up and transfer (a panel of Fig. 6.1)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def setup_rate_figure(rates: Sequence[RateRun], modes: Sequence[str], path: Path) -> bool:
+    summary = summarize_rates(rates, modes)
+    if not summary:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = [r.mode for r in summary]
+    mid = [r.median for r in summary]
+    err = [[r.median - r.low for r in summary], [r.high - r.median for r in summary]]
+    ax.bar(names, mid, yerr=err, capsize=4, color=[f"C{i}" for i in range(len(summary))])
+    for x, r in enumerate(summary):
+        if r.failed:
+            ax.annotate(f"{r.failed} failed", (x, r.median), ha="center", va="bottom", color="red")
+    ax.set_ylabel("connections/s: median over rounds, bars min..max")
+    ax.set_title(
+        f"Connection set-up rate ({summary[0].concurrency} workers, tiny requests back to back)"
+    )
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def memory_figure(rounds: Sequence[MemoryRound], modes: Sequence[str], path: Path) -> bool:
+    daemons = [m for m in modes if any(r.mode == m and len(r.points) > 1 for r in rounds)]
+    if not daemons:
+        return False
+    fig, axes = plt.subplots(
+        1, len(daemons), figsize=(6 * len(daemons), 4.5), squeeze=False, sharey=True
+    )
+    for ax, mode in zip(axes[0], daemons, strict=True):
+        for r in sorted((r for r in rounds if r.mode == mode), key=lambda r: r.round):
+            xs = [n for n, _ in r.points]
+            ys = [rss / 1024 for _, rss in r.points]
+            ax.plot(
+                xs, ys, marker="o", label=f"round {r.round + 1}: {r.kib_per_splice:.1f} KiB/splice"
+            )
+        ax.set_title(mode)
+        ax.set_xlabel("idle splices held")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    axes[0][0].set_ylabel("daemon VmRSS (MiB)")
+    fig.suptitle("The splice daemon's memory with idle splices held")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def write_all(
     out: Path,
     cells: Mapping[CellKey, CellStats],
     modes: Sequence[str],
     costs: Sequence[Cost],
+    *,
+    splits: Sequence[Split] = (),
+    rates: Sequence[RateRun] = (),
+    memory: Sequence[MemoryRound] = (),
 ) -> list[str]:
     """Draw every figure there is data for; return the file names written."""
     made = []
@@ -196,6 +282,9 @@ def write_all(
         ("fig6_2_high_load.png", lambda p: high_load_figure(cells, modes, p)),
         ("throughput.png", lambda p: throughput_figure(cells, modes, p)),
         ("cost.png", lambda p: cost_figure(costs, p)),
+        ("fig6_1_setup_split.png", lambda p: setup_split_figure(splits, modes, p)),
+        ("setup_rate.png", lambda p: setup_rate_figure(rates, modes, p)),
+        ("memory.png", lambda p: memory_figure(rounds=memory, modes=modes, path=p)),
     ]
     for name, draw in jobs:
         if draw(out / name):

@@ -20,7 +20,10 @@ from testbed.experiments.claims import (
     Outcome,
     Verdict,
 )
+from testbed.experiments.connsetup import RateRun, Split, summarize_rates
 from testbed.experiments.cost import Cost
+from testbed.experiments.memory import MemoryRound
+from testbed.experiments.memory import summarize as summarize_memory
 from testbed.experiments.stats import CellStats
 
 CellKey = tuple[str, str, str, int, int]
@@ -43,6 +46,9 @@ class ReportInput:
     environment: Mapping[str, Any] = field(default_factory=dict)
     figures: Sequence[str] = field(default_factory=list)
     interrupted: bool = False
+    splits: Sequence[Split] = field(default_factory=list)  # Fig. 6.1's small requests split
+    rates: Sequence[RateRun] = field(default_factory=list)  # experiment 7
+    memory: Sequence[MemoryRound] = field(default_factory=list)  # experiment 8
 
 
 def fmt_size(size: int) -> str:
@@ -330,6 +336,115 @@ def _cost_table(costs: Sequence[Cost]) -> list[str]:
     )
 
 
+def _split_table(splits: Sequence[Split]) -> list[str]:
+    rows = [
+        [
+            fmt_size(s.size),
+            s.mode,
+            fmt_time(s.setup),
+            fmt_time(s.transfer),
+            fmt_time(s.total),
+            f"{s.setup_share:.0%}" if s.n else "",
+            str(s.n) + (f" **{s.failed} failed**" if s.failed else ""),
+        ]
+        for size in sorted({s.size for s in splits})
+        for s in splits
+        if s.size == size
+    ]
+    return _table(
+        ["size", "mode", "set-up", "transfer", "set-up + transfer", "set-up share", "requests"],
+        rows,
+    )
+
+
+def _errors_text(errors: Mapping[str, int]) -> str:
+    return ", ".join(f"{e}: {n}" for e, n in errors.items())
+
+
+def _rate_table(data: ReportInput) -> list[str]:
+    summary = summarize_rates(data.rates, data.modes)
+    router = next((r.median for r in summary if r.mode == "router"), math.nan)
+    rows = []
+    for r in summary:
+        failed = f"**{r.failed}** ({_errors_text(r.errors)})" if r.failed else "0"
+        rows.append(
+            [
+                r.mode,
+                f"{r.median:.0f}",
+                f"{r.low:.0f}-{r.high:.0f}",
+                f"{r.median / router:.2f}x" if router > 0 else "",
+                str(r.connections),
+                failed,
+            ]
+        )
+    return _table(
+        ["mode", "connections/s (median)", "range over rounds", "x router", "requests", "failed"],
+        rows,
+    )
+
+
+def _memory_tables(rounds: Sequence[MemoryRound], modes: Sequence[str]) -> list[str]:
+    def kib(value: float) -> str:
+        return "-" if math.isnan(value) else f"{value:.1f}"
+
+    rows = [
+        [
+            m.mode,
+            kib(m.kib_per_splice),
+            f"{kib(m.low)}-{kib(m.high)}",
+            str(m.held),
+            f"**{m.failed}**" if m.failed else "0",
+            f"**{m.rounds - m.unsettled} of {m.rounds}**" if m.unsettled else "every round",
+        ]
+        for m in summarize_memory(rounds, modes)
+    ]
+    lines = _table(
+        [
+            "mode",
+            "KiB per idle splice (median)",
+            "range over rounds",
+            "idle splices held",
+            "failed CONNECTs",
+            "daemon back to its baseline counts",
+        ],
+        rows,
+    )
+    order = {m: i for i, m in enumerate(modes)}
+    per_round = []
+    for r in sorted(rounds, key=lambda r: (order.get(r.mode, len(order)), r.mode, r.round)):
+        failed = f"**{r.failed}** ({_errors_text(r.errors)})" if r.failed else "0"
+        per_round.append(
+            [
+                r.mode,
+                str(r.round + 1),
+                " / ".join(f"{n}: {rss}" for n, rss in r.points),
+                "-" if r.after_kib is None else str(r.after_kib),
+                kib(r.kib_per_splice),
+                str(r.daemon_idle),
+                failed,
+                "yes" if r.settled else "**no**",
+            ]
+        )
+    lines += ["", "Per round:", ""]
+    lines += _table(
+        [
+            "mode",
+            "round",
+            "idle splices: VmRSS KiB",
+            "KiB after closing",
+            "KiB per splice",
+            "idle splices the daemon listed",
+            "failed",
+            "back to baseline",
+        ],
+        per_round,
+    )
+    for r in rounds:
+        if r.note:
+            lines += ["", f"- {r.mode} round {r.round + 1}: {r.note}"]
+    return lines
+
+
 def _failures(data: ReportInput) -> list[str]:
     rows = []
     for k, c in data.cells.items():
@@ -341,6 +456,14 @@ def _failures(data: ReportInput) -> list[str]:
     for cost in data.costs:
         if cost.failed:
             rows.append(["cost", cost.condition, cost.mode, "1", "", str(cost.failed), ""])
+    for r in data.memory:
+        if r.failed or not r.settled:
+            why = "; ".join(
+                w
+                for w in (_errors_text(r.errors), "" if r.settled else "not back to baseline")
+                if w
+            )
+            rows.append(["memory", f"round {r.round + 1}", r.mode, "", "", str(r.failed), why])
     if not rows:
         return ["No request failed.", ""]
     return [
@@ -377,6 +500,22 @@ def render(data: ReportInput) -> str:
         "",
         *_min_load_table(data, "unshaped"),
         "",
+    ]
+    if data.splits:
+        lines += [
+            "### Small requests: set-up and transfer",
+            "",
+            "The same requests, up to 64 KB (claim (a)'s small transfers), split in two:"
+            " set-up, from the connection attempt to the SOCKS5 CONNECT reply (the"
+            " router: the TCP handshake), as curl's time_pretransfer; and transfer, from"
+            " sending the request to the last byte (the response time above). Medians;"
+            " the last column but one is set-up's share of the two stacked. Figure:"
+            " `fig6_1_setup_split.png`.",
+            "",
+            *_split_table(data.splits),
+            "",
+        ]
+    lines += [
         "## 2. Response time at high load (Fig. 6.2)",
         "",
         f"C client processes at once, each requesting every size in turn;"
@@ -427,12 +566,46 @@ def render(data: ReportInput) -> str:
             *_wan_table(data),
             "",
         ]
+    if data.rates:
+        conc = data.rates[0].concurrency
+        per = data.rates[0].attempted // max(conc, 1)
+        lines += [
+            "## 7. Connection set-up rate",
+            "",
+            f"{conc} load-client workers, each making {per} requests of a"
+            f" {p.get('setup_rate_size')}-byte body back to back (connect, SOCKS5 CONNECT,"
+            f" GET, check, close); {p.get('setup_rate_repeat')} round(s), modes interleaved."
+            " Successful requests per second over each run's wall-clock span (first"
+            " connection attempt to the end of the last request), median over rounds."
+            " The router's figure is the load client's and the origin's ceiling on this"
+            " machine. Figure: `setup_rate.png`.",
+            "",
+            *_rate_table(data),
+            "",
+        ]
+    if data.memory:
+        lines += [
+            "## 8. Memory per idle splice",
+            "",
+            "The splice daemon's VmRSS with N idle spliced SOCKS5 connections held"
+            " (CONNECTs to the origin's raw sink, 64 opened at a time), at"
+            f" N = 0, {', '.join(str(n) for n in p.get('memory_splices') or ())} in turn;"
+            " then all are closed and the daemon must return to the connection and"
+            " splice counts it had before the round. KiB per splice is the slope of the"
+            " least-squares line through a round's points. Run first, before the other"
+            " experiments leave splices in TIME-WAIT. Figure: `memory.png`.",
+            "",
+            *_memory_tables(data.memory, data.modes),
+            "",
+        ]
     lines += ["## Failures", "", *_failures(data)]
     lines += [
         "## Files",
         "",
         "- `samples.csv`, `samples.json`: every request (failures included)",
         "- `summary.csv`: every cell's statistics; `cost.csv`: the cost runs",
+        "- `setup_split.csv`, `setup_rate.csv` (one row per run), `memory.csv` (one row per"
+        " point): the set-up split, experiments 7 and 8",
         "- `run.json`: machine, package versions, every parameter, claims, notes",
         *[f"- `{name}`" for name in data.figures],
         "",

@@ -19,7 +19,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from testbed.experiments import memory
+from testbed.experiments.connsetup import RateRun, rate_run
 from testbed.experiments.cost import Cost, CostMeter
+from testbed.experiments.memory import MemoryRound
 from testbed.experiments.modes import Mode, stop_group
 from testbed.experiments.params import Params
 
@@ -29,6 +32,7 @@ THROUGHPUT = "throughput"
 UNSHAPED = "unshaped"
 SHAPED = "shaped"
 WAN = "wan"
+SETUP_RATE = "setup_rate"
 DOWNLOAD = "download"
 UPLOAD = "upload"
 WAN_LINK = "client-proxy"
@@ -53,12 +57,16 @@ class Sample:
     detail: str | None
     worker: int
     start: float | None
+    setup_s: float | None = None  # connect + SOCKS5 CONNECT, before the response time
+    end: float | None = None  # unix time the request was over
 
 
 @dataclass(slots=True)
 class Collected:
     samples: list[Sample] = field(default_factory=list)
     costs: list[Cost] = field(default_factory=list)
+    rates: list[RateRun] = field(default_factory=list)  # experiment 7
+    memory: list[MemoryRound] = field(default_factory=list)  # experiment 8
     notes: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # modes dropped during the run
     interrupted: bool = False
@@ -122,7 +130,9 @@ def loadgen_argv(
     if mode.socks is not None:
         argv += ["--socks5", f"{mode.socks[0]}:{mode.socks[1]}"]
     argv += ["--repeat", str(repeat), "--concurrency", str(concurrency)]
-    argv += ["--timeout", str(timeout)]
+    # An untimed request per worker first: otherwise every run's first request
+    # (the smallest size) also times the process's first getaddrinfo and cold paths.
+    argv += ["--timeout", str(timeout), "--warmup"]
     if upload:
         argv.append("--upload")
     return argv
@@ -177,6 +187,8 @@ def _samples(
             detail=r.get("detail"),
             worker=int(r.get("worker", -1)),
             start=r.get("start"),
+            setup_s=r.get("setup_s"),
+            end=r.get("end"),
         )
         for r in raw
     ]
@@ -185,15 +197,20 @@ def _samples(
 Step = Callable[[str], None]  # advances the progress bar, naming what runs
 
 
-def plan_steps(params: Params, n_modes: int) -> int:
-    """How many load-client runs the suite makes (the progress bar's total)."""
+def plan_steps(params: Params, n_modes: int, n_daemons: int = 0) -> int:
+    """How many runs the suite makes (the progress bar's total).
+
+    `n_daemons`: the modes on a splice daemon, whose memory experiment 8 measures.
+    """
     steps = n_modes * (
         int(params.warmup)
         + params.repeat
         + params.load_repeat * len(params.concurrency)
         + params.throughput_repeat
         + int(params.cost)
+        + params.setup_rate_repeat * int(params.setup_rate)
     )
+    steps += n_daemons * params.memory_repeat * int(params.memory)
     if params.shaped:
         steps += n_modes * min(params.repeat, 3)
     if params.wan:
@@ -202,7 +219,7 @@ def plan_steps(params: Params, n_modes: int) -> int:
 
 
 def run_all(tb: Any, params: Params, modes: list[Mode], step: Step, into: Collected) -> None:
-    """Experiments 1-5 in order; results accumulate in `into` (kept if interrupted).
+    """Experiments 8, then 1-7; results accumulate in `into` (kept if interrupted).
 
     A mode whose every warm-up request fails is removed from `modes` and
     recorded in `into.skipped`.
@@ -223,6 +240,22 @@ def run_all(tb: Any, params: Params, modes: list[Mode], step: Step, into: Collec
             elif errors:
                 bad = sum(1 for r in raw if not r["ok"])
                 into.notes.append(f"warm-up: {bad} request(s) failed for mode {mode.name}")
+
+    # (8) memory per idle splice, first: the daemons have seen only the
+    # warm-up.  The later experiments leave thousands of splices in TIME-WAIT
+    # (2 MSL, a minute) whose memory, freed meanwhile, the idle splices would
+    # reuse, and the slope would read low.
+    if params.memory:
+        daemons = [m for m in modes if m.splice_daemon is not None]
+        if not daemons:
+            into.notes.append("memory per idle splice: no mode on a splice daemon ran")
+        for mode in daemons:
+            for rnd in range(params.memory_repeat):
+                step(f"memory {mode.name} round {rnd + 1}")
+                try:
+                    into.memory.append(memory.run_round(tb, mode, params.memory_splices, rnd))
+                except (OSError, RuntimeError) as err:  # the daemon or its API is gone
+                    into.notes.append(f"memory {mode.name} round {rnd + 1}: {err}")
 
     # (1) Fig. 6.1: one connection at a time.
     for rnd in range(params.repeat):
@@ -284,6 +317,27 @@ def run_all(tb: Any, params: Params, modes: list[Mode], step: Step, into: Collec
                             upload=direction == UPLOAD,
                         )
                         into.samples += _samples(raw, WAN, direction, mode.name, 1, rnd)
+
+    # (7) connections per second: C workers, each request a 1-byte body, back
+    # to back.  Last, so the TIME-WAITs it leaves in the daemons (thousands,
+    # for 2 MSL) weigh on no other experiment.
+    if params.setup_rate:
+        conc = params.setup_rate_concurrency
+        for rnd in range(params.setup_rate_repeat):
+            for mode in rotated(modes, rnd):
+                step(f"setup rate {mode.name} round {rnd + 1}")
+                raw = run_loadgen(
+                    tb,
+                    mode,
+                    [params.setup_rate_size],
+                    repeat=params.setup_rate_connections,
+                    concurrency=conc,
+                    # A tiny request needs no long timeout, and the run's limit
+                    # grows with the timeout times the requests per worker.
+                    timeout=min(params.timeout, 10.0),
+                )
+                into.samples += _samples(raw, SETUP_RATE, UNSHAPED, mode.name, conc, rnd)
+                into.rates.append(rate_run(raw, mode.name, rnd, conc))
 
 
 def cost_plan(rate_bps: float, seconds: float, size: int) -> int:

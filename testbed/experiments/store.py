@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from testbed.experiments.claims import ClaimResult
+from testbed.experiments.connsetup import RateRun, Split
 from testbed.experiments.cost import Cost
+from testbed.experiments.memory import MemoryRound
 from testbed.experiments.runner import Sample
 from testbed.experiments.stats import CellStats
 
@@ -117,6 +119,42 @@ def cost_rows(costs: Sequence[Cost]) -> list[dict[str, Any]]:
     return rows
 
 
+def rate_rows(runs: Sequence[RateRun]) -> list[dict[str, Any]]:
+    rows = []
+    for r in runs:
+        row = dataclasses.asdict(r)
+        row["errors"] = ";".join(f"{k}={v}" for k, v in r.errors.items())
+        rows.append(row)
+    return rows
+
+
+def split_rows(splits: Sequence[Split]) -> list[dict[str, Any]]:
+    return [dataclasses.asdict(s) | {"setup_share": s.setup_share} for s in splits]
+
+
+def memory_rows(rounds: Sequence[MemoryRound]) -> list[dict[str, Any]]:
+    """One row per point (idle splices held, VmRSS), with its round's results beside it."""
+    rows = []
+    for r in rounds:
+        for splices, rss in r.points:
+            rows.append(
+                {
+                    "mode": r.mode,
+                    "round": r.round,
+                    "splices": splices,
+                    "rss_kib": rss,
+                    "after_kib": r.after_kib,
+                    "kib_per_splice": r.kib_per_splice,
+                    "daemon_idle": r.daemon_idle,
+                    "failed": r.failed,
+                    "errors": ";".join(f"{k}={v}" for k, v in r.errors.items()),
+                    "settled": r.settled,
+                    "note": r.note,
+                }
+            )
+    return rows
+
+
 def claim_json(results: Sequence[ClaimResult]) -> list[dict[str, Any]]:
     return [
         {
@@ -155,6 +193,10 @@ def write_raw(
     cells: Mapping[CellKey, CellStats],
     costs: Sequence[Cost],
     run: Mapping[str, Any],
+    *,
+    rates: Sequence[RateRun] = (),
+    splits: Sequence[Split] = (),
+    memory: Sequence[MemoryRound] = (),
 ) -> None:
     sample_fields = [f.name for f in dataclasses.fields(Sample)]
     sample_dicts = [dataclasses.asdict(s) for s in samples]
@@ -169,7 +211,19 @@ def write_raw(
     cost_fields += ["proc_cpu_ms_per_mb", "proc_ctx_per_mb"]
     cost_fields += ["machine_cpu_ms_per_mb", "machine_ctx_per_mb"]
     write_csv(out / "cost.csv", cost, cost_fields)
+    rate = rate_rows(rates)
+    write_csv(out / "setup_rate.csv", rate, [f.name for f in dataclasses.fields(RateRun)])
+    split = split_rows(splits)
+    split_fields = [f.name for f in dataclasses.fields(Split)] + ["setup_share"]
+    write_csv(out / "setup_split.csv", split, split_fields)
+    mem = memory_rows(memory)
+    mem_fields = ["mode", "round", "splices", "rss_kib", "after_kib", "kib_per_splice"]
+    mem_fields += ["daemon_idle", "failed", "errors", "settled", "note"]
+    write_csv(out / "memory.csv", mem, mem_fields)
     full = dict(run)
     full["summary"] = summary
     full["cost"] = cost
+    full["setup_rate"] = rate
+    full["setup_split"] = split
+    full["memory"] = mem
     (out / "run.json").write_text(json.dumps(_clean(full), indent=1))
