@@ -135,6 +135,12 @@ def test_median_ci_of_twenty_samples_uses_the_6th_and_15th() -> None:
     assert 0.95 <= coverage < 0.96
 
 
+def test_median_ci_of_thousands_of_samples_is_tight_and_does_not_overflow() -> None:
+    # 2^n overflows a float beyond n = 1023; a setup-rate cell holds thousands of requests.
+    low, high, coverage = median_ci([float(i) for i in range(1, 5001)])
+    assert 2425 < low < 2500 < high < 2575 and 0.95 <= coverage < 0.96
+
+
 def test_failures_are_counted_by_error_and_never_become_times() -> None:
     s = summarize([0.1, 0.2, 0.3], ["reset", "timeout", "reset"])
     assert (s.n_ok, s.n_failed, s.n) == (3, 3, 6)

@@ -29,13 +29,6 @@ def percentile(values: Sequence[float], q: float) -> float:
     return data[lo] + (data[hi] - data[lo]) * (pos - lo)
 
 
-def _binom_cdf(k: int, n: int) -> float:
-    """P(X <= k) for X ~ Binomial(n, 1/2)."""
-    if k < 0:
-        return 0.0
-    return sum(math.comb(n, i) for i in range(min(k, n) + 1)) / 2.0**n
-
-
 def median_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
     """(low, high, coverage) of a distribution-free CI for the median.
 
@@ -50,13 +43,19 @@ def median_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, floa
         return math.nan, math.nan, 0.0
     if n == 1:
         return data[0], data[0], 0.0
-    best = 1
+    # P(X < j) * 2^n = C(n, 0) + ... + C(n, j - 1), summed as j grows, in
+    # integers: 2.0**n overflows a float beyond n = 1023, and a setup-rate
+    # cell holds thousands of requests.
+    total = 1 << n
+    best, best_below = 1, 1
+    below, term = 0, 1  # term = C(n, j - 1)
     for j in range(1, n // 2 + 1):
-        if 1.0 - 2.0 * _binom_cdf(j - 1, n) >= level:
-            best = j
-        else:
+        below += term
+        if 1.0 - 2.0 * (below / total) < level:
             break
-    coverage = 1.0 - 2.0 * _binom_cdf(best - 1, n)
+        best, best_below = j, below
+        term = term * (n - j + 1) // j
+    coverage = 1.0 - 2.0 * (best_below / total)
     return data[best - 1], data[n - best], coverage
 
 
