@@ -72,6 +72,7 @@ from proxies.socks5_protocol import (
 log = logging.getLogger("proxies.socks5_spliced")
 
 PROG = "socks5_spliced"
+BND_AT = 4  # VER REP RSV ATYP, then BND.ADDR and BND.PORT (RFC 1928 s.6)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,13 +192,15 @@ async def serve_client(
         log.info("connect %s:%d failed: %s -> %s", request.host, request.port, exc, code.name)
         await refuse_intended(client, build_reply(code))
         return
+    log.debug("spliced %s <-> %s via %s", peer, server.peer, server.local)
+    if server.released:  # the daemon sent the reply and let go of both conns
+        return
     assert server.local is not None
     reply = build_reply(Reply.SUCCEEDED, server.local)
     try:
         await client.sendall(reply)  # exactly the len announced with the splice
     except OSError as exc:
         log.info("client %s gone before its reply: %s", peer, exc)
-    log.debug("spliced %s <-> %s via %s", peer, server.peer, server.local)
     # Closing a spliced fd only releases our handle (thesis 4.2); nothing
     # the client waits for depends on the daemon's answer.
     client.release()
@@ -221,10 +224,23 @@ async def connect_and_splice(
     first_error: SpliceError | None = None
     for remote in remotes:
         family_zero = "::" if ":" in (config.source or remote[0]) else "0.0.0.0"
-        length = len(build_reply(Reply.SUCCEEDED, (family_zero, 0)))
+        template = build_reply(Reply.SUCCEEDED, (family_zero, 0))
         try:
+            if family_zero == "::":  # the daemon's inline reply knows IPv4 BND fields only
+                return await api.connect_splice(
+                    client, remote, len(template), local=local, timeout=config.connect_timeout
+                )
+            # The daemon sends the reply itself, with the bound address in
+            # BND.ADDR/BND.PORT, and lets go of both conns: no round trip
+            # through this proxy between the server's SYN-ACK and the reply.
             return await api.connect_splice(
-                client, remote, length, local=local, timeout=config.connect_timeout
+                client,
+                remote,
+                local=local,
+                timeout=config.connect_timeout,
+                data=template,
+                local_at=BND_AT,
+                release=True,
             )
         except DaemonGone:
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -18,6 +19,7 @@ from daemon.api.protocol import (
     ConnectSplice,
     ErrorCode,
     Hello,
+    Inline,
     IntendSplice,
     LineFramer,
     Listen,
@@ -114,6 +116,34 @@ def test_connect_splice_carries_client_remote_and_len() -> None:
     ):
         parsed = parse_request(req(id=3, op="connect_splice", **bad))
         assert isinstance(parsed, BadRequest) and parsed.code is ErrorCode.EBADREQ, bad
+
+
+def test_connect_splice_may_carry_its_len_bytes_inline() -> None:
+    base = {"id": 3, "op": "connect_splice", "client": 7, "remote": ["203.0.113.2", 80]}
+    reply = b"\x05\x00\x00\x01" + bytes(6)
+    data = base64.b64encode(reply).decode()
+    parsed = parse_request(req(**base, data=data, local_at=4, release=True))
+    assert parsed == ConnectSplice(
+        3, 7, ("203.0.113.2", 80), None, 10.0, 10, Inline(reply, 4, True)
+    )
+    # len may be given too, and must then agree; local_at and release are optional.
+    assert parse_request(req(**base, data=data, len=10)) == ConnectSplice(
+        3, 7, ("203.0.113.2", 80), None, 10.0, 10, Inline(reply)
+    )
+    for wrong, field in (
+        ({"data": data, "len": 9}, "len"),
+        ({"data": "not base64!"}, "data"),
+        ({"data": 5}, "data"),
+        ({"data": data, "local_at": 5}, "local_at"),  # 5 + 6 > 10
+        ({"data": data, "local_at": -1}, "local_at"),
+        ({"data": base64.b64encode(b"short").decode(), "local_at": 0}, "local_at"),
+        ({"data": data, "release": "yes"}, "release"),
+        ({"len": 10, "release": True}, "release"),  # nothing to send, nothing to release after
+        ({"len": 10, "local_at": 0}, "local_at"),
+    ):
+        parsed = parse_request(req(**base, **wrong))
+        assert isinstance(parsed, BadRequest) and parsed.code is ErrorCode.EBADREQ, wrong
+        assert field in parsed.message, (wrong, parsed.message)
 
 
 def test_splice_carries_the_unread_bytes_as_base64() -> None:

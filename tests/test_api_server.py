@@ -28,7 +28,7 @@ from typing import TypeVar
 import pytest
 
 from daemon.api.core import ApiError, ApiSink, Done, ObjectKind, Result
-from daemon.api.protocol import Address, ErrorCode
+from daemon.api.protocol import Address, ErrorCode, Inline
 from daemon.api.server import ApiServer, SocketPathInUse
 
 T = TypeVar("T")
@@ -73,6 +73,8 @@ class FakeCore:
         self.gone: list[int] = []
         self.fail_stats = False
         self.intents: dict[int, int] = {}  # client conn -> server conn of connect_splice
+        # connect_splice inline data of a splice in progress (for a fake that relays it)
+        self.inline_next: dict[int, Inline] = {}
         self._ids = iter(range(1, 1 << 30))
 
     # helpers
@@ -226,6 +228,7 @@ class FakeCore:
         timeout: float,
         length: int,
         done: Done,
+        inline: Inline | None = None,
     ) -> None:
         """intend_splice (or the intent a failed attempt left), connect, splice: as the daemon."""
         server = self.intents.get(client)
@@ -238,11 +241,22 @@ class FakeCore:
                 done(result, sock)
                 return
             self.intents.pop(client, None)
+            if inline is not None:
+                self.inline_next[client] = inline
             try:
                 self.splice(owner, client, server, length)
                 result["spliced"] = True
             except ApiError:
                 result["spliced"] = False
+            self.inline_next.pop(client, None)
+            if result["spliced"] and inline is not None and inline.release:
+                # As the daemon: both conns go as if the proxy had closed them.
+                if sock is not None:
+                    sock.close()
+                sock = None
+                self.close(owner, server)
+                self.close(owner, client)
+                result["released"] = True
             done(result, sock)
 
         self.connect(owner, remote, local, timeout, server, connected)

@@ -44,6 +44,7 @@ from daemon.api.aio import AsyncConnection, AsyncSpliceClient
 from daemon.api.client import Connection, SpliceClient
 from daemon.api.core import ApiError, Done, Result
 from daemon.api.protocol import Address, ErrorCode
+from daemon.api.replies import with_local
 from daemon.api.server import ApiServer
 from proxies.socks5_protocol import Connect, Negotiation, Reject, Request, SendToClient
 from proxies.socks5_spliced import feed_exactly, read_request
@@ -107,6 +108,7 @@ class SpliceRecord:
     written_after_splice: int = 0  # by the proxy to the client fd (must equal length)
     extra_to_client: int = 0  # beyond length: a violation
     written_to_server_fd: int = 0  # after the splice: a violation
+    inline: bytes | None = None  # the len bytes, when connect_splice carried them
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -382,6 +384,13 @@ class SpliceCore(FakeCore):
         record = SpliceRecord(
             client, server, length, self.proxy_read[client], bytes(self._held.pop(client))
         )
+        inline = self.inline_next.get(client)
+        if inline is not None:  # connect_splice brought the len bytes: the daemon sends them
+            record.inline = (
+                inline.data
+                if inline.local_at is None
+                else with_local(inline.data, inline.local_at, outgoing.local)
+            )
         self.splices.append(record)
         threading.Thread(
             target=_relay_spliced,
@@ -430,7 +439,10 @@ def _relay_spliced(
         thread.start()
     try:
         proxy_client_fd.settimeout(10)
-        allowed = recv_up_to(proxy_client_fd, record.length)
+        if record.inline is None:
+            allowed = recv_up_to(proxy_client_fd, record.length)
+        else:
+            allowed = record.inline
         record.written_after_splice = len(allowed)
         client.sendall(allowed)  # the proxy's last words come before the origin's bytes
         _copy_until_eof(origin, client)

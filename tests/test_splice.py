@@ -787,24 +787,36 @@ def test_connect_splice_splices_at_once_unless_the_proxy_left_bytes_unread(
 
 
 # A proxy that splices N clients in turn, closing its descriptors at once,
-# then reports how many conns the daemon still records for it.
+# then reports how many conns the daemon still records for it.  "inline":
+# the reply goes with connect_splice, with the bound address written into
+# it by the daemon, and the daemon releases both conns itself.
 RELEASING_PROXY = """
-import sys
+import socket, sys
 from daemon.api.client import SpliceClient
-origin, n = (sys.argv[2], int(sys.argv[3])), int(sys.argv[4])
+origin, n, inline = (sys.argv[2], int(sys.argv[3])), int(sys.argv[4]), sys.argv[5] == "inline"
+bound = []
 with SpliceClient(sys.argv[1]) as api:
     lst = api.listen(("198.51.100.1", 7021), backlog=64)
     print("ready", flush=True)
     for _ in range(n):
         cli = lst.accept()
         assert cli.recv(3) == b"GO\\n"
-        reply = b"OK\\n"
-        srv = api.connect_splice(cli, origin, len(reply), timeout=10)
-        cli.sendall(reply)
+        if inline:
+            reply = b"OK\\n" + bytes(6)
+            srv = api.connect_splice(
+                cli, origin, data=reply, local_at=3, release=True, timeout=10
+            )
+            assert srv.released and cli.released
+        else:
+            srv = api.connect_splice(cli, origin, 9, timeout=10)
+            cli.sendall(
+                b"OK\\n" + socket.inet_aton(srv.local[0]) + srv.local[1].to_bytes(2, "big")
+            )
+        bound.append(f"{srv.local[0]}:{srv.local[1]}")
         cli.close()
         srv.close()
     sys.stdin.readline()
-    print(len(api.list()["conns"]), flush=True)
+    print(len(api.list()["conns"]), *bound, flush=True)
 """
 
 RELEASED_CLIENTS = """
@@ -812,22 +824,30 @@ import hashlib, socket, sys
 for i in range(int(sys.argv[1])):
     s = socket.create_connection(("198.51.100.1", 7021), timeout=10)
     s.sendall(b"GO\\n")
-    assert s.recv(3) == b"OK\\n"
+    reply = b""
+    while len(reply) < 9:
+        reply += s.recv(9 - len(reply))
+    assert reply[:3] == b"OK\\n", reply
+    bound = f"{socket.inet_ntoa(reply[3:7])}:{int.from_bytes(reply[7:9], 'big')}"
     s.sendall(b"GET /bytes/65536 HTTP/1.0\\r\\n\\r\\n")
     data = b""
     while chunk := s.recv(1 << 16):
         data += chunk
-    print(hashlib.sha256(data.partition(b"\\r\\n\\r\\n")[2]).hexdigest(), flush=True)
+    print(hashlib.sha256(data.partition(b"\\r\\n\\r\\n")[2]).hexdigest(), bound, flush=True)
     s.close()
 """
 
 
-def test_closed_spliced_conns_leave_no_records_behind(tb: Testbed) -> None:
+@pytest.mark.parametrize("reply", ["written", "inline"])
+def test_closed_spliced_conns_leave_no_records_behind(tb: Testbed, reply: str) -> None:
     """Once the proxy closed both fds and both sides relay, the daemon keeps only the relay.
 
     Its API records of the conns go at close (they leaked until the proxy
     disconnected), and the daemon's connection records and TCBs go once
     both interfaces are SPLICED (``compacted``): memory per idle splice.
+    The same when the daemon sends the reply and releases the conns itself
+    (connect_splice with data and release), and the reply carries the bound
+    address the client's bytes really leave from.
     """
     n = 20
     before = stats(tb)["splice_counters"]
@@ -839,6 +859,7 @@ def test_closed_spliced_conns_leave_no_records_behind(tb: Testbed) -> None:
             str(tb.daemon_socket),
             *map(str, tb.origin),
             str(n),
+            reply,
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -848,10 +869,14 @@ def test_closed_spliced_conns_leave_no_records_behind(tb: Testbed) -> None:
         assert proxy.stdout is not None and proxy.stdin is not None
         assert proxy.stdout.readline().strip() == "ready"
         out = run_py(tb.host("client"), RELEASED_CLIENTS, str(n), timeout=120)
-        assert out.split() == [pattern_sha256(65536)] * n
+        rows = [line.split() for line in out.splitlines()]
+        assert [digest for digest, _ in rows] == [pattern_sha256(65536)] * n
         proxy.stdin.write("\n")
         proxy.stdin.flush()
-        assert proxy.stdout.readline().strip() == "0"
+        left, *bound = proxy.stdout.readline().split()
+        assert left == "0"
+        assert [b for _, b in rows] == bound  # what the proxy's connect_splice said
+        assert all(b.startswith("198.51.100.2:") for b in bound)
         after = stats(tb)["splice_counters"]
         assert after["compacted"] - before["compacted"] == n
     finally:

@@ -57,10 +57,12 @@ from daemon.api.replies import (
     REPLY_LIMIT,
     DaemonGone,
     SpliceError,
+    connect_splice_args,
     error_from,
     reply_address,
     reply_id,
     take_unread,
+    with_local,
 )
 
 __all__ = [
@@ -191,27 +193,45 @@ class AsyncSpliceClient:
         self,
         client: AsyncConnection,
         remote: Address,
-        length: int,
+        length: int | None = None,
         local: Address | None = None,
         timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        *,
+        data: bytes | None = None,
+        local_at: int | None = None,
+        release: bool = False,
     ) -> AsyncConnection:
         """intend_splice + connect + splice(len) in one request; returns the server side.
 
         As ``SpliceClient.connect_splice``: if the daemon left the splice to
         us (bytes unread in the client fd) this calls ``splice`` with them; on
         a connect error ``client`` stays intended.
+
+        ``data``: the len bytes themselves, sent by the daemon (with the bound
+        local address written at ``local_at``, SOCKS5 style); ``release``:
+        the daemon then lets go of both conns (``server.released``: no fd,
+        and the ids are gone; just close ``client``'s fd).  Whatever the
+        daemon could not do (the splice was left to us) is done here, so on
+        return the data is sent and, with ``release``, both conns released.
         """
-        reply = await self._request(
-            "connect_splice",
-            client=client.id,
-            remote=list(remote),
-            local=None if local is None else list(local),
-            timeout=timeout,
-            len=length,
-        )
+        args = connect_splice_args(client.id, remote, length, local, timeout, data, local_at)
+        reply = await self._request("connect_splice", **args, release=release)
+        obj = reply[0]
+        if obj.get("released") is True:
+            client._let_go()
+            return AsyncConnection._released(self, obj)
         server = AsyncConnection._from_reply(self, reply)
-        if not reply[0].get("spliced"):
-            await self.splice(client, server, length)
+        if obj.get("spliced"):
+            return server
+        await self.splice(client, server, len(data) if data is not None else (length or 0))
+        if data is not None:
+            if local_at is not None:
+                data = with_local(data, local_at, server.local)
+            await client.sendall(data)
+            if release:
+                client.release()
+                server.release()
+                client.released = server.released = True
         return server
 
     async def shutdown(self, conn: AsyncConnection | int) -> dict[str, object]:
@@ -500,8 +520,21 @@ class AsyncConnection:
         self._sock = sock
         self.peer = peer
         self.local = local
+        self.released = False  # the daemon let go of it (connect_splice with release)
         if sock is not None:
             sock.setblocking(False)
+
+    @classmethod
+    def _released(cls, client: AsyncSpliceClient, obj: dict[str, object]) -> AsyncConnection:
+        conn = cls(
+            client,
+            reply_id(obj, "conn"),
+            None,
+            reply_address(obj.get("peer")),
+            reply_address(obj.get("local")),
+        )
+        conn.released = True
+        return conn
 
     @classmethod
     def _from_reply(cls, client: AsyncSpliceClient, reply: Reply) -> AsyncConnection:
@@ -588,11 +621,18 @@ class AsyncConnection:
         """Half-close the descriptor: after the bytes already written, the daemon sends FIN."""
         self.sock.shutdown(how)
 
+    def _let_go(self) -> None:
+        """The daemon released this conn for us: only our descriptor is left to close."""
+        if self._sock is not None:
+            self._sock.close()
+        self.released = True
+
     async def close(self) -> None:
         """Close the descriptor and the conn in the daemon (a spliced conn keeps flowing)."""
         if self._sock is not None:
             self._sock.close()
-        await self.client.close_conn(self.id)
+        if not self.released:
+            await self.client.close_conn(self.id)
 
     def release(self) -> None:
         """``close`` without waiting for the daemon's reply (errors are only logged).
@@ -603,7 +643,7 @@ class AsyncConnection:
         if self._sock is not None:
             self._sock.close()
         client = self.client
-        if client.closed:
+        if client.closed or self.released:
             return
         conn_id = self.id
 

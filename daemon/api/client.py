@@ -52,10 +52,12 @@ from daemon.api.replies import (
     REPLY_LIMIT,
     DaemonGone,
     SpliceError,
+    connect_splice_args,
     error_from,
     reply_address,
     reply_id,
     take_unread,
+    with_local,
 )
 
 __all__ = ["Connection", "DaemonGone", "Listener", "SpliceClient", "SpliceError"]
@@ -189,9 +191,13 @@ class SpliceClient:
         self,
         client: Connection,
         remote: Address,
-        length: int,
+        length: int | None = None,
         local: Address | None = None,
         timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        *,
+        data: bytes | None = None,
+        local_at: int | None = None,
+        release: bool = False,
     ) -> Connection:
         """intend_splice + connect + splice(len) in one request; returns the server side.
 
@@ -201,18 +207,32 @@ class SpliceClient:
         connect error (``SpliceError``) ``client`` stays intended, as after
         ``intend_splice``: try the next address with ``connect_splice`` again,
         or write a failure reply and close.
+
+        ``data``: the len bytes themselves, sent by the daemon (with the
+        bound local address written at ``local_at``, SOCKS5 style), one more
+        round trip saved; ``release``: the daemon then lets go of both conns
+        (``server.released``: no fd, the ids are gone; just close
+        ``client.sock``).  What the daemon left to us is done here.
         """
-        reply, sock = self._call_fd(
-            "connect_splice",
-            client=_conn_id(client),
-            remote=list(remote),
-            local=None if local is None else list(local),
-            timeout=timeout,
-            len=length,
-        )
+        args = connect_splice_args(client.id, remote, length, local, timeout, data, local_at)
+        reply, sock = self._call_fd("connect_splice", **args, release=release)
+        if reply.get("released") is True:
+            if sock is not None:
+                sock.close()
+            client._let_go()
+            return Connection._released(self, reply)
         server = Connection._from_reply(self, reply, sock)
-        if not reply.get("spliced"):
-            self.splice(client, server, length)
+        if reply.get("spliced"):
+            return server
+        self.splice(client, server, len(data) if data is not None else (length or 0))
+        if data is not None:
+            if local_at is not None:
+                data = with_local(data, local_at, server.local)
+            client.sendall(data)
+            if release:
+                client.close()
+                server.close()
+                client.released = server.released = True
         return server
 
     def shutdown(self, conn: Connection | int) -> dict[str, object]:
@@ -478,6 +498,19 @@ class Connection:
         self.peer = peer
         self.local = local
         self._timeout: float | None = None
+        self.released = False  # the daemon let go of it (connect_splice with release)
+
+    @classmethod
+    def _released(cls, client: SpliceClient, reply: dict[str, object]) -> Connection:
+        conn = cls(
+            client,
+            reply_id(reply, "conn"),
+            None,
+            reply_address(reply.get("peer")),
+            reply_address(reply.get("local")),
+        )
+        conn.released = True
+        return conn
 
     @classmethod
     def _from_reply(
@@ -569,11 +602,18 @@ class Connection:
     def setblocking(self, flag: bool) -> None:
         self.settimeout(None if flag else 0.0)
 
+    def _let_go(self) -> None:
+        """The daemon released this conn for us: only our descriptor is left to close."""
+        if self._sock is not None:
+            self._sock.close()
+        self.released = True
+
     def close(self) -> None:
         """Close the descriptor and the conn in the daemon (a spliced conn keeps flowing)."""
         if self._sock is not None:
             self._sock.close()
-        self.client._close_remote(self.id)
+        if not self.released:
+            self.client._close_remote(self.id)
 
     def __enter__(self) -> Self:
         return self

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from enum import StrEnum
 from typing import Protocol
 
-from daemon.api.protocol import Address, ErrorCode
+from daemon.api.protocol import Address, ErrorCode, Inline
 
 
 class ApiError(Exception):
@@ -101,6 +101,7 @@ class Core(Protocol):
         timeout: float,
         length: int,
         done: Done,
+        inline: Inline | None = None,
     ) -> None:
         """intend_splice(client) (or its pending intent), connect, then splice(len).
 
@@ -108,6 +109,11 @@ class Core(Protocol):
         the proxy had not read everything delivered on ``client`` (then it
         calls ``splice`` with those bytes itself).  On a connect error the
         intent stays, as after intend_splice + a failed connect.
+
+        With ``inline`` and a splice, the core sends ``inline.data`` as the
+        proxy's len bytes; with ``inline.release`` it then releases both
+        conns (their ids are forgotten) and completes with ``"released":
+        true`` and no socket.
         """
 
     def client_gone(self, owner: int) -> None:

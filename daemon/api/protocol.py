@@ -175,6 +175,29 @@ class ConnectSplice:
     local: Address | None
     timeout: float
     length: int
+    inline: Inline | None = None
+
+
+# In an inline reply, the bound local address is written as SOCKS5 puts it
+# (RFC 1928 s.6 BND.ADDR + BND.PORT): 4 address bytes and a 2-byte port, in
+# network order (an IPv6 address would take 16 + 2).
+LOCAL_AT_LEN = 6
+
+
+@dataclass(frozen=True, slots=True)
+class Inline:
+    """connect_splice's ``len`` bytes carried in the request (docs/api.md).
+
+    ``data`` goes to the client as soon as the pair is spliced, as if the
+    proxy had written it to the client fd; ``local_at`` is where the daemon
+    writes the server side's local address into it first (the SOCKS5 reply's
+    BND fields); ``release`` asks the daemon to let go of both conns right
+    after, as if the proxy had closed them (the reply then has no fd).
+    """
+
+    data: bytes
+    local_at: int | None = None
+    release: bool = False
 
 
 Request = (
@@ -338,25 +361,55 @@ def _parse_splice(rid: int, obj: Mapping[str, object]) -> Request:
         raise _Invalid(ErrorCode.EBADREQ, "'client' and 'server' must be different conns")
     # len counts bytes still to be written to the client fd; TCP sequence space is 2**32.
     length = _int(_field(obj, "len"), "len", 0, 2**31 - 1)
-    raw = obj.get("unread", "")
+    return Splice(rid, client, server, length, _base64(obj, "unread") or b"")
+
+
+def _base64(obj: Mapping[str, object], name: str) -> bytes | None:
+    raw = obj.get(name)
+    if raw is None:
+        return None
     if not isinstance(raw, str):
-        raise _Invalid(ErrorCode.EBADREQ, "'unread' must be a base64 string")
+        raise _Invalid(ErrorCode.EBADREQ, f"{name!r} must be a base64 string")
     try:
-        unread = base64.b64decode(raw, validate=True)
+        return base64.b64decode(raw, validate=True)
     except (ValueError, binascii.Error):
-        raise _Invalid(ErrorCode.EBADREQ, "'unread' is not valid base64") from None
-    return Splice(rid, client, server, length, unread)
+        raise _Invalid(ErrorCode.EBADREQ, f"{name!r} is not valid base64") from None
+
+
+def _parse_inline(obj: Mapping[str, object]) -> Inline | None:
+    data = _base64(obj, "data")
+    local_at = obj.get("local_at")
+    release = obj.get("release", False)
+    if not isinstance(release, bool):
+        raise _Invalid(ErrorCode.EBADREQ, "'release' must be true or false")
+    if data is None:
+        if local_at is not None or release:
+            raise _Invalid(ErrorCode.EBADREQ, "'local_at' and 'release' need 'data'")
+        return None
+    if local_at is not None:
+        if len(data) < LOCAL_AT_LEN:
+            raise _Invalid(ErrorCode.EBADREQ, f"'local_at' needs {LOCAL_AT_LEN}+ bytes of 'data'")
+        local_at = _int(local_at, "local_at", 0, len(data) - LOCAL_AT_LEN)
+    return Inline(data, local_at, release)
 
 
 def _parse_connect_splice(rid: int, obj: Mapping[str, object]) -> Request:
     local = obj.get("local")
+    inline = _parse_inline(obj)
+    if inline is None or "len" in obj:
+        length = _int(_field(obj, "len"), "len", 0, 2**31 - 1)
+        if inline is not None and length != len(inline.data):
+            raise _Invalid(ErrorCode.EBADREQ, "'len' must be the length of 'data'")
+    else:
+        length = len(inline.data)
     return ConnectSplice(
         rid,
         _object_id(obj, "client"),
         parse_address(_field(obj, "remote"), "remote", allow_port_zero=False),
         None if local is None else parse_address(local, "local"),
         _timeout(obj.get("timeout")),
-        _int(_field(obj, "len"), "len", 0, 2**31 - 1),
+        length,
+        inline,
     )
 
 

@@ -6,6 +6,7 @@ two clients raise exactly the same things for the same replies.
 
 from __future__ import annotations
 
+import base64
 import errno
 import socket
 
@@ -62,6 +63,44 @@ def reply_id(reply: dict[str, object], name: str) -> int:
 
 def error_from(reply: dict[str, object]) -> SpliceError:
     return SpliceError(str(reply.get("error")), str(reply.get("message", "")))
+
+
+def connect_splice_args(
+    client: int,
+    remote: Address,
+    length: int | None,
+    local: Address | None,
+    timeout: float,
+    data: bytes | None,
+    local_at: int | None,
+) -> dict[str, object]:
+    """The request fields of connect_splice, both clients alike (docs/api.md)."""
+    args: dict[str, object] = {
+        "client": client,
+        "remote": list(remote),
+        "local": None if local is None else list(local),
+        "timeout": timeout,
+    }
+    if data is None:
+        if length is None:
+            raise ValueError("connect_splice needs len or data")
+        args["len"] = length
+    else:
+        args["data"] = base64.b64encode(data).decode("ascii")
+        args["local_at"] = local_at
+    return args
+
+
+def with_local(data: bytes, local_at: int, local: Address | None) -> bytes:
+    """``data`` with the bound local address at ``local_at`` (connect_splice's ``local_at``).
+
+    What the daemon does with an inline reply, for when the splice was left
+    to the proxy: 4 address bytes and the port, network order (IPv4).
+    """
+    if local is None:
+        raise SpliceError("EPROTO", "no local address to write into the reply")
+    packed = socket.inet_aton(local[0]) + local[1].to_bytes(2, "big")
+    return data[:local_at] + packed + data[local_at + len(packed) :]
 
 
 def take_unread(sock: socket.socket | None) -> bytes:

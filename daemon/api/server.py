@@ -390,7 +390,14 @@ class ApiServer:
                 self._check(client, conn, req.client)
                 with self._completion(client, req.id) as done:
                     self.core.connect_splice(
-                        owner, req.client, req.remote, req.local, req.timeout, req.length, done
+                        owner,
+                        req.client,
+                        req.remote,
+                        req.local,
+                        req.timeout,
+                        req.length,
+                        done,
+                        req.inline,
                     )
             case Splice():
                 self._check(client, conn, req.client)
@@ -475,6 +482,14 @@ class ApiServer:
             if sock is not None:
                 sock.close()
             self._queue(client, protocol.encode_error(rid, result.code, result.message))
+            return
+        if result.get("released") is True:
+            # connect_splice with release: the core let go of both conns
+            # already; there is nothing to own and no descriptor to pass.
+            if sock is not None:
+                sock.close()
+            if not client.closed:
+                self._reply(client, rid, result)
             return
         conn = result.get("conn")
         if client.closed:

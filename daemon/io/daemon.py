@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon.api.core import ApiError, Done, ObjectKind, Result
-from daemon.api.protocol import Address, ErrorCode
+from daemon.api.protocol import Address, ErrorCode, Inline
 from daemon.api.server import ApiServer
 from daemon.fastpath import DEFAULT_OBJECT, FastPathUnavailable
 from daemon.io.fastpath import FastPathMode, start_fast_path
@@ -828,7 +828,9 @@ class Daemon:
         except ApiError as exc:
             done(exc, None)
             return None
-        if (src[0], port, dst[0], dst[1]) in self.flows:
+        key = (src[0], port, dst[0], dst[1])
+        if key in self.flows or key in self.splicer.flows or (src[0], port) in self.listeners:
+            # A spliced flow's 4-tuple lives in the splicer's table, not ours.
             done(ApiError(ErrorCode.EADDRINUSE, "that 4-tuple is in use"), None)
             return None
         now = time.monotonic()
@@ -1042,8 +1044,9 @@ class Daemon:
         timeout: float,
         length: int,
         done: Done,
+        inline: Inline | None = None,
     ) -> None:
-        self.splicer.connect_splice(owner, client, remote, local, timeout, length, done)
+        self.splicer.connect_splice(owner, client, remote, local, timeout, length, done, inline)
 
     def client_gone(self, owner: int) -> None:
         self.splicer.client_gone(owner)

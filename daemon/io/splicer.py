@@ -31,7 +31,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 from daemon.api.core import ApiError, Done, Result
-from daemon.api.protocol import Address, ErrorCode
+from daemon.api.protocol import LOCAL_AT_LEN, Address, ErrorCode, Inline
 from daemon.io.timers import Timer
 from daemon.splice.relay import (
     Action,
@@ -177,6 +177,7 @@ class Splicer:
         timeout: float,
         length: int,
         done: Done,
+        inline: Inline | None = None,
     ) -> None:
         """intend_splice + connect + splice(len) in one op (docs/api.md, an optimisation)."""
         c = self.d._conn(client_id)
@@ -208,9 +209,40 @@ class Splicer:
                         "connect_splice: splice of conn %d left to the proxy: %s", client_id, exc
                     )
             result["spliced"] = spliced
+            if spliced and inline is not None:
+                sock = self._send_inline(sp, inline, result, sock)
             done(result, sock)
 
         self.connect(owner, server_id, remote, local, timeout, connected)
+
+    def _send_inline(
+        self, sp: Splice, inline: Inline, result: Result, sock: socket.socket | None
+    ) -> socket.socket | None:
+        """connect_splice's len bytes from the request, then maybe release both conns.
+
+        The bytes take the path the proxy's own write to the client fd would
+        (``proxy_data``), so the relay counts them against ``len`` alike; the
+        round trip through the proxy that the write would cost is what this
+        saves, on the path every new connection waits on.
+        """
+        c, s = sp.client, sp.server
+        assert c is not None and s is not None
+        data = inline.data
+        if inline.local_at is not None:
+            addr, port = s.tcp.local
+            at = inline.local_at
+            data = data[:at] + addr + port.to_bytes(2, "big") + data[at + LOCAL_AT_LEN :]
+        self.proxy_data(c, data)
+        if not inline.release:
+            return sock
+        # As if the proxy had closed both fds right after writing (thesis 4.2:
+        # only the handles go; the splice flows on).
+        if sock is not None:
+            sock.close()
+        self.d._close_conn(s)
+        self.d._close_conn(c)
+        result["released"] = True
+        return None
 
     def server_connected(self, conn: Conn) -> None:
         sp = conn.splice
