@@ -289,19 +289,35 @@ def test_idle_splices_are_spliced_both_ways_with_no_byte_relayed() -> None:
 
 
 def _round(
-    mode: str, rnd: int, slope: float, *, settled: bool = True, failed: int = 0
+    mode: str,
+    rnd: int,
+    slope: float,
+    *,
+    start: int = 40_000,
+    settled: bool = True,
+    failed: int = 0,
 ) -> MemoryRound:
-    points = tuple((n, 40_000 + round(slope * n)) for n in (0, 500, 1000, 2000))
+    points = tuple((n, start + round(slope * n)) for n in (0, 500, 1000, 2000))
     errors = {"timeout": failed} if failed else {}
-    return MemoryRound(mode, rnd, points, 60_000, failed, errors, 2000 - failed, settled)
+    after = points[-1][1]
+    return MemoryRound(mode, rnd, points, after, failed, errors, 2000 - failed, settled)
 
 
-def test_memory_summary_takes_the_median_slope_and_counts_unsettled_rounds() -> None:
-    rounds = [_round("spliced", 0, 9.0), _round("spliced", 1, 6.0, settled=False)]
-    rounds.append(_round("spliced", 2, 7.0, failed=2))
+def test_memory_per_splice_is_round_1s_slope_and_what_rounds_leave_is_the_leak_check() -> None:
+    # Round 1 grows 9 KiB per splice to 58000; round 2 reuses that memory (flat);
+    # round 3 keeps 100 KiB more after closing than round 1 did.
+    rounds = [
+        _round("spliced", 1, 0.0, start=58_000, settled=False),
+        _round("spliced", 0, 9.0),
+        _round("spliced", 2, 0.05, start=58_000, failed=2),
+    ]
     (m,) = summarize_memory(rounds, ["router", "spliced"])
     assert (m.rounds, m.held, m.failed, m.unsettled) == (3, 2000, 2, 1)
-    assert (m.kib_per_splice, m.low, m.high) == pytest.approx((7.0, 6.0, 9.0))
+    assert m.kib_per_splice == pytest.approx(9.0)  # not the median over rounds (0.05)
+    assert m.over_start == pytest.approx((9.0, 18_100 / 2000))
+    assert m.retained_kib == 100
+    (one,) = summarize_memory([_round("spliced", 0, 6.0)], ["spliced"])
+    assert one.retained_kib is None and one.over_start == pytest.approx((6.0, 6.0))
 
 
 class _LocalHost:
@@ -519,7 +535,8 @@ def _setup_and_memory_report() -> ReportInput:
         RateRun("spliced", 1, 8, 800, 800, 0, {}, 3.0, 266.7),
     ]
     rows = [_timed("router", K, 0.0002, 0.0006), _timed("spliced", K, 0.003, 0.001)]
-    memory = [_round("spliced", 0, 9.0), _round("spliced", 1, 6.0, settled=False, failed=2)]
+    memory = [_round("spliced", 0, 9.0)]
+    memory.append(_round("spliced", 1, 0.0, start=58_000, settled=False, failed=2))
     return ReportInput(
         title="t",
         started="s",
@@ -550,8 +567,9 @@ def test_report_gives_set_up_split_rate_and_memory_with_their_failures() -> None
     assert "| spliced | 258 | 249-267 | 0.26x | 1600 | **3** (timeout: 3) |" in text
     assert "| router | 1000 | 1000-1000 | 1.00x | 800 | 0 |" in text
     assert "## 8. Memory per idle splice" in text and "N = 0, 500, 1000 in turn" in text
-    assert "| spliced | 7.5 | 6.0-9.0 | 2000 | **2** | **1 of 2** |" in text
+    assert "| spliced | 9.0 | 9.0-9.0 | +0 KiB | 2000 | **2** | **1 of 2** |" in text
     assert "0: 40000 / 500: 44500 / 1000: 49000 / 2000: 58000" in text
+    assert "0: 58000 / 500: 58000 / 1000: 58000 / 2000: 58000" in text
     assert "| spliced | 2 |" in text and "| **no** |" in text
     failures = text.split("## Failures", 1)[1]
     assert "| memory | round 2 | spliced |" in failures and "not back to baseline" in failures

@@ -391,7 +391,8 @@ def _memory_tables(rounds: Sequence[MemoryRound], modes: Sequence[str]) -> list[
         [
             m.mode,
             kib(m.kib_per_splice),
-            f"{kib(m.low)}-{kib(m.high)}",
+            f"{kib(m.over_start[0])}-{kib(m.over_start[1])}",
+            "-" if m.retained_kib is None else f"{m.retained_kib:+d} KiB",
             str(m.held),
             f"**{m.failed}**" if m.failed else "0",
             f"**{m.rounds - m.unsettled} of {m.rounds}**" if m.unsettled else "every round",
@@ -401,8 +402,9 @@ def _memory_tables(rounds: Sequence[MemoryRound], modes: Sequence[str]) -> list[
     lines = _table(
         [
             "mode",
-            "KiB per idle splice (median)",
-            "range over rounds",
+            "KiB per idle splice (round 1's slope)",
+            "KiB per splice over the start, per round",
+            "RSS after closing: last round vs round 1",
             "idle splices held",
             "failed CONNECTs",
             "daemon back to its baseline counts",
@@ -592,8 +594,12 @@ def render(data: ReportInput) -> str:
             f" N = 0, {', '.join(str(n) for n in p.get('memory_splices') or ())} in turn;"
             " then all are closed and the daemon must return to the connection and"
             " splice counts it had before the round. KiB per splice is the slope of the"
-            " least-squares line through a round's points. Run first, before the other"
-            " experiments leave splices in TIME-WAIT. Figure: `memory.png`.",
+            " least-squares line through round 1's points; later rounds reuse the memory"
+            " round 1 freed (their slopes read near zero), and the RSS left after each"
+            ' round, which must not keep rising, is the leak check. "Over the start" is'
+            " bench.bench_splice_memory's measure: a round's peak minus the RSS before"
+            " round 1, per splice held. Run first, before the other experiments leave"
+            " splices in TIME-WAIT. Figure: `memory.png`.",
             "",
             *_memory_tables(data.memory, data.modes),
             "",
