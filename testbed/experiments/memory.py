@@ -285,7 +285,7 @@ class MemorySummary:
     rounds: int
     held: int  # the largest step reached (minimum over rounds)
     kib_per_splice: float  # round 1's slope
-    over_start: tuple[float, float]  # per round (peak - round 1's start) / held: min, max
+    over_start: tuple[float, float]  # per round (RSS at most held - round 1's start) / held
     retained_kib: int | None  # RSS after closing: last round minus round 1 (None: one round)
     failed: int
     unsettled: int  # rounds after which the daemon did not return to its baseline
@@ -300,8 +300,10 @@ def summarize(rounds: Sequence[MemoryRound], modes: Sequence[str]) -> list[Memor
             continue
         first = mine[0]
         start = first.points[0][1]
-        # The bench's measure (bench_splice_memory: "per splice over the start").
-        over = [(max(y for _, y in r.points) - start) / r.held for r in mine if r.held]
+        # The bench's measure (bench_splice_memory: "per splice over the start"):
+        # the RSS with the most held.  Not a round's maximum: a later round's 0
+        # point is the RSS the round before left, higher than its own peak.
+        over = [(r.points[-1][1] - start) / r.held for r in mine if r.held]
         afters = [r.after_kib for r in mine if r.after_kib is not None]
         out.append(
             MemorySummary(

@@ -597,7 +597,7 @@ def render(data: ReportInput) -> str:
             " least-squares line through round 1's points; later rounds reuse the memory"
             " round 1 freed (their slopes read near zero), and the RSS left after each"
             ' round, which must not keep rising, is the leak check. "Over the start" is'
-            " bench.bench_splice_memory's measure: a round's peak minus the RSS before"
+            " bench.bench_splice_memory's measure: the RSS with the most held minus before"
             " round 1, per splice held. Run first, before the other experiments leave"
             " splices in TIME-WAIT. Figure: `memory.png`.",
             "",
