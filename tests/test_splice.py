@@ -7,6 +7,7 @@ the splice the daemon relays packets, rewriting headers (thesis 5.2-5.4).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import struct
@@ -882,3 +883,63 @@ def test_closed_spliced_conns_leave_no_records_behind(tb: Testbed, reply: str) -
     finally:
         proxy.kill()
         proxy.wait()
+
+
+# Splices one client, then asks for a second connection from the very 4-tuple
+# the splice's server side uses: the daemon must refuse it.
+SAME_TUPLE_PROXY = """
+import sys
+from daemon.api.client import SpliceClient, SpliceError
+origin = (sys.argv[2], int(sys.argv[3]))
+with SpliceClient(sys.argv[1]) as api:
+    lst = api.listen(("198.51.100.1", 7022))
+    print("ready", flush=True)
+    cli = lst.accept()
+    assert cli.recv(3) == b"GO\\n"
+    srv = api.connect_splice(cli, origin, 3, timeout=10)
+    cli.sendall(b"OK\\n")
+    try:
+        api.connect(origin, local=srv.local, timeout=3)
+        print("connected", flush=True)
+    except SpliceError as exc:
+        print(exc.code, flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_a_spliced_4_tuple_is_not_handed_out_again(tb: Testbed) -> None:
+    """An explicit local port is checked against spliced flows too (they leave the daemon's
+    own flow table at splice): the same 4-tuple twice would be two TCBs on one wire."""
+    proxy = tb.host("proxy").popen(
+        [sys.executable, "-c", SAME_TUPLE_PROXY, str(tb.daemon_socket), *map(str, tb.sink)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    procs = [proxy]
+    try:
+        assert proxy.stdout is not None and proxy.stdin is not None
+        assert proxy.stdout.readline().strip() == "ready"
+        procs.append(
+            tb.host("client").popen(
+                [
+                    sys.executable,
+                    "-c",
+                    "import socket, sys\n"
+                    "s = socket.create_connection(('198.51.100.1', 7022), timeout=10)\n"
+                    "s.sendall(b'GO\\n')\n"
+                    "assert s.recv(3) == b'OK\\n'\n"
+                    "sys.stdin.readline()\n",
+                ],
+                stdin=subprocess.PIPE,
+                text=True,
+            )
+        )
+        assert proxy.stdout.readline().strip() == "EADDRINUSE"
+    finally:
+        for p in procs:
+            with contextlib.suppress(OSError):
+                assert p.stdin is not None
+                p.stdin.close()
+            p.kill()
+            p.wait()
