@@ -55,6 +55,45 @@ async def close_gently(conn: AsyncConnection) -> None:
     conn.release()
 
 
+async def refuse_intended(client: AsyncConnection, reply: bytes) -> None:
+    """Failure ``reply`` to a client we may no longer read, then FIN.
+
+    Reading is forbidden after intend_splice (thesis 4.1), so unlike
+    ``close_gently`` there is no draining: shutdown(SHUT_WR) orders the FIN
+    after the reply, and the ``close`` op releases the connection.
+    """
+    try:
+        await client.sendall(reply)
+        client.shutdown(socket.SHUT_WR)
+    except OSError as exc:
+        log.debug("client %s gone before its reply: %s", client.peer, exc)
+    client.release()
+
+
+async def connect_server(
+    server: AsyncConnection, remotes: list[tuple[str, int]], source: str | None, timeout: float
+) -> None:
+    """Connect the reserved server side to the first address that answers.
+
+    Raises the first failure's ``SpliceError`` (the most telling one for the
+    name the client asked for) when every address failed.
+    """
+    local = None if source is None else (source, 0)
+    first_error: SpliceError | None = None
+    for remote in remotes:
+        try:
+            await server.connect(remote, local=local, timeout=timeout)
+            return
+        except DaemonGone:
+            raise
+        except SpliceError as exc:
+            log.debug("connect %s:%d failed: %s", remote[0], remote[1], exc)
+            first_error = first_error or exc
+            if exc.code == "ESTATE":  # the daemon does not let a reserved side retry
+                break
+    raise first_error or SpliceError("EHOSTUNREACH", "no address")
+
+
 async def destinations_async(host: str, port: int, source: str | None) -> list[tuple[str, int]]:
     """``destinations`` without blocking the loop on a name lookup."""
     try:

@@ -123,45 +123,6 @@ def run_until_stopped(
     return 0
 
 
-def connect_server(
-    server: Connection, remotes: list[tuple[str, int]], source: str | None, timeout: float
-) -> None:
-    """Connect the reserved server side to the first address that answers.
-
-    Raises the first failure's ``SpliceError`` (the most telling one for the
-    name the client asked for) when every address failed.
-    """
-    local = None if source is None else (source, 0)
-    first_error: SpliceError | None = None
-    for remote in remotes:
-        try:
-            server.connect(remote, local=local, timeout=timeout)
-            return
-        except DaemonGone:
-            raise
-        except SpliceError as exc:
-            log.debug("connect %s:%d failed: %s", remote[0], remote[1], exc)
-            first_error = first_error or exc
-            if exc.code == "ESTATE":  # the daemon does not let a reserved side retry
-                break
-    raise first_error or SpliceError("EHOSTUNREACH", "no address")
-
-
-def refuse_intended(client: Connection, reply: bytes) -> None:
-    """Failure ``reply`` to a client we may no longer read, then FIN.
-
-    Reading is forbidden after intend_splice (thesis 4.1), so unlike
-    ``close_gently`` there is no draining: shutdown(SHUT_WR) orders the FIN
-    after the reply, and the ``close`` op releases the connection.
-    """
-    try:
-        client.sock.sendall(reply)
-        client.sock.shutdown(socket.SHUT_WR)
-    except OSError as exc:
-        log.debug("client %s gone before its reply: %s", client.peer, exc)
-    release(client)
-
-
 def destinations(host: str, port: int, source: str | None) -> list[tuple[str, int]]:
     """``host`` itself if it is an address literal, else what the name resolves to.
 

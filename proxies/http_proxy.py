@@ -27,36 +27,36 @@ does not resolve, connect refused or unreachable), 504 (connect timed out).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import socket
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from daemon.api.client import Connection, DaemonGone, SpliceClient, SpliceError
-from proxies.daemon_shell import (
-    check_source,
+from daemon.api.aio import AsyncConnection, AsyncSpliceClient, DaemonGone, SpliceError
+from proxies.aio_shell import (
+    close_gently,
     connect_server,
-    destinations,
+    destinations_async,
     refuse_intended,
-    release,
     run_proxy,
 )
+from proxies.daemon_shell import check_source
 from proxies.http_cache import (
     CachedObject,
     ObjectCache,
     request_is_cacheable,
     response_is_storable,
 )
-from proxies.socks5 import close_gently, parse_listen
+from proxies.socks5 import parse_listen
 from servers.http1 import MAX_HEAD, HttpParseError, head_end, parse_response_head
 
 log = logging.getLogger("proxies.http_proxy")
 
 PROG = "http_proxy"
-HEAD_TIMEOUT = 30.0  # a client that never finishes its head does not hold a thread
+HEAD_TIMEOUT = 30.0  # a client that never finishes its head is dropped
 FILL_TIMEOUT = 30.0  # per read while the proxy fetches an object for the cache
 DEFAULT_MAX_OBJECT = 1 << 20
 DEFAULT_MAX_BYTES = 64 << 20
@@ -220,33 +220,32 @@ def status_for_connect_error(code: str) -> int:
     return 504 if code == "ETIMEDOUT" else 502
 
 
-# -- the I/O shell ---------------------------------------------------------------------
+# -- the I/O shell (asyncio: proxies.aio_shell over daemon.api.aio) --------------------
 
 
 @dataclass(slots=True)
 class HttpProxy:
-    """What the client threads share: the configuration, the cache and its lock."""
+    """What the client tasks share: the configuration and the cache (one thread: no lock)."""
 
     cache: ObjectCache
     connect_timeout: float = 10.0
     source: str | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
     filling: set[str] = field(default_factory=set)  # keys being fetched right now
+    fills: set[asyncio.Task[None]] = field(default_factory=set)  # a reference per running fill
 
     def lookup(self, key: str) -> CachedObject | None:
-        with self.lock:
-            return self.cache.get(key, time.monotonic())
+        return self.cache.get(key, time.monotonic())
 
 
-def _consume(sock: socket.socket, count: int) -> None:
+async def _consume(conn: AsyncConnection, count: int) -> None:
     while count:
-        chunk = sock.recv(count)
+        chunk = await conn.recv(count)
         if not chunk:
             raise ConnectionError("EOF inside bytes already peeked")
         count -= len(chunk)
 
 
-def read_head(sock: socket.socket) -> bytes | None:
+async def read_head(conn: AsyncConnection) -> bytes | None:
     """The request head and not one byte more (a body is the splice's); None at EOF.
 
     Peeked bytes that do not finish the head are consumed (they are all head),
@@ -254,120 +253,125 @@ def read_head(sock: socket.socket) -> bytes | None:
     """
     buffer = bytearray()
     while True:
-        peeked = sock.recv(MAX_HEAD, socket.MSG_PEEK)
+        peeked = await conn.recv(MAX_HEAD, socket.MSG_PEEK)
         if not peeked:
             return None
         seen = buffer + peeked
         end = head_end(seen)
         if end >= 0:
-            _consume(sock, end - len(buffer))
+            await _consume(conn, end - len(buffer))
             return bytes(seen[:end])
         if len(seen) >= MAX_HEAD:
             raise HttpParseError(431, f"head longer than {MAX_HEAD} bytes")
-        _consume(sock, len(peeked))
+        await _consume(conn, len(peeked))
         buffer = seen
 
 
-def answer_and_close(client: Connection, data: bytes) -> None:
+async def answer_and_close(client: AsyncConnection, data: bytes) -> None:
     """Write a response we produced ourselves, then FIN, drain, close (no RST)."""
     try:
-        client.sock.sendall(data)
+        await client.sendall(data)
     except OSError as exc:
         log.debug("client %s gone before its response: %s", client.peer, exc)
-    close_gently(client.sock)
-    release(client)
+    await close_gently(client)
 
 
-def serve_client(api: SpliceClient, client: Connection, proxy: HttpProxy) -> None:
-    """One client, from accept to splice or cache answer (its own thread)."""
+async def serve_client(api: AsyncSpliceClient, client: AsyncConnection, proxy: HttpProxy) -> None:
+    """One client, from accept to splice or cache answer (its own task)."""
     peer = client.peer
     try:
-        client.sock.settimeout(HEAD_TIMEOUT)
-        head = read_head(client.sock)
+        async with asyncio.timeout(HEAD_TIMEOUT):
+            head = await read_head(client)
         if head is None:
-            release(client)
+            client.release()
             return
         request = parse_proxy_request(head)
     except HttpParseError as exc:
         log.info("bad request from %s: %d %s", peer, exc.status, exc.message)
-        answer_and_close(client, error_response(exc.status, exc.message))
+        await answer_and_close(client, error_response(exc.status, exc.message))
         return
-    except OSError as exc:
-        log.info("client %s dropped before its request: %s", peer, exc)
-        release(client)
+    except (OSError, TimeoutError) as exc:
+        log.info("client %s dropped before its request: %s", peer, exc or "timeout")
+        client.release()
         return
     key = request.cache_key
     cacheable = request_is_cacheable(request.method, request.headers)
     if cacheable and (obj := proxy.lookup(key)) is not None:
         log.info("%s %s HIT", request.method, key)
-        answer_and_close(client, hit_response_head(obj) + obj.body)
+        await answer_and_close(client, hit_response_head(obj) + obj.body)
         return
     try:
-        remotes = destinations(request.host, request.port, proxy.source)
+        remotes = await destinations_async(request.host, request.port, proxy.source)
     except (socket.gaierror, ValueError) as exc:
-        answer_and_close(client, error_response(502, f"cannot resolve {request.host}: {exc}"))
+        await answer_and_close(client, error_response(502, f"cannot resolve {request.host}: {exc}"))
         return
-    if not splice_to_origin(api, client, request, remotes, proxy):
+    if not await splice_to_origin(api, client, request, remotes, proxy):
         return
     log.info("%s %s MISS (spliced)", request.method, key)
-    if cacheable:
-        fill(api, request, remotes, proxy)
+    if cacheable and key not in proxy.filling:
+        # Concurrent misses for one URL fetch it once.
+        proxy.filling.add(key)
+        task = asyncio.create_task(fill(api, request, remotes, proxy))
+        proxy.fills.add(task)
+        task.add_done_callback(proxy.fills.discard)
 
 
-def splice_to_origin(
-    api: SpliceClient,
-    client: Connection,
+async def splice_to_origin(
+    api: AsyncSpliceClient,
+    client: AsyncConnection,
     request: ProxyRequest,
     remotes: list[tuple[str, int]],
     proxy: HttpProxy,
 ) -> bool:
     """Fig. 4.3's miss path; True once the daemon relays the exchange."""
     try:
-        server = api.intend_splice(client)
+        server = await api.intend_splice(client)
     except SpliceError as exc:
         log.info("intend_splice for %s failed: %s", client.peer, exc)
-        refuse_intended(client, error_response(502, "the proxy could not take the connection"))
+        await refuse_intended(
+            client, error_response(502, "the proxy could not take the connection")
+        )
         return False
     try:
-        connect_server(server, remotes, proxy.source, proxy.connect_timeout)
+        await connect_server(server, remotes, proxy.source, proxy.connect_timeout)
     except SpliceError as exc:
         status = status_for_connect_error(exc.code)
         log.info("connect %s failed: %s -> %d", request.authority, exc, status)
-        release(server)
-        refuse_intended(client, error_response(status, f"{request.authority}: {exc.code}"))
+        server.release()
+        await refuse_intended(client, error_response(status, f"{request.authority}: {exc.code}"))
         return False
     try:
         # Written before the splice, the last time the proxy may write to the server fd.
-        server.sock.sendall(origin_request(request))
-        api.splice(client, server, 0)
+        await server.sendall(origin_request(request))
+        await api.splice(client, server, 0)
     except (SpliceError, OSError) as exc:
         log.warning("splice %s <-> %s failed: %s", client.peer, server.peer, exc)
-        release(server)
-        refuse_intended(client, error_response(502, "splice failed"))
+        server.release()
+        await refuse_intended(client, error_response(502, "splice failed"))
         return False
-    release(client, server)
+    client.release()
+    server.release()
     return True
 
 
-def fill(
-    api: SpliceClient, request: ProxyRequest, remotes: list[tuple[str, int]], proxy: HttpProxy
+async def fill(
+    api: AsyncSpliceClient,
+    request: ProxyRequest,
+    remotes: list[tuple[str, int]],
+    proxy: HttpProxy,
 ) -> None:
     """Fetch ``request``'s URL on the proxy's own connection and cache it if allowed.
 
     The stand-in for thesis 4.4's TCP tap: one extra fetch per cacheable miss.
-    Concurrent misses for one URL fetch it once.
+    The caller marked the key as ``filling``; this unmarks it.
     """
     key = request.cache_key
-    with proxy.lock:
-        if key in proxy.filling:
-            return
-        proxy.filling.add(key)
     local = None if proxy.source is None else (proxy.source, 0)
-    conn: Connection | None = None
+    conn: AsyncConnection | None = None
     try:
         for remote in remotes:
             try:
-                conn = api.connect(remote, local=local, timeout=proxy.connect_timeout)
+                conn = await api.connect(remote, local=local, timeout=proxy.connect_timeout)
                 break
             except DaemonGone:
                 raise
@@ -375,29 +379,31 @@ def fill(
                 log.debug("fill: connect %s:%d failed: %s", remote[0], remote[1], exc)
         if conn is None:
             return
-        conn.settimeout(FILL_TIMEOUT)
-        conn.sendall(fill_request(request))
-        obj = _read_cacheable(conn.sock, proxy.cache.max_object, key)
+        await conn.sendall(fill_request(request))
+        obj = await _read_cacheable(conn, proxy.cache.max_object, key)
         if obj is not None:
-            with proxy.lock:
-                stored = proxy.cache.put(key, obj)
+            stored = proxy.cache.put(key, obj)
             log.info("fill %s: %d bytes %s", key, len(obj.body), "stored" if stored else "too big")
-    except (SpliceError, OSError, HttpParseError) as exc:
-        log.info("fill %s failed: %s", key, exc)
+    except (SpliceError, OSError, HttpParseError, TimeoutError) as exc:
+        log.info("fill %s failed: %s", key, exc or "timeout")
     finally:
-        with proxy.lock:
-            proxy.filling.discard(key)
+        proxy.filling.discard(key)
         if conn is not None:
-            release(conn)
+            conn.release()
 
 
-def _read_cacheable(sock: socket.socket, max_object: int, key: str) -> CachedObject | None:
-    """The response on ``sock`` as a cache object, or None if it must not be stored."""
+async def _recv(conn: AsyncConnection, size: int) -> bytes:
+    async with asyncio.timeout(FILL_TIMEOUT):
+        return await conn.recv(size)
+
+
+async def _read_cacheable(conn: AsyncConnection, max_object: int, key: str) -> CachedObject | None:
+    """The response on ``conn`` as a cache object, or None if it must not be stored."""
     data = bytearray()
     while (end := head_end(data)) < 0:
         if len(data) > MAX_HEAD:
             raise HttpParseError(502, "response head too long")
-        chunk = sock.recv(65536)
+        chunk = await _recv(conn, 65536)
         if not chunk:
             raise HttpParseError(502, "response ended inside its head")
         data += chunk
@@ -409,7 +415,7 @@ def _read_cacheable(sock: socket.socket, max_object: int, key: str) -> CachedObj
     length = int(head.headers["content-length"])
     body = data[end:]
     while len(body) < length:
-        chunk = sock.recv(min(length - len(body), 1 << 20))
+        chunk = await _recv(conn, min(length - len(body), 1 << 20))
         if not chunk:
             raise HttpParseError(502, f"body ended after {len(body)} of {length} bytes")
         body += chunk

@@ -52,7 +52,7 @@ import sys
 from dataclasses import dataclass
 
 from daemon.api.aio import AsyncConnection, AsyncSpliceClient, DaemonGone, SpliceError
-from proxies.aio_shell import close_gently, destinations_async, run_proxy
+from proxies.aio_shell import close_gently, destinations_async, refuse_intended, run_proxy
 from proxies.daemon_shell import check_source
 from proxies.socks5 import HANDSHAKE_TIMEOUT, parse_listen
 from proxies.socks5_protocol import (
@@ -141,21 +141,6 @@ async def read_request(
                 return None
             else:
                 return event.request
-
-
-async def refuse_intended(client: AsyncConnection, reply: bytes) -> None:
-    """Failure ``reply`` to a client we may no longer read, then FIN.
-
-    Reading is forbidden after intend_splice (thesis 4.1), so unlike
-    ``close_gently`` there is no draining: shutdown(SHUT_WR) orders the FIN
-    after the reply, and the ``close`` op releases the connection.
-    """
-    try:
-        await client.sendall(reply)
-        client.shutdown(socket.SHUT_WR)
-    except OSError as exc:
-        log.debug("client %s gone before its reply: %s", client.peer, exc)
-    client.release()
 
 
 async def serve_client(
