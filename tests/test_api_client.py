@@ -160,6 +160,17 @@ def test_close_frees_the_id(api: SpliceClient) -> None:
     conn.close()  # closing twice is quiet, like a socket
 
 
+def test_abort_frees_the_id_and_reaches_the_core(daemon: Daemon, api: SpliceClient) -> None:
+    conn = api.connect(ECHO)
+    conn.abort()
+    assert daemon.loop.call(lambda: list(daemon.core.aborted)) == [conn.id]
+    with pytest.raises(SpliceError) as info:
+        api.stats(conn.id)
+    assert info.value.code == "ENOENT"
+    conn.abort()  # quiet the second time, like close
+    conn.close()
+
+
 def test_another_clients_connection_is_eperm(daemon: Daemon, api: SpliceClient) -> None:
     with SpliceClient(daemon.path) as other, api.connect(ECHO) as conn:
         for attempt in (other.stats, other.shutdown, other.intend_splice):

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from daemon.api import protocol
 from daemon.api.protocol import (
+    Abort,
     Accept,
     BadRequest,
     Close,
@@ -118,6 +119,13 @@ def test_connect_splice_carries_client_remote_and_len() -> None:
         assert isinstance(parsed, BadRequest) and parsed.code is ErrorCode.EBADREQ, bad
 
 
+def test_abort_names_one_conn() -> None:
+    assert parse_request(req(id=4, op="abort", conn=9)) == Abort(4, 9)
+    for wrong in ({}, {"conn": "9"}, {"conn": -1}):
+        parsed = parse_request(req(id=4, op="abort", **wrong))
+        assert isinstance(parsed, BadRequest) and parsed.code is ErrorCode.EBADREQ, wrong
+
+
 def test_connect_splice_may_carry_its_len_bytes_inline() -> None:
     base = {"id": 3, "op": "connect_splice", "client": 7, "remote": ["203.0.113.2", 80]}
     reply = b"\x05\x00\x00\x01" + bytes(6)
@@ -170,6 +178,7 @@ def test_every_op_has_a_parser() -> None:
         "accept",
         "connect",
         "close",
+        "abort",
         "shutdown",
         "stats",
         "list",

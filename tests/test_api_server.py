@@ -75,6 +75,7 @@ class FakeCore:
         self.intents: dict[int, int] = {}  # client conn -> server conn of connect_splice
         # connect_splice inline data of a splice in progress (for a fake that relays it)
         self.inline_next: dict[int, Inline] = {}
+        self.aborted: list[int] = []
         self._ids = iter(range(1, 1 << 30))
 
     # helpers
@@ -186,6 +187,10 @@ class FakeCore:
         assert self.sink is not None
         self.sink.forget(ObjectKind.CONN, conn)
         return {}
+
+    def abort(self, owner: int, conn: int) -> Result:
+        self.aborted.append(conn)
+        return self.close(owner, conn)
 
     def close_listener(self, owner: int, listener: int) -> Result:
         lst = self.listeners.pop(listener)

@@ -404,3 +404,70 @@ def test_a_proxy_that_stops_reading_closes_the_window_and_loses_nothing(
 
 def test_a_client_reusing_its_port_during_time_wait_connects_again(tb: Testbed) -> None:
     assert same_port_twice(tb.host("client"), tb.endpoint_socks, tb.origin) == "20000 20000"
+
+
+RESET_WATCHER = """
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("203.0.113.2", 8084))
+s.listen()
+print("ready", flush=True)
+c, _ = s.accept()
+got = 0
+try:
+    while chunk := c.recv(65536):
+        got += len(chunk)
+    print("eof", got, flush=True)
+except ConnectionResetError:
+    print("reset", got, flush=True)
+"""
+
+
+def test_abort_resets_the_peer_and_refuses_a_spliced_conn(tb: Testbed) -> None:
+    """The abort op (RFC 9293 3.10.5): the peer sees RST, not FIN; a spliced conn is ESTATE."""
+    watcher = tb.host("server").popen(
+        [sys.executable, "-c", RESET_WATCHER], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert watcher.stdout is not None and watcher.stdout.readline().strip() == "ready"
+        client = tb.host("client").popen(
+            [
+                sys.executable,
+                "-c",
+                "import socket, time\n"
+                "time.sleep(1)\n"
+                "s = socket.create_connection(('198.51.100.1', 7040), timeout=10)\n"
+                "s.sendall(b'GO')\n"
+                "s.recv(1)\n",
+            ]
+        )
+        out = run_py(
+            tb.host("proxy"),
+            """
+            import sys
+            from daemon.api.client import SpliceClient, SpliceError
+            with SpliceClient(sys.argv[1]) as api:
+                conn = api.connect((sys.argv[2], 8084), timeout=5)
+                conn.sendall(b"x" * 1000)
+                conn.abort()
+                lst = api.listen(("198.51.100.1", 7040))
+                cli = lst.accept(timeout=10)
+                assert cli.recv(2) == b"GO"
+                api.connect_splice(cli, (sys.argv[2], 9000), 0, timeout=5)
+                try:
+                    cli.abort()
+                except SpliceError as exc:
+                    print(exc.code)
+                cli.close()
+            """,
+            str(tb.daemon_socket),
+            tb.origin[0],
+        )
+        client.wait(timeout=20)
+        assert out.split() == ["ESTATE"]
+        verdict = watcher.stdout.readline().split()
+        assert verdict[0] == "reset", verdict
+    finally:
+        watcher.kill()
+        watcher.wait()

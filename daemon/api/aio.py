@@ -621,6 +621,25 @@ class AsyncConnection:
         """Half-close the descriptor: after the bytes already written, the daemon sends FIN."""
         self.sock.shutdown(how)
 
+    async def abort(self) -> None:
+        """RST the connection now (the ``abort`` op): unsent and unread bytes are lost.
+
+        Quiet if the daemon already forgot the conn; ``SpliceError`` ESTATE
+        for a spliced conn (``close`` it instead).
+        """
+        # The op first: closing our end first would look like a half-close
+        # to the daemon, and a FIN could go out ahead of the RST.
+        try:
+            await self.client._call("abort", conn=self.id)
+        except DaemonGone:
+            pass
+        except SpliceError as exc:
+            if exc.code != "ENOENT":
+                raise
+        if self._sock is not None:
+            self._sock.close()
+        self.released = True  # nothing left to close
+
     def _let_go(self) -> None:
         """The daemon released this conn for us: only our descriptor is left to close."""
         if self._sock is not None:

@@ -78,6 +78,12 @@ class Core(Protocol):
 
     def close(self, owner: int, conn: int) -> Result: ...
 
+    def abort(self, owner: int, conn: int) -> Result:
+        """RST the conn now and free it (RFC 9293 3.10.5): unsent and unread bytes are lost.
+
+        ESTATE for a spliced conn: the relay owns its end (``close`` lets go).
+        """
+
     def close_listener(self, owner: int, listener: int) -> Result: ...
 
     def shutdown(self, owner: int, conn: int) -> Result: ...

@@ -114,6 +114,14 @@ class Close:
 
 
 @dataclass(frozen=True, slots=True)
+class Abort:
+    """RST now (RFC 9293 3.10.5 ABORT): what is unsent or unread is discarded."""
+
+    id: int
+    conn: int
+
+
+@dataclass(frozen=True, slots=True)
 class CloseListener:
     id: int
     listener: int
@@ -206,6 +214,7 @@ Request = (
     | Accept
     | Connect
     | Close
+    | Abort
     | CloseListener
     | Shutdown
     | Stats
@@ -338,6 +347,10 @@ def _parse_close(rid: int, obj: Mapping[str, object]) -> Request:
     return CloseListener(rid, listener)
 
 
+def _parse_abort(rid: int, obj: Mapping[str, object]) -> Request:
+    return Abort(rid, _object_id(obj, "conn"))
+
+
 def _parse_shutdown(rid: int, obj: Mapping[str, object]) -> Request:
     return Shutdown(rid, _object_id(obj, "conn"))
 
@@ -419,6 +432,7 @@ _PARSERS = {
     "accept": _parse_accept,
     "connect": _parse_connect,
     "close": _parse_close,
+    "abort": _parse_abort,
     "shutdown": _parse_shutdown,
     "stats": _parse_stats,
     "list": _parse_list,

@@ -55,6 +55,7 @@ from daemon.api.core import ApiError, Core, Done, ObjectKind, Result
 from daemon.api.protocol import (
     OPS,
     PROTOCOL_VERSION,
+    Abort,
     Accept,
     BadRequest,
     Close,
@@ -368,6 +369,9 @@ class ApiServer:
             case Close():
                 self._check(client, conn, req.conn)
                 self._reply(client, req.id, self.core.close(owner, req.conn))
+            case Abort():
+                self._check(client, conn, req.conn)
+                self._reply(client, req.id, self.core.abort(owner, req.conn))
             case CloseListener():
                 self._check(client, lst, req.listener)
                 self._reply(client, req.id, self.core.close_listener(owner, req.listener))

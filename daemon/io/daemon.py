@@ -904,6 +904,24 @@ class Daemon:
         self._close_conn(c)
         return {}
 
+    def abort(self, owner: int, conn: int) -> Result:
+        c = self._conn(conn)
+        if c.frozen:
+            # Its segments are the relay's now; the proxy's part ends with close.
+            raise ApiError(
+                ErrorCode.ESTATE, f"conn {conn} is spliced: close releases it, the splice goes on"
+            )
+        # RFC 9293 3.10.5: RST, and everything queued either way is dropped
+        # (the proxy's unsent bytes die with the socketpair).
+        self._drop_socket(c)
+        self._release_id(c)
+        if not c.tcp_gone:
+            c.tcp.abort()
+            self._emit_output(c, time.monotonic())
+            c.tcp_gone = True
+        self._free(c)
+        return {}
+
     def _close_conn(self, c: Conn) -> None:
         if c.frozen:
             # Thesis 4.2: closing a spliced descriptor frees it, sends no FIN.
