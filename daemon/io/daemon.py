@@ -920,6 +920,7 @@ class Daemon:
             self._emit_output(c, time.monotonic())
             c.tcp_gone = True
         self._free(c)
+        self.dirty.discard(c)  # nothing left to service
         return {}
 
     def _close_conn(self, c: Conn) -> None:
