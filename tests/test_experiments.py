@@ -739,3 +739,33 @@ def test_a_mode_failing_its_whole_warm_up_is_dropped_with_the_errors(
     assert into.skipped == {"broken": "every warm-up request failed (timeout)"}
     assert calls.count("broken") == 1  # the warm-up only
     assert {s.mode for s in into.samples} == {"router"}
+
+
+def test_an_error_mid_run_keeps_what_was_measured(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A crash after minutes of measurements must not lose them: the run is reported
+    as partial with the error, and main() then exits 1."""
+    from testbed.experiments import __main__ as cli
+    from testbed.experiments import runner
+    from testbed.experiments.modes import ModeSet
+
+    def failing_run_all(
+        tb: object, params: object, modes: object, step: object, into: runner.Collected
+    ) -> None:
+        into.notes.append("measured something")
+        into.samples.append(
+            runner.Sample(
+                "min_load", "unshaped", "router", 1024, 1, 0, True, 0.001, 1024, None, None, 0, 0.0
+            )
+        )
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli, "resolve", lambda tb, wanted, work_dir: ModeSet())
+    monkeypatch.setattr(cli, "run_all", failing_run_all)
+    collected = runner.Collected()
+    cli._experiment(object(), parse_args(["--quick"]), tmp_path, collected)  # type: ignore[arg-type]
+    assert collected.error == "RuntimeError: boom"
+    assert collected.interrupted
+    assert len(collected.samples) == 1
+    assert any("boom" in note and "partial" in note for note in collected.notes)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,12 +63,23 @@ def _experiment(tb: Testbed, params: Params, out_dir: Path, collected: Collected
     except KeyboardInterrupt:
         collected.interrupted = True
         collected.notes.append("interrupted by the user: the results are partial")
+    except Exception as exc:
+        # A bug or a testbed that broke mid-run: minutes of measurements are
+        # already in ``collected``; report them (marked partial), then fail.
+        traceback.print_exc()
+        collected.interrupted = True
+        collected.error = f"{type(exc).__name__}: {exc}"
+        collected.notes.append(f"the run stopped on an error ({collected.error}): partial results")
     finally:
         modeset.stop()
     for name, why in collected.skipped.items():
         modeset.skipped[name] = why
     modeset.modes = [m for m in modeset.modes if m.name not in collected.skipped]
     return modeset
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         print(f"{PROG}: error: needs root (it runs in network namespaces)", file=sys.stderr)
         return 2
+    # SIGTERM (a CI timeout, `kill`, a job started with `&`, which ignores
+    # SIGINT) ends the run like Ctrl-C: what was measured is written.
+    signal.signal(signal.SIGTERM, _interrupt)
     started = time.time()
     out = store.new_run_dir(params.out, started)
     tb = Testbed(params.prefix)
@@ -165,6 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     (out / "report.md").write_text(render(data))
     print(f"{PROG}: {len(collected.samples)} requests in {finished - started:.0f} s -> {out}")
+    if collected.error is not None:
+        print(f"{PROG}: error: {collected.error} (partial results written)", file=sys.stderr)
+        return 1
     return 130 if collected.interrupted else 0
 
 

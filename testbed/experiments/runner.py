@@ -70,6 +70,7 @@ class Collected:
     notes: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # modes dropped during the run
     interrupted: bool = False
+    error: str | None = None  # what stopped the run early, if something did
     # What the runs depend on beyond the parameters (e.g. congestion control).
     environment: dict[str, Any] = field(default_factory=dict)
 
