@@ -14,13 +14,16 @@ also after a crash, since everything it needs is derived from the prefix.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -478,8 +481,17 @@ class Testbed:
         return started
 
     def down(self) -> list[str]:
-        """Remove everything this prefix made; harmless when nothing is there."""
+        """Remove everything this prefix made; harmless when nothing is there.
+
+        SIGINT and SIGTERM wait until it is done (they are held, then
+        delivered): a Ctrl-C, a test run's time limit or a ``kill`` that
+        lands mid-teardown would otherwise leave half a testbed behind.
+        """
         require_root("down")
+        with _stop_signals_held():
+            return self._down()
+
+    def _down(self) -> list[str]:
         done: list[str] = []
         for rec in process.records(self.run_dir):
             process.stop(self.run_dir, rec.name)
@@ -586,6 +598,19 @@ class Testbed:
             "  .venv/bin/python -m testbed shape client-proxy delay=10ms loss=1%",
         ]
         return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM for this thread; ones that came meanwhile arrive at the end."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Python runs signal handlers in the main thread only anyway
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _service_env() -> dict[str, str]:

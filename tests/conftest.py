@@ -9,9 +9,22 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 from collections.abc import Iterator
 
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest turns only SIGINT into a clean stop.  SIGTERM (`timeout`, a CI
+    # job's time limit, kill) would end the process with every testbed's
+    # namespaces and services left behind; as KeyboardInterrupt it runs the
+    # fixtures' finally blocks like Ctrl-C does.
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
+
+
+def _stop_like_ctrl_c(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
