@@ -162,3 +162,23 @@ def kill_namespace_members(namespace: str) -> list[int]:
         with contextlib.suppress(psutil.Error):
             psutil.Process(pid).wait(3)
     return pids
+
+
+def sigterm_as_ctrl_c() -> None:
+    """From now on SIGTERM stops this process as Ctrl-C does (KeyboardInterrupt).
+
+    So a run stopped by ``kill``, ``timeout`` or a CI limit still runs its
+    cleanup (``finally`` blocks, testbed teardown).  Only in this process:
+    pyroute2 forks helper processes (NetNS) that inherit the handler and
+    are stopped with SIGTERM, which must end them as it always did.
+    """
+    owner = os.getpid()
+
+    def handler(signum: int, frame: object) -> None:
+        if os.getpid() != owner:  # a forked child: the default action, at once
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)

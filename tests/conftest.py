@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 from collections.abc import Iterator
 
 import pytest
@@ -20,11 +19,9 @@ def pytest_configure(config: pytest.Config) -> None:
     # job's time limit, kill) would end the process with every testbed's
     # namespaces and services left behind; as KeyboardInterrupt it runs the
     # fixtures' finally blocks like Ctrl-C does.
-    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
+    from testbed.process import sigterm_as_ctrl_c
 
-
-def _stop_like_ctrl_c(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    sigterm_as_ctrl_c()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

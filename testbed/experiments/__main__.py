@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import signal
 import sys
 import time
 import traceback
@@ -29,7 +28,7 @@ from testbed.experiments.report import ReportInput, render
 from testbed.experiments.runner import LINKS, Collected, plan_steps, run_all
 from testbed.experiments.stats import cells as summarize_cells
 from testbed.net import Testbed, TestbedError
-from testbed.process import ServiceError
+from testbed.process import ServiceError, sigterm_as_ctrl_c
 
 PROG = "python -m testbed.experiments"
 REFERENCES = ("plain", "dante")  # the thesis's "normal SOCKS server", ours and a C one
@@ -78,10 +77,6 @@ def _experiment(tb: Testbed, params: Params, out_dir: Path, collected: Collected
     return modeset
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -94,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     # SIGTERM (a CI timeout, `kill`, a job started with `&`, which ignores
     # SIGINT) ends the run like Ctrl-C: what was measured is written.
-    signal.signal(signal.SIGTERM, _interrupt)
+    sigterm_as_ctrl_c()
     started = time.time()
     out = store.new_run_dir(params.out, started)
     tb = Testbed(params.prefix)
