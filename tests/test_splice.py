@@ -733,32 +733,53 @@ def test_a_proxy_that_dies_leaves_spliced_pairs_flowing_and_closes_the_rest(
 
 
 CONNECT_SPLICE_PROXY = """
-import sys
+import base64, sys
 from daemon.api.client import Connection, SpliceClient
+inline = sys.argv[4] == "inline"
 with SpliceClient(sys.argv[1]) as api:
     lst = api.listen(("198.51.100.1", 7030))
     print("ready", flush=True)
     for _ in range(2):
         cli = lst.accept()
         assert cli.recv(6) == b"hello\\n"   # whatever follows stays unread in the fd
-        reply, sock = api._call_fd(
-            "connect_splice", client=cli.id, remote=[sys.argv[2], int(sys.argv[3])], len=3
-        )
-        srv = Connection._from_reply(api, reply, sock)
+        args = {"client": cli.id, "remote": [sys.argv[2], int(sys.argv[3])]}
+        if inline:  # the reply with the request; the daemon lets go of both conns
+            args.update(data=base64.b64encode(b"ok\\n").decode(), release=True)
+        else:
+            args.update(len=3)
+        reply, sock = api._call_fd("connect_splice", **args)
         print(reply["spliced"], flush=True)
+        if reply["spliced"] and inline:
+            assert reply["released"] is True and sock is None, (reply, sock)
+            cli.sock.close()
+            continue
+        assert sock is not None and "released" not in reply
+        srv = Connection._from_reply(api, reply, sock)
         if not reply["spliced"]:
             api.splice(cli, srv, 3)  # hands the unread bytes back
         cli.sendall(b"ok\\n")
         cli.close()
         srv.close()
+    assert api.list()["conns"] == []
+    print("clean", flush=True)
 """
 
 
+@pytest.mark.parametrize("reply", ["written", "inline"])
 def test_connect_splice_splices_at_once_unless_the_proxy_left_bytes_unread(
-    tb: Testbed,
+    tb: Testbed, reply: str
 ) -> None:
+    """Also with the reply inline and release: when the splice is left to the proxy
+    (unread bytes), the daemon sends and releases nothing and hands over the fd."""
     proxy = tb.host("proxy").popen(
-        [sys.executable, "-c", CONNECT_SPLICE_PROXY, str(tb.daemon_socket), *map(str, tb.sink)],
+        [
+            sys.executable,
+            "-c",
+            CONNECT_SPLICE_PROXY,
+            str(tb.daemon_socket),
+            *map(str, tb.sink),
+            reply,
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -782,6 +803,7 @@ def test_connect_splice_splices_at_once_unless_the_proxy_left_bytes_unread(
         assert proxy.stdout.readline().strip() == "True"
         assert run_py(tb.host("client"), client, "early").strip() == digest
         assert proxy.stdout.readline().strip() == "False"
+        assert proxy.stdout.readline().strip() == "clean"
     finally:
         proxy.kill()
         proxy.wait()

@@ -139,6 +139,9 @@ class Conn:
     hold_rx: bool = False  # deliver nothing more to the proxy (thesis 4.1)
     frozen: bool = False  # splice() called: the relay owns the TCB and the 4-tuple
     close_pending: bool = False  # API close: close the TCB once the outbox is sent
+    # connect_splice with release: the proxy will never hold this conn's fd,
+    # so none is made unless the splice is left to the proxy after all.
+    want_fd: bool = True
 
     @property
     def api_id(self) -> int | None:
@@ -723,15 +726,22 @@ class Daemon:
             self.sel.modify(sock, want, lambda mask: self._on_sock(conn, mask))
         conn.mask = want
 
-    def _hand_out(self, conn: Conn) -> tuple[Result, socket.socket]:
-        """Give `conn` an API id and a socketpair; return the reply and the proxy's end."""
+    def attach_socket(self, conn: Conn) -> socket.socket:
+        """Give `conn` its socketpair; return the proxy's end."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         for s in (ours, theirs):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKPAIR_BUF)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKPAIR_BUF)
         ours.setblocking(False)
         conn.sock = ours
+        return theirs
 
+    def _hand_out(self, conn: Conn) -> tuple[Result, socket.socket | None]:
+        """Give `conn` an API id and (unless it wants none) a socketpair.
+
+        Returns the reply and the proxy's end of the socketpair.
+        """
+        theirs = self.attach_socket(conn) if conn.want_fd else None
         conn.id = conn.reserved_id if conn.reserved_id is not None else self._new_id()
         conn.listener = None
         self.conns[conn.id] = conn

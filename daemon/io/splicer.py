@@ -151,6 +151,7 @@ class Splicer:
         local: Address | None,
         timeout: float,
         done: Done,
+        want_fd: bool = True,
     ) -> None:
         sp = self.intents.get(conn_id)
         if sp is None:
@@ -166,6 +167,7 @@ class Splicer:
         conn.is_client = False
         conn.hold_rx = True  # thesis 4.1: the proxy never reads the server side
         conn.reserved_id = conn_id
+        conn.want_fd = want_fd
         sp.server = conn
 
     def connect_splice(
@@ -211,9 +213,16 @@ class Splicer:
             result["spliced"] = spliced
             if spliced and inline is not None:
                 sock = self._send_inline(sp, inline, result, sock)
+            elif sock is None and sp.server is not None:
+                # Made without an fd for a release that cannot happen now:
+                # the proxy splices (and writes) itself, so it needs one.
+                sock = self.d.attach_socket(sp.server)
             done(result, sock)
 
-        self.connect(owner, server_id, remote, local, timeout, connected)
+        # A conn the daemon releases at once needs no socketpair: it would
+        # only be made, passed and closed on every new connection's path.
+        want_fd = inline is None or not inline.release
+        self.connect(owner, server_id, remote, local, timeout, connected, want_fd)
 
     def _send_inline(
         self, sp: Splice, inline: Inline, result: Result, sock: socket.socket | None
