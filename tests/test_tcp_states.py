@@ -6,6 +6,7 @@ The peer is played by the test: it builds TcpSegments and inspects what
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 from daemon.tcp.config import TcpConfig
@@ -432,6 +433,31 @@ def test_syn_in_synchronized_state_gets_challenge_ack() -> None:
     conn.on_segment(seg(PISS + 1, 0, SYN), 0.1)
     assert state(conn) is S.ESTABLISHED
     assert only(conn).flags == ACK and conn.stats.challenge_acks == 1
+
+
+def test_challenge_acks_have_a_budget_per_second() -> None:
+    """RFC 5961 7: a flood of forged in-window RSTs gets at most `limit` ACKs a second."""
+    limit = CFG.challenge_ack_limit
+    assert limit is not None
+    conn = established()
+    acks = 0
+    for i in range(200):  # 200 RSTs within 0.2 s
+        conn.on_segment(seg(PISS + 100 + i, 0, RST), 0.1 + i * 0.001)
+        acks += len(out(conn, 0.1 + i * 0.001))
+    assert state(conn) is S.ESTABLISHED
+    assert acks == limit == conn.stats.challenge_acks
+    assert conn.stats.challenge_acks_suppressed == 200 - limit
+    # A second later the budget is back: a legitimate peer can resynchronise.
+    conn.on_segment(seg(PISS + 1, 0, SYN), 1.2)
+    assert only(conn, 1.2).flags == ACK and conn.stats.challenge_acks == limit + 1
+
+
+def test_challenge_acks_unlimited_when_configured_so() -> None:
+    conn = established(dataclasses.replace(CFG, challenge_ack_limit=None))
+    for i in range(50):
+        conn.on_segment(seg(PISS + 100 + i, 0, RST), 0.1)
+    assert len(out(conn, 0.1)) >= 1 and conn.stats.challenge_acks == 50
+    assert conn.stats.challenge_acks_suppressed == 0
 
 
 def test_ack_of_unsent_data_is_acked_and_dropped() -> None:

@@ -1033,6 +1033,8 @@ class Daemon:
             "fast_retransmits": s.fast_retransmits,
             "rto_count": s.rto_count,
             "dup_acks": s.dup_acks,
+            "challenge_acks": s.challenge_acks,
+            "challenge_acks_suppressed": s.challenge_acks_suppressed,
             "mss": t.snd_mss,
             "bytes_to_proxy": c.to_proxy,
             "bytes_from_proxy": c.from_proxy,

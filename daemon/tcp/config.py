@@ -55,6 +55,13 @@ class TcpConfig:
     """Listener: answer SYNs with SYN cookies while the SYN-RECEIVED queue is full (RFC 4987)."""
     accept_backlog: int = 128
     """Listener: established connections waiting for accept()."""
+    challenge_ack_limit: int | None = 10
+    """Challenge ACKs per connection per second (RFC 5961 7); None = no limit.
+
+    Per connection, not per host as RFC 5961 suggests: a shared budget is
+    an off-path side channel (CVE-2016-5696) that tells a blind attacker
+    when its guess hit a live connection's window.
+    """
     delayed_ack: float | None = 0.04
     """Delayed-ACK timeout (RFC 1122 4.2.3.2 allows up to 0.5 s); None = ack at once."""
     initial_cwnd_segments: int = 10

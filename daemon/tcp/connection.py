@@ -47,8 +47,9 @@ reassembly queue) until the gap fills.
 
 Known simplifications: no SACK-based loss recovery (RFC 6675) -- received
 SACK blocks are ignored, our SACK blocks are advertised; no urgent data (the
-URG pointer is ignored, RFC 6093); no ECN; challenge ACKs are not rate
-limited (RFC 5961 7); zero-window probes are zero-length segments with
+URG pointer is ignored, RFC 6093); no ECN; challenge ACKs are rate
+limited per connection, not per host (RFC 5961 7; ``TcpConfig``
+explains why); zero-window probes are zero-length segments with
 SEQ=SND.UNA-1, which every stack must answer with an ACK (RFC 9293 3.10.7.4
 "not acceptable ... send an acknowledgment"), as Linux does.
 """
@@ -116,6 +117,7 @@ class TcpStats:
     rto_count: int = 0
     dup_acks: int = 0
     challenge_acks: int = 0
+    challenge_acks_suppressed: int = 0  # over the per-second budget (RFC 5961 7)
     out_of_order: int = 0
     window_probes: int = 0
     paws_drops: int = 0
@@ -187,6 +189,9 @@ class TcpConnection:
     ts_ok: bool = False
     ts_recent: int = 0
     ts_offset: int = 0
+    # RFC 5961 7: challenge ACKs sent in the current one-second budget.
+    challenge_since: float = -1.0
+    challenge_sent: int = 0
     last_ack_sent: int = 0
     # Timers: absolute deadlines, None when not running.
     rto_deadline: float | None = None
@@ -629,12 +634,12 @@ class TcpConnection:
             if seq == rcv_nxt:
                 self._on_reset()
             else:
-                self._challenge_ack()
+                self._challenge_ack(now)
             return
 
         # Fourth: SYN in a synchronized state (RFC 5961 4.2, RFC 9293 3.10.7.4).
         if flags & SYN:
-            self._challenge_ack()
+            self._challenge_ack(now)
             return
 
         # Fifth: the ACK field.
@@ -725,7 +730,7 @@ class TcpConnection:
             self._ack_now = True  # acks something not yet sent: ACK and drop
             return False
         if seq_lt(ack, (snd_una - self.max_snd_wnd) & MASK):
-            self._challenge_ack()  # RFC 5961 5.2: too old to be real
+            self._challenge_ack(now)  # RFC 5961 5.2: too old to be real
             return False
         wnd = window << self.snd_wscale if not flags & SYN else window
         if ack != snd_una and seq_gt(ack, snd_una):
@@ -890,8 +895,19 @@ class TcpConnection:
         else:
             self._enter_closed(None)
 
-    def _challenge_ack(self) -> None:
-        # RFC 5961 3.2 / 4.2 / 5.2: <SEQ=SND.NXT><ACK=RCV.NXT><CTL=ACK>.
+    def _challenge_ack(self, now: float) -> None:
+        # RFC 5961 3.2 / 4.2 / 5.2: <SEQ=SND.NXT><ACK=RCV.NXT><CTL=ACK>,
+        # within a budget per second (RFC 5961 7): a flood of forged RSTs
+        # or SYNs must not turn into a flood of ACKs from us.
+        limit = self.config.challenge_ack_limit
+        if limit is not None:
+            if now - self.challenge_since >= 1.0 or now < self.challenge_since:
+                self.challenge_since = now
+                self.challenge_sent = 0
+            if self.challenge_sent >= limit:
+                self.stats.challenge_acks_suppressed += 1
+                return
+            self.challenge_sent += 1
         self.stats.challenge_acks += 1
         self._ack_now = True
 
