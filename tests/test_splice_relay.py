@@ -236,9 +236,11 @@ def test_a_sealed_splice_shares_empty_buffers_and_still_relays() -> None:
     bed, _ = spliced(10)
     relay = bed.relay
     assert not relay.seal()  # the client side still owes the proxy's 10 bytes
+    assert relay.server_config is not None
     bed2, _ = spliced(0)
     relay = bed2.relay
     assert relay.seal()
+    assert relay.server_config is None  # only a connect needed it
     assert relay.server is not None
     assert relay.client.queue is relay.server.outbox  # one shared instance
     with pytest.raises(RuntimeError):

@@ -76,6 +76,7 @@ TUN_BATCH = 256  # packets per readable event before other fds get a turn
 PUMP_CHUNK = 256 * 1024  # bytes moved per socket call
 SOCKPAIR_BUF = 1 << 20
 EPHEMERAL = (32768, 60999)  # Linux's default ip_local_port_range
+ADDRESSES_SHARED = 65536  # distinct peer addresses whose bytes connections share
 
 _PORTS = struct.Struct("!HH")
 _FRAG = struct.Struct("!H")
@@ -192,6 +193,7 @@ class Daemon:
         self.listener_ids: dict[int, Listening] = {}
         self.dirty: set[Conn] = set()
         self._port_cursor: dict[tuple[bytes, Endpoint | None], int] = {}
+        self._addresses: dict[bytes, bytes] = {}  # see _intern
         self._next_id = 1
         self._buf = new_read_buffer()
         self.counters: dict[str, int] = {
@@ -267,6 +269,21 @@ class Daemon:
         if self.fast_path is not None:
             self.fast_path.close()
         self.tun.close()
+
+    def _intern(self, addr: bytes) -> bytes:
+        """One bytes object per address, shared by every connection that names it.
+
+        A connection's endpoints outlive it in its splice (base points,
+        translators, flow keys): without this each kept its own copy of the
+        same 4 bytes (~37 B each).  Bounded, since clients' addresses are
+        theirs to choose: past the bound an address is simply not shared.
+        """
+        known = self._addresses.get(addr)
+        if known is not None:
+            return known
+        if len(self._addresses) < ADDRESSES_SHARED:
+            self._addresses[addr] = addr
+        return addr
 
     def _new_id(self) -> int:
         n = self._next_id
@@ -373,7 +390,7 @@ class Daemon:
             return
         lst = self.listeners.get((dst, seg.dst_port))
         if lst is not None:
-            child = lst.tcp.on_segment((src, seg.src_port), seg, now)
+            child = lst.tcp.on_segment((self._intern(src), seg.src_port), seg, now)
             for remote, rst in lst.tcp.poll_output():
                 self._write_segment((dst, seg.dst_port), remote, rst, 0)
             if child is not None:
@@ -766,7 +783,7 @@ class Daemon:
                 ErrorCode.EADDRNOTAVAIL,
                 f"{what}: {host} is not in the daemon's prefix {self.net}",
             )
-        return ip.packed, port
+        return self._intern(ip.packed), port
 
     def listen(self, owner: int, addr: Address, backlog: int) -> Result:
         local = self._local_endpoint(addr, "listen")
@@ -833,7 +850,7 @@ class Daemon:
             return None
         try:
             src = self._local_endpoint(local or (self.config.source, 0), "connect local")
-            dst = (rip.packed, remote[1])
+            dst = (self._intern(rip.packed), remote[1])
             port = src[1] or self._free_port(src[0], dst)
         except ApiError as exc:
             done(exc, None)

@@ -160,7 +160,9 @@ class Splicer:
         if sp.server is not None:
             done(ApiError(ErrorCode.ESTATE, f"conn {conn_id} is already connected"), None)
             return
-        conn = self.d._open(owner, remote, local, timeout, done, sp.relay.server_config)
+        config = sp.relay.server_config
+        assert config is not None  # sealed only once both sides relay: no connect then
+        conn = self.d._open(owner, remote, local, timeout, done, config)
         if conn is None:
             return
         conn.splice = sp

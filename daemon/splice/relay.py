@@ -240,7 +240,9 @@ class Relay:
 
     owner: int
     server_id: int  # the server side's API id, handed out by intend_splice
-    server_config: TcpConfig  # options derived from the client (thesis 5.4)
+    # Options derived from the client (thesis 5.4), for connecting the
+    # server side; None once sealed (no connect can come any more).
+    server_config: TcpConfig | None
     client: RelaySide
     msl: float
     offload: bool
@@ -692,6 +694,7 @@ class Relay:
             assert s is not None
             s.outbox = s.queue = _SEALED
         self.reclaimed = b""
+        self.server_config = None  # ~200 B per idle splice, needed only to connect
         return True
 
     # ------------------------------------------------------------ stats
