@@ -59,6 +59,7 @@ from daemon.api.replies import (
     SpliceError,
     connect_splice_args,
     error_from,
+    handed_conn,
     reply_address,
     reply_id,
     take_unread,
@@ -247,8 +248,12 @@ class AsyncSpliceClient:
 
     async def close_conn(self, conn: int) -> None:
         """The ``close`` op; quiet if the daemon forgot the conn already or went away."""
+        await self._call_quiet("close", conn)
+
+    async def _call_quiet(self, op: str, conn: int) -> None:
+        """``op`` on ``conn``, quiet if the conn (or the daemon) is already gone."""
         try:
-            await self._call("close", conn=conn)
+            await self._call(op, conn=conn)
         except DaemonGone:
             pass
         except SpliceError as exc:
@@ -526,34 +531,14 @@ class AsyncConnection:
 
     @classmethod
     def _released(cls, client: AsyncSpliceClient, obj: dict[str, object]) -> AsyncConnection:
-        conn = cls(
-            client,
-            reply_id(obj, "conn"),
-            None,
-            reply_address(obj.get("peer")),
-            reply_address(obj.get("local")),
-        )
+        conn = cls(client, *handed_conn(obj, None, need_sock=False))
         conn.released = True
         return conn
 
     @classmethod
     def _from_reply(cls, client: AsyncSpliceClient, reply: Reply) -> AsyncConnection:
         obj, fd = reply
-        sock = None if fd is None else socket.socket(fileno=fd)
-        try:
-            if sock is None:
-                raise SpliceError("EPROTO", f"reply without a descriptor: {obj!r}")
-            return cls(
-                client,
-                reply_id(obj, "conn"),
-                sock,
-                reply_address(obj.get("peer")),
-                reply_address(obj.get("local")),
-            )
-        except BaseException:
-            if sock is not None:
-                sock.close()
-            raise
+        return cls(client, *handed_conn(obj, None if fd is None else socket.socket(fileno=fd)))
 
     def __repr__(self) -> str:
         return f"<AsyncConnection {self.id} local={self.local} peer={self.peer}>"
@@ -580,16 +565,10 @@ class AsyncConnection:
             local=None if local is None else list(local),
             timeout=timeout,
         )
-        sock = None if fd is None else socket.socket(fileno=fd)
-        try:
-            if sock is None:
-                raise SpliceError("EPROTO", f"reply without a descriptor: {obj!r}")
-            self.peer = reply_address(obj.get("peer"))
-            self.local = reply_address(obj.get("local"))
-        except BaseException:
-            if sock is not None:
-                sock.close()
-            raise
+        _, sock, self.peer, self.local = handed_conn(
+            obj, None if fd is None else socket.socket(fileno=fd)
+        )
+        assert sock is not None
         sock.setblocking(False)
         self._sock = sock
 
@@ -629,13 +608,7 @@ class AsyncConnection:
         """
         # The op first: closing our end first would look like a half-close
         # to the daemon, and a FIN could go out ahead of the RST.
-        try:
-            await self.client._call("abort", conn=self.id)
-        except DaemonGone:
-            pass
-        except SpliceError as exc:
-            if exc.code != "ENOENT":
-                raise
+        await self.client._call_quiet("abort", self.id)
         if self._sock is not None:
             self._sock.close()
         self.released = True  # nothing left to close

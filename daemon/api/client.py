@@ -54,6 +54,7 @@ from daemon.api.replies import (
     SpliceError,
     connect_splice_args,
     error_from,
+    handed_conn,
     reply_address,
     reply_id,
     take_unread,
@@ -303,15 +304,19 @@ class SpliceClient:
         call.done.wait()
         return self._finish(call)
 
-    def _close_remote(self, conn: int) -> None:
-        """Close a conn in the daemon; quiet if it is already gone there."""
+    def _call_quiet(self, op: str, conn: int) -> None:
+        """``op`` on ``conn``, quiet if the conn (or the daemon) is already gone."""
         try:
-            self._call("close", conn=conn)
+            self._call(op, conn=conn)
         except DaemonGone:
             pass
         except SpliceError as exc:
             if exc.code != "ENOENT":
                 raise
+
+    def _close_remote(self, conn: int) -> None:
+        """Close a conn in the daemon; quiet if it is already gone there."""
+        self._call_quiet("close", conn)
 
     # -- the reader thread -----------------------------------------------------
 
@@ -502,13 +507,7 @@ class Connection:
 
     @classmethod
     def _released(cls, client: SpliceClient, reply: dict[str, object]) -> Connection:
-        conn = cls(
-            client,
-            reply_id(reply, "conn"),
-            None,
-            reply_address(reply.get("peer")),
-            reply_address(reply.get("local")),
-        )
+        conn = cls(client, *handed_conn(reply, None, need_sock=False))
         conn.released = True
         return conn
 
@@ -516,20 +515,7 @@ class Connection:
     def _from_reply(
         cls, client: SpliceClient, reply: dict[str, object], sock: socket.socket | None
     ) -> Connection:
-        try:
-            if sock is None:
-                raise SpliceError("EPROTO", f"reply without a descriptor: {reply!r}")
-            return cls(
-                client,
-                reply_id(reply, "conn"),
-                sock,
-                reply_address(reply.get("peer")),
-                reply_address(reply.get("local")),
-            )
-        except BaseException:
-            if sock is not None:
-                sock.close()
-            raise
+        return cls(client, *handed_conn(reply, sock))
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} local={self.local} peer={self.peer}>"
@@ -556,17 +542,8 @@ class Connection:
             local=None if local is None else list(local),
             timeout=timeout,
         )
-        try:
-            if sock is None:
-                raise SpliceError("EPROTO", f"reply without a descriptor: {reply!r}")
-            self.peer, self.local = (
-                reply_address(reply.get("peer")),
-                reply_address(reply.get("local")),
-            )
-        except BaseException:
-            if sock is not None:
-                sock.close()
-            raise
+        _, sock, self.peer, self.local = handed_conn(reply, sock)
+        assert sock is not None
         sock.settimeout(self._timeout)
         self._sock = sock
 
@@ -610,13 +587,7 @@ class Connection:
         """
         # The op first: closing our end first would look like a half-close
         # to the daemon, and a FIN could go out ahead of the RST.
-        try:
-            self.client._call("abort", conn=self.id)
-        except DaemonGone:
-            pass
-        except SpliceError as exc:
-            if exc.code != "ENOENT":
-                raise
+        self.client._call_quiet("abort", self.id)
         if self._sock is not None:
             self._sock.close()
         self.released = True  # nothing left to close

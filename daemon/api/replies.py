@@ -61,6 +61,25 @@ def reply_id(reply: dict[str, object], name: str) -> int:
     raise SpliceError("EPROTO", f"daemon reply lacks an integer {name!r}: {reply!r}")
 
 
+def handed_conn(
+    reply: dict[str, object], sock: socket.socket | None, *, need_sock: bool = True
+) -> tuple[int, socket.socket | None, Address, Address]:
+    """(conn id, socket, peer, local) of a reply that names a connection.
+
+    The reply must come with its descriptor unless ``need_sock`` is false
+    (a conn the daemon released); ``sock`` is closed if anything is wrong.
+    """
+    try:
+        if need_sock and sock is None:
+            raise SpliceError("EPROTO", f"reply without a descriptor: {reply!r}")
+        peer, local = reply_address(reply.get("peer")), reply_address(reply.get("local"))
+        return reply_id(reply, "conn"), sock, peer, local
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        raise
+
+
 def error_from(reply: dict[str, object]) -> SpliceError:
     return SpliceError(str(reply.get("error")), str(reply.get("message", "")))
 
