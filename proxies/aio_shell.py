@@ -27,7 +27,7 @@ from daemon.api.aio import (
     DaemonGone,
     SpliceError,
 )
-from proxies.daemon_shell import destinations
+from proxies.daemon_shell import accept_stopped, destinations
 from proxies.socks5 import DRAIN_TIMEOUT
 
 log = logging.getLogger("proxies.aio_shell")
@@ -112,13 +112,8 @@ async def _accept_loop(
     while True:
         try:
             client = await listener.accept()
-        except DaemonGone as exc:
-            return f"the splice daemon went away: {exc.message}"
         except SpliceError as exc:
-            if exc.code == "ECANCELED":  # our own close of the listener, at SIGTERM
-                return ""
-            # docs/api.md names no other accept error: do not spin on one we do not know.
-            return f"accept failed: {exc}"
+            return accept_stopped(exc)
         log.debug("accepted %s", client.peer)
         task = asyncio.create_task(serve(client))
         tasks.add(task)  # a reference, or the loop may collect a running task

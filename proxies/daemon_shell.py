@@ -56,18 +56,23 @@ def release(*conns: Connection) -> None:
             log.debug("closing conn %d: %s", conn.id, exc)
 
 
+def accept_stopped(exc: SpliceError) -> str:
+    """Why accepting ended, as the proxy's exit line says it; "" when we closed the listener."""
+    if isinstance(exc, DaemonGone):
+        return f"the splice daemon went away: {exc.message}"
+    if exc.code == "ECANCELED":  # our own close of the listener, at SIGTERM
+        return ""
+    # docs/api.md names no other accept error: do not spin on one we do not know.
+    return f"accept failed: {exc}"
+
+
 def accept_loop(listener: Listener, handle: Callable[[Connection], None], name: str) -> str:
     """Accept until the listener is closed; the reason the daemon stopped us, or "" if we did."""
     while True:
         try:
             client = listener.accept()
-        except DaemonGone as exc:
-            return f"the splice daemon went away: {exc.message}"
         except SpliceError as exc:
-            if exc.code == "ECANCELED":  # our own close of the listener, at SIGTERM
-                return ""
-            # docs/api.md names no other accept error: do not spin on one we do not know.
-            return f"accept failed: {exc}"
+            return accept_stopped(exc)
         log.debug("accepted %s", client.peer)
         threading.Thread(target=handle, args=(client,), name=name, daemon=True).start()
 

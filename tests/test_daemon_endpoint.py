@@ -435,11 +435,21 @@ def test_abort_resets_the_peer_and_refuses_a_spliced_conn(tb: Testbed) -> None:
             [
                 sys.executable,
                 "-c",
+                # Until the proxy listens, the daemon refuses (RST): retry, no fixed sleep.
                 "import socket, time\n"
-                "time.sleep(1)\n"
-                "s = socket.create_connection(('198.51.100.1', 7040), timeout=10)\n"
+                "deadline = time.monotonic() + 10\n"
+                "while True:\n"
+                "    try:\n"
+                "        s = socket.create_connection(('198.51.100.1', 7040), timeout=10)\n"
+                "        break\n"
+                "    except ConnectionRefusedError:\n"
+                "        assert time.monotonic() < deadline\n"
+                "        time.sleep(0.02)\n"
                 "s.sendall(b'GO')\n"
-                "s.recv(1)\n",
+                # Spliced to the raw sink: our FIN reaches it, it answers and closes.
+                "s.shutdown(socket.SHUT_WR)\n"
+                "while s.recv(65536):\n"
+                "    pass\n",
             ]
         )
         out = run_py(
@@ -464,7 +474,7 @@ def test_abort_resets_the_peer_and_refuses_a_spliced_conn(tb: Testbed) -> None:
             str(tb.daemon_socket),
             tb.origin[0],
         )
-        client.wait(timeout=20)
+        assert client.wait(timeout=20) == 0
         assert out.split() == ["ESTATE"]
         verdict = watcher.stdout.readline().split()
         assert verdict[0] == "reset", verdict

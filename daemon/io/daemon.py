@@ -939,9 +939,8 @@ class Daemon:
                 ErrorCode.ESTATE, f"conn {conn} is spliced: close releases it, the splice goes on"
             )
         # RFC 9293 3.10.5: RST, and everything queued either way is dropped
-        # (the proxy's unsent bytes die with the socketpair).
-        self._drop_socket(c)
-        self._release_id(c)
+        # (the proxy's unsent bytes die with the socketpair, which _free closes
+        # with the id).
         if not c.tcp_gone:
             c.tcp.abort()
             self._emit_output(c, time.monotonic())
