@@ -2,22 +2,54 @@
 
     python -m servers.origin --listen ADDR:PORT [--sink-listen ADDR:PORT] [--seed N] [--quiet]
 
-HTTP/1.0 on ``--listen``, one request per connection, closed after the response:
+HTTP/1.1 on ``--listen`` (RFC 9112), framed by h11, for HTTP/1.0 and HTTP/1.1
+clients alike. Responses carry the status line ``HTTP/1.1`` whatever the
+request's version (RFC 9110 section 2.5: a server sends its own version) and
+always a Content-Length:
 
-    GET /bytes/N    200, Content-Length N, N bytes of the seeded pattern (servers.pattern)
-    POST /sink      200, body = hex SHA-256 of the request body + "\\n". The body is
-                    Content-Length bytes, or everything up to the client's FIN.
+    GET /bytes/N    200, N bytes of the seeded pattern (servers.pattern).
+    HEAD /bytes/N   the same head (Content-Length N), no body.
+    POST /sink      200, body = hex SHA-256 of the request body + "\\n". The body
+                    is framed by Content-Length or chunked Transfer-Encoding; an
+                    HTTP/1.0 request with neither runs to the client's FIN (such
+                    an HTTP/1.1 request has an empty body, RFC 9112 section 6.3).
+                    ``Expect: 100-continue`` is answered with 100 Continue
+                    before the body is read.
+    GET /stats      200, application/json, what this server has counted before
+                    this request: ``{"requests": R, "by_path": {"/bytes/10": 2,
+                    ...}, "connections": C}``. R counts every request whose head
+                    parsed (whatever its status, HEAD and /stats included),
+                    counted when its head arrives; "by_path" splits R by the
+                    target without its query string; C counts the HTTP
+                    connections accepted, this one included. HEAD /stats: the
+                    head only.
 
-Anything else gets 400/404/405/501 with a one-line body, and the server carries on.
+Anything else gets 400/404/405/501 (505 for an HTTP version other than 1.0 and
+1.1) with a one-line text body, and the server carries on. A request that does
+not parse (h11 names the status: 400, 431 for a head over 16 KiB, 501 for a
+transfer coding other than chunked) is answered and the connection closed.
+
+Persistent connections (RFC 9112 section 9.3): after a response the same
+connection serves the next request, including requests the client pipelined
+behind it. The connection closes after the response instead when the request
+said ``Connection: close``, when the client is HTTP/1.0 (``Connection:
+keep-alive`` from a 1.0 client is not honoured; the response says ``Connection:
+close``), when a request body the answer does not read (a refused POST's, say)
+has not all arrived, or when the server is stopping. A connection idle for
+``--idle-timeout`` seconds (default 30) between requests, or stalled that long
+mid-request, is closed.
 
 On ``--sink-listen`` a raw TCP sink: it reads until the client's FIN, answers the
 hex SHA-256 of what it read plus "\\n", then closes. A client must half-close
 to get its answer, so this exercises half-close through a proxy.
 
-One thread per connection. Bodies go out with ``os.sendfile`` from a memfd
-holding the doubled pattern, so a multi-GB response costs no userspace copies
-and no memory beyond the 2 MB pattern. Prints ``ready`` on stdout once
-listening; SIGTERM or SIGINT stop it with exit status 0.
+One thread per connection. Pattern bodies go out with ``os.sendfile`` from a
+memfd holding the doubled pattern, so a multi-GB response costs no userspace
+copies and no memory beyond the 2 MB pattern: h11 frames the body without
+seeing its bytes (a :class:`PatternSpan` passed through
+``send_with_data_passthrough``). One log line per request on stderr. Prints
+``ready`` on stdout once listening; SIGTERM or SIGINT stop it with exit status
+0, closing idle keep-alive connections at once.
 """
 
 from __future__ import annotations
@@ -26,6 +58,7 @@ import argparse
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import selectors
 import signal
@@ -34,19 +67,15 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TextIO
+from http import HTTPStatus
+from typing import TextIO, cast
+
+import h11
 
 from servers.address import address_family, format_host_port, parse_host_port
-from servers.http1 import (
-    MAX_HEAD,
-    HttpParseError,
-    RequestHead,
-    content_length,
-    head_end,
-    parse_request_head,
-    response_head,
-)
+from servers.http1 import MAX_HEAD
 from servers.pattern import DEFAULT_SEED, PERIOD, pattern_memfd, pattern_window
 
 # Bounds a response the server agrees to produce: 1 PiB is "unbounded" for any
@@ -56,6 +85,8 @@ MAX_BYTES = 1 << 50
 DEFAULT_IDLE_TIMEOUT = 30.0
 
 _RECV_SIZE = 256 * 1024
+
+Headers = list[tuple[bytes, bytes]]
 
 
 # --- what to do with a request (no I/O) --------------------------------------
@@ -68,7 +99,12 @@ class SendPattern:
 
 @dataclass(slots=True, frozen=True)
 class HashBody:
-    length: int | None  # None: the body runs to the client's FIN
+    until_fin: bool = False  # an HTTP/1.0 body with no framing: it ends with the client's FIN
+
+
+@dataclass(slots=True, frozen=True)
+class ServeStats:
+    pass
 
 
 @dataclass(slots=True, frozen=True)
@@ -76,33 +112,97 @@ class Refuse:
     status: int
     message: str
     allow: str | None = None
+    close: bool = False  # the connection cannot carry another request after this one
 
 
-Action = SendPattern | HashBody | Refuse
+Action = SendPattern | HashBody | ServeStats | Refuse
 
 
-def route(head: RequestHead) -> Action:
+def request_path(request: h11.Request) -> str:
+    """The request target without its query string."""
+    # h11 admits only visible ASCII in a target, so latin-1 is exact.
+    return request.target.decode("latin-1").partition("?")[0]
+
+
+def route(request: h11.Request) -> Action:
     """Map a parsed request to the response the server gives."""
-    path = head.path
+    method = request.method.decode("latin-1")
+    path = request_path(request)
+    if request.http_version not in (b"1.0", b"1.1"):
+        # Not a framing h11 (or we) can vouch for: answer and close.
+        version = request.http_version.decode("latin-1")
+        return Refuse(505, f"HTTP/{version} not supported; use 1.0 or 1.1", close=True)
     if path.startswith("/bytes/"):
-        if head.method != "GET":
-            return Refuse(405, f"{head.method} not allowed on {path}", allow="GET")
+        if method not in ("GET", "HEAD"):
+            return Refuse(405, f"{method} not allowed on {path}", allow="GET, HEAD")
         count = path[len("/bytes/") :]
         if not count.isdigit() or int(count) > MAX_BYTES:
             return Refuse(400, f"byte count must be a decimal 0..{MAX_BYTES}, got {count!r}")
         return SendPattern(int(count))
     if path == "/sink":
-        if head.method != "POST":
-            return Refuse(405, f"{head.method} not allowed on /sink", allow="POST")
-        if "transfer-encoding" in head.headers:
-            # HTTP/1.0 has no transfer codings (RFC 1945 section 7.2.2 frames a
-            # body by Content-Length or by the close).
-            return Refuse(501, "Transfer-Encoding not supported; use Content-Length or EOF")
-        try:
-            return HashBody(content_length(head.headers))
-        except HttpParseError as e:
-            return Refuse(e.status, e.message)
-    return Refuse(404, f"no such resource {path!r}; try /bytes/N or /sink")
+        if method != "POST":
+            return Refuse(405, f"{method} not allowed on /sink", allow="POST")
+        framed = any(
+            name in (b"content-length", b"transfer-encoding") for name, _ in request.headers
+        )
+        # RFC 1945 section 7.2.2: an HTTP/1.0 body without Content-Length ends
+        # with the close. HTTP/1.1 has no such request body (RFC 9112 6.3).
+        return HashBody(until_fin=request.http_version == b"1.0" and not framed)
+    if path == "/stats":
+        if method not in ("GET", "HEAD"):
+            return Refuse(405, f"{method} not allowed on /stats", allow="GET, HEAD")
+        return ServeStats()
+    return Refuse(404, f"no such resource {path!r}; try /bytes/N, /sink or /stats")
+
+
+@dataclass(slots=True, frozen=True)
+class PatternSpan:
+    """``length`` pattern bytes from stream offset ``offset``, as an h11 Data payload.
+
+    h11 frames a body by ``len()`` of what it is given and hands the object
+    back untouched from ``send_with_data_passthrough`` (h11 docs, "Support for
+    sendfile()"); the shell then writes it with ``os.sendfile``.
+    """
+
+    offset: int
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class RequestCounter:
+    """Requests and connections seen, for ``GET /stats``; safe from many threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests = 0
+        self._by_path: dict[str, int] = {}
+        self._connections = 0
+
+    def count_connection(self) -> None:
+        with self._lock:
+            self._connections += 1
+
+    def count(self, path: str) -> None:
+        """Count a request for ``path``."""
+        with self._lock:
+            self._count(path)
+
+    def report_and_count(self, path: str) -> dict[str, object]:
+        """The counts from before this request (the ``/stats`` body), then count it."""
+        with self._lock:
+            before: dict[str, object] = {
+                "requests": self._requests,
+                "by_path": dict(self._by_path),
+                "connections": self._connections,
+            }
+            self._count(path)
+            return before
+
+    def _count(self, path: str) -> None:
+        self._requests += 1
+        self._by_path[path] = self._by_path.get(path, 0) + 1
 
 
 # --- the I/O shell ------------------------------------------------------------
@@ -147,10 +247,15 @@ class OriginServer:
         self.seed = seed
         self.congestion = congestion
         self.idle_timeout = idle_timeout
+        self.counter = RequestCounter()
         self._log = _RequestLog(log)
         self._memfd: int | None = None
         self._listeners: list[socket.socket] = []
         self._handlers: set[threading.Thread] = set()
+        # Keep-alive connections blocked waiting for their next request, so that
+        # close() can end them at once instead of after the idle timeout.
+        self._idle: set[socket.socket] = set()
+        self._idle_lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
         self._stopping = threading.Event()
         try:
@@ -219,10 +324,17 @@ class OriginServer:
         """Stop listening, then give requests in flight `grace` seconds to finish.
 
         A SIGTERM right after a response must not cut the connection's last
-        steps (the drain before close, the log line) short.
+        steps (the drain before close, the log line) short. Connections idle
+        between requests are ended now; busy ones close after their response.
         """
+        self._stopping.set()
         for sock in self._listeners:
             sock.close()
+        with self._idle_lock:
+            for conn in self._idle:
+                # Wakes the blocked recv() with EOF; the handler then closes.
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RD)
         deadline = time.monotonic() + grace
         for thread in list(self._handlers):
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -240,7 +352,11 @@ class OriginServer:
             # EMFILE and friends: log and keep serving what we can.
             self._log.write(f"origin: accept failed: {e}")
             return
-        handler = self._serve_http if listener is self.http else self._serve_sink
+        if listener is self.http:
+            self.counter.count_connection()
+            handler = self._serve_http
+        else:
+            handler = self._serve_sink
         thread = threading.Thread(target=handler, args=(conn, peer), daemon=True)
         self._handlers.add(thread)
         thread.start()
@@ -257,63 +373,242 @@ class OriginServer:
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
+    # --- one HTTP connection: a loop of exchanges ---------------------------------
+
     def _serve_http(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+        peer_text = format_host_port(peer[0], peer[1])
+        http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         started = time.monotonic()
-        request_line = "-"
-        status = 0
-        sent = 0
+        served = 0
         try:
             self._set_timeouts(conn)
-            buffer = bytearray()
-            end = head_end(buffer)
-            while end < 0:
-                if len(buffer) > MAX_HEAD:
-                    raise HttpParseError(431, f"head longer than {MAX_HEAD} bytes")
-                data = conn.recv(_RECV_SIZE)
-                if not data:
-                    if buffer:
-                        raise HttpParseError(400, "connection closed inside the request head")
-                    request_line = "(closed before a request)"
+            # Each response is written whole (or corked with MSG_MORE until its
+            # body follows), so Nagle could only delay the next pipelined one.
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while True:
+                try:
+                    request = self._next_request(conn, http)
+                except h11.RemoteProtocolError as e:
+                    self._refuse_unparsed(conn, http, peer_text, e)
                     return
-                buffer += data
-                end = head_end(buffer)
-            request_line = bytes(buffer[: buffer.find(b"\n")]).decode("latin-1").rstrip("\r")
-            action = route(parse_request_head(buffer[:end]))
-            status, sent = self._respond(conn, action, bytes(buffer[end:]))
-        except HttpParseError as e:
-            status, sent = self._respond(conn, Refuse(e.status, e.message), b"")
-        except OSError as e:
-            request_line += f" [{_describe(e)}]"
+                except OSError as e:
+                    # Idle keep-alive connections time out or reset quietly;
+                    # one that never sent a request, or stalled mid-head, is news.
+                    if served == 0 or http.trailing_data[0]:
+                        elapsed = time.monotonic() - started
+                        self._log.write(f'{peer_text} "- [{_describe(e)}]" 0 0 {elapsed:.3f}s')
+                    return
+                if request is None:
+                    if served == 0:
+                        elapsed = time.monotonic() - started
+                        line = "(closed before a request)"
+                        self._log.write(f'{peer_text} "{line}" 0 0 {elapsed:.3f}s')
+                    return
+                served += 1
+                if not self._exchange(conn, http, request, peer_text):
+                    return
+                http.start_next_cycle()
+        except OSError:
+            return  # setsockopt on a connection already reset
         finally:
             _close(conn)
+
+    def _next_request(self, conn: socket.socket, http: h11.Connection) -> h11.Request | None:
+        """The next request's head, from the buffer or the socket; None when the client closed.
+
+        Raises RemoteProtocolError for a head that does not parse and OSError
+        (a timeout among them) for the socket.
+        """
+        while True:
+            event = http.next_event()
+            if isinstance(event, h11.Request):
+                if _head_size(event) > MAX_HEAD:
+                    # h11 bounds only a head still incomplete; one that arrived
+                    # whole in a single read is measured here.
+                    raise h11.RemoteProtocolError(
+                        f"head longer than {MAX_HEAD} bytes", error_status_hint=431
+                    )
+                return event
+            if isinstance(event, h11.ConnectionClosed):
+                return None
+            # NEED_DATA (PAUSED needs a request in flight, and there is none).
+            if http.trailing_data[0]:
+                data = conn.recv(_RECV_SIZE)  # the rest of a head already begun
+            else:
+                with self._idle_lock:
+                    if self._stopping.is_set():
+                        return None
+                    self._idle.add(conn)
+                try:
+                    data = conn.recv(_RECV_SIZE)
+                finally:
+                    with self._idle_lock:
+                        self._idle.discard(conn)
+            http.receive_data(data)
+
+    def _exchange(
+        self, conn: socket.socket, http: h11.Connection, request: h11.Request, peer_text: str
+    ) -> bool:
+        """Answer one request; True when the connection may carry the next one."""
+        started = time.monotonic()
+        version = request.http_version.decode("latin-1")
+        line = (
+            f"{request.method.decode('latin-1')} {request.target.decode('latin-1')} HTTP/{version}"
+        )
+        head_only = request.method == b"HEAD"
+        status = sent = 0
+        try:
+            action = route(request)
+            path = request_path(request)
+            if isinstance(action, ServeStats):
+                stats = self.counter.report_and_count(path)
+            else:
+                self.counter.count(path)
+                stats = {}
+            status, sent = self._respond(conn, http, action, stats, head_only)
+        except h11.RemoteProtocolError as e:
+            # A body that breaks its framing (bad chunk, FIN before the end).
+            line += f" [{e}]"
+            if http.our_state is h11.SEND_RESPONSE:
+                status = e.error_status_hint
+                with contextlib.suppress(OSError):
+                    sent = self._send_text(conn, http, status, str(e), head_only, close=True)
+            return False
+        except OSError as e:
+            line += f" [{_describe(e)}]"
+            return False
+        finally:
             elapsed = time.monotonic() - started
-            peer_text = format_host_port(peer[0], peer[1])
-            self._log.write(f'{peer_text} "{request_line}" {status} {sent} {elapsed:.3f}s')
+            self._log.write(f'{peer_text} "{line}" {status} {sent} {elapsed:.3f}s')
+        return http.our_state is h11.DONE and http.their_state is h11.DONE
 
-    def _respond(self, conn: socket.socket, action: Action, early_body: bytes) -> tuple[int, int]:
+    def _refuse_unparsed(
+        self,
+        conn: socket.socket,
+        http: h11.Connection,
+        peer_text: str,
+        error: h11.RemoteProtocolError,
+    ) -> None:
+        """Answer a head h11 could not parse with the status it suggests, then close."""
+        status, sent = error.error_status_hint, 0
+        if http.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            with contextlib.suppress(OSError):
+                sent = self._send_text(conn, http, status, str(error), False, close=True)
+        self._log.write(f'{peer_text} "- [{error}]" {status} {sent} 0.000s')
+
+    def _respond(
+        self,
+        conn: socket.socket,
+        http: h11.Connection,
+        action: Action,
+        stats: dict[str, object],
+        head_only: bool,
+    ) -> tuple[int, int]:
         """Send the response for ``action``; returns (status, body bytes sent)."""
-        if isinstance(action, SendPattern):
-            self._send_pattern(conn, action.length)
-            return 200, action.length
         if isinstance(action, HashBody):
-            digest, _ = _hash_body(conn, action.length, early_body)
-            body = (digest + "\n").encode()
-            conn.sendall(response_head(200, len(body)) + body)
-            return 200, len(body)
-        body = (action.message + "\n").encode()
-        extra = {"Allow": action.allow} if action.allow else None
-        with contextlib.suppress(OSError):
-            conn.sendall(response_head(action.status, len(body), extra) + body)
-        return action.status, len(body)
+            digest = self._hash_request_body(conn, http, action.until_fin)
+            return 200, self._send_text(conn, http, 200, digest, head_only, close=False)
+        # The other answers do not read a body: one still arriving means close.
+        close = not _request_complete(http)
+        if isinstance(action, SendPattern):
+            self._send_pattern(conn, http, action.length, head_only, close)
+            return 200, 0 if head_only else action.length
+        if isinstance(action, ServeStats):
+            body = json.dumps(stats).encode() + b"\n"
+            headers = _framing("application/json", len(body))
+            return 200, self._send_small(conn, http, 200, headers, body, head_only, close)
+        extra = [(b"Allow", action.allow.encode())] if action.allow else []
+        close = close or action.close
+        return action.status, self._send_text(
+            conn, http, action.status, action.message, head_only, close, extra
+        )
 
-    def _send_pattern(self, conn: socket.socket, length: int) -> None:
-        head = response_head(200, length)
+    def _hash_request_body(self, conn: socket.socket, http: h11.Connection, until_fin: bool) -> str:
+        """Hex SHA-256 of the request body, read through h11 (or to the FIN)."""
+        if http.they_are_waiting_for_100_continue:
+            conn.sendall(
+                http.send(
+                    h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+                )
+            )
+        sha = hashlib.sha256()
+        while True:
+            event = http.next_event()
+            if isinstance(event, h11.Data):
+                sha.update(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            else:
+                # NEED_DATA: h11 raises RemoteProtocolError itself on EOF mid-body.
+                http.receive_data(conn.recv(_RECV_SIZE))
+        if until_fin:
+            # h11 framed the unframed HTTP/1.0 body as empty (requests have no
+            # close-delimited bodies in HTTP/1.1); what follows the head is
+            # the body. h11 has made the connection must-close already.
+            early, _ = http.trailing_data
+            digest, _ = _hash_stream(conn, early)
+            return digest
+        return sha.hexdigest()
+
+    def _send_text(
+        self,
+        conn: socket.socket,
+        http: h11.Connection,
+        status: int,
+        text: str,
+        head_only: bool,
+        close: bool,
+        extra: Headers | None = None,
+    ) -> int:
+        body = (text + "\n").encode()
+        kind = "application/octet-stream" if status == 200 else "text/plain"
+        headers = _framing(kind, len(body)) + (extra or [])
+        return self._send_small(conn, http, status, headers, body, head_only, close)
+
+    def _send_small(
+        self,
+        conn: socket.socket,
+        http: h11.Connection,
+        status: int,
+        headers: Headers,
+        body: bytes,
+        head_only: bool,
+        close: bool,
+    ) -> int:
+        """A response whose body is in memory, in one send; returns the body bytes sent."""
+        out = http.send(self._response(status, headers, close))
+        if body and not head_only:
+            out += http.send(h11.Data(data=body))
+        out += http.send(h11.EndOfMessage())
+        conn.sendall(out)
+        return 0 if head_only else len(body)
+
+    def _send_pattern(
+        self, conn: socket.socket, http: h11.Connection, length: int, head_only: bool, close: bool
+    ) -> None:
+        head = http.send(self._response(200, _framing("application/octet-stream", length), close))
+        parts: Sequence[object] = []
+        if length and not head_only:
+            # h11 counts the span against the Content-Length and returns it as
+            # is; its bytes never pass through Python.
+            span = cast(bytes, PatternSpan(0, length))
+            parts = http.send_with_data_passthrough(h11.Data(data=span)) or []
+        tail = http.send(h11.EndOfMessage())  # b"" with Content-Length framing
         # MSG_MORE lets the head share a segment with the first body bytes; only
         # when a body follows, or the head would wait for the cork timer.
-        conn.sendall(head, socket.MSG_MORE if length else 0)
-        offset = 0
-        while offset < length:
-            count = min(PERIOD, length - offset)
+        conn.sendall(head, socket.MSG_MORE if parts else 0)
+        for part in parts:
+            if isinstance(part, PatternSpan):
+                self._sendfile_pattern(conn, part)
+            else:
+                conn.sendall(cast(bytes, part))
+        if tail:
+            conn.sendall(tail)
+
+    def _sendfile_pattern(self, conn: socket.socket, span: PatternSpan) -> None:
+        offset, end = span.offset, span.offset + span.length
+        while offset < end:
+            count = min(PERIOD, end - offset)
             start = offset % PERIOD
             if self._memfd is not None:
                 sent = os.sendfile(conn.fileno(), self._memfd, start, count)
@@ -324,13 +619,21 @@ class OriginServer:
                 sent = count
             offset += sent
 
+    def _response(self, status: int, headers: Headers, close: bool) -> h11.Response:
+        if close or self._stopping.is_set():
+            # h11 adds this itself for Connection: close requests and HTTP/1.0.
+            headers = [*headers, (b"Connection", b"close")]
+        return h11.Response(status_code=status, headers=headers, reason=_reason(status))
+
+    # --- the raw sink -------------------------------------------------------------
+
     def _serve_sink(self, conn: socket.socket, peer: tuple[str, int]) -> None:
         started = time.monotonic()
         outcome = ""
         received = 0
         try:
             self._set_timeouts(conn)
-            digest, received = _hash_body(conn, None, b"")
+            digest, received = _hash_stream(conn, b"")
             conn.sendall((digest + "\n").encode())
             outcome = f"sha256={digest}"
         except OSError as e:
@@ -342,22 +645,44 @@ class OriginServer:
             self._log.write(f"{peer_text} sink {received} bytes {outcome} {elapsed:.3f}s")
 
 
-def _hash_body(conn: socket.socket, length: int | None, early: bytes) -> tuple[str, int]:
-    """SHA-256 of a body of ``length`` bytes (None: up to EOF), part of which is in ``early``."""
-    sha = hashlib.sha256()
-    if length is not None:
-        early = early[:length]
-    sha.update(early)
+def _request_complete(http: h11.Connection) -> bool:
+    """Pull what the buffer holds of the request body (discarded); True if it all arrived.
+
+    No I/O: a body still on its way is not waited for, the connection closes
+    after the response instead (RFC 9110 section 15: a server that answers
+    before reading the body says whether it closes).
+    """
+    while http.their_state is h11.SEND_BODY:
+        if http.next_event() is h11.NEED_DATA:
+            return False
+    return True
+
+
+def _head_size(request: h11.Request) -> int:
+    """The size of the request's head as sent, give or take the whitespace h11 dropped."""
+    line = len(request.method) + len(request.target) + len(b"  HTTP/1.1\r\n")
+    fields = sum(len(name) + len(value) + 4 for name, value in request.headers.raw_items())
+    return line + fields + 2
+
+
+def _framing(content_type: str, length: int) -> Headers:
+    return [(b"Content-Type", content_type.encode()), (b"Content-Length", str(length).encode())]
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def _hash_stream(conn: socket.socket, early: bytes) -> tuple[str, int]:
+    """SHA-256 of ``early`` and then everything up to the client's FIN; (hex, bytes)."""
+    sha = hashlib.sha256(early)
     received = len(early)
     buffer = bytearray(_RECV_SIZE)
     view = memoryview(buffer)
-    while length is None or received < length:
-        want = _RECV_SIZE if length is None else min(_RECV_SIZE, length - received)
-        n = conn.recv_into(view, want)
-        if n == 0:
-            if length is None:
-                break
-            raise ConnectionResetError(errno.ECONNRESET, f"body ended after {received} bytes")
+    while n := conn.recv_into(view):
         sha.update(view[:n])
         received += n
     return sha.hexdigest(), received
@@ -393,11 +718,17 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m servers.origin", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
-        "--listen", required=True, metavar="ADDR:PORT", help="HTTP/1.0 listen address"
+        "--listen", required=True, metavar="ADDR:PORT", help="HTTP/1.1 listen address"
     )
     parser.add_argument("--sink-listen", metavar="ADDR:PORT", help="raw sink listen address")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="pattern seed (default 1)")
-    parser.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT, metavar="S")
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=DEFAULT_IDLE_TIMEOUT,
+        metavar="S",
+        help="close a connection idle this long, between requests or inside one (default 30)",
+    )
     parser.add_argument("--quiet", "-q", action="store_true", help="no per-request log lines")
     parser.add_argument(
         "--congestion", metavar="ALGO", help="TCP congestion control of every connection (cubic...)"

@@ -1,9 +1,10 @@
-"""servers.origin as a process on loopback, driven by the stdlib HTTP client and raw sockets."""
+"""servers.origin as a process on loopback, driven by http.client, curl and raw sockets."""
 
 from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import signal
 import socket
 import subprocess
@@ -14,10 +15,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import h11
 import pytest
 
-from servers.http1 import parse_request_head
-from servers.origin import HashBody, Refuse, SendPattern, route
+from servers.origin import HashBody, Refuse, SendPattern, ServeStats, route
 from servers.pattern import PatternVerifier, pattern_bytes, pattern_chunks
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,6 +116,13 @@ def download_and_verify(origin: Origin, size: int) -> PatternVerifier:
         conn.close()
 
 
+def get_stats(origin: Origin) -> dict[str, object]:
+    status, body = get(origin, "/stats")
+    assert status == 200
+    stats: dict[str, object] = json.loads(body)
+    return stats
+
+
 def raw_exchange(address: tuple[str, int], data: bytes, half_close: bool = True) -> bytes:
     with socket.create_connection(address, timeout=10) as sock:
         sock.sendall(data)
@@ -129,22 +137,38 @@ def raw_exchange(address: tuple[str, int], data: bytes, half_close: bool = True)
 # --- routing, no I/O -------------------------------------------------------------
 
 
+def parse_request(head: bytes) -> h11.Request:
+    """The request h11 parses from ``head``, as the server's connection sees it."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(head)
+    event = conn.next_event()
+    assert isinstance(event, h11.Request), event
+    return event
+
+
 def test_route_maps_requests_to_actions() -> None:
     def action(head: bytes) -> object:
-        return route(parse_request_head(head))
+        return route(parse_request(head))
 
     assert action(b"GET /bytes/42 HTTP/1.0\r\n\r\n") == SendPattern(42)
     assert action(b"GET /bytes/42?x=1 HTTP/1.1\r\nHost: a\r\n\r\n") == SendPattern(42)
-    assert action(b"POST /sink HTTP/1.0\r\nContent-Length: 9\r\n\r\n") == HashBody(9)
-    assert action(b"POST /sink HTTP/1.0\r\n\r\n") == HashBody(None)
+    assert action(b"HEAD /bytes/42 HTTP/1.1\r\nHost: a\r\n\r\n") == SendPattern(42)
+    assert action(b"POST /sink HTTP/1.0\r\nContent-Length: 9\r\n\r\n") == HashBody()
+    assert action(b"POST /sink HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n") == (
+        HashBody()
+    )
+    # Only HTTP/1.0 has bodies that end with the close (RFC 9112 section 6.3).
+    assert action(b"POST /sink HTTP/1.0\r\n\r\n") == HashBody(until_fin=True)
+    assert action(b"POST /sink HTTP/1.1\r\nHost: a\r\n\r\n") == HashBody()
+    assert action(b"GET /stats HTTP/1.1\r\nHost: a\r\n\r\n") == ServeStats()
     refused = action(b"POST /bytes/1 HTTP/1.0\r\n\r\n")
-    assert isinstance(refused, Refuse) and refused.status == 405 and refused.allow == "GET"
+    assert isinstance(refused, Refuse) and refused.status == 405 and refused.allow == "GET, HEAD"
     refused = action(b"GET /bytes/-1 HTTP/1.0\r\n\r\n")
     assert isinstance(refused, Refuse) and refused.status == 400
     refused = action(b"GET /index.html HTTP/1.0\r\n\r\n")
-    assert isinstance(refused, Refuse) and refused.status == 404
-    refused = action(b"POST /sink HTTP/1.0\r\nContent-Length: x\r\n\r\n")
-    assert isinstance(refused, Refuse) and refused.status == 400
+    assert isinstance(refused, Refuse) and refused.status == 404 and not refused.close
+    refused = action(b"GET /bytes/1 HTTP/2.0\r\n\r\n")
+    assert isinstance(refused, Refuse) and refused.status == 505 and refused.close
 
 
 # --- downloads --------------------------------------------------------------------
@@ -214,7 +238,7 @@ def test_post_sink_without_content_length_reads_to_the_clients_fin(origin: Origi
     body = b"half-close framed body " * 1000
     reply = raw_exchange(origin.http, b"POST /sink HTTP/1.0\r\n\r\n" + body)
     head, _, answer = reply.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.0 200 ")
+    assert head.startswith(b"HTTP/1.1 200 ")
     assert answer.decode().strip() == hashlib.sha256(body).hexdigest()
 
 
@@ -247,16 +271,19 @@ def test_raw_sink_waits_for_the_fin_before_answering(origin: Origin) -> None:
         (b"GET /nothing HTTP/1.0\r\n\r\n", 404),
         (b"DELETE /bytes/1 HTTP/1.0\r\n\r\n", 405),
         (b"GET /sink HTTP/1.0\r\n\r\n", 405),
-        (b"POST /sink HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 501),
+        (b"POST /sink HTTP/1.0\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
         (b"GET /bytes/1 HTTP/1.0\r\nno colon here\r\n\r\n", 400),
+        (b"GET /bytes/1 HTTP/1.1\r\n\r\n", 400),  # HTTP/1.1 without Host (RFC 9112 3.2)
+        (b"POST /sink HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n\r\n", 400),
         (b"GET /bytes/1 HTTP/1.0\r\nX: " + b"a" * 20000 + b"\r\n\r\n", 431),
     ],
 )
 def test_bad_request_gets_an_error_and_the_server_carries_on(
     origin: Origin, request_bytes: bytes, status: int
 ) -> None:
+    # half_close=False: the server closes after the answer on its own.
     reply = raw_exchange(origin.http, request_bytes, half_close=False)
-    assert reply.startswith(f"HTTP/1.0 {status} ".encode()), reply[:80]
+    assert reply.startswith(f"HTTP/1.1 {status} ".encode()), reply[:80]
     head, _, body = reply.partition(b"\r\n\r\n")
     assert f"Content-Length: {len(body)}".encode() in head
     assert get(origin, "/bytes/10") == (200, pattern_bytes(SEED, 10))
