@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import h11
 import pytest
@@ -294,6 +296,215 @@ def test_client_closing_mid_head_does_not_stop_the_server(origin: Origin) -> Non
     assert get(origin, "/bytes/10") == (200, pattern_bytes(SEED, 10))
 
 
+# --- persistent connections (HTTP/1.1) ------------------------------------------------
+
+
+@dataclass(slots=True)
+class Reply:
+    status: int
+    headers: dict[str, str]  # lower-cased names
+    body: bytes
+
+
+def read_reply(stream: BinaryIO, *, head_only: bool = False) -> Reply:
+    """One response from a connection's read stream, leaving the next one in it."""
+    status_line = stream.readline()
+    assert status_line.startswith(b"HTTP/1.1 "), status_line
+    status = int(status_line.split()[1])
+    headers: dict[str, str] = {}
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = 0 if head_only or status == 100 else int(headers["content-length"])
+    body = stream.read(length)
+    assert len(body) == length, f"body ended after {len(body)} of {length} bytes"
+    return Reply(status, headers, body)
+
+
+def get_request(path: str, *extra: str) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", "Host: origin", *extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_http_client_reuses_one_connection_for_several_requests(origin: Origin) -> None:
+    conn = http.client.HTTPConnection(*origin.http, timeout=30)
+    try:
+        conn.connect()
+        first_socket = conn.sock
+        for size in [1000, 0, 1 << 20, 7, 3 << 20]:
+            conn.request("GET", f"/bytes/{size}")
+            response = conn.getresponse()
+            assert response.status == 200
+            assert response.getheader("Connection") is None  # no close announced
+            assert sha(response.read()) == sha(pattern_bytes(SEED, size))
+            assert conn.sock is first_socket, "http.client had to reconnect"
+    finally:
+        conn.close()
+    stats = get_stats(origin)
+    assert stats["requests"] == 5
+    assert stats["connections"] == 2  # the five requests' and this one's
+
+
+def test_three_pipelined_gets_in_one_send_are_answered_in_order(origin: Origin) -> None:
+    sizes = [3000, 1 << 20, 17]
+    with socket.create_connection(origin.http, timeout=10) as sock:
+        sock.sendall(b"".join(get_request(f"/bytes/{size}") for size in sizes))
+        stream = sock.makefile("rb")
+        for size in sizes:
+            reply = read_reply(stream)
+            assert reply.status == 200
+            assert reply.headers["content-length"] == str(size)
+            assert sha(reply.body) == sha(pattern_bytes(SEED, size))
+        # Still open: one more request, the last one.
+        sock.sendall(get_request("/bytes/5", "Connection: close"))
+        assert read_reply(stream).body == pattern_bytes(SEED, 5)
+        assert stream.read() == b""
+
+
+def test_head_gets_the_get_head_without_a_body(origin: Origin) -> None:
+    with socket.create_connection(origin.http, timeout=10) as sock:
+        sock.sendall(
+            b"HEAD /bytes/5000 HTTP/1.1\r\nHost: origin\r\n\r\n" + get_request("/bytes/10")
+        )
+        stream = sock.makefile("rb")
+        head = read_reply(stream, head_only=True)
+        assert head.status == 200 and head.headers["content-length"] == "5000"
+        # The GET's status line follows the HEAD's head directly: no body came between.
+        assert read_reply(stream).body == pattern_bytes(SEED, 10)
+
+
+def test_connection_close_from_the_client_closes_after_the_response(origin: Origin) -> None:
+    with socket.create_connection(origin.http, timeout=10) as sock:
+        sock.sendall(get_request("/bytes/100", "Connection: close"))
+        stream = sock.makefile("rb")
+        reply = read_reply(stream)
+        assert reply.headers["connection"] == "close"
+        assert reply.body == pattern_bytes(SEED, 100)
+        assert stream.read() == b""  # the server's FIN, though we never half-closed
+
+
+@pytest.mark.parametrize("connection", ["", "Connection: keep-alive\r\n"])
+def test_an_http10_request_still_closes_after_the_response(origin: Origin, connection: str) -> None:
+    with socket.create_connection(origin.http, timeout=10) as sock:
+        sock.sendall(f"GET /bytes/100 HTTP/1.0\r\n{connection}\r\n".encode())
+        stream = sock.makefile("rb")
+        reply = read_reply(stream)
+        assert reply.headers["connection"] == "close"
+        assert reply.body == pattern_bytes(SEED, 100)
+        assert stream.read() == b""
+
+
+def test_a_chunked_post_sink_is_hashed_and_the_connection_carries_on(origin: Origin) -> None:
+    chunks = [pattern_bytes(SEED + 1, 100_000), b"x", pattern_bytes(SEED + 2, 70_000)]
+    conn = http.client.HTTPConnection(*origin.http, timeout=30)
+    try:
+        conn.request("POST", "/sink", body=iter(chunks), encode_chunked=True)
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.read().decode().strip() == sha(b"".join(chunks))
+        conn.request("GET", "/bytes/10")
+        assert conn.getresponse().read() == pattern_bytes(SEED, 10)
+    finally:
+        conn.close()
+
+
+def test_an_http11_post_sink_without_framing_has_an_empty_body(origin: Origin) -> None:
+    with socket.create_connection(origin.http, timeout=10) as sock:
+        sock.sendall(b"POST /sink HTTP/1.1\r\nHost: origin\r\n\r\n" + get_request("/bytes/3"))
+        stream = sock.makefile("rb")
+        assert read_reply(stream).body.decode().strip() == sha(b"")
+        assert read_reply(stream).body == pattern_bytes(SEED, 3)
+
+
+def test_expect_100_continue_is_answered_before_the_body_is_sent(origin: Origin) -> None:
+    body = pattern_bytes(SEED + 1, 300_000)
+    with socket.create_connection(origin.http, timeout=10) as sock:
+        sock.sendall(
+            b"POST /sink HTTP/1.1\r\nHost: origin\r\nExpect: 100-continue\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        )
+        stream = sock.makefile("rb")
+        assert read_reply(stream).status == 100  # before a single body byte
+        sock.sendall(body)
+        reply = read_reply(stream)
+        assert reply.status == 200 and reply.body.decode().strip() == sha(body)
+
+
+def test_a_refused_post_waiting_for_100_continue_gets_no_continue_and_a_close(
+    origin: Origin,
+) -> None:
+    with socket.create_connection(origin.http, timeout=10) as sock:
+        sock.sendall(
+            b"POST /bytes/1 HTTP/1.1\r\nHost: origin\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 1000\r\n\r\n"
+        )
+        stream = sock.makefile("rb")
+        reply = read_reply(stream)
+        assert reply.status == 405 and reply.headers["connection"] == "close"
+        assert stream.read() == b""
+
+
+def test_a_refused_request_whose_body_has_arrived_keeps_the_connection(origin: Origin) -> None:
+    with socket.create_connection(origin.http, timeout=10) as sock:
+        sock.sendall(
+            b"POST /nothing HTTP/1.1\r\nHost: origin\r\nContent-Length: 5\r\n\r\nhello"
+            + get_request("/bytes/3")
+        )
+        stream = sock.makefile("rb")
+        refused = read_reply(stream)
+        assert refused.status == 404 and "connection" not in refused.headers
+        assert read_reply(stream).body == pattern_bytes(SEED, 3)
+
+
+def test_a_protocol_error_after_a_good_request_gets_400_and_a_close(origin: Origin) -> None:
+    with socket.create_connection(origin.http, timeout=10) as sock:
+        sock.sendall(get_request("/bytes/3") + b"garbage\r\n\r\n")
+        stream = sock.makefile("rb")
+        assert read_reply(stream).body == pattern_bytes(SEED, 3)
+        refused = read_reply(stream)
+        assert refused.status == 400 and refused.headers["connection"] == "close"
+        assert stream.read() == b""
+
+
+def test_stats_count_the_requests_and_connections_before_this_one(origin: Origin) -> None:
+    get(origin, "/bytes/10")
+    get(origin, "/bytes/10?again")
+    get(origin, "/missing")
+    assert get_stats(origin) == {
+        "requests": 3,
+        "by_path": {"/bytes/10": 2, "/missing": 1},
+        "connections": 4,
+    }
+    stats = get_stats(origin)
+    assert stats["requests"] == 4 and stats["by_path"] == {
+        "/bytes/10": 2,
+        "/missing": 1,
+        "/stats": 1,
+    }
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_curl_fetches_two_urls_over_one_connection(origin: Origin, tmp_path: Path) -> None:
+    base = f"http://{origin.http[0]}:{origin.http[1]}"
+    first, second = tmp_path / "first", tmp_path / "second"
+    urls = [f"{base}/bytes/1000", "-o", str(first), f"{base}/bytes/2000", "-o", str(second)]
+    done = subprocess.run(
+        ["curl", "-s", *urls, "-w", "%{num_connects}\\n"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "0"]  # the second URL made no new connection
+    assert first.read_bytes() == pattern_bytes(SEED, 1000)
+    assert second.read_bytes() == pattern_bytes(SEED, 2000)
+    assert get_stats(origin)["connections"] == 2
+
+
 # --- process behaviour --------------------------------------------------------------
 
 
@@ -340,3 +551,30 @@ def test_a_client_that_sends_nothing_is_closed_after_the_idle_timeout() -> None:
         server.process.send_signal(signal.SIGTERM)
         _, err = server.process.communicate(timeout=10)
     assert "[timeout]" in err
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() -> None:
+    server = start_origin("--quiet", "--idle-timeout", "0.3")
+    try:
+        with socket.create_connection(server.http, timeout=10) as sock:
+            sock.sendall(get_request("/bytes/10"))
+            stream = sock.makefile("rb")
+            assert read_reply(stream).body == pattern_bytes(SEED, 10)
+            started = time.monotonic()
+            assert stream.read() == b""  # the server's FIN, not our 10 s timeout
+            assert time.monotonic() - started < 5
+    finally:
+        assert stop_origin(server) == 0
+
+
+def test_sigterm_ends_idle_keep_alive_connections_at_once() -> None:
+    server = start_origin("--quiet")
+    with socket.create_connection(server.http, timeout=10) as sock:
+        sock.sendall(get_request("/bytes/10"))
+        stream = sock.makefile("rb")
+        assert read_reply(stream).body == pattern_bytes(SEED, 10)
+        started = time.monotonic()
+        assert stop_origin(server) == 0
+        # Not the 3 s grace for requests in flight: nothing was in flight.
+        assert time.monotonic() - started < 2
+        assert stream.read() == b""
