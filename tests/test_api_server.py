@@ -214,13 +214,20 @@ class FakeCore:
         c = self.conns[conn]
         return {"state": c.state, "bytes_in": c.bytes_in, "bytes_out": c.bytes_out}
 
-    def intend_splice(self, owner: int, conn: int) -> Result:
+    def intend_splice(self, owner: int, conn: int, server: int | None = None) -> Result:
         server_id = next(self._ids)
         self.conns[server_id] = FakeConn(owner, None, state="INTENDED")
         return {"conn": server_id}
 
     def splice(
-        self, owner: int, client: int, server: int, length: int, unread: bytes = b""
+        self,
+        owner: int,
+        client: int,
+        server: int,
+        length: int,
+        unread: bytes = b"",
+        limits: tuple[int, int] | None = None,
+        server_unread: bytes = b"",
     ) -> Result:
         raise ApiError(ErrorCode.EUNKNOWNOP, "splice is part 2")
 

@@ -54,6 +54,26 @@ PATHS: dict[S, list[tuple[str, Event]]] = {
         ("me", E.FIN_ACKED),
         ("other", E.FIN_ACKED),
     ],
+    S.PRE_BOUNDED: [
+        ("server", E.SERVER_CONNECTED),
+        ("me", E.SPLICE_BOUNDED),
+        ("other", E.SPLICE_BOUNDED),
+    ],
+    S.BOUNDED: [
+        ("server", E.SERVER_CONNECTED),
+        ("me", E.SPLICE_BOUNDED),
+        ("other", E.SPLICE_BOUNDED),
+        ("me", E.WRITE_QUEUE_DRAINED),
+        ("other", E.WRITE_QUEUE_DRAINED),
+    ],
+    S.LIMIT_REACHED: [
+        ("server", E.SERVER_CONNECTED),
+        ("me", E.SPLICE_BOUNDED),
+        ("other", E.SPLICE_BOUNDED),
+        ("me", E.WRITE_QUEUE_DRAINED),
+        ("other", E.WRITE_QUEUE_DRAINED),
+        ("me", E.LIMIT_ACKED),
+    ],
     S.GONE: [("me", E.RESET)],
 }
 
@@ -228,7 +248,7 @@ def test_joint_rules_never_chain_forever() -> None:
 
 @pytest.mark.parametrize("state", list(SpliceState), ids=_id)
 def test_relays_toward(state: SpliceState) -> None:
-    relaying = {S.SPLICED, S.FIN_RELAYED, S.SHUTDOWN, S.TIMEWAIT}
+    relaying = {S.SPLICED, S.FIN_RELAYED, S.SHUTDOWN, S.TIMEWAIT, S.BOUNDED, S.LIMIT_REACHED}
     assert relays_toward(state) is (state in relaying)
     assert isinstance(RELAYING_STATES, frozenset)
 
@@ -262,9 +282,51 @@ def test_client_draining_starts_relaying_so_the_daemon_flushes_the_server_queue(
     assert not change.torn_down
 
 
-def test_only_entering_spliced_starts_relaying() -> None:
+def test_only_entering_spliced_or_bounded_starts_relaying() -> None:
     for iface, old, event, new in LEGAL:
-        assert Transition(iface, old, new, event).starts_relaying is (new is S.SPLICED)
+        starts = Transition(iface, old, new, event).starts_relaying
+        assert starts is (new in (S.SPLICED, S.BOUNDED))
+
+
+# --- bounded splice (beyond the thesis: the hand-back of its 7.1) ------------------
+
+
+@pytest.mark.parametrize("first", list(Iface), ids=_id)
+def test_both_limits_acked_hand_both_interfaces_back_whichever_is_last(first: Iface) -> None:
+    pair = reach(first, S.LIMIT_REACHED)
+    assert pair.state(first.other) is S.BOUNDED
+    changes = pair.handle(first.other, E.LIMIT_ACKED)
+    assert (pair.client, pair.server) == (S.ESTABLISHED, S.ESTABLISHED)
+    backs = [c for c in changes if c.hands_back]
+    assert {c.iface for c in backs} == {CLIENT, SERVER}
+    assert not any(c.torn_down or c.enters_timewait for c in changes)
+
+
+def test_one_limit_acked_alone_keeps_relaying_toward_both() -> None:
+    pair = reach(CLIENT, S.LIMIT_REACHED)
+    assert pair.relays_toward(CLIENT) and pair.relays_toward(SERVER)
+
+
+def test_a_handed_back_pair_can_be_spliced_again_bounded_or_not() -> None:
+    pair = reach(CLIENT, S.LIMIT_REACHED)
+    pair.handle(SERVER, E.LIMIT_ACKED)
+    for iface in Iface:
+        pair.handle(iface, E.SPLICE_BOUNDED)
+    assert (pair.client, pair.server) == (S.PRE_BOUNDED, S.PRE_BOUNDED)
+    assert not pair.relays_toward(CLIENT)
+
+
+@pytest.mark.parametrize("state", [S.PRE_BOUNDED, S.BOUNDED, S.LIMIT_REACHED], ids=_id)
+def test_no_fin_is_ever_relayed_by_a_bounded_splice(state: SpliceState) -> None:
+    pair = reach(CLIENT, state)
+    with pytest.raises(SpliceStateError):
+        pair.handle(CLIENT, E.FIN_RELAYED)
+
+
+def test_limit_acked_before_the_drain_is_illegal() -> None:
+    pair = reach(CLIENT, S.PRE_BOUNDED)
+    with pytest.raises(SpliceStateError, match="LIMIT_ACKED is illegal in PRE_BOUNDED"):
+        pair.handle(CLIENT, E.LIMIT_ACKED)
 
 
 def test_splice_when_already_drained_is_splice_then_write_queue_drained() -> None:

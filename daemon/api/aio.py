@@ -100,6 +100,10 @@ class AsyncSpliceClient:
         self._last_unmatched_error = ""
         self._events: asyncio.Queue[dict[str, object] | None] = asyncio.Queue(max_events)
         self.events_dropped = 0
+        # Bounded splices waiting for their hand-back, by client conn id, and
+        # the server conn id of each (a reset of either ends the wait).
+        self._handbacks: dict[int, asyncio.Future[dict[str, object]]] = {}
+        self._handback_servers: dict[int, int] = {}
         self.server_info: dict[str, object] = {}
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
@@ -189,6 +193,61 @@ class AsyncSpliceClient:
             len=length,
             unread=base64.b64encode(unread).decode("ascii"),
         )
+
+    async def splice_bounded(
+        self,
+        client: AsyncConnection,
+        server: AsyncConnection,
+        *,
+        server_limit: int,
+        client_limit: int = 0,
+    ) -> dict[str, object]:
+        """Splice two established conns for a byte count each way; return at the hand-back.
+
+        Beyond thesis 4.1 (docs/api.md, "Bounded splice"): the next
+        ``server_limit`` bytes of the server's stream that we have not read
+        go to the client, the next ``client_limit`` of the client's to the
+        server, and then both conns are ours again.  Returns the
+        ``unspliced`` event plus ``client_extra`` and ``server_extra``: bytes
+        the daemon had already put in our fds past a limit, which are ours
+        (they come before anything read from the fds afterwards).  Read the
+        fds only through ``AsyncConnection.recv``, so that the count of what
+        we read is right.  ``SpliceError`` ECONNRESET if a peer reset the
+        splice (both conns are then gone).
+        """
+        reply = await self._call("intend_splice", conn=client.id, server=server.id)
+        delivered = reply.get("delivered")
+        if not isinstance(delivered, dict):
+            raise SpliceError("EINTERNAL", "intend_splice reply without 'delivered'")
+        # What was in the fds when delivery stopped: within a limit it is
+        # the start of what the splice carries, so it goes on through the
+        # other fd before the splice (in order, ahead of everything the
+        # daemon still holds); past a limit it is ours.
+        c_left = await client._take_delivered(int(delivered["client"]))
+        s_left = await server._take_delivered(int(delivered["server"]))
+        to_server, client_extra = c_left[:client_limit], c_left[client_limit:]
+        to_client, server_extra = s_left[:server_limit], s_left[server_limit:]
+        if to_server:
+            await server.sendall(to_server)
+        if to_client:
+            await client.sendall(to_client)
+        waiter: asyncio.Future[dict[str, object]] = self._loop.create_future()
+        self._handbacks[client.id] = waiter
+        self._handback_servers[server.id] = client.id
+        try:
+            await self._call(
+                "splice",
+                client=client.id,
+                server=server.id,
+                len=0,
+                server_limit=server_limit - len(to_client),
+                client_limit=client_limit - len(to_server),
+            )
+            event = await waiter
+        finally:
+            self._handbacks.pop(client.id, None)
+            self._handback_servers.pop(server.id, None)
+        return {**event, "client_extra": client_extra, "server_extra": server_extra}
 
     async def connect_splice(
         self,
@@ -392,6 +451,8 @@ class AsyncSpliceClient:
         if not isinstance(obj, dict):
             return
         if "event" in obj and "id" not in obj:
+            if self._hand_back_event(obj):
+                return
             try:
                 self._events.put_nowait(obj)
             except asyncio.QueueFull:
@@ -417,6 +478,27 @@ class AsyncSpliceClient:
                 socket.close(fd)
             future.set_exception(error_from(obj))
 
+    def _hand_back_event(self, obj: dict[str, object]) -> bool:
+        """An event a bounded splice waits for (``splice_bounded``): True if it was one."""
+        kind = obj.get("event")
+        if kind == "unspliced":
+            client_id = obj.get("client")
+        elif kind == "reset":
+            conn = obj.get("conn")
+            client_id = conn if conn in self._handbacks else None
+            if client_id is None and isinstance(conn, int):
+                client_id = self._handback_servers.get(conn)
+        else:
+            return False
+        waiter = self._handbacks.get(client_id) if isinstance(client_id, int) else None
+        if waiter is None or waiter.done():
+            return False
+        if kind == "unspliced":
+            waiter.set_result(obj)
+        else:
+            waiter.set_exception(SpliceError("ECONNRESET", f"conn {client_id}: reset mid-splice"))
+        return True
+
     def _disconnect(self, gone: DaemonGone) -> None:
         if self._gone is not None:
             return
@@ -433,6 +515,9 @@ class AsyncSpliceClient:
             socket.close(self._fds.popleft())
         pending = list(self._pending.values())
         self._pending.clear()
+        for waiter in self._handbacks.values():
+            if not waiter.done():
+                waiter.set_exception(gone)
         for future in pending:
             if not future.done():
                 future.set_exception(gone)
@@ -526,6 +611,7 @@ class AsyncConnection:
         self.peer = peer
         self.local = local
         self.released = False  # the daemon let go of it (connect_splice with release)
+        self.received = 0  # bytes read from the fd (``recv`` without MSG_PEEK)
         if sock is not None:
             sock.setblocking(False)
 
@@ -589,9 +675,23 @@ class AsyncConnection:
         sock = self.sock
         while True:
             try:
-                return sock.recv(bufsize, flags)
+                data = sock.recv(bufsize, flags)
             except (BlockingIOError, InterruptedError):
                 await self._readable()
+                continue
+            if not flags & socket.MSG_PEEK:
+                self.received += len(data)
+            return data
+
+    async def _take_delivered(self, delivered: int) -> bytes:
+        """Read what the daemon had put in the fd up to ``delivered`` bytes in all."""
+        parts: list[bytes] = []
+        while self.received < delivered:
+            data = await self.recv(delivered - self.received)
+            if not data:
+                raise SpliceError("ESTATE", f"conn {self.id}: the fd ended before its bytes")
+            parts.append(data)
+        return b"".join(parts)
 
     async def sendall(self, data: bytes | bytearray | memoryview) -> None:
         await asyncio.get_running_loop().sock_sendall(self.sock, data)

@@ -91,12 +91,24 @@ class Core(Protocol):
     def stats(self, owner: int, conn: int | None) -> Result:
         """Per-connection counters, or daemon-wide counters when ``conn`` is None."""
 
-    def intend_splice(self, owner: int, conn: int) -> Result: ...
+    def intend_splice(self, owner: int, conn: int, server: int | None = None) -> Result:
+        """``server``: pair with this established conn instead of reserving one."""
 
     def splice(
-        self, owner: int, client: int, server: int, length: int, unread: bytes = b""
+        self,
+        owner: int,
+        client: int,
+        server: int,
+        length: int,
+        unread: bytes = b"",
+        limits: tuple[int, int] | None = None,
+        server_unread: bytes = b"",
     ) -> Result:
-        """``unread``: bytes the proxy found unread in the client fd after intend_splice."""
+        """``unread``: bytes the proxy found unread in the client fd after intend_splice.
+
+        ``limits`` (toward the client, toward the server) bound the splice;
+        ``server_unread`` is ``unread`` for the server fd of a paired intent.
+        """
 
     def connect_splice(
         self,

@@ -152,6 +152,9 @@ class IntendSplice:
 
     id: int
     conn: int
+    # Beyond the thesis: pair with this established conn of the proxy's
+    # instead of reserving a new server side (a bounded splice's pair).
+    server: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +168,12 @@ class Splice:
     # Bytes the proxy found unread in the client fd after intend_splice: they
     # were delivered before reading stopped and belong to the server now.
     unread: bytes = b""
+    # A bounded splice: (bytes of the server's stream toward the client, of
+    # the client's toward the server), then the hand-back; None: unbounded.
+    limits: tuple[int, int] | None = None
+    # The same for the server fd of a paired intend_splice: server bytes the
+    # proxy read but did not consume; they go to the client first.
+    server_unread: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,7 +373,11 @@ def _parse_list(rid: int, obj: Mapping[str, object]) -> Request:
 
 
 def _parse_intend_splice(rid: int, obj: Mapping[str, object]) -> Request:
-    return IntendSplice(rid, _object_id(obj, "conn"))
+    conn = _object_id(obj, "conn")
+    server = _optional_object_id(obj, "server")
+    if server == conn:
+        raise _Invalid(ErrorCode.EBADREQ, "'conn' and 'server' must be different conns")
+    return IntendSplice(rid, conn, server)
 
 
 def _parse_splice(rid: int, obj: Mapping[str, object]) -> Request:
@@ -374,7 +387,24 @@ def _parse_splice(rid: int, obj: Mapping[str, object]) -> Request:
         raise _Invalid(ErrorCode.EBADREQ, "'client' and 'server' must be different conns")
     # len counts bytes still to be written to the client fd; TCP sequence space is 2**32.
     length = _int(_field(obj, "len"), "len", 0, 2**31 - 1)
-    return Splice(rid, client, server, length, _base64(obj, "unread") or b"")
+    limits = None
+    server_limit, client_limit = obj.get("server_limit"), obj.get("client_limit")
+    if server_limit is not None or client_limit is not None:
+        # A bounded splice: both directions end (a missing limit is 0), or
+        # there could be no hand-back.  Each must fit TCP's sequence space.
+        limits = (
+            0 if server_limit is None else _int(server_limit, "server_limit", 0, 2**31 - 1),
+            0 if client_limit is None else _int(client_limit, "client_limit", 0, 2**31 - 1),
+        )
+    return Splice(
+        rid,
+        client,
+        server,
+        length,
+        _base64(obj, "unread") or b"",
+        limits,
+        _base64(obj, "server_unread") or b"",
+    )
 
 
 def _base64(obj: Mapping[str, object], name: str) -> bytes | None:

@@ -387,8 +387,11 @@ class ApiServer:
                 self._reply(client, req.id, result)
             case IntendSplice():
                 self._check(client, conn, req.conn)
-                result = self.core.intend_splice(owner, req.conn)
-                self._adopt(client, conn, result)
+                if req.server is not None:
+                    self._check(client, conn, req.server)
+                result = self.core.intend_splice(owner, req.conn, req.server)
+                if req.server is None:
+                    self._adopt(client, conn, result)  # the reserved server side
                 self._reply(client, req.id, result)
             case ConnectSplice():
                 self._check(client, conn, req.client)
@@ -409,7 +412,15 @@ class ApiServer:
                 self._reply(
                     client,
                     req.id,
-                    self.core.splice(owner, req.client, req.server, req.length, req.unread),
+                    self.core.splice(
+                        owner,
+                        req.client,
+                        req.server,
+                        req.length,
+                        req.unread,
+                        req.limits,
+                        req.server_unread,
+                    ),
                 )
 
     def _hello(self) -> Result:

@@ -1074,13 +1074,20 @@ class Daemon:
         st["errors"] = self.splicer.fast_path_errors
         return st
 
-    def intend_splice(self, owner: int, conn: int) -> Result:
-        return self.splicer.intend_splice(owner, conn)
+    def intend_splice(self, owner: int, conn: int, server: int | None = None) -> Result:
+        return self.splicer.intend_splice(owner, conn, server)
 
     def splice(
-        self, owner: int, client: int, server: int, length: int, unread: bytes = b""
+        self,
+        owner: int,
+        client: int,
+        server: int,
+        length: int,
+        unread: bytes = b"",
+        limits: tuple[int, int] | None = None,
+        server_unread: bytes = b"",
     ) -> Result:
-        return self.splicer.splice(owner, client, server, length, unread)
+        return self.splicer.splice(owner, client, server, length, unread, limits, server_unread)
 
     def connect_splice(
         self,

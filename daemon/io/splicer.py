@@ -38,6 +38,7 @@ from daemon.splice.relay import (
     ArmTimer,
     ArmTimewait,
     Emit,
+    HandBack,
     InstallFastPath,
     ProxyMisuse,
     Relay,
@@ -113,14 +114,13 @@ class Splicer:
 
     # ----------------------------------------------------------- API ops
 
-    def intend_splice(self, owner: int, conn_id: int) -> Result:
+    def intend_splice(self, owner: int, conn_id: int, server_id: int | None = None) -> Result:
         c = self.d._conn(conn_id)
-        if c.splice is not None:
-            raise ApiError(ErrorCode.ESTATE, f"conn {conn_id} is already part of a splice")
-        if c.tcp_gone or c.tcp.state not in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT):
-            raise ApiError(ErrorCode.ESTATE, f"conn {conn_id} is not established")
+        self._check_spliceable(c, conn_id)
         if c.listener is not None or c.connect_done is not None:
             raise ApiError(ErrorCode.ESTATE, f"conn {conn_id} is not a connection you accepted")
+        if server_id is not None:
+            return self._intend_pair(owner, c, server_id)
         relay = Relay.intend(
             owner,
             c.tcp,
@@ -142,6 +142,50 @@ class Splicer:
         self.intents[relay.server_id] = sp
         self.splices.add(sp)
         return {"conn": relay.server_id}
+
+    def _check_spliceable(self, c: Conn, conn_id: int) -> None:
+        if c.splice is not None:
+            raise ApiError(ErrorCode.ESTATE, f"conn {conn_id} is already part of a splice")
+        if c.tcp_gone or c.tcp.state not in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT):
+            raise ApiError(ErrorCode.ESTATE, f"conn {conn_id} is not established")
+
+    def _intend_pair(self, owner: int, c: Conn, server_id: int) -> Result:
+        """intend_splice with an established conn as the server side (beyond thesis 4.1).
+
+        A proxy that keeps control over a persistent connection (HTTP/1.1)
+        talks to the server itself, reads the response head, and splices
+        only the body: both conns exist already.  Delivery to both fds
+        stops here; the reply says how many bytes of each peer's stream
+        are already in the proxy's fds (``delivered``): the proxy reads up
+        to there, and what it has not consumed goes back with ``splice``
+        (``unread``, ``server_unread``).  The server side keeps the options
+        it negotiated; the translators convert (thesis 5.4).
+        """
+        s = self.d._conn(server_id)
+        self._check_spliceable(s, server_id)
+        if s.connect_done is not None or s.listener is not None or s.sock is None:
+            raise ApiError(ErrorCode.ESTATE, f"conn {server_id} is not an established conn")
+        relay = Relay.intend(
+            owner,
+            c.tcp,
+            server_id,
+            self.d.connect_config,
+            msl=self.d.tcp_config.msl,
+            offload=self.d.offload,
+            counters=self.counters,
+        )
+        relay.server_config = None  # nothing to connect
+        sp = Splice(relay, c, s)
+        for conn in (c, s):
+            conn.splice = sp
+            conn.hold_rx = True
+        s.is_client = False
+        relay.reclaimed = bytes(c.pending) if c.pending is not None else b""
+        relay.reclaimed_server = bytes(s.pending) if s.pending is not None else b""
+        c.pending = s.pending = None
+        relay.server_connected(s.tcp)
+        self.splices.add(sp)
+        return {"conn": server_id, "delivered": {"client": c.to_proxy, "server": s.to_proxy}}
 
     def connect(
         self,
@@ -269,7 +313,14 @@ class Splicer:
             sp.relay.connect_failed()
 
     def splice(
-        self, owner: int, client_id: int, server_id: int, length: int, unread: bytes = b""
+        self,
+        owner: int,
+        client_id: int,
+        server_id: int,
+        length: int,
+        unread: bytes = b"",
+        limits: tuple[int, int] | None = None,
+        server_unread: bytes = b"",
     ) -> Result:
         c = self.d._conn(client_id)
         sp = c.splice
@@ -300,11 +351,13 @@ class Splicer:
             conn.timer.cancel()
             self.d.flows.pop(conn.key, None)
             self.flows[conn.key] = (sp, iface)
-        actions = relay.splice(length, unread, now)
-        self.execute(sp, actions)
+        self.execute(sp, relay.splice(length, unread, now, limits, server_unread))
         for conn in (c, s):
             self.d.dirty.add(conn)  # the pump watches the proxy's fd for its len bytes
-        return {"client": client_id, "server": server_id, "len": length}
+        result: Result = {"client": client_id, "server": server_id, "len": length}
+        if limits is not None:
+            result["server_limit"], result["client_limit"] = limits
+        return result
 
     def client_gone(self, owner: int) -> None:
         """Unspliced intents die with their proxy; spliced pairs keep flowing."""
@@ -447,6 +500,8 @@ class Splicer:
                     self._tear_down(sp)
                 case Reopen():
                     keep = False
+                case HandBack():
+                    self._hand_back(sp, a)
                 case InstallFastPath():
                     # Both interfaces relay now: one of the two moments (with
                     # the proxy's close, ``released``) a splice may turn compact.
@@ -513,6 +568,46 @@ class Splicer:
                 relay.bytes_s2c += nbytes
         sp.offloaded.clear()
 
+    def _hand_back(self, sp: Splice, hb: HandBack) -> None:
+        """A bounded splice is over: both conns are the proxy's ordinary conns again.
+
+        The TCBs resumed in the relay; here the 4-tuples go back to the
+        daemon's own table, delivery to the fds resumes (bytes returned at
+        the freeze first), the segments held beyond the limits go through
+        the ordinary input into the TCBs, and the proxy hears of it.
+        """
+        c, s = sp.client, sp.server
+        assert c is not None and s is not None  # a bounded splice is never compact
+        d = self.d
+        now = time.monotonic()
+        self.splices.discard(sp)
+        for conn, iface in ((c, CLIENT), (s, SERVER)):
+            self.flows.pop(conn.key, None)
+            d.flows[conn.key] = conn
+            conn.splice = None
+            conn.frozen = conn.hold_rx = False
+            returned = hb.returned[iface]
+            if returned:
+                conn.pending = memoryview(returned)
+            if conn.sock is None and not conn.tcp_gone:
+                conn.tcp.close()  # the proxy let go during the splice: as its close
+            d.dirty.add(conn)
+        for iface in (CLIENT, SERVER):
+            for hdr, raw in hb.held[iface]:
+                vnet = VnetHeader.parse(hdr) if hdr is not None else None
+                d._input(vnet, memoryview(bytearray(raw)), now)
+        event: dict[str, object] = {
+            "event": "unspliced",
+            "client": c.id,
+            "server": s.id,
+            "bytes_c2s": hb.relayed[0],
+            "bytes_s2c": hb.relayed[1],
+        }
+        if c.id is not None or s.id is not None:
+            # After the splice op's reply when the hand-back came inside it
+            # (limits met at the freeze): a timer runs after this request.
+            d.timers.schedule(Timer(), now, partial(d.api.push_event, c.owner, event))
+
     def _tear_down(self, sp: Splice) -> None:
         """Forget the pair: later segments of either connection get a RST."""
         self._offload_removed(sp)
@@ -527,6 +622,9 @@ class Splicer:
                     del self.flows[key]
         for conn in (sp.client, sp.server):
             if conn is not None:
+                if sp.relay.bounded and conn.id is not None:
+                    # The proxy waits for the hand-back: tell it there is none.
+                    self.d.api.push_event(conn.owner, {"event": "reset", "conn": conn.id})
                 conn.splice = None
                 self.d._free(conn)
 

@@ -44,22 +44,43 @@ either connection get a RST from the daemon (RFC 9293 3.10.7.1).  A RST
 from either side is relayed and tears the splice down at once.  A new SYN on
 the client's 4-tuple during TIMEWAIT ends the wait (RFC 9293 3.10.7.4 /
 RFC 6191) and is the shell's to handle as a new connection (``Reopen``).
+
+Bounded splice (beyond the thesis: the asymmetric splice its 7.1 leaves as
+future work).  ``splice(..., limits=(toward_client, toward_server))`` relays
+exactly that many bytes of each peer's stream, counted from the splice
+(bytes that crossed over at the freeze included), then hands both
+connections back.  The TCBs are not dropped when they fall silent but
+*parked*.  A segment that crosses its direction's limit is relayed cut at
+the limit (FIN cleared; a segment wholly beyond it as a pure ACK at the
+limit, so its acknowledgment still reaches the other peer) and held whole
+for its own connection's TCB; a FIN before the limit moves the limit to it
+and is held too, so a bounded splice never relays a FIN.  Once a peer
+acknowledges the last byte relayed toward it, that interface is
+LIMIT_REACHED; both give the hand-back (``HandBack``): each parked TCB is
+thawed with its sequence spaces advanced by what was relayed
+(``TcpConnection.thaw``), and the shell feeds it the held segments through
+its ordinary input, so the bytes beyond a limit reach the proxy like any
+others.  Held bytes were never acknowledged to their sender, so dropping
+them (the queue limit) is always safe: the sender retransmits.  Bounded
+splices stay on this path (no ``InstallFastPath``).
 """
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from daemon.splice.session import Side, translators
 from daemon.splice.state import QUEUEING_STATES, Event, Iface, SplicePair, SpliceState
-from daemon.splice.translator import SegmentInfo, Translator, peek, translate
+from daemon.splice.translator import SegmentInfo, Translator, TsMode, peek, translate
 from daemon.tcp.config import Endpoint, TcpConfig
 from daemon.tcp.connection import TcpConnection
 from daemon.tcp.events import TcpEvent
-from daemon.tcp.seq import seq_ge
+from daemon.tcp.seq import seq_ge, seq_gt, seq_lt, seq_sub
 from daemon.tcp.state import TcpState
+from daemon.wire.checksum import internet_checksum, pseudo_header_sum
 from daemon.wire.tcp import ACK, FIN, RST, SYN, TcpSegment
 from daemon.wire.tcp_options import find_timestamp
 from daemon.wire.vnet import VnetHeader
@@ -70,6 +91,7 @@ __all__ = [
     "ArmTimewait",
     "Emit",
     "FlowKey",
+    "HandBack",
     "InstallFastPath",
     "ProxyMisuse",
     "Relay",
@@ -144,6 +166,21 @@ class WatchFinAck(NamedTuple):
     fin_ack: int | None
 
 
+class HandBack(NamedTuple):
+    """A bounded splice is over: both TCBs resume; the proxy has its conns again.
+
+    ``returned`` are bytes each side's peer sent that the proxy must read
+    first (they crossed over at the freeze beyond the limit); ``held`` the
+    raw segments that arrived beyond the limit, for the shell's ordinary
+    input (vnet header bytes or None, packet), per side in arrival order;
+    ``relayed`` the (client -> server, server -> client) byte counts.
+    """
+
+    returned: dict[Iface, bytes]
+    held: dict[Iface, list[tuple[bytes | None, bytes]]]
+    relayed: tuple[int, int]
+
+
 class ProxyMisuse(NamedTuple):
     """The proxy broke a thesis 4.1 rule; its bytes were discarded."""
 
@@ -161,6 +198,7 @@ Action = (
     | InstallFastPath
     | WatchFinAck
     | ProxyMisuse
+    | HandBack
 )
 
 
@@ -178,6 +216,9 @@ class RelayCounters:
     timewait_reopened: int = 0
     fast_path_installed: int = 0
     compacted: int = 0  # splices whose connection records the daemon dropped
+    bounded: int = 0  # splices bounded by a byte count (a subset of ``spliced``)
+    handed_back: int = 0  # bounded splices that returned their conns to the proxy
+    held_segments: int = 0  # segments beyond a limit, kept for the resuming TCB
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -224,6 +265,18 @@ class RelaySide:
     # Where the FIN relayed toward this side ends, in this connection's space.
     fin_ack: int | None = None
     misuse_reported: bool = False  # the proxy broke a 4.1 rule on this fd (said once)
+    # Bounded splice only.  ``stop``: where relaying toward this side ends,
+    # in the *other* connection's receive space (its base irs + the limit
+    # left after the freeze; a FIN before it moves it there).
+    stop: int | None = None
+    parked: TcpConnection | None = None  # the silent TCB, resumed at the hand-back
+    returned: bytes = b""  # this side's peer's bytes beyond the limit at the freeze
+    held: list[tuple[bytes | None, bytes]] | None = None  # segments beyond the limit
+    # The latest from this side's peer, for the TCB that resumes: its
+    # acknowledgment, (window field, seq, ack) and TSval.
+    peer_ack: int | None = None
+    peer_window: tuple[int, int, int] | None = None
+    peer_tsval: int | None = None
 
     @property
     def key(self) -> FlowKey:
@@ -250,6 +303,7 @@ class Relay:
     server: RelaySide | None = None
     pair: SplicePair = field(default_factory=SplicePair)
     reclaimed: bytes = b""  # taken from the client TCB for the proxy, never delivered
+    reclaimed_server: bytes = b""  # the same of a paired server conn (intend with server)
     # Client side after splice(): the proxy's announced bytes still to come,
     # then the server's early bytes (and FIN) that cross to the client.
     len_remaining: int = 0
@@ -266,6 +320,7 @@ class Relay:
     packets_s2c: int = 0
     spliced_at: float | None = None
     fast_path: bool = False  # InstallFastPath was asked for
+    bounded: bool = False  # splice() had limits: the hand-back comes after them
 
     @classmethod
     def intend(
@@ -330,33 +385,62 @@ class Relay:
         """The server side did not connect: the proxy may connect it again."""
         self.server = None
 
-    def splice(self, length: int, unread: bytes, now: float) -> list[Action]:
+    def splice(
+        self,
+        length: int,
+        unread: bytes,
+        now: float,
+        limits: tuple[int, int] | None = None,
+        server_unread: bytes = b"",
+    ) -> list[Action]:
         """Thesis 4.1 splice(len): freeze both TCBs and start the cross-over.
 
         ``unread`` are bytes the proxy found unread in its client fd.  In
         stream order the client's bytes for the server are: those, the ones
         the shell took out of the TCB for the fd (``reclaimed``), then what
         is still in the TCB.
+
+        ``limits`` (toward the client, toward the server) bound the splice:
+        that many bytes of the server's and of the client's stream, from
+        here on, then the hand-back (see the module docstring).
+        ``server_unread`` is ``unread`` for a paired server conn's fd.
         """
         assert self.server is not None and not self.spliced
         ct, st = self.client.tcb, self.server.tcb
         assert ct is not None and st is not None
         r_c = unread + self.reclaimed + ct.freeze()
-        r_s = st.freeze()
-        self.reclaimed = b""
+        r_s = server_unread + self.reclaimed_server + st.freeze()
+        self.reclaimed = self.reclaimed_server = b""
         self.client.base = Side.of(ct, now)
         self.server.base = Side.of(st, now)
         self.spliced_at = now
+        event = Event.SPLICE
+        if limits is not None:
+            to_client, to_server = limits
+            self.bounded = True
+            event = Event.SPLICE_BOUNDED
+            self.counters.bounded += 1
+            # Bytes past a limit that crossed at the freeze go back to the
+            # proxy at the hand-back, on the conn they came from; a FIN
+            # already received stays with its TCB (never relayed).
+            r_c, self.client.returned = r_c[:to_server], r_c[to_server:]
+            r_s, self.server.returned = r_s[:to_client], r_s[to_client:]
+            left_s = 0 if ct.peer_closed else to_server - len(r_c)
+            left_c = 0 if st.peer_closed else to_client - len(r_s)
+            self.server.stop = (self.client.base.irs + left_s) & MASK
+            self.client.stop = (self.server.base.irs + left_c) & MASK
+            self.client.held, self.server.held = [], []
+        else:
+            self.server.outbox_fin = ct.peer_closed  # the client's FIN came before the splice
+            self.early_s2c_fin = st.peer_closed
         if r_c:
             self.server.outbox.append(r_c)
-        self.server.outbox_fin = ct.peer_closed  # the client's FIN came before the splice
         self.len_remaining = length
         self.early_s2c = r_s
-        self.early_s2c_fin = st.peer_closed
         self.counters.spliced += 1
         out: list[Action] = []
-        self._handle(CLIENT, Event.SPLICE, out, now)
-        self._handle(SERVER, Event.SPLICE, out, now)
+        self._handle(CLIENT, event, out, now)
+        self._handle(SERVER, event, out, now)
         self._client_progress()
         self._drive(self.client, now, out)
         self._drive(self.server, now, out)
@@ -430,6 +514,8 @@ class Relay:
         out = []
         s = self.client if src is CLIENT else self.server
         assert s is not None
+        if self.bounded:
+            return self._on_bounded_packet(s, vnet, pkt, info, now)
         # Does this segment acknowledge the FIN relayed toward its sender?
         if (
             s.fin_ack is not None
@@ -470,7 +556,12 @@ class Relay:
     ) -> None:
         t = self.c2s if src is CLIENT else self.s2c
         assert t is not None
-        if info.flags & FIN:
+        if self.bounded:
+            cut = self._cut_at_limit(src, vnet, pkt, info)
+            if cut is None:
+                return
+            pkt, info = cut
+        elif info.flags & FIN:
             dst = src.other
             if self.pair.state(dst) is SpliceState.SPLICED:
                 d = self.side(dst)
@@ -493,6 +584,139 @@ class Relay:
         else:
             self.bytes_s2c += info.payload_len
             self.packets_s2c += 1
+
+    # ----------------------------------------------------- bounded splice
+
+    def _on_bounded_packet(
+        self, s: RelaySide, vnet: VnetHeader | None, pkt: memoryview, info: SegmentInfo, now: float
+    ) -> list[Action]:
+        """A segment of a bounded splice: relayed up to the limit, the rest held."""
+        out: list[Action] = []
+        flags = info.flags
+        # What the TCB resuming on this side must start from (its peer's
+        # latest acknowledgment, window and TSval; RFC 9293 3.10.7.4).
+        ts = None
+        if info.tcp_header_len > 20:
+            start = info.ip_header_len + 20
+            ts = find_timestamp(pkt[start : info.ip_header_len + info.tcp_header_len])
+            if ts is not None:
+                s.peer_tsval = ts[0]
+        if flags & ACK:
+            if s.peer_ack is None or seq_gt(info.ack, s.peer_ack):
+                s.peer_ack = info.ack
+            s.peer_window = (info.window, info.seq, info.ack)
+        tcb = s.tcb
+        if tcb is not None and flags & ACK:
+            tcb.on_ack(info.seq, info.ack, info.window, flags, info.payload_len > 0, ts, now)
+            self._drive(s, now, out)
+            if self.pair.client is SpliceState.GONE:
+                return out
+        dst = s.iface.other
+        if self.pair.relays_toward(dst):
+            self._relay(s.iface, vnet, pkt, info, out, now)
+        else:
+            self._queue(dst, vnet, pkt)
+        # Its acknowledgment may complete the limit toward this side; a FIN
+        # (held) may have ended the limit toward the other.
+        self._check_limit(s, out, now)
+        self._check_limit(self.side(dst), out, now)
+        return out
+
+    def _cut_at_limit(
+        self, src: Iface, vnet: VnetHeader | None, pkt: memoryview, info: SegmentInfo
+    ) -> tuple[memoryview, SegmentInfo] | None:
+        """The part of a segment from ``src`` that may be relayed; hold what is beyond.
+
+        Exact to the byte: payload before the limit is relayed, the whole
+        segment is held for ``src``'s TCB (which trims what it already has
+        when it resumes).  A FIN before the limit moves the limit to it.  A
+        segment wholly beyond goes out as a pure ACK at the limit: its
+        acknowledgment, window and SACK blocks belong to the other direction,
+        and a sequence number past what the receiver expects would make it
+        unacceptable (RFC 9293 3.10.7.4), ACK field unread.
+        """
+        d = self.side(src.other)
+        stop = d.stop
+        assert stop is not None
+        seq, plen, flags = info.seq, info.payload_len, info.flags
+        end = (seq + plen) & MASK
+        if flags & FIN and seq_lt(end, stop):
+            d.stop = stop = end  # the stream ends before the limit: so does the splice
+        if not flags & FIN and not seq_gt(end, stop):
+            return pkt, info
+        if plen or flags & FIN:
+            self._hold(self.side(src), vnet, pkt[: info.total])
+        keep = max(seq_sub(stop, seq), 0)
+        if keep == 0 and not flags & ACK:
+            return None
+        ihl, hl = info.ip_header_len, info.ip_header_len + info.tcp_header_len
+        buf = bytearray(pkt[: hl + keep])
+        struct.pack_into("!H", buf, 2, hl + keep)
+        buf[ihl + 13] = flags & ~FIN & 0xFF
+        if keep == 0:
+            struct.pack_into("!I", buf, ihl + 4, stop)
+        if not self.offload:
+            # Plain mode updates the checksum incrementally over the headers
+            # (translator.py): it must be valid for the cut segment first.
+            struct.pack_into("!H", buf, ihl + 16, 0)
+            pseudo = pseudo_header_sum(bytes(buf[12:16]), bytes(buf[16:20]), 6, hl - ihl + keep)
+            struct.pack_into("!H", buf, ihl + 16, internet_checksum(buf[ihl:], pseudo))
+        view = memoryview(buf)
+        cut = peek(view)
+        return None if cut is None else (view, cut)
+
+    def _hold(self, s: RelaySide, vnet: VnetHeader | None, pkt: memoryview) -> None:
+        """Keep a segment beyond the limit for ``s``'s TCB (never acknowledged: may drop)."""
+        assert s.held is not None
+        if self.queued_bytes + len(pkt) > QUEUE_LIMIT:
+            self.queue_drops += 1
+            self.counters.queue_drops += 1
+            return
+        s.held.append((None if vnet is None else vnet.to_bytes(), bytes(pkt)))
+        self.queued_bytes += len(pkt)
+        self.counters.held_segments += 1
+
+    def _check_limit(self, s: RelaySide, out: list[Action], now: float) -> None:
+        """LIMIT_ACKED once ``s``'s peer acknowledged the last byte relayed toward it."""
+        if self.pair.state(s.iface) is not SpliceState.BOUNDED:
+            return
+        src = self.side(s.iface.other)
+        assert s.base is not None and s.base.iss is not None and src.base is not None
+        assert s.stop is not None
+        target = (s.base.iss + seq_sub(s.stop, src.base.irs)) & MASK
+        if s.peer_ack is not None and seq_ge(s.peer_ack, target):
+            self._handle(s.iface, Event.LIMIT_ACKED, out, now)
+
+    def _hand_back(self, out: list[Action], now: float) -> None:
+        """Both limits acknowledged: resume both TCBs past what was relayed."""
+        c, sv = self.client, self.server
+        assert sv is not None and c.base is not None and sv.base is not None
+        assert c.stop is not None and sv.stop is not None
+        c2s = seq_sub(sv.stop, c.base.irs)
+        s2c = seq_sub(c.stop, sv.base.irs)
+        for side, sent, received, t in ((c, s2c, c2s, self.s2c), (sv, c2s, s2c, self.c2s)):
+            tcb = side.parked
+            assert tcb is not None
+            other = sv if side is c else c
+            floor = None
+            if t is not None and t.ts_mode is TsMode.MAP and other.peer_tsval is not None:
+                floor = (other.peer_tsval + t.tsval_delta) & MASK
+            tcb.thaw(
+                sent=sent,
+                received=received,
+                peer_window=side.peer_window,
+                ts_recent=_first_or(_first_tsval(side.held), side.peer_tsval),
+                ts_floor=floor,
+                now=now,
+            )
+            side.parked = None
+        held = {CLIENT: c.held or [], SERVER: sv.held or []}
+        returned = {CLIENT: c.returned, SERVER: sv.returned}
+        c.held = sv.held = None
+        c.returned = sv.returned = b""
+        self.queued_bytes = 0
+        self.counters.handed_back += 1
+        out.append(HandBack(returned, held, (c2s, s2c)))
 
     def _queue(self, dst: Iface, vnet: VnetHeader | None, pkt: memoryview) -> None:
         if self.queued_bytes + len(pkt) > QUEUE_LIMIT:
@@ -636,6 +860,10 @@ class Relay:
         s.base.iss = tcb.snd_max
         s.base.snd_mss = tcb.snd_mss
         s.tcb = None
+        if self.bounded:
+            s.parked = tcb  # resumes at the hand-back
+            if s.peer_ack is None or seq_gt(tcb.snd_una, s.peer_ack):
+                s.peer_ack = tcb.snd_una
         out.append(ArmTimer(s.iface, None))
         self.c2s, self.s2c = translators(self.client.base, self.server.base, self.offload)
         self._handle(s.iface, Event.WRITE_QUEUE_DRAINED, out, now)
@@ -645,6 +873,9 @@ class Relay:
             # acked in Fig. 5.1's terms.
             self._handle(s.iface, Event.FIN_RELAYED, out, now)
             self._handle(s.iface, Event.FIN_ACKED, out, now)
+        if self.bounded:
+            self._check_limit(s, out, now)  # nothing (more) to relay toward it?
+            return  # bounded splices stay on this path
         self._maybe_fast_path(out)
 
     def _maybe_fast_path(self, out: list[Action]) -> None:
@@ -674,6 +905,8 @@ class Relay:
             if tr.torn_down and tr.iface is CLIENT:
                 self.counters.torn_down += 1
                 out.append(TearDown())
+            if tr.hands_back and tr.iface is CLIENT:
+                self._hand_back(out, now)
 
     def seal(self) -> bool:
         """Drop the buffers a splice whose both sides relay will never use again.
@@ -684,6 +917,8 @@ class Relay:
         for good.  The I/O shell calls this when it compacts a splice;
         False (and nothing changed) if the splice is not there yet.
         """
+        if self.bounded:
+            return False  # its conns come back to the proxy
         sides = (self.client, self.server)
         for s in sides:
             if s is None or s.tcb is not None or s.queue or s.outbox:
@@ -724,9 +959,32 @@ class Relay:
             "queue_drops": self.queue_drops,
             "len_remaining": self.len_remaining,
             "fast_path": self.fast_path,
+            "bounded": self.bounded,
             "sides": {"client": side(self.client), "server": side(self.server)},
         }
 
     def draining(self, iface: Iface) -> bool:
         """Is this side's TCB still speaking (ESTABLISHED or PRE_SPLICED after splice())?"""
         return self.pair.state(iface) in QUEUEING_STATES
+
+
+def _first_tsval(held: list[tuple[bytes | None, bytes]] | None) -> int | None:
+    """The TSval of the oldest held segment: the resuming TCB's PAWS baseline.
+
+    Held segments are replayed in arrival order; a ts_recent taken from a
+    later segment would make the TCB drop them as old duplicates (RFC 7323
+    5.3), and their own processing moves it forward again.
+    """
+    if not held:
+        return None
+    pkt = memoryview(held[0][1])
+    info = peek(pkt)
+    if info is None or info.tcp_header_len <= 20:
+        return None
+    start = info.ip_header_len + 20
+    ts = find_timestamp(pkt[start : info.ip_header_len + info.tcp_header_len])
+    return None if ts is None else ts[0]
+
+
+def _first_or(value: int | None, default: int | None) -> int | None:
+    return default if value is None else value

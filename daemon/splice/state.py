@@ -23,6 +23,20 @@ the daemon would forward to this interface's peer:
   headers rewritten (thesis 5.2-5.4).
 * GONE: the splice is torn down; the daemon answers with a RST.
 
+A *bounded* splice (beyond the thesis: its 7.1 "asymmetric splice", which
+hands the connections back to the proxy) relays a fixed number of bytes
+toward each interface and then returns both connections to the proxy:
+
+* PRE_BOUNDED: queued, like PRE_SPLICED (this interface's TCB drains).
+* BOUNDED: relayed, up to the limit; a segment that crosses it is cut and
+  what lies beyond (a FIN included) is held for the TCB that resumes.
+* LIMIT_REACHED: every byte up to the limit was relayed *and acknowledged*
+  by this interface's peer; segments toward it still relay their ACKs
+  (the other direction may not be done), their payload is held.
+* Both LIMIT_REACHED: the hand-back (a joint rule) makes both ESTABLISHED
+  again, the TCBs resume where the relay left them, and the proxy may talk
+  or splice again.
+
 That is the one question the daemon asks on every packet:
 ``relays_toward(pair.state(destination_iface))``, a frozenset lookup.
 
@@ -91,6 +105,9 @@ class SpliceState(enum.Enum):
     FIN_RELAYED = "FIN_RELAYED"
     SHUTDOWN = "SHUTDOWN"
     TIMEWAIT = "TIMEWAIT"
+    PRE_BOUNDED = "PRE_BOUNDED"
+    BOUNDED = "BOUNDED"
+    LIMIT_REACHED = "LIMIT_REACHED"
     GONE = "GONE"
 
 
@@ -105,6 +122,8 @@ class Event(enum.Enum):
     FIN_ACKED = "FIN_ACKED"
     RESET = "RESET"
     TIMEWAIT_EXPIRED = "TIMEWAIT_EXPIRED"
+    SPLICE_BOUNDED = "SPLICE_BOUNDED"
+    LIMIT_ACKED = "LIMIT_ACKED"
 
 
 class SpliceStateError(Exception):
@@ -127,6 +146,9 @@ SPLICED = SpliceState.SPLICED
 FIN_RELAYED = SpliceState.FIN_RELAYED
 SHUTDOWN = SpliceState.SHUTDOWN
 TIMEWAIT = SpliceState.TIMEWAIT
+PRE_BOUNDED = SpliceState.PRE_BOUNDED
+BOUNDED = SpliceState.BOUNDED
+LIMIT_REACHED = SpliceState.LIMIT_REACHED
 GONE = SpliceState.GONE
 
 E = Event
@@ -136,8 +158,12 @@ E = Event
 INITIAL_STATES: dict[Iface, SpliceState] = {CLIENT: ESTABLISHED, SERVER: CLOSE}
 
 # Thesis 5.1: segments toward an interface are relayed from SPLICED on.
-RELAYING_STATES: frozenset[SpliceState] = frozenset({SPLICED, FIN_RELAYED, SHUTDOWN, TIMEWAIT})
-QUEUEING_STATES: frozenset[SpliceState] = frozenset({CLOSE, ESTABLISHED, PRE_SPLICED})
+RELAYING_STATES: frozenset[SpliceState] = frozenset(
+    {SPLICED, FIN_RELAYED, SHUTDOWN, TIMEWAIT, BOUNDED, LIMIT_REACHED}
+)
+QUEUEING_STATES: frozenset[SpliceState] = frozenset({CLOSE, ESTABLISHED, PRE_SPLICED, PRE_BOUNDED})
+# A bounded splice: relaying stops at a byte count, then the hand-back.
+BOUNDED_STATES: frozenset[SpliceState] = frozenset({PRE_BOUNDED, BOUNDED, LIMIT_REACHED})
 
 # Every state but GONE: a RST relayed in any of them tears the splice down
 # (thesis 5.1, last paragraph).
@@ -150,8 +176,9 @@ def _common(
     """``first`` plus the part of Fig. 5.1 the two interfaces share."""
     table: dict[SpliceState, dict[Event, SpliceState]] = {
         **first,
-        # Thesis 5.1 ESTABLISHED: the application calls splice.
-        ESTABLISHED: {E.SPLICE: PRE_SPLICED},
+        # Thesis 5.1 ESTABLISHED: the application calls splice (or, beyond
+        # the thesis, a splice bounded by a byte count per direction).
+        ESTABLISHED: {E.SPLICE: PRE_SPLICED, E.SPLICE_BOUNDED: PRE_BOUNDED},
         # Thesis 5.1 PRE_SPLICED: this interface's write queue is empty (and,
         # for the client, the proxy has written the bytes it announced).
         PRE_SPLICED: {E.WRITE_QUEUE_DRAINED: SPLICED},
@@ -163,6 +190,12 @@ def _common(
         SHUTDOWN: {},
         # Thesis 5.1 TIMEWAIT: 2MSL later the splice is torn down.
         TIMEWAIT: {E.TIMEWAIT_EXPIRED: GONE},
+        # Bounded splice (thesis 7.1's asymmetric splice): drained, then
+        # relaying up to the limit, then the limit acknowledged; the
+        # hand-back to ESTABLISHED is the joint rule below.
+        PRE_BOUNDED: {E.WRITE_QUEUE_DRAINED: BOUNDED},
+        BOUNDED: {E.LIMIT_ACKED: LIMIT_REACHED},
+        LIMIT_REACHED: {},
         GONE: {},
     }
     for state in LIVE_STATES:
@@ -184,6 +217,8 @@ EVENT_TRANSITIONS: dict[Iface, dict[SpliceState, dict[Event, SpliceState]]] = {
 JOINT_TRANSITIONS: dict[tuple[SpliceState, SpliceState], dict[Iface, SpliceState]] = {
     # Thesis 5.1 SHUTDOWN/TIMEWAIT: both FINs relayed and acknowledged.
     (SHUTDOWN, SHUTDOWN): {CLIENT: TIMEWAIT, SERVER: TIMEWAIT},
+    # The hand-back of a bounded splice: both limits relayed and acknowledged.
+    (LIMIT_REACHED, LIMIT_REACHED): {CLIENT: ESTABLISHED, SERVER: ESTABLISHED},
     # Thesis 5.1, last paragraph: a RST tears down the whole splice; so does
     # the 2MSL timeout, which the caller reports on one interface.
     **{(GONE, state): {SERVER: GONE} for state in LIVE_STATES},
@@ -201,6 +236,14 @@ TRIGGERS: dict[Event, str] = {
         "The proxy calls `splice(client, server, len)`; the daemon fires it on both"
         " interfaces. If an interface is already drained the daemon fires"
         " WRITE_QUEUE_DRAINED right after (the thesis's ESTABLISHED -> SPLICED)."
+    ),
+    E.SPLICE_BOUNDED: (
+        "The proxy calls `splice` with `server_limit` (and maybe `client_limit`): the"
+        " daemon fires it on both interfaces; the rest is as for SPLICE."
+    ),
+    E.LIMIT_ACKED: (
+        "Every byte up to this interface's limit was relayed toward its peer (a FIN"
+        " before the limit ends it there) and the peer acknowledged the last of them."
     ),
     E.WRITE_QUEUE_DRAINED: (
         "This interface's own TCP has nothing unsent or unacknowledged; for the client"
@@ -251,6 +294,11 @@ class Transition:
     def enters_timewait(self) -> bool:
         """Arm the pair's 2MSL timer (thesis 5.1 TIMEWAIT)."""
         return self.new is TIMEWAIT
+
+    @property
+    def hands_back(self) -> bool:
+        """A bounded splice ends: the TCBs resume and the proxy has the conns again."""
+        return self.new is ESTABLISHED and self.old is LIMIT_REACHED
 
     @property
     def torn_down(self) -> bool:
@@ -388,7 +436,9 @@ def render_markdown() -> str:
         "",
         "Entering TIMEWAIT arms the pair's single 2MSL timer (`Transition.enters_timewait`);",
         "entering a relaying state flushes the queue toward that interface",
-        "(`Transition.starts_relaying`); GONE removes the splice (`Transition.torn_down`).",
+        "(`Transition.starts_relaying`); GONE removes the splice (`Transition.torn_down`);",
+        "LIMIT_REACHED -> ESTABLISHED returns the connections to the proxy",
+        "(`Transition.hands_back`).",
         "",
         "## Thesis to code: what triggers each event in this daemon",
         "",
@@ -407,5 +457,11 @@ def render_markdown() -> str:
         "  is flushed only after the interface has entered SPLICED, so it is an ordinary",
         "  SPLICED -> FIN_RELAYED. A FIN is never relayed toward an interface that queues.",
         "* GONE is not in the figure: the splice after a relayed RST or after 2MSL.",
+        "* PRE_BOUNDED, BOUNDED and LIMIT_REACHED are not in the thesis either: its 7.1",
+        "  names an asymmetric splice that hands control back as future work. A bounded",
+        "  splice relays a byte count per direction and then hands both connections",
+        "  back (LIMIT_REACHED on both: ESTABLISHED on both). A FIN is never relayed by",
+        "  a bounded splice: one before the limit ends the direction there and is held,",
+        "  with any bytes beyond the limit, for the TCB that resumes.",
     ]
     return "\n".join(out) + "\n"

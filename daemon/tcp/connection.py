@@ -433,6 +433,55 @@ class TcpConnection:
         self._ack_now = False
         return self.recv_buf.read(len(self.recv_buf))
 
+    def thaw(
+        self,
+        *,
+        sent: int,
+        received: int,
+        peer_window: tuple[int, int, int] | None,
+        ts_recent: int | None,
+        ts_floor: int | None,
+        now: float,
+    ) -> None:
+        """A bounded splice hands the connection back: resume where the relay left it.
+
+        While frozen the relay sent ``sent`` bytes on this connection in our
+        send space (all acknowledged: the hand-back waits for that) and
+        relayed ``received`` bytes of the peer's stream away.  Both spaces
+        move past them, so the peer sees one continuous connection.
+        ``peer_window`` is (window field, seq, ack) of the latest segment
+        from the peer (RFC 9293 3.10.7.4: SND.WND, WL1, WL2), ``ts_recent``
+        its latest TSval, and ``ts_floor`` the newest TSval the relay sent
+        the peer in our name: our clock jumps past it, or the peer's PAWS
+        check (RFC 7323 5.3) would drop everything we send from now on.
+        """
+        assert self.frozen and self.all_acked(), "thaw: the TCB has not drained"
+        snd = (self.snd_max + sent) & MASK
+        self.snd_una = self.snd_nxt = self.snd_max = snd
+        self.send_buf.seq = snd
+        self.rcv_nxt = self.last_ack_sent = (self.rcv_nxt + received) & MASK
+        # Accept what the peer was allowed to send toward the relay, within
+        # our buffer (the receive window is ours again).
+        self.rcv_adv = (self.rcv_nxt + self.recv_buf.capacity - len(self.recv_buf)) & MASK
+        if peer_window is not None:
+            field_, wl1, wl2 = peer_window
+            self.snd_wnd = field_ << self.snd_wscale
+            self.max_snd_wnd = max(self.max_snd_wnd, self.snd_wnd)
+            self.snd_wl1, self.snd_wl2 = wl1, wl2
+        if self.ts_ok:
+            if ts_recent is not None:
+                self.ts_recent = ts_recent
+            if ts_floor is not None:
+                ahead = (ts_floor - self.ts_now(now)) & MASK
+                if ahead < 0x80000000:
+                    self.ts_offset = (self.ts_offset + ahead + 1) & MASK
+        self.frozen = False
+        self._rtt_seq = None
+        self._retries = 0
+        self._retrans_since = None
+        self.rto_deadline = self.persist_deadline = self.delack_deadline = None
+        self._ack_now = False
+
     def on_ack(
         self,
         seq: int,
