@@ -228,6 +228,7 @@ class FakeCore:
         unread: bytes = b"",
         limits: tuple[int, int] | None = None,
         server_unread: bytes = b"",
+        tap: bool = False,
     ) -> Result:
         raise ApiError(ErrorCode.EUNKNOWNOP, "splice is part 2")
 

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.splice.relay import Action, HandBack, InstallFastPath, Relay, RelayCounters
+from daemon.splice.relay import (
+    Action,
+    HandBack,
+    InstallFastPath,
+    Relay,
+    RelayCounters,
+    TapData,
+    TapEnd,
+)
 from daemon.splice.state import SpliceState
 from daemon.tcp.connection import TcpConnection
 from daemon.tcp.state import TcpState
@@ -248,3 +256,76 @@ def test_a_bounded_splice_is_never_sealed() -> None:
     bed, _ = bounded(10)
     assert not bed.relay.seal()
     assert bed.relay.stats()["bounded"] is True
+
+
+# ------------------------------------------------------------ TCP tap (thesis 4.4)
+
+
+def tapped(actions: list[Action]) -> bytes:
+    return b"".join(a.data for a in actions if isinstance(a, TapData))
+
+
+def test_the_tap_gets_the_servers_bytes_in_order_and_once_whatever_the_arrival() -> None:
+    counters = RelayCounters()
+    ct, _ = client_tcb(T0)
+    relay = Relay.intend(1, ct, 2, CFG, msl=CFG.msl, offload=False, counters=counters)
+    assert relay.server_config is not None
+    st, _ = server_tcb(relay.server_config, T0)
+    relay.server_connected(st)
+    bed = Bed(relay, ct, st, counters, 5001, 8000)
+    actions = relay.splice(0, b"", T0, limits=(300, 0), tap=True)
+    assert tapped(actions) == b""
+    seg = [bytes([65 + i]) * 100 for i in range(3)]
+    got = b""
+    # The second and third arrive first (the first was lost before the relay).
+    for i in (1, 2):
+        pkt = from_server(bed, seq=S_IRS + 1 + 100 * i, ack=S_ISS + 1, flags=ACK, payload=seg[i])
+        got += tapped(relay.on_packet(SERVER, None, pkt, T0))
+    assert got == b""  # nothing out of order
+    first = from_server(bed, seq=S_IRS + 1, ack=S_ISS + 1, flags=ACK, payload=seg[0])
+    got += tapped(relay.on_packet(SERVER, None, first, T0))
+    assert got == b"".join(seg)
+    # A retransmission (lost toward the client this time) adds nothing.
+    again = from_server(bed, seq=S_IRS + 101, ack=S_ISS + 1, flags=ACK, payload=seg[1])
+    assert tapped(relay.on_packet(SERVER, None, again, T0)) == b""
+    actions = relay.on_packet(CLIENT, None, from_client(bed, seq=C_IRS + 1, ack=C_ISS + 301), T0)
+    kinds = [type(a) for a in actions if isinstance(a, TapEnd | HandBack)]
+    assert kinds == [TapEnd, HandBack]  # the tap is complete before the conns come back
+    assert relay.tap is not None and relay.tap.copied == 300
+    assert counters.tapped == 1 and counters.tapped_bytes == 300
+
+
+def test_an_unbounded_tap_ends_at_the_fin_only_once_the_hole_before_it_is_filled() -> None:
+    counters = RelayCounters()
+    ct, _ = client_tcb(T0)
+    relay = Relay.intend(1, ct, 2, CFG, msl=CFG.msl, offload=False, counters=counters)
+    assert relay.server_config is not None
+    st, _ = server_tcb(relay.server_config, T0)
+    relay.server_connected(st)
+    bed = Bed(relay, ct, st, counters, 5001, 8000)
+    actions = relay.splice(0, b"", T0, tap=True)
+    assert not of(actions, InstallFastPath)  # the kernel would not copy for the tap
+    last = from_server(bed, seq=S_IRS + 51, ack=S_ISS + 1, flags=ACK | FIN, payload=b"z" * 50)
+    out = relay.on_packet(SERVER, None, last, T0)
+    assert not of(out, TapEnd) and tapped(out) == b""
+    first = from_server(bed, seq=S_IRS + 1, ack=S_ISS + 1, flags=ACK, payload=b"y" * 50)
+    out = relay.on_packet(SERVER, None, first, T0)
+    assert tapped(out) == b"y" * 50 + b"z" * 50 and of(out, TapEnd)
+
+
+def test_server_bytes_that_crossed_at_the_freeze_are_tapped_first() -> None:
+    counters = RelayCounters()
+    ct, _ = client_tcb(T0)
+    relay = Relay.intend(1, ct, 2, CFG, msl=CFG.msl, offload=False, counters=counters)
+    assert relay.server_config is not None
+    st, _ = server_tcb(relay.server_config, T0)
+    relay.server_connected(st)
+    st.on_segment(
+        TcpSegment(
+            SERVER_PEER[1], DAEMON_S[1], S_IRS + 1, S_ISS + 1, ACK | PSH, 1000,
+            TcpOptions(timestamp=(8001, st.ts_now(T0))), b"EARLYNEXT",
+        ),
+        T0,
+    )  # fmt: skip
+    actions = relay.splice(0, b"", T0, limits=(5, 0), tap=True)
+    assert tapped(actions) == b"EARLY"  # past the limit is the proxy's, not the tap's

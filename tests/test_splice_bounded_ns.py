@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
+import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,11 +30,13 @@ import pytest
 from daemon.api.aio import AsyncConnection, AsyncSpliceClient
 from testbed.net import Testbed
 from tests.helpers import daemon_stats, run_py
+from tests.test_splice import _check_link, _opts, _read_pcap
 
 pytestmark = pytest.mark.root
 
 PROXY = ("198.51.100.1", 1190)
 SERVER_PORT = 8090
+TAPS_CHECKED = [0]  # responses whose tap the proxy compared with the body
 
 SERVER = """
 import random, socket, sys, threading
@@ -63,11 +69,12 @@ CLIENT = """
 import hashlib, random, socket, sys, threading
 host, port, conns = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 sizes = [int(x) for x in sys.argv[4].split(",")]
+suffix = sys.argv[5].encode() if len(sys.argv) > 5 else b""
 failures = []
 def one(i):
     try:
         s = socket.create_connection((host, port), timeout=60)
-        s.sendall(b"".join(b"GET %d\\n" % n for n in sizes))  # all pipelined at once
+        s.sendall(b"".join(b"GET %d%s\\n" % (n, suffix) for n in sizes))  # all pipelined
         f = s.makefile("rb")
         for k, n in enumerate(sizes):
             assert f.readline() == b"LEN %d\\n" % n
@@ -112,10 +119,17 @@ async def _serve(api: AsyncSpliceClient, conn: AsyncConnection, server_addr: Any
             n = int(head.split()[1])
             have, sbuf = sbuf[:n], sbuf[n:]
             await conn.sendall(head + have)
-            done = await api.splice_bounded(conn, server, server_limit=n - len(have))
+            chunks: list[bytes] = []
+            tap = chunks.append if b"tap" in line else None
+            done = await api.splice_bounded(conn, server, server_limit=n - len(have), on_tap=tap)
             splices += 1
             assert done["client_extra"] == b""  # nothing may be relayed to the server
             sbuf += done["server_extra"]  # type: ignore[operator]
+            if tap is not None:
+                # The tap saw exactly the body bytes the splice carried.
+                assert done["tap_overflow"] is False, done
+                assert have + b"".join(chunks) == random.Random(n).randbytes(n), (n, done)
+                TAPS_CHECKED[0] += 1
             trailer, sbuf = await _line(server, sbuf)  # the bytes past the limit
             assert trailer is not None
             await conn.sendall(trailer)
@@ -192,13 +206,14 @@ def bed(spliced_tb: Testbed) -> Iterator[tuple[Testbed, BoundedProxy]]:
         server.wait()
 
 
-def _run_clients(tb: Testbed, conns: int, sizes: list[int]) -> str:
+def _run_clients(tb: Testbed, conns: int, sizes: list[int], suffix: str = "") -> str:
     return run_py(
         tb.host("client"),
         CLIENT,
         *map(str, PROXY),
         str(conns),
         ",".join(map(str, sizes)),
+        suffix,
         timeout=240,
     )
 
@@ -235,3 +250,97 @@ def test_a_hundred_connections_at_once_each_splice_every_response(
     counters = daemon_stats(tb)["splice_counters"]
     assert counters["handed_back"] - before["handed_back"] == 2 * 100 * len(sizes)
     assert not proxy.errors, proxy.errors
+
+
+def test_the_tap_carries_each_spliced_body_exactly(bed: tuple[Testbed, BoundedProxy]) -> None:
+    tb, proxy = bed
+    before_taps = TAPS_CHECKED[0]
+    out = _run_clients(tb, 4, SIZES, " tap")
+    assert out.split() == ["ok", "0"], out
+    assert not proxy.errors, proxy.errors
+    assert TAPS_CHECKED[0] - before_taps == 4 * len(SIZES)
+    counters = daemon_stats(tb)["splice_counters"]
+    assert counters["tapped"] >= 4 * len(SIZES)
+
+
+@pytest.mark.parametrize("link", ["client-proxy", "proxy-server"])
+@pytest.mark.parametrize("impairment", ["loss=2%", "delay=5ms reorder=25%", "duplicate=5%"])
+def test_impaired_links_at_the_boundary_lose_no_byte_and_leak_none(
+    bed: tuple[Testbed, BoundedProxy], link: str, impairment: str
+) -> None:
+    tb, proxy = bed
+    shaped = tb.link(link)
+    try:
+        shaped.shape(impairment + " seed=5")
+        out = _run_clients(tb, 4, [1024, 0, 200_000, 1, 1 << 20, 7], " tap")
+        # The impairment process writes its counters about once a second.
+        deadline = time.monotonic() + 5
+        hit = 0
+        while not hit and time.monotonic() < deadline:
+            counters = shaped.shape_status()[1]
+            hit = sum(
+                v
+                for d in ("a_to_b", "b_to_a")
+                for k, v in counters.get(d, {}).items()
+                if k != "seen"
+            )
+            time.sleep(0.2)
+    finally:
+        shaped.clear()
+    assert out.split() == ["ok", "0"], out
+    assert not proxy.errors, proxy.errors
+    assert hit > 0, "the impairment touched no packet"
+
+
+def _stream_errors(packets: list[Any], port: int) -> list[str]:
+    """Each side's bytes on one connection tile its sequence space; its TSvals never go back.
+
+    Across splices and hand-backs the peer must see one continuous stream
+    (no gap, whatever was relayed and whatever the daemon's TCB sent) and
+    a TS clock that only moves forward (RFC 7323 5.3: PAWS drops the rest).
+    """
+    flow = [p for p in packets if port in (p[1], p[3])]
+    errors: list[str] = []
+    for side in {(p[0], p[1]) for p in flow}:
+        mine = [p for p in flow if (p[0], p[1]) == side]
+        syn = next(p for p in mine if p[4] & 0x02)
+        isn = syn[5]
+        covered = 0
+        ranges = sorted(((p[5] - isn - 1) % (1 << 32), p[8]) for p in mine if p[8])
+        for start, length in ranges:
+            if start > covered:
+                errors.append(f"{side}: bytes {covered}..{start} never sent")
+            covered = max(covered, start + length)
+        last = None
+        for p in mine:
+            o = _opts(p[7])
+            if 8 in o and len(o[8]) == 8:
+                tsval = struct.unpack("!I", o[8][:4])[0]
+                if last is not None and (tsval - last) % (1 << 32) >= 1 << 31:
+                    errors.append(f"{side}: TSval {tsval} after {last}")
+                last = tsval
+    return errors[:10]
+
+
+def test_captures_show_one_continuous_connection_per_link(
+    bed: tuple[Testbed, BoundedProxy], tmp_path: Path
+) -> None:
+    tb, _ = bed
+    cp_pcap, ps_pcap = tmp_path / "cp.pcap", tmp_path / "ps.pcap"
+    shaped = tb.link("client-proxy")
+    try:
+        shaped.shape("loss=1% seed=3")
+        with (
+            tb.link("client-proxy").capture(cp_pcap, snaplen=128),
+            tb.link("proxy-server").capture(ps_pcap, snaplen=128),
+        ):
+            out = _run_clients(tb, 1, [500_000, 10, 300_000, 0, 2_000_000], " tap")
+    finally:
+        shaped.clear()
+    assert out.split() == ["ok", "0"], out
+    cp, ps = _read_pcap(cp_pcap), _read_pcap(ps_pcap)
+    (client_port,) = {p[1] for p in cp if p[3] == PROXY[1] and p[4] & 0x12 == 0x02}
+    (server_port,) = {p[1] for p in ps if p[3] == SERVER_PORT and p[4] & 0x12 == 0x02}
+    for packets, port in ((cp, client_port), (ps, server_port)):
+        assert _check_link(packets, port) == []
+        assert _stream_errors(packets, port) == []

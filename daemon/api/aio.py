@@ -40,7 +40,7 @@ import json
 import logging
 import socket
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Self
 
@@ -201,6 +201,7 @@ class AsyncSpliceClient:
         *,
         server_limit: int,
         client_limit: int = 0,
+        on_tap: Callable[[bytes], None] | None = None,
     ) -> dict[str, object]:
         """Splice two established conns for a byte count each way; return at the hand-back.
 
@@ -214,6 +215,13 @@ class AsyncSpliceClient:
         fds only through ``AsyncConnection.recv``, so that the count of what
         we read is right.  ``SpliceError`` ECONNRESET if a peer reset the
         splice (both conns are then gone).
+
+        ``on_tap``: a TCP tap (thesis 4.4); it is called with every byte of
+        the server's stream that goes to the client in this splice, in
+        order, exactly once (the ones this call wrote to the client itself
+        first).  The result then has ``tapped`` (bytes given to ``on_tap``)
+        and ``tap_overflow``: True if the tap stopped early because we read
+        it too slowly (the daemon never holds the splice back for it).
         """
         reply = await self._call("intend_splice", conn=client.id, server=server.id)
         delivered = reply.get("delivered")
@@ -231,23 +239,47 @@ class AsyncSpliceClient:
             await server.sendall(to_server)
         if to_client:
             await client.sendall(to_client)
+        if on_tap is not None and to_client:
+            on_tap(to_client)
         waiter: asyncio.Future[dict[str, object]] = self._loop.create_future()
         self._handbacks[client.id] = waiter
         self._handback_servers[server.id] = client.id
+        tap_reader: asyncio.Task[int] | None = None
+        args: dict[str, object] = {}
+        if on_tap is not None:
+            args["tap"] = "server"
         try:
-            await self._call(
+            reply, fd = await self._request(
                 "splice",
                 client=client.id,
                 server=server.id,
                 len=0,
                 server_limit=server_limit - len(to_client),
                 client_limit=client_limit - len(to_server),
+                **args,
             )
+            if fd is not None:
+                tap_sock = socket.socket(fileno=fd)
+                if on_tap is None:
+                    tap_sock.close()
+                else:
+                    tap_reader = asyncio.ensure_future(_read_tap(tap_sock, on_tap))
             event = await waiter
+            result = {**event, "client_extra": client_extra, "server_extra": server_extra}
+            if tap_reader is not None:
+                # The daemon closes the tap once it has written everything.
+                got = await tap_reader
+                tap_reader = None
+                result["tap_overflow"] = bool(event.get("tap_overflow")) or got != event.get(
+                    "tapped"
+                )
+                result["tapped"] = got + len(to_client)
+            return result
         finally:
             self._handbacks.pop(client.id, None)
             self._handback_servers.pop(server.id, None)
-        return {**event, "client_extra": client_extra, "server_extra": server_extra}
+            if tap_reader is not None:
+                tap_reader.cancel()
 
     async def connect_splice(
         self,
@@ -530,6 +562,20 @@ class AsyncSpliceClient:
             except asyncio.QueueFull:
                 self._events.get_nowait()
                 self.events_dropped += 1
+
+
+async def _read_tap(sock: socket.socket, on_tap: Callable[[bytes], None]) -> int:
+    """Feed a tap's bytes to ``on_tap`` until the daemon closes it; return the count."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    got = 0
+    try:
+        while data := await loop.sock_recv(sock, RECV_SIZE):
+            got += len(data)
+            on_tap(data)
+    finally:
+        sock.close()
+    return got
 
 
 def _ignore_result(future: asyncio.Future[Reply]) -> None:

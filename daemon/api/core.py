@@ -25,6 +25,9 @@ from typing import Protocol
 
 from daemon.api.protocol import Address, ErrorCode, Inline
 
+# The key of a core result that holds a socket for the reply (not JSON).
+TAP_SOCK = "_tap_sock"
+
 
 class ApiError(Exception):
     """An op failed in a way the proxy should hear about, with a stable code."""
@@ -103,11 +106,14 @@ class Core(Protocol):
         unread: bytes = b"",
         limits: tuple[int, int] | None = None,
         server_unread: bytes = b"",
+        tap: bool = False,
     ) -> Result:
         """``unread``: bytes the proxy found unread in the client fd after intend_splice.
 
         ``limits`` (toward the client, toward the server) bound the splice;
         ``server_unread`` is ``unread`` for the server fd of a paired intent.
+        With ``tap`` the result holds the proxy's end of the tap's socket
+        under ``TAP_SOCK`` (the server sends it with the reply).
         """
 
     def connect_splice(

@@ -174,6 +174,8 @@ class Splice:
     # The same for the server fd of a paired intend_splice: server bytes the
     # proxy read but did not consume; they go to the client first.
     server_unread: bytes = b""
+    # A TCP tap (thesis 4.4) of the server's stream: the reply carries its fd.
+    tap: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,6 +398,9 @@ def _parse_splice(rid: int, obj: Mapping[str, object]) -> Request:
             0 if server_limit is None else _int(server_limit, "server_limit", 0, 2**31 - 1),
             0 if client_limit is None else _int(client_limit, "client_limit", 0, 2**31 - 1),
         )
+    tap = obj.get("tap")
+    if tap not in (None, "server"):
+        raise _Invalid(ErrorCode.EBADREQ, "'tap' must be \"server\" (the server's stream)")
     return Splice(
         rid,
         client,
@@ -404,6 +409,7 @@ def _parse_splice(rid: int, obj: Mapping[str, object]) -> Request:
         _base64(obj, "unread") or b"",
         limits,
         _base64(obj, "server_unread") or b"",
+        tap == "server",
     )
 
 

@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from daemon.api import protocol
-from daemon.api.core import ApiError, Core, Done, ObjectKind, Result
+from daemon.api.core import TAP_SOCK, ApiError, Core, Done, ObjectKind, Result
 from daemon.api.protocol import (
     OPS,
     PROTOCOL_VERSION,
@@ -409,19 +409,22 @@ class ApiServer:
             case Splice():
                 self._check(client, conn, req.client)
                 self._check(client, conn, req.server)
-                self._reply(
-                    client,
-                    req.id,
-                    self.core.splice(
-                        owner,
-                        req.client,
-                        req.server,
-                        req.length,
-                        req.unread,
-                        req.limits,
-                        req.server_unread,
-                    ),
+                result = self.core.splice(
+                    owner,
+                    req.client,
+                    req.server,
+                    req.length,
+                    req.unread,
+                    req.limits,
+                    req.server_unread,
+                    req.tap,
                 )
+                tap = result.pop(TAP_SOCK, None)
+                if isinstance(tap, socket.socket):
+                    # The tap's read end goes with the reply (SCM_RIGHTS).
+                    self._queue(client, protocol.encode_reply(req.id, result, fd=True), tap)
+                else:
+                    self._reply(client, req.id, result)
 
     def _hello(self) -> Result:
         return {

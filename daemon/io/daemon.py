@@ -1086,8 +1086,11 @@ class Daemon:
         unread: bytes = b"",
         limits: tuple[int, int] | None = None,
         server_unread: bytes = b"",
+        tap: bool = False,
     ) -> Result:
-        return self.splicer.splice(owner, client, server, length, unread, limits, server_unread)
+        return self.splicer.splice(
+            owner, client, server, length, unread, limits, server_unread, tap
+        )
 
     def connect_splice(
         self,

@@ -20,17 +20,20 @@ A ``Splice`` is the glue of one relay: the daemon's two ``Conn`` objects
 from __future__ import annotations
 
 import array
+import contextlib
 import fcntl
 import logging
+import selectors
 import socket
 import termios
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
-from daemon.api.core import ApiError, Done, Result
+from daemon.api.core import TAP_SOCK, ApiError, Done, Result
 from daemon.api.protocol import LOCAL_AT_LEN, Address, ErrorCode, Inline
 from daemon.io.timers import Timer
 from daemon.splice.relay import (
@@ -44,6 +47,8 @@ from daemon.splice.relay import (
     Relay,
     RelayCounters,
     Reopen,
+    TapData,
+    TapEnd,
     TearDown,
     WatchFinAck,
     Write,
@@ -78,6 +83,24 @@ class FastPathPort(Protocol):
     def counters(self, key: RelayKey) -> tuple[int, int]: ...
 
 
+# Tap bytes the daemon keeps for a reader that is behind, beyond what the
+# socket itself holds; past this the tap overflows (docs/api.md).
+TAP_BACKLOG = 4 << 20
+
+
+@dataclass(slots=True, eq=False)
+class TapPipe:
+    """The daemon's end of a TCP tap's socketpair and what it could not write yet."""
+
+    sock: socket.socket
+    pending: deque[bytes] = field(default_factory=deque)
+    pending_bytes: int = 0
+    ended: bool = False  # TapEnd: close once pending is written
+    overflowed: bool = False
+    written: int = 0
+    watching: bool = False  # registered for EVENT_WRITE
+
+
 @dataclass(slots=True, eq=False)
 class Splice:
     """One splice from intend_splice until it is forgotten: the relay and its I/O glue."""
@@ -90,6 +113,7 @@ class Splice:
     timewait: Timer = field(default_factory=Timer)
     # Fast path entries installed for this splice (keys of arriving segments).
     offloaded: list[RelayKey] = field(default_factory=list)
+    tap: TapPipe | None = None
 
     def conn(self, iface: Iface) -> Conn | None:
         return self.client if iface is CLIENT else self.server
@@ -321,6 +345,7 @@ class Splicer:
         unread: bytes = b"",
         limits: tuple[int, int] | None = None,
         server_unread: bytes = b"",
+        tap: bool = False,
     ) -> Result:
         c = self.d._conn(client_id)
         sp = c.splice
@@ -351,10 +376,17 @@ class Splicer:
             conn.timer.cancel()
             self.d.flows.pop(conn.key, None)
             self.flows[conn.key] = (sp, iface)
-        self.execute(sp, relay.splice(length, unread, now, limits, server_unread))
+        result: Result = {"client": client_id, "server": server_id, "len": length}
+        if tap:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            ours.setblocking(False)
+            with contextlib.suppress(OSError):
+                ours.shutdown(socket.SHUT_RD)  # the proxy only reads a tap
+            sp.tap = TapPipe(ours)
+            result[TAP_SOCK] = theirs
+        self.execute(sp, relay.splice(length, unread, now, limits, server_unread, tap))
         for conn in (c, s):
             self.d.dirty.add(conn)  # the pump watches the proxy's fd for its len bytes
-        result: Result = {"client": client_id, "server": server_id, "len": length}
         if limits is not None:
             result["server_limit"], result["client_limit"] = limits
         return result
@@ -502,6 +534,12 @@ class Splicer:
                     keep = False
                 case HandBack():
                     self._hand_back(sp, a)
+                case TapData(data):
+                    self._tap_write(sp, data)
+                case TapEnd():
+                    if sp.tap is not None:
+                        sp.tap.ended = True
+                        self._tap_flush(sp)
                 case InstallFastPath():
                     # Both interfaces relay now: one of the two moments (with
                     # the proxy's close, ``released``) a splice may turn compact.
@@ -603,15 +641,86 @@ class Splicer:
             "bytes_c2s": hb.relayed[0],
             "bytes_s2c": hb.relayed[1],
         }
+        if sp.relay.tap is not None:
+            event["tapped"] = sp.relay.tap.copied
+            event["tap_overflow"] = sp.tap is None or sp.tap.overflowed
         if c.id is not None or s.id is not None:
             # After the splice op's reply when the hand-back came inside it
             # (limits met at the freeze): a timer runs after this request.
             d.timers.schedule(Timer(), now, partial(d.api.push_event, c.owner, event))
 
+    # ------------------------------------------------------------ the tap
+
+    def _tap_write(self, sp: Splice, data: bytes) -> None:
+        """Tap bytes toward the proxy; a reader too far behind overflows the tap.
+
+        The splice never waits for the tap (the issue's rule: a slow reader
+        must not stall the transfer): past ``TAP_BACKLOG`` unread bytes the
+        tap is closed early and the proxy told (``tap_overflow``).
+        """
+        tap = sp.tap
+        if tap is None or tap.overflowed:
+            return
+        tap.pending.append(data)
+        tap.pending_bytes += len(data)
+        self._tap_flush(sp)
+        if tap.pending_bytes > TAP_BACKLOG:
+            tap.overflowed = True
+            log.info("tap of splice %d overflowed; closed early", sp.relay.server_id)
+            self._tap_close(tap)
+            conn = sp.client
+            if conn is not None and conn.id is not None:
+                self.d.api.push_event(conn.owner, {"event": "tap_overflow", "conn": conn.id})
+
+    def _tap_flush(self, sp: Splice) -> None:
+        tap = sp.tap
+        if tap is None or tap.overflowed:
+            return
+        while tap.pending:
+            chunk = tap.pending[0]
+            try:
+                n = tap.sock.send(chunk)
+            except BlockingIOError:
+                break
+            except OSError:
+                # The proxy closed its end: nobody reads the tap any more.
+                tap.pending.clear()
+                tap.pending_bytes = 0
+                tap.overflowed = True
+                self._tap_close(tap)
+                return
+            tap.written += n
+            tap.pending_bytes -= n
+            if n < len(chunk):
+                tap.pending[0] = chunk[n:]
+                break
+            tap.pending.popleft()
+        if tap.pending and not tap.watching:
+            tap.watching = True
+            self.d.sel.register(tap.sock, selectors.EVENT_WRITE, lambda _m: self._tap_flush(sp))
+        elif not tap.pending:
+            if tap.watching:
+                tap.watching = False
+                self.d.sel.unregister(tap.sock)
+            if tap.ended:
+                self._tap_close(tap)
+
+    def _tap_close(self, tap: TapPipe) -> None:
+        if tap.watching:
+            tap.watching = False
+            self.d.sel.unregister(tap.sock)
+        tap.pending.clear()
+        tap.pending_bytes = 0
+        tap.sock.close()
+
     def _tear_down(self, sp: Splice) -> None:
         """Forget the pair: later segments of either connection get a RST."""
         self._offload_removed(sp)
         sp.timewait.cancel()
+        if sp.tap is not None and not sp.tap.overflowed:
+            # What was tapped still reaches the reader; then EOF.
+            sp.tap.ended = True
+            self._tap_flush(sp)
         self.splices.discard(sp)
         self.intents.pop(sp.relay.server_id, None)
         # By the relay's sides, not the Conns: a compact splice has none.

@@ -78,6 +78,7 @@ from daemon.splice.translator import SegmentInfo, Translator, TsMode, peek, tran
 from daemon.tcp.config import Endpoint, TcpConfig
 from daemon.tcp.connection import TcpConnection
 from daemon.tcp.events import TcpEvent
+from daemon.tcp.reassembly import ReassemblyQueue
 from daemon.tcp.seq import seq_ge, seq_gt, seq_lt, seq_sub
 from daemon.tcp.state import TcpState
 from daemon.wire.checksum import internet_checksum, pseudo_header_sum
@@ -98,6 +99,8 @@ __all__ = [
     "RelayCounters",
     "RelaySide",
     "Reopen",
+    "TapData",
+    "TapEnd",
     "TearDown",
     "WatchFinAck",
     "Write",
@@ -105,6 +108,7 @@ __all__ = [
 
 MASK = 0xFFFFFFFF
 QUEUE_LIMIT = 8 << 20  # bytes of segments held per splice while a side drains
+TAP_WINDOW = 16 << 20  # bytes ahead of the tap's next byte it reassembles
 CLIENT, SERVER = Iface.CLIENT, Iface.SERVER
 
 # (source address, source port, destination address, destination port) of
@@ -181,6 +185,16 @@ class HandBack(NamedTuple):
     relayed: tuple[int, int]
 
 
+class TapData(NamedTuple):
+    """The next bytes of the server's stream toward the client, for the tap (in order)."""
+
+    data: bytes
+
+
+class TapEnd(NamedTuple):
+    """The tap has everything it will get (hand-back or the server's FIN)."""
+
+
 class ProxyMisuse(NamedTuple):
     """The proxy broke a thesis 4.1 rule; its bytes were discarded."""
 
@@ -199,6 +213,8 @@ Action = (
     | WatchFinAck
     | ProxyMisuse
     | HandBack
+    | TapData
+    | TapEnd
 )
 
 
@@ -219,6 +235,8 @@ class RelayCounters:
     bounded: int = 0  # splices bounded by a byte count (a subset of ``spliced``)
     handed_back: int = 0  # bounded splices that returned their conns to the proxy
     held_segments: int = 0  # segments beyond a limit, kept for the resuming TCB
+    tapped: int = 0  # splices with a TCP tap
+    tapped_bytes: int = 0  # bytes given to taps
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -284,6 +302,17 @@ class RelaySide:
         return (self.remote[0], self.remote[1], self.local[0], self.local[1])
 
 
+@dataclass(slots=True, eq=False)
+class Tap:
+    """A TCP tap on the server -> client direction (thesis 4.4)."""
+
+    next: int  # the server's sequence number of the next byte the tap wants
+    ooo: ReassemblyQueue = field(default_factory=ReassemblyQueue)
+    copied: int = 0
+    ended: bool = False
+    fin_at: int | None = None  # where the server's FIN is (it may come before a hole fills)
+
+
 # ------------------------------------------------------------------- relay
 
 
@@ -321,6 +350,7 @@ class Relay:
     spliced_at: float | None = None
     fast_path: bool = False  # InstallFastPath was asked for
     bounded: bool = False  # splice() had limits: the hand-back comes after them
+    tap: Tap | None = None
 
     @classmethod
     def intend(
@@ -392,6 +422,7 @@ class Relay:
         now: float,
         limits: tuple[int, int] | None = None,
         server_unread: bytes = b"",
+        tap: bool = False,
     ) -> list[Action]:
         """Thesis 4.1 splice(len): freeze both TCBs and start the cross-over.
 
@@ -403,7 +434,8 @@ class Relay:
         ``limits`` (toward the client, toward the server) bound the splice:
         that many bytes of the server's and of the client's stream, from
         here on, then the hand-back (see the module docstring).
-        ``server_unread`` is ``unread`` for a paired server conn's fd.
+        ``server_unread`` is ``unread`` for a paired server conn's fd;
+        ``tap`` asks for a TCP tap of the server's stream (module docstring).
         """
         assert self.server is not None and not self.spliced
         ct, st = self.client.tcb, self.server.tcb
@@ -439,6 +471,15 @@ class Relay:
         self.early_s2c = r_s
         self.counters.spliced += 1
         out: list[Action] = []
+        if tap:
+            self.tap = Tap(self.server.base.irs)
+            self.counters.tapped += 1
+            if r_s:
+                self.tap.copied += len(r_s)
+                self.counters.tapped_bytes += len(r_s)
+                out.append(TapData(r_s))
+            if st.peer_closed and not self.bounded:
+                self._end_tap(out)
         self._handle(CLIENT, event, out, now)
         self._handle(SERVER, event, out, now)
         self._client_progress()
@@ -561,7 +602,18 @@ class Relay:
             if cut is None:
                 return
             pkt, info = cut
-        elif info.flags & FIN:
+        if src is SERVER and self.tap is not None and not self.tap.ended:
+            # Before translate: the payload is the same, but the cut
+            # segment is what goes out.
+            tap = self.tap
+            if info.flags & FIN and not self.bounded:
+                tap.fin_at = (info.seq + info.payload_len) & MASK
+            if info.payload_len:
+                hl = info.ip_header_len + info.tcp_header_len
+                self._to_tap(info.seq, pkt[hl : hl + info.payload_len], out)
+            if tap.fin_at == tap.next:  # the stream is complete (no hole before the FIN)
+                self._end_tap(out)
+        if info.flags & FIN and not self.bounded:
             dst = src.other
             if self.pair.state(dst) is SpliceState.SPLICED:
                 d = self.side(dst)
@@ -584,6 +636,37 @@ class Relay:
         else:
             self.bytes_s2c += info.payload_len
             self.packets_s2c += 1
+
+    # ------------------------------------------------------------ the tap
+
+    def _to_tap(self, seq: int, payload: memoryview, out: list[Action]) -> None:
+        """Give the tap the bytes of this segment it has not had, in order, once."""
+        tap = self.tap
+        assert tap is not None
+        off = seq_sub(seq, tap.next)
+        if off > 0:
+            # Ahead of a hole (loss or reordering before the relay): the
+            # retransmission that fills it may be the only other copy.
+            tap.ooo.insert(tap.next, seq, payload, TAP_WINDOW)
+            return
+        if -off >= len(payload):
+            return  # a retransmission of bytes the tap has
+        parts = [bytes(payload[-off:])]
+        nxt = (tap.next + len(parts[0])) & MASK
+        while (ready := tap.ooo.pop_ready(nxt)) is not None:
+            parts.append(bytes(ready))
+            nxt = (nxt + len(ready)) & MASK
+        data = b"".join(parts)
+        tap.next = nxt
+        tap.copied += len(data)
+        self.counters.tapped_bytes += len(data)
+        out.append(TapData(data))
+
+    def _end_tap(self, out: list[Action]) -> None:
+        if self.tap is not None and not self.tap.ended:
+            self.tap.ended = True
+            self.tap.ooo = ReassemblyQueue()
+            out.append(TapEnd())
 
     # ----------------------------------------------------- bounded splice
 
@@ -716,6 +799,7 @@ class Relay:
         c.returned = sv.returned = b""
         self.queued_bytes = 0
         self.counters.handed_back += 1
+        self._end_tap(out)
         out.append(HandBack(returned, held, (c2s, s2c)))
 
     def _queue(self, dst: Iface, vnet: VnetHeader | None, pkt: memoryview) -> None:
@@ -882,6 +966,8 @@ class Relay:
         """Both TCBs are silent and both translations exist: offer the kernel the pair."""
         if self.fast_path or self.c2s is None or self.s2c is None or self.server is None:
             return
+        if self.tap is not None and not self.tap.ended:
+            return  # the kernel would not copy for the tap
         if self.pair.client is SpliceState.GONE:
             return
         if self.client.queue or self.server.queue:
@@ -960,6 +1046,7 @@ class Relay:
             "len_remaining": self.len_remaining,
             "fast_path": self.fast_path,
             "bounded": self.bounded,
+            "tapped": None if self.tap is None else self.tap.copied,
             "sides": {"client": side(self.client), "server": side(self.server)},
         }
 
