@@ -47,7 +47,9 @@ One thread per connection. Pattern bodies go out with ``os.sendfile`` from a
 memfd holding the doubled pattern, so a multi-GB response costs no userspace
 copies and no memory beyond the 2 MB pattern: h11 frames the body without
 seeing its bytes (a :class:`PatternSpan` passed through
-``send_with_data_passthrough``). One log line per request on stderr. Prints
+``send_with_data_passthrough``). Likewise the bulk of a Content-Length upload
+goes from the socket straight into the hash, around h11's buffers. One log
+line per request on stderr. Prints
 ``ready`` on stdout once listening; SIGTERM or SIGINT stop it with exit status
 0, closing idle keep-alive connections at once.
 """
@@ -405,9 +407,10 @@ class OriginServer:
                         self._log.write(f'{peer_text} "{line}" 0 0 {elapsed:.3f}s')
                     return
                 served += 1
-                if not self._exchange(conn, http, request, peer_text):
+                following = self._exchange(conn, http, request, peer_text)
+                if following is None:
                     return
-                http.start_next_cycle()
+                http = following
         except OSError:
             return  # setsockopt on a connection already reset
         finally:
@@ -448,8 +451,8 @@ class OriginServer:
 
     def _exchange(
         self, conn: socket.socket, http: h11.Connection, request: h11.Request, peer_text: str
-    ) -> bool:
-        """Answer one request; True when the connection may carry the next one."""
+    ) -> h11.Connection | None:
+        """Answer one request; the h11 connection for the next one, or None to close."""
         started = time.monotonic()
         version = request.http_version.decode("latin-1")
         line = (
@@ -457,6 +460,7 @@ class OriginServer:
         )
         head_only = request.method == b"HEAD"
         status = sent = 0
+        body_read_around_h11 = False
         try:
             action = route(request)
             path = request_path(request)
@@ -465,7 +469,9 @@ class OriginServer:
             else:
                 self.counter.count(path)
                 stats = {}
-            status, sent = self._respond(conn, http, action, stats, head_only)
+            status, sent, body_read_around_h11 = self._respond(
+                conn, http, request, action, stats, head_only
+            )
         except h11.RemoteProtocolError as e:
             # A body that breaks its framing (bad chunk, FIN before the end).
             line += f" [{e}]"
@@ -473,14 +479,23 @@ class OriginServer:
                 status = e.error_status_hint
                 with contextlib.suppress(OSError):
                     sent = self._send_text(conn, http, status, str(e), head_only, close=True)
-            return False
+            return None
         except OSError as e:
             line += f" [{_describe(e)}]"
-            return False
+            return None
         finally:
             elapsed = time.monotonic() - started
             self._log.write(f'{peer_text} "{line}" {status} {sent} {elapsed:.3f}s')
-        return http.our_state is h11.DONE and http.their_state is h11.DONE
+        if http.our_state is not h11.DONE:
+            return None  # MUST_CLOSE: Connection: close, HTTP/1.0, or our own close
+        if body_read_around_h11:
+            # This h11 connection still waits for the body we consumed; the
+            # socket is exactly at the next request, so a fresh one takes over.
+            return h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        if http.their_state is not h11.DONE:
+            return None
+        http.start_next_cycle()
+        return http
 
     def _refuse_unparsed(
         self,
@@ -500,31 +515,45 @@ class OriginServer:
         self,
         conn: socket.socket,
         http: h11.Connection,
+        request: h11.Request,
         action: Action,
         stats: dict[str, object],
         head_only: bool,
-    ) -> tuple[int, int]:
-        """Send the response for ``action``; returns (status, body bytes sent)."""
+    ) -> tuple[int, int, bool]:
+        """Send the response for ``action``.
+
+        Returns (status, body bytes sent, whether the request body was read
+        around h11: see :meth:`_hash_request_body`).
+        """
         if isinstance(action, HashBody):
-            digest = self._hash_request_body(conn, http, action.until_fin)
-            return 200, self._send_text(conn, http, 200, digest, head_only, close=False)
+            digest, around = self._hash_request_body(conn, http, request, action.until_fin)
+            return 200, self._send_text(conn, http, 200, digest, head_only, close=False), around
         # The other answers do not read a body: one still arriving means close.
         close = not _request_complete(http)
         if isinstance(action, SendPattern):
             self._send_pattern(conn, http, action.length, head_only, close)
-            return 200, 0 if head_only else action.length
+            return 200, 0 if head_only else action.length, False
         if isinstance(action, ServeStats):
             body = json.dumps(stats).encode() + b"\n"
             headers = _framing("application/json", len(body))
-            return 200, self._send_small(conn, http, 200, headers, body, head_only, close)
+            return 200, self._send_small(conn, http, 200, headers, body, head_only, close), False
         extra = [(b"Allow", action.allow.encode())] if action.allow else []
         close = close or action.close
-        return action.status, self._send_text(
-            conn, http, action.status, action.message, head_only, close, extra
-        )
+        sent = self._send_text(conn, http, action.status, action.message, head_only, close, extra)
+        return action.status, sent, False
 
-    def _hash_request_body(self, conn: socket.socket, http: h11.Connection, until_fin: bool) -> str:
-        """Hex SHA-256 of the request body, read through h11 (or to the FIN)."""
+    def _hash_request_body(
+        self, conn: socket.socket, http: h11.Connection, request: h11.Request, until_fin: bool
+    ) -> tuple[str, bool]:
+        """Hex SHA-256 of the request body, and whether it was read around h11.
+
+        Chunked bodies, and whatever of a body came in with the head, go
+        through h11. The rest of a Content-Length body is read here, straight
+        into the hash: h11's buffer copies halve the upload rate (883 -> 442
+        MB/s on loopback), and the origin is the testbed's measuring end. h11
+        never sees those bytes, so its connection is left mid-body and the
+        next request gets a fresh one (:meth:`_exchange`).
+        """
         if http.they_are_waiting_for_100_continue:
             conn.sendall(
                 http.send(
@@ -532,12 +561,21 @@ class OriginServer:
                 )
             )
         sha = hashlib.sha256()
+        length = _content_length(request)
+        received = 0
         while True:
             event = http.next_event()
             if isinstance(event, h11.Data):
                 sha.update(event.data)
+                received += len(event.data)
             elif isinstance(event, h11.EndOfMessage):
                 break
+            elif length is not None:
+                # NEED_DATA inside a Content-Length body: h11's buffer is
+                # empty, and the socket holds the rest of the body, then
+                # whatever the client pipelined behind it.
+                _hash_exactly(conn, sha, length - received)
+                return sha.hexdigest(), True
             else:
                 # NEED_DATA: h11 raises RemoteProtocolError itself on EOF mid-body.
                 http.receive_data(conn.recv(_RECV_SIZE))
@@ -547,8 +585,8 @@ class OriginServer:
             # the body. h11 has made the connection must-close already.
             early, _ = http.trailing_data
             digest, _ = _hash_stream(conn, early)
-            return digest
-        return sha.hexdigest()
+            return digest, False
+        return sha.hexdigest(), False
 
     def _send_text(
         self,
@@ -674,6 +712,34 @@ def _reason(status: int) -> bytes:
         return HTTPStatus(status).phrase.encode()
     except ValueError:
         return b""
+
+
+def _content_length(request: h11.Request) -> int | None:
+    """The body length a request declares; None when chunked or not given.
+
+    h11 has validated the field and kept one copy (digits only, repeats
+    equal) and gives Transfer-Encoding precedence over it (RFC 9112 section
+    6.3), as here.
+    """
+    length = None
+    for name, value in request.headers:
+        if name == b"transfer-encoding":
+            return None
+        if name == b"content-length":
+            length = int(value)
+    return length
+
+
+def _hash_exactly(conn: socket.socket, sha: hashlib._Hash, count: int) -> None:
+    """Feed exactly ``count`` bytes from the socket into ``sha``; not one byte more."""
+    buffer = bytearray(min(_RECV_SIZE, count))
+    view = memoryview(buffer)
+    while count:
+        n = conn.recv_into(view, min(len(buffer), count))
+        if n == 0:
+            raise ConnectionResetError(errno.ECONNRESET, f"body ended {count} bytes short")
+        sha.update(view[:n])
+        count -= n
 
 
 def _hash_stream(conn: socket.socket, early: bytes) -> tuple[str, int]:

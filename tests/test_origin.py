@@ -412,6 +412,22 @@ def test_a_chunked_post_sink_is_hashed_and_the_connection_carries_on(origin: Ori
         conn.close()
 
 
+def test_a_large_post_and_the_get_pipelined_behind_it_share_the_connection(
+    origin: Origin,
+) -> None:
+    # Most of this body is read around h11 (servers.origin._hash_request_body);
+    # the GET right behind it must still be found.
+    body = pattern_bytes(SEED + 1, 3 << 20)
+    head = f"POST /sink HTTP/1.1\r\nHost: origin\r\nContent-Length: {len(body)}\r\n\r\n"
+    with socket.create_connection(origin.http, timeout=10) as sock:
+        sock.sendall(head.encode() + body + get_request("/bytes/3"))
+        stream = sock.makefile("rb")
+        assert read_reply(stream).body.decode().strip() == sha(body)
+        assert read_reply(stream).body == pattern_bytes(SEED, 3)
+        sock.sendall(head.encode() + body[:-1] + b"!")  # and once more, on the same connection
+        assert read_reply(stream).body.decode().strip() == sha(body[:-1] + b"!")
+
+
 def test_an_http11_post_sink_without_framing_has_an_empty_body(origin: Origin) -> None:
     with socket.create_connection(origin.http, timeout=10) as sock:
         sock.sendall(b"POST /sink HTTP/1.1\r\nHost: origin\r\n\r\n" + get_request("/bytes/3"))
