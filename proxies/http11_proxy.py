@@ -72,7 +72,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import enum
-import inspect
 import logging
 import re
 import socket
@@ -82,7 +81,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import h11
@@ -139,10 +137,6 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"
 
 # h11's end of a head: a line feed, an optional CR, a line feed.
 _BLANK_LINE = re.compile(rb"\n\r?\n")
-
-# The daemon's TCP tap (thesis 4.4) arrives in the client library as
-# ``splice_bounded(on_tap=...)``; without it the cache is not filled.
-SPLICE_TAP = "on_tap" in inspect.signature(AsyncSpliceClient.splice_bounded).parameters
 
 Fields = list[tuple[bytes, bytes]]
 
@@ -493,6 +487,21 @@ def tapped_body(
     if tapped != tap.size or len(written) + tap.size != length:
         return None
     return written + b"".join(tap.parts)
+
+
+def cut_short(result: dict[str, object], limit: int) -> int | None:
+    """The bytes a tapped bounded splice carried if fewer than ``limit``, else None.
+
+    The origin's FIN before the body's end ends a bounded splice there
+    (docs/api.md). Only a tap counts every byte the client got: the
+    event's ``bytes_s2c`` leaves out those the daemon had received before
+    the splice, so an untapped short body is found by the idle timeout.
+    An overflowed tap stopped counting early: no verdict.
+    """
+    tapped = result.get("tapped")
+    if not isinstance(tapped, int) or result.get("tap_overflow") or tapped >= limit:
+        return None
+    return tapped
 
 
 # -- the I/O shell (asyncio: proxies.aio_shell over daemon.api.aio) --------------------
@@ -902,21 +911,18 @@ class ClientSession:
         del link.buffer[:length]
         await self.client.sendall(head + have)
         rest = length - len(have)
-        tap: BodyTap | None = None
-        kwargs: dict[str, Any] = {}
-        if (
-            cacheable
-            and SPLICE_TAP
-            and response_is_storable(
+        storable = cacheable and (
+            response_is_storable(
                 response.status_code, _header_dict(response.headers), self.proxy.cache.max_object
             ).store
-        ):
-            tap = BodyTap(self.proxy.cache.max_object)
-            kwargs["on_tap"] = tap
+        )
+        # The TCP tap (thesis 4.4) gives us a copy of what the daemon relays.
+        tap = BodyTap(self.proxy.cache.max_object) if storable else None
+        done: dict[str, object] = {"tapped": 0, "tap_overflow": False}
         if rest:
             try:
                 done = await self.api.splice_bounded(
-                    self.client, link.conn, server_limit=rest, client_limit=0, **kwargs
+                    self.client, link.conn, server_limit=rest, client_limit=0, on_tap=tap
                 )
             except SpliceError as exc:
                 # ECONNRESET: a peer reset mid-splice, and both conns are gone.
@@ -926,8 +932,13 @@ class ClientSession:
                 return Outcome.GONE
             self.extra += _bytes(done.get("client_extra"))
             link.buffer += _bytes(done.get("server_extra"))
-        else:
-            done = {"tapped": 0, "tap_overflow": False}
+            if tap is not None and (got := cut_short(done, rest)) is not None:
+                # The client has a short body, and only a reset tells it so
+                # (its framing says more is due).
+                log.info("%s: the origin closed after %d of %d bytes", key, got, rest)
+                self._drop_link()
+                await self.client.abort()
+                return Outcome.GONE
         if tap is not None:
             self._store(key, response, tapped_body(have, tap, done, length))
         return Outcome.KEEP if client_keeps_alive(request) else Outcome.CLOSE

@@ -30,6 +30,7 @@ from proxies.http11_proxy import (
     Origin,
     ResponseFraming,
     client_keeps_alive,
+    cut_short,
     forward_request,
     forward_response,
     head_length,
@@ -343,6 +344,13 @@ def test_the_tap_gives_up_past_the_object_limit_and_a_short_body_is_not_stored()
     assert tapped_body(b"", short, {"tapped": 3, "tap_overflow": False}, 5) is None
 
 
+def test_a_tapped_splice_that_carried_less_than_its_limit_was_cut_short() -> None:
+    assert cut_short({"tapped": 100_000, "tap_overflow": False}, 200_000) == 100_000
+    assert cut_short({"tapped": 200_000, "tap_overflow": False}, 200_000) is None
+    assert cut_short({"tapped": 5, "tap_overflow": True}, 200_000) is None  # no verdict
+    assert cut_short({"bytes_s2c": 5}, 200_000) is None  # untapped: no verdict
+
+
 # -- end to end in the testbed (root) ----------------------------------------------------
 
 PROXY_PORT = 3130
@@ -361,6 +369,7 @@ DENY = """
 #               request is read and the connection closed unanswered (the
 #               origin timed it out just as the proxy reused it)
 #   /len/N      N pattern bytes with a Content-Length, kept alive
+#   /short/N    a Content-Length of N, N // 2 bytes, then the close
 SIDE_ORIGIN_PORT = 8081
 SIDE_ORIGIN = r"""
 import hashlib, socket, sys, threading
@@ -393,6 +402,10 @@ def serve(c):
                 c.sendall(out + b"0\r\nX-Sha256: " + sha + b"\r\n\r\n")
             elif kind == "close":
                 c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: x/y\r\n\r\n" + data)
+                return
+            elif kind == "short":
+                c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(data))
+                c.sendall(data[: len(data) // 2])
                 return
             else:
                 c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
@@ -608,6 +621,17 @@ def test_a_kept_alive_origin_connection_closed_under_the_proxy_is_replaced(bed: 
     assert "len/1003: the origin closed the connection before answering; retrying" in (
         bed.log.read_text()
     )
+
+
+@pytest.mark.root
+def test_a_body_the_origin_cuts_short_resets_the_client(bed: Bed) -> None:
+    res = bed.tb.host("client").cmd(
+        ["curl", "-sS", "-x", bed.proxy_url, f"{bed.side}/short/200000", "-o", "/dev/null"]
+    )
+    assert res.returncode in (18, 56), (res.returncode, res.stderr)  # partial file, recv error
+    log = bed.log.read_text()
+    assert "/short/200000: the origin closed after 100000 of 200000 bytes" in log
+    assert f"fill {bed.side}/short/200000" not in log  # nothing stored
 
 
 @pytest.mark.root
