@@ -64,6 +64,7 @@ SINK_PORT = 9000
 SOCKS_PORT = 1080
 ENDPOINT_SOCKS_PORT = 1082
 HTTP_PROXY_PORT = 3128
+HTTP11_PROXY_PORT = 3129
 
 
 class TestbedError(RuntimeError):
@@ -327,6 +328,11 @@ class Testbed:
         return (SPLICE_SERVICE, HTTP_PROXY_PORT)
 
     @property
+    def http11_proxy(self) -> tuple[str, int]:
+        """The HTTP/1.1 proxy: persistent connections, each response body spliced."""
+        return (SPLICE_SERVICE, HTTP11_PROXY_PORT)
+
+    @property
     def daemon_socket(self) -> Path:
         return self.run_dir / "spliced.sock"
 
@@ -467,6 +473,7 @@ class Testbed:
             ("socks5-spliced", "proxies.socks5_spliced", self.spliced_socks),
             ("socks5-endpoint", "proxies.socks5_endpoint", self.endpoint_socks),
             ("http-proxy", "proxies.http_proxy", self.http_proxy),
+            ("http11-proxy", "proxies.http11_proxy", self.http11_proxy),
         ):
             wanted[name] = (
                 proxy_ns,
@@ -585,6 +592,8 @@ class Testbed:
             "  (thesis Fig. 4.2: the daemon relays after the reply)",
             f"  spliced HTTP     {self.http_proxy[0]}:{self.http_proxy[1]}"
             "  (HTTP/1.0 proxy with a cache, thesis Fig. 4.3)",
+            f"  spliced HTTP/1.1 {self.http11_proxy[0]}:{self.http11_proxy[1]}"
+            "  (keep-alive; each response body spliced, deny list, cache)",
             f"  endpoint SOCKS5  {self.endpoint_socks[0]}:{self.endpoint_socks[1]}"
             "  (daemon-terminated TCP, copying: no splice)",
             "try:",

@@ -762,3 +762,29 @@ def test_a_hundred_concurrent_clients_each_reusing_a_connection_all_succeed(bed:
     connections = bed.origin_stats()["connections"] - origin_before["connections"]
     assert connections <= 101
     assert "Traceback" not in bed.log.read_text()
+
+
+@pytest.mark.root
+def test_the_testbed_runs_the_proxy_as_a_service(tb: Any) -> None:
+    client = tb.host("client")
+    proxy = "http://{}:{}".format(*tb.http11_proxy)
+    origin = "http://{}:{}".format(*tb.origin)
+    res = client.cmd(
+        [
+            "curl",
+            "-sS",
+            "-x",
+            proxy,
+            f"{origin}/bytes/10",
+            f"{origin}/bytes/11",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{num_connects} %{http_code}\n",
+        ]
+    )
+    assert res.stdout.split() == ["1", "200", "0", "200"], res.stderr
+    assert "http11-proxy" in tb.status()["services"]
+    assert f":{tb.http11_proxy[1]}" in tb.describe()
