@@ -65,6 +65,12 @@ The cache is filled through the daemon's TCP tap (thesis 4.4): a copy of
 the spliced bytes comes back to the proxy, so a cacheable miss costs the
 origin one transfer (the HTTP/1.0 proxy fetches it a second time). An
 object is stored only if the tap saw the whole body.
+
+Not done: HTTP/1.0 keep-alive (an HTTP/1.0 client's connection closes
+after its response), Upgrade (never forwarded), proxy authentication, DNS
+in the deny rules (a host is matched as the client wrote it). A body the
+origin cuts short is noticed at once only on a tapped splice (``cut_short``);
+otherwise the client learns it when its idle connection is closed.
 """
 
 from __future__ import annotations
@@ -1018,17 +1024,21 @@ class ClientSession:
         error: SpliceError | None = None
         if early:
             # Bytes we hold must reach the server before the splice: the three ops.
-            server = await self.api.intend_splice(self.client)
+            server: AsyncConnection | None = None
             try:
+                server = await self.api.intend_splice(self.client)
                 await connect_server(server, remotes, self.proxy.source, timeout)
                 await server.sendall(early)
                 await self.api.splice(self.client, server, len(CONNECT_ESTABLISHED))
                 await self.client.sendall(CONNECT_ESTABLISHED)
+            except DaemonGone:
+                raise
             except (SpliceError, OSError) as exc:
                 error = exc if isinstance(exc, SpliceError) else SpliceError("EIO", str(exc))
             else:
                 self.client.release()
-            server.release()
+            if server is not None:
+                server.release()
         else:
             for remote in remotes:
                 try:
@@ -1052,7 +1062,8 @@ class ClientSession:
             reply = proxy_response(status, f"{origin.authority}: {error.code}", close=True)
             await refuse_intended(self.client, reply)
             return Outcome.GONE
-        log.info("CONNECT %s spliced", origin.authority)
+        ahead = f", {len(early)} bytes of the client's ahead of it" if early else ""
+        log.info("CONNECT %s spliced%s", origin.authority, ahead)
         return Outcome.GONE
 
 

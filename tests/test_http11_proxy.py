@@ -674,6 +674,40 @@ def test_connect_is_spliced_for_the_connections_lifetime(bed: Bed) -> None:
     assert refused.stdout.strip().endswith("403"), refused.stdout
 
 
+EARLY_TUNNEL = r"""
+import hashlib, socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+# The tunnel's first bytes in the same send as the CONNECT: the proxy has
+# read them, so they must reach the origin ahead of the splice.
+connect = b"CONNECT %s HTTP/1.1\r\nHost: x\r\n\r\n" % sys.argv[3].encode()
+get = b"GET /bytes/%s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % sys.argv[4].encode()
+s.sendall(connect + get)
+data = b""
+while chunk := s.recv(65536):
+    data += chunk
+established, _, response = data.partition(b"\r\n\r\n")
+head, _, body = response.partition(b"\r\n\r\n")
+status = head.split(b"\r\n")[0].decode()
+print(established.decode(), "|", status, "|", hashlib.sha256(body).hexdigest())
+"""
+
+
+@pytest.mark.root
+def test_bytes_sent_behind_a_connect_go_through_the_tunnel_first(bed: Bed) -> None:
+    out = run_py(
+        bed.tb.host("client"),
+        EARLY_TUNNEL,
+        "198.51.100.1",
+        str(PROXY_PORT),
+        "{}:{}".format(*bed.tb.origin),
+        "300001",
+    )
+    established, status, digest = (part.strip() for part in out.split("|"))
+    assert established == "HTTP/1.1 200 Connection established"
+    assert status == "HTTP/1.1 200 OK" and digest == _pattern(300001)
+    assert "bytes of the client's ahead of it" in bed.log.read_text()  # the three-op path
+
+
 PIPELINE = r"""
 import socket, sys
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
