@@ -5,19 +5,31 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
-from clients.loadgen import Result, Socks5Proxy, fetch, parse_size, run_load, upload
+from clients.loadgen import (
+    HttpProxy,
+    Result,
+    Socks5Proxy,
+    fetch,
+    fetch_keepalive,
+    parse_size,
+    persistent,
+    run_load,
+    upload,
+)
 from clients.socks5 import (
     Socks5AuthError,
     Socks5Error,
@@ -25,7 +37,7 @@ from clients.socks5 import (
     connect_request,
     socks5_connect,
 )
-from servers.http1 import head_end
+from servers.http1 import ResponseHead, content_length, head_end, parse_response_head
 from servers.origin import OriginServer
 from servers.pattern import DEFAULT_SEED, pattern_bytes
 
@@ -485,3 +497,346 @@ def test_command_line_upload_through_socks5(origin: tuple[str, int]) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     (record,) = [json.loads(line) for line in done.stdout.splitlines()]
     assert (record["mode"], record["op"], record["ok"]) == ("socks5", "upload", True)
+
+
+# --- HTTP proxies and keep-alive ------------------------------------------------------
+
+
+class Buffered:
+    """A socket read head by head: what arrives beyond a head waits for the next read."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = bytearray()
+
+    def head(self) -> bytes:
+        """The next head, b"" if the peer closed first."""
+        while (end := head_end(self.buffer)) < 0:
+            data = self.sock.recv(1 << 16)
+            if not data:
+                return b""
+            self.buffer += data
+        head = bytes(self.buffer[:end])
+        del self.buffer[:end]
+        return head
+
+    def relay(self, count: int, to: socket.socket) -> None:
+        """Copy the next ``count`` bytes to ``to``."""
+        while count:
+            if not self.buffer:
+                data = self.sock.recv(min(count, 1 << 16))
+                if not data:
+                    raise EOFError
+                self.buffer += data
+            chunk = bytes(self.buffer[:count])
+            del self.buffer[: len(chunk)]
+            to.sendall(chunk)
+            count -= len(chunk)
+
+
+def header(head: bytes, name: str) -> str | None:
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        key, _, value = line.partition(":")
+        if key.strip().lower() == name:
+            return value.strip()
+    return None
+
+
+def copying_http_proxy(seen: list[str]) -> Handler:
+    """A copying HTTP forward proxy, keep-alive on both sides, for one client connection.
+
+    Each request's absolute-form target (recorded in ``seen`` with its version)
+    goes to the origin in origin-form on the proxy's own connection, kept while
+    the client keeps its own; bodies are framed by Content-Length both ways.
+    An HTTP/1.0 client's connection ends after its response, as HTTP/1.0 does.
+    """
+
+    def handler(conn: socket.socket) -> None:
+        client = Buffered(conn)
+        upstream: socket.socket | None = None
+        try:
+            while head := client.head():
+                method, target, version = head.split(b"\r\n", 1)[0].decode().split(" ")
+                seen.append(f"{method} {target} {version}")
+                url = urlsplit(target)
+                assert url.hostname is not None and url.port is not None
+                if upstream is None:
+                    upstream = socket.create_connection((url.hostname, url.port))
+                    origin = Buffered(upstream)
+                rest = head.split(b"\r\n", 1)[1]
+                upstream.sendall(f"{method} {url.path} {version}\r\n".encode() + rest)
+                client.relay(int(header(head, "content-length") or 0), upstream)
+                response = origin.head()
+                conn.sendall(response)
+                origin.relay(int(header(response, "content-length") or 0), conn)
+                if version == "HTTP/1.0":
+                    return
+        finally:
+            if upstream is not None:
+                upstream.close()
+
+    return handler
+
+
+def origin_connections(origin: tuple[str, int]) -> int:
+    """Connections the origin has accepted so far, the one asking its /stats included."""
+    with socket.create_connection(origin, timeout=5) as sock:
+        sock.sendall(b"GET /stats HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+    return int(json.loads(data[head_end(data) :])["connections"])
+
+
+def test_keepalive_sends_every_request_on_one_connection_and_times_set_up_once(
+    origin: tuple[str, int],
+) -> None:
+    before = origin_connections(origin)
+    results = list(fetch_keepalive(origin, 100_000, timeout=10, requests=5))
+    assert origin_connections(origin) - before == 2  # ours, and the second /stats
+    assert all(r.ok and r.bytes == 100_000 for r in results), results
+    assert [r.index_on_conn for r in results] == [0, 1, 2, 3, 4]
+    setups = [r.setup_s for r in results]
+    assert setups[0] is not None and setups[0] > 0 and setups[1:] == [0.0] * 4
+    assert all(r.response_time_s is not None and r.response_time_s > 0 for r in results)
+    assert all(r.mode == "direct" and r.detail is None for r in results)
+
+
+def test_keepalive_checks_every_body_of_every_size(origin: tuple[str, int]) -> None:
+    # 0 bytes and 3 MB: framing by Content-Length alone, no waiting for a close.
+    for size in (0, 3 << 20):
+        results = list(fetch_keepalive(origin, size, timeout=10, requests=3))
+        assert [(r.ok, r.bytes, r.index_on_conn) for r in results] == [
+            (True, size, 0),
+            (True, size, 1),
+            (True, size, 2),
+        ]
+
+
+def serve_requests(answer: Callable[[int, bytes], bytes | None]) -> Handler:
+    """A server that answers each request on a connection with ``answer(index, head)``;
+    None closes the connection instead (after reading that request)."""
+
+    def handler(conn: socket.socket) -> None:
+        client = Buffered(conn)
+        index = 0
+        while head := client.head():
+            reply = answer(index, head)
+            if reply is None:
+                return
+            conn.sendall(reply)
+            index += 1
+
+    return handler
+
+
+def pattern_response(head: bytes, extra: dict[str, str] | None = None) -> bytes:
+    size = int(head.split(b" ")[1].rsplit(b"/", 1)[1])
+    fields = "".join(f"{k}: {v}\r\n" for k, v in (extra or {}).items())
+    return f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n{fields}\r\n".encode() + pattern_bytes(
+        DEFAULT_SEED, size
+    )
+
+
+def test_a_server_ending_each_connection_after_one_response_gets_a_new_one_each_time() -> None:
+    # tinyproxy 1.11 does this: HTTP/1.1 responses with no "Connection: close",
+    # then its FIN.  Each request opens a connection: index 0, set-up timed.
+    def one_then_close(index: int, head: bytes) -> bytes | None:
+        return pattern_response(head) if index == 0 else None
+
+    def said_close(index: int, head: bytes) -> bytes | None:
+        return pattern_response(head, {"Connection": "close"})
+
+    for answer in (one_then_close, said_close):
+        with tcp_server(serve_requests(answer)) as fake:
+            results = list(fetch_keepalive(fake, 5000, timeout=10, requests=4))
+        assert all(r.ok for r in results), results
+        assert [r.index_on_conn for r in results] == [0, 0, 0, 0]
+        assert all(r.setup_s is not None and r.setup_s > 0 for r in results)
+
+
+def test_a_request_a_reused_connection_drops_unanswered_is_sent_once_more() -> None:
+    # The server reads the second request on each connection and closes: the
+    # race RFC 9112 9.3.1 lets a client retry (GET is idempotent).
+    heads: list[bytes] = []
+
+    def first_only(index: int, head: bytes) -> bytes | None:
+        heads.append(head)
+        return pattern_response(head) if index == 0 else None
+
+    with tcp_server(serve_requests(first_only)) as fake:
+        results = list(fetch_keepalive(fake, 5000, timeout=10, requests=3))
+    assert all(r.ok and r.bytes == 5000 for r in results), results
+    assert [r.index_on_conn for r in results] == [0, 0, 0]
+    assert results[0].detail is None
+    assert all(r.detail is not None and "sent again" in r.detail for r in results[1:])
+    assert len(heads) == 5  # 3 answered, 2 dropped
+
+
+def test_a_new_connection_closed_unanswered_is_a_failure_not_retried() -> None:
+    with tcp_server(serve_requests(lambda index, head: None)) as fake:
+        (result,) = fetch_keepalive(fake, 5000, timeout=10, requests=1)
+    assert (result.ok, result.error, result.response_time_s) == (False, "short", None)
+
+
+def test_bytes_beyond_a_kept_response_are_corrupt() -> None:
+    def too_long(index: int, head: bytes) -> bytes | None:
+        return pattern_response(head) + b"extra"
+
+    with tcp_server(serve_requests(too_long)) as fake:
+        results = list(fetch_keepalive(fake, 1000, timeout=10, requests=2))
+    assert [r.error for r in results] == ["corrupt", "corrupt"]
+
+
+def test_a_chunked_response_is_refused_as_http() -> None:
+    def chunked(index: int, head: bytes) -> bytes | None:
+        return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+
+    with tcp_server(serve_requests(chunked)) as fake:
+        (result,) = fetch_keepalive(fake, 0, timeout=10, requests=1)
+    assert (result.ok, result.error) == (False, "http")
+
+
+@pytest.mark.parametrize(
+    ("status_line", "connection", "kept"),
+    [
+        ("HTTP/1.1 200 OK", None, True),
+        ("HTTP/1.1 200 OK", "close", False),
+        ("HTTP/1.1 200 OK", "Keep-Alive, Close", False),
+        ("HTTP/1.0 200 OK", None, False),
+        ("HTTP/1.0 200 OK", "keep-alive", True),
+    ],
+)
+def test_persistence_follows_rfc_9112_section_9_3(
+    status_line: str, connection: str | None, kept: bool
+) -> None:
+    head = status_line + "\r\nContent-Length: 0\r\n"
+    if connection is not None:
+        head += f"Connection: {connection}\r\n"
+    parsed: ResponseHead = parse_response_head((head + "\r\n").encode())
+    assert content_length(parsed.headers) == 0
+    assert persistent(parsed) is kept
+
+
+def test_through_an_http_proxy_requests_name_the_origin_in_absolute_form(
+    origin: tuple[str, int],
+) -> None:
+    seen: list[str] = []
+    host_port = f"{origin[0]}:{origin[1]}"
+    with tcp_server(copying_http_proxy(seen)) as proxy:
+        one = fetch(origin, 2 << 20, HttpProxy(*proxy), timeout=10)
+        sent = upload(origin, 1 << 20, HttpProxy(*proxy), timeout=10)
+    assert one.ok and sent.ok, (one, sent)
+    assert (one.mode, sent.mode) == ("http-proxy", "http-proxy")
+    assert seen == [
+        f"GET http://{host_port}/bytes/{2 << 20} HTTP/1.0",
+        f"POST http://{host_port}/sink HTTP/1.0",
+    ]
+
+
+def test_keepalive_through_an_http_proxy_keeps_one_connection_to_it(
+    origin: tuple[str, int],
+) -> None:
+    seen: list[str] = []
+    accepted: list[int] = []
+
+    def counting(conn: socket.socket) -> None:
+        accepted.append(1)
+        copying_http_proxy(seen)(conn)
+
+    with tcp_server(counting) as proxy:
+        results = list(fetch_keepalive(origin, 1 << 20, HttpProxy(*proxy), 10, requests=4))
+    assert all(r.ok and r.mode == "http-proxy" for r in results), results
+    assert [r.index_on_conn for r in results] == [0, 1, 2, 3]
+    assert len(accepted) == 1
+    assert seen == [f"GET http://{origin[0]}:{origin[1]}/bytes/{1 << 20} HTTP/1.1"] * 4
+
+
+@contextmanager
+def tinyproxy(tmp_path: Path) -> Iterator[tuple[str, int]]:
+    """Debian's tinyproxy on loopback, in the foreground, for one test."""
+    binary = shutil.which("tinyproxy")
+    if binary is None:
+        pytest.skip("tinyproxy is not installed (make sysdeps)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    conf = tmp_path / "tinyproxy.conf"
+    conf.write_text(f"Port {port}\nListen 127.0.0.1\nTimeout 30\nLogLevel Warning\n")
+    proc = subprocess.Popen(
+        [binary, "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        for _ in range(100):
+            with suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            time.sleep(0.05)
+        yield "127.0.0.1", port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_tinyproxy_ends_every_connection_after_one_response_and_the_next_request_reconnects(
+    origin: tuple[str, int], tmp_path: Path
+) -> None:
+    # What the keep-alive experiment meets: tinyproxy 1.11 forwards an HTTP/1.1
+    # response without "Connection: close" and then closes the connection.
+    with tinyproxy(tmp_path) as proxy:
+        results = list(fetch_keepalive(origin, 100_000, HttpProxy(*proxy), 10, requests=5))
+    assert all(r.ok and r.bytes == 100_000 for r in results), results
+    assert [r.index_on_conn for r in results] == [0] * 5
+    assert all(r.setup_s is not None and r.setup_s > 0 for r in results)
+
+
+def records_of(done: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_command_line_keepalive_reports_each_request_with_its_place_on_the_connection(
+    origin: tuple[str, int],
+) -> None:
+    server = f"{origin[0]}:{origin[1]}"
+    done = run_cli(
+        *("--server", server, "--size", "1K", "--size", "100000", "--keepalive", "3"),
+        *("--repeat", "2", "--concurrency", "2", "--warmup"),
+    )
+    assert done.returncode == 0, done.stderr
+    records = records_of(done)
+    assert len(records) == 2 * 2 * 2 * 3  # workers x rounds x sizes x requests
+    for worker in (0, 1):
+        mine = [r for r in records if r["worker"] == worker]
+        assert [r["index_on_conn"] for r in mine] == [0, 1, 2] * 4
+        assert [r["size"] for r in mine] == ([1024] * 3 + [100000] * 3) * 2
+    assert all(r["ok"] for r in records)
+    assert all((r["setup_s"] == 0) == (r["index_on_conn"] != 0) for r in records)
+    assert "loadgen: 24 requests, 0 failed" in done.stderr and "8 connections" in done.stderr
+
+
+def test_command_line_keepalive_through_an_http_proxy(origin: tuple[str, int]) -> None:
+    seen: list[str] = []
+    with tcp_server(copying_http_proxy(seen)) as proxy:
+        done = run_cli(
+            *("--server", f"{origin[0]}:{origin[1]}", "--size", "64K", "--keepalive", "4"),
+            *("--http-proxy", f"{proxy[0]}:{proxy[1]}"),
+        )
+    assert done.returncode == 0, done.stdout + done.stderr
+    records = records_of(done)
+    assert [(r["mode"], r["ok"], r["index_on_conn"]) for r in records] == [
+        ("http-proxy", True, i) for i in range(4)
+    ]
+    assert len(seen) == 4
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("--socks5", "127.0.0.1:1", "--http-proxy", "127.0.0.1:2"), "choose one"),
+        (("--keepalive", "0"), "at least 1"),
+        (("--keepalive", "2", "--upload"), "uploads go one per connection"),
+        (("--http-proxy", "127.0.0.1:2", "--user", "u"), "need --socks5"),
+    ],
+)
+def test_command_line_refuses_conflicting_options(args: Sequence[str], says: str) -> None:
+    done = run_cli("--server", "127.0.0.1:1", "--size", "1K", *args)
+    assert done.returncode == 2 and says in done.stderr, done.stderr
