@@ -16,9 +16,10 @@ These requests are HTTP/1.0: one per connection, closed by the server.
 
 ``--http-proxy``: the connection goes to an HTTP forward proxy and the request
 names the origin in absolute-form (RFC 9112 section 3.2.2), ``GET
-http://ADDR:PORT/bytes/N``; set-up is the TCP connect to the proxy alone (the
-proxy connects to the origin once it has read the request, inside the
-response time).
+http://ADDR:PORT/bytes/N``, with ``Cache-Control: no-cache`` so that a caching
+proxy relays every response from the origin instead of timing its cache; set-up
+is the TCP connect to the proxy alone (the proxy connects to the origin once it
+has read the request, inside the response time).
 
 ``--keepalive K``: HTTP/1.1 persistent connections (RFC 9112 section 9.3).
 For every size, each worker makes K GETs one after another on one connection,
@@ -228,7 +229,7 @@ def fetch(
         began = time.perf_counter()
         with _connect(host, port, proxy, deadline) as sock:
             target = _target(host, port, f"/bytes/{size}", proxy)
-            request = request_head("GET", target, {"Host": format_host_port(host, port)})
+            request = request_head("GET", target, _get_headers(host, port, proxy))
             sent_at = time.perf_counter()
             result.setup_s = sent_at - began
             sock.sendall(request)
@@ -380,9 +381,8 @@ class PersistentConnection:
             result.setup_s = 0.0
         result.index_on_conn = self.answered
         sock = self.sock
-        authority = format_host_port(self.host, self.port)
         target = _target(self.host, self.port, f"/bytes/{size}", self.proxy)
-        request = _http11_head("GET", target, {"Host": authority})
+        request = _http11_head("GET", target, _get_headers(self.host, self.port, self.proxy))
         sent_at = time.perf_counter()
         try:
             _set_timeout(sock, deadline)
@@ -612,6 +612,16 @@ def _target(host: str, port: int, path: str, proxy: Proxy | None) -> str:
     if isinstance(proxy, HttpProxy):
         return f"http://{format_host_port(host, port)}{path}"
     return path
+
+
+def _get_headers(host: str, port: int, proxy: Proxy | None) -> dict[str, str]:
+    headers = {"Host": format_host_port(host, port)}
+    if isinstance(proxy, HttpProxy):
+        # A caching proxy (ours are) would answer repeated GETs from its cache
+        # and the run would time cache hits: every request must reach the
+        # origin through the proxy's relay (RFC 9111 5.2.1.4).
+        headers["Cache-Control"] = "no-cache"
+    return headers
 
 
 def _http11_head(method: str, target: str, headers: dict[str, str]) -> bytes:

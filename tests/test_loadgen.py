@@ -558,6 +558,8 @@ def copying_http_proxy(seen: list[str]) -> Handler:
             while head := client.head():
                 method, target, version = head.split(b"\r\n", 1)[0].decode().split(" ")
                 seen.append(f"{method} {target} {version}")
+                if method == "GET":  # what the proxy's cache would have served, if it had one
+                    assert header(head, "cache-control") == "no-cache"
                 url = urlsplit(target)
                 assert url.hostname is not None and url.port is not None
                 if upstream is None:
