@@ -449,6 +449,43 @@ def test_fin_watch_punts_acks_at_and_beyond_fin_ack(
         assert out[14:50] == reference(t, packet)[:36]
 
 
+def test_an_entry_installed_with_its_watch_punts_from_the_first_packet(fp: FastPath) -> None:
+    # Installing and then watching is two updates: an ACK in between would be
+    # relayed past the daemon, which then waits for it forever.
+    t = translator()
+    fp.install(KEY, t, EGRESS, None, 100_000)
+    packet = ip_tcp(ack=100_000, options=ts_option(1, 2))
+    assert fp.test_run(frame(packet)) == (TC_ACT_OK, frame(packet))
+
+
+@pytest.mark.parametrize(
+    ("limit", "seq", "payload", "punted"),
+    [
+        (10_000, 9_000, 999, False),  # wholly before the limit: the kernel's
+        (10_000, 9_000, 1000, True),  # reaches it: the daemon cuts (and learns the window)
+        (10_000, 9_500, 1000, True),  # crosses it
+        (10_000, 10_000, 0, False),  # a pure ACK at the limit: the steady state
+        (10_000, 10_001, 0, True),  # an ACK past it: the sender sent bytes beyond
+        (5, M32 - 10, 15, False),  # before it across the wrap
+        (5, M32 - 10, 16, True),  # reaches it across the wrap
+    ],
+)
+def test_a_bounded_splice_relays_only_what_lies_before_its_limit(
+    fp: FastPath, limit: int, seq: int, payload: int, punted: bool
+) -> None:
+    t = translator()
+    fp.install(KEY, t, EGRESS, limit)
+    packet = ip_tcp(seq=seq, options=ts_option(1, 2), payload=b"p" * payload)
+    before = fp.global_stats()["punt_limit"]
+    verdict, out = fp.test_run(frame(packet))
+    if punted:
+        assert (verdict, out) == (TC_ACT_OK, frame(packet))
+        assert fp.global_stats()["punt_limit"] == before + 1
+    else:
+        assert verdict == TC_ACT_REDIRECT
+        assert out[14:] == reference(t, packet)
+
+
 # --- counters --------------------------------------------------------------------
 
 

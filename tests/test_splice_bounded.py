@@ -103,7 +103,14 @@ def test_the_response_is_relayed_to_the_byte_and_the_rest_held_for_the_server_tc
     relay = bed.relay
     # Nothing to relay toward the server (limit 0): that side is done at once.
     assert (relay.pair.client, relay.pair.server) == (S.BOUNDED, S.LIMIT_REACHED)
-    assert not of(actions, InstallFastPath)  # bounded splices stay in Python
+    # The kernel may carry it, up to the limits: client segments only at the
+    # limit toward the server (pure ACKs), server bytes wholly before the
+    # limit toward the client; the client's ACK of the last byte goes up.
+    (install,) = of(actions, InstallFastPath)
+    assert isinstance(install, InstallFastPath)
+    (_, _, c_watch, c_limit), (_, _, s_watch, s_limit) = install.entries
+    assert (c_watch, c_limit) == (C_ISS + 301, C_IRS + 1)
+    assert (s_watch, s_limit) == (None, S_IRS + 301)
     a = from_server(bed, seq=S_IRS + 1, ack=S_ISS + 1, flags=ACK | PSH, payload=b"a" * 200)
     ((_, seg),) = writes(relay.on_packet(SERVER, None, a, T0))
     assert seg.seq == C_ISS + 1 and len(seg.payload) == 200
@@ -198,8 +205,8 @@ def test_bytes_past_the_limit_at_the_freeze_go_back_to_the_proxy() -> None:
         relay.on_packet(CLIENT, None, from_client(bed, seq=C_IRS + 7, ack=C_ISS + 5), T0)
     )
     assert hb.returned == {CLIENT: b"GET /2", SERVER: b"NEXT"}
-    assert hb.relayed == (0, 0)
-    assert bed.client.snd_nxt == C_ISS + 5  # the TCB sent them: nothing relayed
+    assert hb.relayed == (0, 4)  # every byte the splice moved: the TCB sent them
+    assert bed.client.snd_nxt == C_ISS + 5  # nothing relayed past them
 
 
 def test_a_handed_back_pair_splices_again_in_continuous_sequence_spaces() -> None:

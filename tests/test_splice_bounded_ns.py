@@ -72,12 +72,15 @@ sizes = [int(x) for x in sys.argv[4].split(",")]
 suffix = sys.argv[5].encode() if len(sys.argv) > 5 else b""
 failures = []
 def one(i):
+    where = "?"
     try:
         s = socket.create_connection((host, port), timeout=60)
+        where = s.getsockname()
         s.sendall(b"".join(b"GET %d%s\\n" % (n, suffix) for n in sizes))  # all pipelined
         f = s.makefile("rb")
         for k, n in enumerate(sizes):
-            assert f.readline() == b"LEN %d\\n" % n
+            head = f.readline()
+            assert head == b"LEN %d\\n" % n, ("head", k, head)
             body = f.read(n)
             want = random.Random(n).randbytes(n)
             assert hashlib.sha256(body).digest() == hashlib.sha256(want).digest(), (k, n)
@@ -85,7 +88,7 @@ def one(i):
             assert trailer == b"END %d\\n" % k, (k, trailer)
         s.close()
     except Exception as exc:
-        failures.append(f"conn {i}: {exc!r}")
+        failures.append(f"conn {i} {where}: {exc!r}")
 threads = [threading.Thread(target=one, args=(i,)) for i in range(conns)]
 for t in threads: t.start()
 for t in threads: t.join()
@@ -232,8 +235,14 @@ def test_every_response_on_one_connection_is_spliced_to_the_byte(
     counters = after["splice_counters"]
     assert counters["bounded"] - before["bounded"] == len(SIZES)
     assert counters["handed_back"] - before["handed_back"] == len(SIZES)
-    # Bounded splices stay in the daemon, even with the fast path running.
-    assert counters["fast_path_installed"] == before["fast_path_installed"]
+    if tb.fastpath == "on":
+        # The kernel carried the bodies up to each limit; the daemon cut
+        # the segment that reached it and saw the ACK of its last byte.
+        assert counters["fast_path_installed"] > before["fast_path_installed"]
+        fp = after["fast_path"]["counters"]
+        assert fp["punt_limit"] > 0
+    else:
+        assert not after["fast_path"]["running"]
     assert not proxy.errors, proxy.errors
     assert not [s for s in after["splices"] if s["bounded"]]
 

@@ -209,7 +209,9 @@ class AsyncSpliceClient:
         ``server_limit`` bytes of the server's stream that we have not read
         go to the client, the next ``client_limit`` of the client's to the
         server, and then both conns are ours again.  Returns the
-        ``unspliced`` event plus ``client_extra`` and ``server_extra``: bytes
+        ``unspliced`` event (``bytes_s2c``/``bytes_c2s``: every byte of each
+        stream the splice moved; fewer than the limit if a peer closed
+        first) plus ``client_extra`` and ``server_extra``: bytes
         the daemon had already put in our fds past a limit, which are ours
         (they come before anything read from the fds afterwards).  Read the
         fds only through ``AsyncConnection.recv``, so that the count of what
@@ -266,6 +268,11 @@ class AsyncSpliceClient:
                     tap_reader = asyncio.ensure_future(_read_tap(tap_sock, on_tap))
             event = await waiter
             result = {**event, "client_extra": client_extra, "server_extra": server_extra}
+            # Every byte of each stream this call moved, ours from the fds too.
+            for name, ours in (("bytes_c2s", to_server), ("bytes_s2c", to_client)):
+                count = event.get(name)
+                if isinstance(count, int):
+                    result[name] = count + len(ours)
             if tap_reader is not None:
                 # The daemon closes the tap once it has written everything.
                 got = await tap_reader

@@ -389,9 +389,11 @@ class ApiServer:
                 self._check(client, conn, req.conn)
                 if req.server is not None:
                     self._check(client, conn, req.server)
-                result = self.core.intend_splice(owner, req.conn, req.server)
                 if req.server is None:
+                    result = self.core.intend_splice(owner, req.conn)
                     self._adopt(client, conn, result)  # the reserved server side
+                else:
+                    result = self.core.intend_splice(owner, req.conn, req.server)
                 self._reply(client, req.id, result)
             case ConnectSplice():
                 self._check(client, conn, req.client)
@@ -409,16 +411,20 @@ class ApiServer:
             case Splice():
                 self._check(client, conn, req.client)
                 self._check(client, conn, req.server)
-                result = self.core.splice(
-                    owner,
-                    req.client,
-                    req.server,
-                    req.length,
-                    req.unread,
-                    req.limits,
-                    req.server_unread,
-                    req.tap,
-                )
+                if req.limits is None and not req.server_unread and not req.tap:
+                    # The thesis's splice: the arguments every core takes.
+                    result = self.core.splice(owner, req.client, req.server, req.length, req.unread)
+                else:
+                    result = self.core.splice(
+                        owner,
+                        req.client,
+                        req.server,
+                        req.length,
+                        req.unread,
+                        limits=req.limits,
+                        server_unread=req.server_unread,
+                        tap=req.tap,
+                    )
                 tap = result.pop(TAP_SOCK, None)
                 if isinstance(tap, socket.socket):
                     # The tap's read end goes with the reply (SCM_RIGHTS).

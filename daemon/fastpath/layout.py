@@ -81,7 +81,9 @@ class SpliceXlate(ctypes.Structure):
         ("wnd_in_shift", ctypes.c_uint8),
         ("wnd_out_shift", ctypes.c_uint8),
         ("fin_watch", ctypes.c_uint8),
-        ("_pad", ctypes.c_uint32),
+        ("limit_seq", ctypes.c_uint32),
+        ("has_limit", ctypes.c_uint8),
+        ("_pad", ctypes.c_uint8 * 7),
         ("packets", ctypes.c_uint64),
         ("bytes", ctypes.c_uint64),
     ]
@@ -101,6 +103,7 @@ class SpliceStats(ctypes.Structure):
         ("punt_fin_watch", ctypes.c_uint64),
         ("punt_malformed", ctypes.c_uint64),
         ("dropped_rewrite_failed", ctypes.c_uint64),
+        ("punt_limit", ctypes.c_uint64),
     ]
 
 
@@ -123,12 +126,17 @@ def encode_key(key: FlowKey) -> SpliceKey:
     return SpliceKey(_addr(saddr), _addr(daddr), _port(sport), _port(dport))
 
 
-def encode(t: Translator, egress_ifindex: int) -> SpliceXlate:
+def encode(
+    t: Translator, egress_ifindex: int, limit: int | None = None, fin_ack: int | None = None
+) -> SpliceXlate:
     """The map value that makes the program do what ``translate(t, ...)`` does.
 
     Only a fully spliced direction can be offloaded: with ``ack_delta`` None
     every segment carries the daemon's fixed ACK (thesis Fig. 5.1,
     PRE_SPLICED), which is the daemon's business.  Counters start at zero.
+    ``limit``: a bounded splice's limit in the input sequence space (the
+    program relays only what lies wholly before it); ``fin_ack``: the ACK
+    to pass up from the start (``FastPath.watch_fin_ack``).
     """
     if t.ack_delta is None:
         raise ValueError("the reverse direction is not spliced yet (ack_delta is None)")
@@ -144,7 +152,7 @@ def encode(t: Translator, egress_ifindex: int) -> SpliceXlate:
         tsecr_delta=t.tsecr_delta & _M32,
         tsecr_floor_in=(floor or 0) & _M32,
         tsecr_floor_out=t.tsecr_floor_out & _M32,
-        fin_ack=0,
+        fin_ack=(fin_ack or 0) & _M32,
         egress_ifindex=egress_ifindex,
         out_mss=t.out_mss,
         ts_mode=_TS_CODE[t.ts_mode],
@@ -153,5 +161,7 @@ def encode(t: Translator, egress_ifindex: int) -> SpliceXlate:
         sack_map=bool(t.sack),
         wnd_in_shift=t.wnd_in_shift,
         wnd_out_shift=t.wnd_out_shift,
-        fin_watch=0,
+        fin_watch=fin_ack is not None,
+        limit_seq=(limit or 0) & _M32,
+        has_limit=limit is not None,
     )

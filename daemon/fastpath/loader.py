@@ -237,12 +237,24 @@ class FastPath:
 
     # --- the flow map ------------------------------------------------------------
 
-    def install(self, key: FlowKey, t: Translator, egress_ifindex: int) -> None:
+    def install(
+        self,
+        key: FlowKey,
+        t: Translator,
+        egress_ifindex: int,
+        limit: int | None = None,
+        fin_ack: int | None = None,
+    ) -> None:
         """Offload the direction whose incoming packets carry ``key``; counters restart.
 
         ``t`` must be fully spliced (``t.ack_delta`` not None), else ValueError.
+        ``limit``: relay only segments wholly before this sequence number
+        (a bounded splice; ``encode``).  ``fin_ack``: watch for that ACK
+        from the first packet on, in the same update: an entry without its
+        watch, even for one syscall, could relay the very ACK the daemon
+        waits for (a relayed FIN's, or a bounded splice's last byte's).
         """
-        value = encode(t, egress_ifindex)
+        value = encode(t, egress_ifindex, limit, fin_ack)
         self._update(key, value, libbpf.BPF_ANY)
 
     def watch_fin_ack(self, key: FlowKey, fin_ack: int | None) -> None:

@@ -242,9 +242,21 @@ static __always_inline int splice(struct __sk_buff *skb, int pulled)
 	if (skb->gso_size ? skb->gso_size > v->out_mss : payload > v->out_mss)
 		return PUNT(punt_mss);
 
-	/* Only the daemon may decide what acknowledging its relayed FIN means. */
+	/* Only the daemon may decide what acknowledging its relayed FIN means
+	 * (and, for a bounded splice, the last byte before its limit). */
 	if (v->fin_watch && (__s32)(bpf_ntohl(tcp->ack_seq) - v->fin_ack) >= 0)
 		return PUNT(punt_fin_watch);
+
+	/* A bounded splice: bytes before the limit only.  The segment whose
+	 * payload reaches it is the daemon's to cut (and its window and TSval
+	 * are what the daemon's TCB resumes with); a pure ACK at the limit is
+	 * the steady state of the direction that carries no data. */
+	if (v->has_limit) {
+		__s32 past = (__s32)(bpf_ntohl(tcp->seq) + payload - v->limit_seq);
+
+		if (payload ? past >= 0 : past > 0)
+			return PUNT(punt_limit);
+	}
 
 	/* Options (5.4.1, 5.4.3), rewritten in place at their own length. */
 	if (has_ts) {

@@ -57,7 +57,12 @@ struct splice_xlate {
 	__u8 wnd_in_shift;  /* 0..14 (RFC 7323 2.3) */
 	__u8 wnd_out_shift; /* 0..14 */
 	__u8 fin_watch;
-	__u32 _pad;
+	/* With has_limit (a bounded splice): only segments wholly before
+	 * limit_seq (input space) are relayed; a segment with payload that
+	 * reaches it, or an ACK past it, goes to the daemon, which cuts it. */
+	__u32 limit_seq;
+	__u8 has_limit;
+	__u8 _pad[7];
 	/* Written by the program only (atomic adds); payload bytes. */
 	__u64 packets;
 	__u64 bytes;
@@ -75,6 +80,7 @@ struct splice_stats {
 	__u64 punt_fin_watch;              /* may acknowledge a relayed FIN */
 	__u64 punt_malformed;              /* lengths that do not add up */
 	__u64 dropped_rewrite_failed;      /* a checksum helper failed mid-rewrite */
+	__u64 punt_limit;                  /* reaches a bounded splice's limit */
 };
 
 #endif /* SPLICE_MAP_H */

@@ -49,8 +49,15 @@ class KernelFastPath:
         self._ipr = IPRoute()
         self._egress: dict[bytes, int | None] = {}
 
-    def install(self, key: RelayKey, t: Translator, egress_ifindex: int) -> None:
-        self.fp.install(key, t, egress_ifindex)
+    def install(
+        self,
+        key: RelayKey,
+        t: Translator,
+        egress_ifindex: int,
+        limit: int | None = None,
+        fin_ack: int | None = None,
+    ) -> None:
+        self.fp.install(key, t, egress_ifindex, limit, fin_ack)
 
     def watch_fin_ack(self, key: RelayKey, fin_ack: int | None) -> None:
         self.fp.watch_fin_ack(key, fin_ack)

@@ -74,7 +74,14 @@ RelayKey = tuple[bytes, int, bytes, int]
 class FastPathPort(Protocol):
     """What the splicer needs of daemon.fastpath.FastPath (a fake in tests)."""
 
-    def install(self, key: RelayKey, t: Translator, egress_ifindex: int) -> None: ...
+    def install(
+        self,
+        key: RelayKey,
+        t: Translator,
+        egress_ifindex: int,
+        limit: int | None = None,
+        fin_ack: int | None = None,
+    ) -> None: ...
 
     def watch_fin_ack(self, key: RelayKey, fin_ack: int | None) -> None: ...
 
@@ -572,14 +579,13 @@ class Splicer:
         if fp is None or self._egress is None:
             return
         try:
-            for key, t, fin_ack in a.entries:
+            for key, t, fin_ack, limit in a.entries:
                 ifindex = self._egress(t.dst_addr)
                 if ifindex is None:
                     raise OSError(f"no route toward {t.dst_addr.hex()}")
-                fp.install(key, t, ifindex)
+                # The watch goes in with the entry: see FastPath.install.
+                fp.install(key, t, ifindex, limit, fin_ack)
                 sp.offloaded.append(key)
-                if fin_ack is not None:
-                    fp.watch_fin_ack(key, fin_ack)
         except (OSError, ValueError, KeyError) as exc:
             self._fast_path_failed(sp, f"install: {exc}")
 
@@ -618,6 +624,7 @@ class Splicer:
         assert c is not None and s is not None  # a bounded splice is never compact
         d = self.d
         now = time.monotonic()
+        self._offload_removed(sp)  # the TCBs own both 4-tuples again
         self.splices.discard(sp)
         for conn, iface in ((c, CLIENT), (s, SERVER)):
             self.flows.pop(conn.key, None)

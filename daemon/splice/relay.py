@@ -110,6 +110,7 @@ MASK = 0xFFFFFFFF
 QUEUE_LIMIT = 8 << 20  # bytes of segments held per splice while a side drains
 TAP_WINDOW = 16 << 20  # bytes ahead of the tap's next byte it reassembles
 CLIENT, SERVER = Iface.CLIENT, Iface.SERVER
+BOUNDED = SpliceState.BOUNDED
 
 # (source address, source port, destination address, destination port) of
 # the segments that *arrive* on one connection: the fast path's map key.
@@ -156,11 +157,14 @@ class Reopen(NamedTuple):
 class InstallFastPath(NamedTuple):
     """Both directions relay: the steady state may leave for the kernel.
 
-    ``entries`` are (key of the arriving segments, translator, FIN ACK to
-    watch for or None), one per direction.
+    ``entries`` are (key of the arriving segments, translator, ACK to watch
+    for or None, limit or None), one per direction: the watch is the ACK of
+    a relayed FIN, or of the last byte of a bounded splice's limit; the
+    limit is where a bounded direction stops (the kernel relays only what
+    lies wholly before it, the daemon cuts the rest).
     """
 
-    entries: tuple[tuple[FlowKey, Translator, int | None], ...]
+    entries: tuple[tuple[FlowKey, Translator, int | None, int | None], ...]
 
 
 class WatchFinAck(NamedTuple):
@@ -177,7 +181,8 @@ class HandBack(NamedTuple):
     first (they crossed over at the freeze beyond the limit); ``held`` the
     raw segments that arrived beyond the limit, for the shell's ordinary
     input (vnet header bytes or None, packet), per side in arrival order;
-    ``relayed`` the (client -> server, server -> client) byte counts.
+    ``relayed`` the (client -> server, server -> client) byte counts: every
+    byte of each stream this splice carried (crossed at the freeze or relayed).
     """
 
     returned: dict[Iface, bytes]
@@ -350,6 +355,7 @@ class Relay:
     spliced_at: float | None = None
     fast_path: bool = False  # InstallFastPath was asked for
     bounded: bool = False  # splice() had limits: the hand-back comes after them
+    crossed: tuple[int, int] = (0, 0)  # bounded: bytes each way that crossed at the freeze
     tap: Tap | None = None
 
     @classmethod
@@ -457,6 +463,7 @@ class Relay:
             # already received stays with its TCB (never relayed).
             r_c, self.client.returned = r_c[:to_server], r_c[to_server:]
             r_s, self.server.returned = r_s[:to_client], r_s[to_client:]
+            self.crossed = (len(r_c), len(r_s))
             left_s = 0 if ct.peer_closed else to_server - len(r_c)
             left_c = 0 if st.peer_closed else to_client - len(r_s)
             self.server.stop = (self.client.base.irs + left_s) & MASK
@@ -598,7 +605,13 @@ class Relay:
         t = self.c2s if src is CLIENT else self.s2c
         assert t is not None
         if self.bounded:
+            d = self.side(src.other)
+            stop = d.stop
             cut = self._cut_at_limit(src, vnet, pkt, info)
+            if d.stop != stop and self.fast_path and self.pair.state(src.other) is BOUNDED:
+                # A FIN before the limit moved it: the kernel must now pass
+                # up the ACK of the new last byte.
+                out.append(WatchFinAck(d.key, self._limit_ack(d)))
             if cut is None:
                 return
             pkt, info = cut
@@ -759,16 +772,22 @@ class Relay:
         self.queued_bytes += len(pkt)
         self.counters.held_segments += 1
 
-    def _check_limit(self, s: RelaySide, out: list[Action], now: float) -> None:
-        """LIMIT_ACKED once ``s``'s peer acknowledged the last byte relayed toward it."""
-        if self.pair.state(s.iface) is not SpliceState.BOUNDED:
-            return
+    def _limit_ack(self, s: RelaySide) -> int:
+        """The ACK from ``s``'s peer that covers the last byte relayed toward it."""
         src = self.side(s.iface.other)
         assert s.base is not None and s.base.iss is not None and src.base is not None
         assert s.stop is not None
-        target = (s.base.iss + seq_sub(s.stop, src.base.irs)) & MASK
-        if s.peer_ack is not None and seq_ge(s.peer_ack, target):
+        return (s.base.iss + seq_sub(s.stop, src.base.irs)) & MASK
+
+    def _check_limit(self, s: RelaySide, out: list[Action], now: float) -> None:
+        """LIMIT_ACKED once ``s``'s peer acknowledged the last byte relayed toward it."""
+        if self.pair.state(s.iface) is not BOUNDED:
+            return
+        if s.peer_ack is not None and seq_ge(s.peer_ack, self._limit_ack(s)):
             self._handle(s.iface, Event.LIMIT_ACKED, out, now)
+            if self.fast_path and self.pair.state(s.iface) is SpliceState.LIMIT_REACHED:
+                # Its peer's ACKs are the steady state again, until the hand-back.
+                out.append(WatchFinAck(s.key, None))
 
     def _hand_back(self, out: list[Action], now: float) -> None:
         """Both limits acknowledged: resume both TCBs past what was relayed."""
@@ -800,7 +819,8 @@ class Relay:
         self.queued_bytes = 0
         self.counters.handed_back += 1
         self._end_tap(out)
-        out.append(HandBack(returned, held, (c2s, s2c)))
+        moved = (self.crossed[0] + c2s, self.crossed[1] + s2c)
+        out.append(HandBack(returned, held, moved))
 
     def _queue(self, dst: Iface, vnet: VnetHeader | None, pkt: memoryview) -> None:
         if self.queued_bytes + len(pkt) > QUEUE_LIMIT:
@@ -959,7 +979,8 @@ class Relay:
             self._handle(s.iface, Event.FIN_ACKED, out, now)
         if self.bounded:
             self._check_limit(s, out, now)  # nothing (more) to relay toward it?
-            return  # bounded splices stay on this path
+            if self.pair.client is SpliceState.ESTABLISHED:
+                return  # handed back already
         self._maybe_fast_path(out)
 
     def _maybe_fast_path(self, out: list[Action]) -> None:
@@ -975,10 +996,24 @@ class Relay:
         self.fast_path = True
         self.counters.fast_path_installed += 1
         c, s = self.client, self.server
+        if self.bounded:
+            # The watch: the ACK of the last byte before the limit, while its
+            # side still waits for it; the limit of the direction *into*
+            # the other side (the entry keyed by this side's segments).
+            c_watch = self._limit_ack(c) if self.pair.client is BOUNDED else None
+            s_watch = self._limit_ack(s) if self.pair.server is BOUNDED else None
+            out.append(
+                InstallFastPath(
+                    ((c.key, self.c2s, c_watch, s.stop), (s.key, self.s2c, s_watch, c.stop))
+                )
+            )
+            return
         # A watch belongs to the side a FIN was relayed toward, while FIN_RELAYED.
         c_watch = c.fin_ack if self.pair.client is SpliceState.FIN_RELAYED else None
         s_watch = s.fin_ack if self.pair.server is SpliceState.FIN_RELAYED else None
-        out.append(InstallFastPath(((c.key, self.c2s, c_watch), (s.key, self.s2c, s_watch))))
+        out.append(
+            InstallFastPath(((c.key, self.c2s, c_watch, None), (s.key, self.s2c, s_watch, None)))
+        )
 
     # ----------------------------------------------------------- states
 
