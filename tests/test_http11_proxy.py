@@ -822,3 +822,41 @@ def test_the_testbed_runs_the_proxy_as_a_service(tb: Any) -> None:
     assert res.stdout.split() == ["1", "200", "0", "200"], res.stderr
     assert "http11-proxy" in tb.status()["services"]
     assert f":{tb.http11_proxy[1]}" in tb.describe()
+
+
+@pytest.mark.root
+def test_bodies_under_splice_min_are_copied_and_the_rest_spliced(bed: Bed) -> None:
+    """``--splice-min``: short bodies through the proxy, long ones through the daemon."""
+    port = PROXY_PORT + 7
+    proxy = bed.tb.host("proxy").popen(
+        [
+            sys.executable,
+            "-m",
+            "proxies.http11_proxy",
+            "--daemon",
+            str(bed.tb.daemon_socket),
+            "--source",
+            "198.51.100.1",
+            "--listen",
+            f"198.51.100.1:{port}",
+            "--splice-min",
+            "1000000",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proxy.stdout is not None and proxy.stdout.readline().strip() == "ready"
+        sizes = [501, 999_999, 1_000_000, 2_000_003]
+        before = bed.handed_back()
+        results, bodies = bed.curl(
+            [f"{bed.origin}/bytes/{n}" for n in sizes], "-x", f"http://198.51.100.1:{port}"
+        )
+        assert [code for _, code in results] == [200] * 4
+        assert sum(connects for connects, _ in results) == 1
+        for size, path in zip(sizes, bodies, strict=True):
+            assert _sha(path) == _pattern(size), size
+        assert bed.handed_back() - before == 2  # only the two of 1 MB and more
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
