@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from testbed.experiments import __main__ as cli
-from testbed.experiments import store
+from testbed.experiments import plots, store
 from testbed.experiments.claims import (
     Cells,
     Outcome,
@@ -29,6 +29,13 @@ from testbed.experiments.claims import (
 )
 from testbed.experiments.connsetup import RateRun, rate_run, splits, summarize_rates
 from testbed.experiments.cost import Cost
+from testbed.experiments.keepalive import (
+    KEEPALIVE,
+    KeepaliveRun,
+    connections_per_worker,
+    keepalive_run,
+)
+from testbed.experiments.keepalive import summarize as summarize_keepalive
 from testbed.experiments.memory import (
     Holder,
     MemoryRound,
@@ -37,10 +44,17 @@ from testbed.experiments.memory import (
     idle_splices,
 )
 from testbed.experiments.memory import summarize as summarize_memory
-from testbed.experiments.modes import Mode, dante_config
-from testbed.experiments.params import UsageError, parse_args
+from testbed.experiments.modes import Mode, dante_config, tinyproxy_config
+from testbed.experiments.params import HTTP_MODES, UsageError, parse_args
 from testbed.experiments.report import ReportInput, render
-from testbed.experiments.runner import Sample, cost_plan, parse_loadgen, rotated
+from testbed.experiments.runner import (
+    Sample,
+    cost_plan,
+    loadgen_argv,
+    parse_loadgen,
+    plan_steps,
+    rotated,
+)
 from testbed.experiments.stats import cells, median_ci, percentile, summarize
 
 from .conftest import unique_prefix
@@ -64,6 +78,11 @@ K, M = 1 << 10, 1 << 20
         (["--shape", "delay=fast"], "--shape"),
         (["--prefix-for-tests", "Bad-Name"], "bad prefix"),
         (["--frobnicate"], "unrecognized arguments"),
+        (["--experiments", "keepalive,10"], "unknown experiment '10'"),
+        (["--experiments", "fig61"], "unknown experiment 'fig61'"),
+        (["--keepalive-requests", "0"], "bad --keepalive-requests '0'"),
+        (["--keepalive-workers", "many"], "bad --keepalive-workers"),
+        (["--keepalive-sizes", "1K,1X"], "--keepalive-sizes"),
     ],
 )
 def test_bad_input_is_a_usage_error_naming_the_problem(argv: list[str], says: str) -> None:
@@ -77,7 +96,7 @@ def test_bad_input_prints_one_line_and_exits_2(capsys: pytest.CaptureFixture[str
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         "python -m testbed.experiments: error: unknown mode 'ftp': choose from "
-        "router,plain,endpoint,spliced,spliced-py,dante,microsocks"
+        "router,plain,endpoint,spliced,spliced-py,dante,microsocks,tinyproxy,http11"
     ]
 
 
@@ -613,12 +632,288 @@ def test_the_run_directory_gets_the_new_tables_as_csv_and_in_run_json(tmp_path: 
     assert len(run["setup_rate"]) == 3 and len(run["memory"]) == 8 and len(run["setup_split"]) == 2
 
 
+# -- experiment 9: keep-alive -------------------------------------------------
+
+
+def test_experiments_are_picked_by_name_or_number_and_no_flags_take_them_out() -> None:
+    only = parse_args(["--experiments", "keepalive"])
+    assert only.keepalive and not any(
+        (only.min_load, only.high_load, only.throughput, only.cost, only.shaped, only.wan)
+    )
+    assert not (only.setup_rate or only.memory)
+    mixed = parse_args(["--quick", "--experiments", "1,shaped,9", "--no-keepalive"])
+    assert (mixed.min_load, mixed.shaped, mixed.keepalive, mixed.high_load) == (
+        True,
+        True,
+        False,
+        False,
+    )
+    every = parse_args([])
+    assert all((every.min_load, every.high_load, every.throughput, every.keepalive))
+    assert not parse_args(["--no-keepalive"]).keepalive
+
+
+def test_keepalive_defaults_are_the_issues_sizes_ten_requests_and_a_few_workers() -> None:
+    p, quick = parse_args([]), parse_args(["--quick"])
+    assert p.keepalive_sizes == (K, 64 * K, M, 16 * M)
+    assert (p.keepalive_requests, p.keepalive_workers, p.keepalive_repeat) == (10, 4, 3)
+    assert max(quick.keepalive_sizes) <= M and quick.keepalive_repeat == 1
+    assert quick.keepalive_run_bytes < p.keepalive_run_bytes
+    mine = parse_args(["--keepalive-sizes", "4K", "--keepalive-requests", "3"])
+    assert (mine.keepalive_sizes, mine.keepalive_requests) == ((4 * K,), 3)
+    assert "tinyproxy" in p.modes and "http11" in p.modes
+
+
+def test_keepalive_runs_move_about_the_budget_in_at_most_the_cap_of_connections() -> None:
+    budget = 256 * M
+    assert connections_per_worker(16 * M, 4, 10, budget, 10) == 1  # 640 MB already
+    assert connections_per_worker(M, 4, 10, budget, 10) == 7  # ceil(256 / 40)
+    assert connections_per_worker(K, 4, 10, budget, 10) == 10  # the cap
+    assert connections_per_worker(M, 4, 10, 1, 10) == 1  # at least one
+
+
+def _ka(index: int, setup: float | None, start: float, end: float, **kw: Any) -> dict[str, Any]:
+    row = {"size": 1000, "ok": True, "bytes": 1000, "response_time_s": 0.001, "error": None}
+    row |= {"index_on_conn": index, "setup_s": setup, "start": start, "end": end}
+    return row | kw
+
+
+def test_a_keepalive_run_counts_connections_bytes_span_and_set_up() -> None:
+    raw = [
+        _ka(0, 0.002, 10.0, 10.1),
+        _ka(1, 0.0, 10.1, 10.2),
+        _ka(2, 0.0, 10.2, 10.3, ok=False, bytes=10, error="reset", response_time_s=None),
+        _ka(0, 0.003, 10.3, 10.5),  # the proxy closed: a new connection
+        _ka(0, None, 10.5, 10.6, ok=False, bytes=0, error="refused"),  # never connected
+        {"size": 1000, "ok": False, "error": "lost", "start": None, "end": None},
+    ]
+    run = keepalive_run(
+        raw,
+        mode="tinyproxy",
+        size=1000,
+        rnd=1,
+        workers=2,
+        per_conn=3,
+        proc_cpu_s=0.04,
+        machine_cpu_s=0.2,
+    )
+    assert (run.attempted, run.ok, run.failed, run.connections) == (6, 3, 3, 2)
+    assert run.errors == {"lost": 1, "refused": 1, "reset": 1}
+    assert run.bytes == 3000 and run.span_s == pytest.approx(0.6)
+    assert run.setup_s == pytest.approx(0.005)
+    assert run.throughput == pytest.approx(3000 / 0.6 / 1e6)
+
+
+def _krun(mode: str, size: int, rnd: int, **kw: Any) -> KeepaliveRun:
+    base: dict[str, Any] = {
+        "mode": mode,
+        "size": size,
+        "round": rnd,
+        "workers": 4,
+        "per_conn": 10,
+        "attempted": 400,
+        "ok": 400,
+        "failed": 0,
+        "errors": {},
+        "connections": 40,
+        "bytes": 400 * size,
+        "span_s": 1.0,
+        "setup_s": 0.04,
+        "proc_cpu_s": 0.2,
+        "machine_cpu_s": 1.0,
+    }
+    return KeepaliveRun(**(base | kw))
+
+
+def test_keepalive_summary_is_the_median_over_rounds_and_cpu_summed_per_request() -> None:
+    runs = [
+        _krun("http11", M, 0, span_s=2.0),
+        _krun("http11", M, 1, span_s=1.0),
+        _krun("http11", M, 2, ok=0, failed=400, errors={"timeout": 400}, bytes=0),
+        _krun("tinyproxy", M, 0, connections=400, setup_s=0.4),
+        _krun("router", M, 0, proc_cpu_s=None),
+    ]
+    http11, tiny, router = summarize_keepalive(runs, ["http11", "tinyproxy", "router", "x"])
+    mb = 400 * M / 1e6
+    assert http11.throughput == pytest.approx(mb / 2.0)  # median of mb/2, mb and 0 (dead round)
+    assert (http11.throughput_low, http11.throughput_high) == (0.0, pytest.approx(mb))
+    assert http11.requests_per_conn == pytest.approx(800 / 120)  # successes per connection
+    assert http11.proc_cpu_per_request == pytest.approx(0.6 / 800)
+    assert (http11.failed, http11.errors, http11.requests) == (400, {"timeout": 400}, 1200)
+    assert tiny.requests_per_conn == 1.0 and tiny.setup_per_request == pytest.approx(0.001)
+    assert router.proc_cpu_per_request is None  # no process of its own
+    assert router.machine_cpu_per_request == pytest.approx(1.0 / 400)
+
+
+def test_http_modes_run_only_the_warm_up_and_the_keepalive_experiment() -> None:
+    p = parse_args(["--quick", "--no-memory", "--no-setup-rate"])
+    socks_only = plan_steps(p, 3)
+    with_http = plan_steps(p, 5, n_http=2)
+    assert with_http - socks_only == 2 * (1 + len(p.keepalive_sizes))
+    only = parse_args(["--experiments", "keepalive", "--keepalive-sizes", "1K,1M"])
+    assert plan_steps(only, 4, n_http=2) == 4 * (1 + 3 * 2)  # warm-up, 3 rounds x 2 sizes
+
+
+def test_http_modes_get_an_http_proxy_and_keepalive_runs_their_k() -> None:
+    mode = Mode("tinyproxy", None, (1,), http_proxy=("192.0.2.1", 8888))
+    argv = loadgen_argv(("203.0.113.2", 80), mode, [K], 3, 4, 10.0, keepalive=10)
+    joined = " ".join(argv)
+    assert "--http-proxy 192.0.2.1:8888" in joined and "--socks5" not in joined
+    assert "--keepalive 10" in joined and "--repeat 3 --concurrency 4" in joined
+    plain = loadgen_argv(("203.0.113.2", 80), Mode("plain", ("192.0.2.1", 1080), ()), [K], 1, 1, 1)
+    assert "--keepalive" not in plain and "--http-proxy" not in plain
+
+
+def test_tinyproxy_config_listens_on_the_client_side_and_binds_outgoing() -> None:
+    conf = tinyproxy_config("192.0.2.1", 8888, "203.0.113.1").splitlines()
+    assert {"Port 8888", "Listen 192.0.2.1", "Bind 203.0.113.1"} <= set(conf)
+    assert not any(line.startswith(("Allow", "Deny", "User")) for line in conf)
+
+
+def test_keepalive_runs_every_mode_while_http_modes_skip_the_other_experiments(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from testbed.experiments import runner
+
+    calls: list[tuple[str, int | None]] = []
+
+    def fake_loadgen(
+        tb: object, mode: Mode, sizes: list[int], *, repeat: int, concurrency: int, **kw: Any
+    ) -> list[dict[str, Any]]:
+        keepalive = kw.get("keepalive")
+        calls.append((mode.name, keepalive))
+        count = repeat * concurrency * (keepalive or 1)
+        return [
+            {
+                "size": s,
+                "ok": True,
+                "response_time_s": 0.01,
+                "bytes": s,
+                "error": None,
+                "setup_s": 0.001 if i % (keepalive or 1) == 0 else 0.0,
+                "index_on_conn": i % (keepalive or 1),
+                "start": 100.0 + i,
+                "end": 100.5 + i,
+                "worker": 0,
+            }
+            for s in sizes
+            for i in range(count)
+        ]
+
+    monkeypatch.setattr(runner, "run_loadgen", fake_loadgen)
+    params = parse_args(
+        ["--quick", "--experiments", "1,keepalive", "--sizes", "1K", "--keepalive-sizes", "1K,1M"]
+    )
+    modes = [Mode("router", None, ()), Mode("tinyproxy", None, (), http_proxy=("192.0.2.1", 1))]
+    into = runner.Collected()
+    runner.run_all(object(), params, modes, lambda what: None, into)
+    assert {(s.experiment, s.mode) for s in into.samples} == {
+        ("min_load", "router"),
+        (KEEPALIVE, "router"),
+        (KEEPALIVE, "tinyproxy"),
+    }
+    assert [(r.mode, r.size) for r in into.keepalive] == [
+        ("router", K),
+        ("router", M),
+        ("tinyproxy", K),
+        ("tinyproxy", M),
+    ]
+    assert all(k == params.keepalive_requests for name, k in calls if k is not None)
+    assert ("tinyproxy", None) in calls  # its warm-up, one request per connection
+    mine = [s for s in into.samples if s.experiment == KEEPALIVE and s.size == K]
+    assert {s.concurrency for s in mine} == {params.keepalive_workers}
+    assert {s.index_on_conn for s in mine} == set(range(params.keepalive_requests))
+    per_worker = connections_per_worker(
+        K, 2, 10, params.keepalive_run_bytes, params.keepalive_max_connections
+    )
+    assert into.keepalive[0].connections == 2 * per_worker
+    assert into.keepalive[0].proc_cpu_s is None  # the router has no process
+
+
+def _keepalive_report(params: dict[str, Any] | None = None) -> ReportInput:
+    runs = [
+        _krun("router", K, 0, proc_cpu_s=None, span_s=0.5),
+        _krun("tinyproxy", K, 0, connections=400, setup_s=0.08, span_s=1.0),
+        _krun("http11", K, 0, span_s=0.8, proc_cpu_s=0.1, failed=2, errors={"reset": 2}),
+    ]
+    times = {"router": 0.0005, "tinyproxy": 0.002, "http11": 0.001}
+    world = {
+        (KEEPALIVE, "unshaped", mode, 4, K): summarize(_spread(t), ["reset"] * (mode == "http11"))
+        for mode, t in times.items()
+    }
+    return ReportInput(
+        title="t",
+        started="s",
+        finished="f",
+        command="c",
+        machine={},
+        params={
+            "keepalive_repeat": 1,
+            "keepalive_max_connections": 10,
+            "keepalive_run_bytes": 256 * M,
+            "min_load": False,
+            "high_load": False,
+            "throughput": False,
+        }
+        | (params or {}),
+        modes=["router", "tinyproxy", "http11"],
+        skipped={},
+        cells=world,
+        costs=[],
+        claims={},
+        keepalive=runs,
+    )
+
+
+def test_report_gives_keepalive_per_size_and_mode_and_http11_against_tinyproxy() -> None:
+    text = render(_keepalive_report())
+    assert "## 9. Keep-alive HTTP" in text and "4 load-client workers" in text
+    assert "moves about 256 MiB" in text
+    # tinyproxy: a connection per request, its set-up paid by every one.
+    assert "| 1K | tinyproxy | 2 ms [1.96 ms, 2.04 ms] | 2.04 ms | 0.2 ms | 1.0 |" in text
+    assert "| 0.41 (0.41-0.41) | 0.50x | 0.5 | 2.5 | 0 |" in text
+    assert "| 1K | http11 | 1 ms [0.98 ms, 1.02 ms] |" in text and "| **2** (reset: 2) |" in text
+    assert "| 1K | router |" in text and "| 0.819 (0.819-0.819) | 1.00x | - | 2.5 | 0 |" in text
+    assert "http11 against tinyproxy, size by size:" in text
+    assert "- throughput: 1K 1.25x" in text and "- proxy CPU per request: 1K 0.50x" in text
+    # Only 9 ran: no claims, no sections 1-3, and the failures are listed.
+    assert "the thesis's claims are not judged" in text
+    for title in ("## 1.", "## 2.", "## 3.", "| (a) |"):
+        assert title not in text
+    assert "| keepalive | unshaped | http11 | 4 | 1K | 1/6 | reset: 1 |" in text
+
+
+def test_without_keepalive_runs_there_is_no_section_9_and_old_reports_keep_1_to_3() -> None:
+    text = _report(_thesis_world(), ["router", "plain", "spliced"], {})
+    assert "## 9." not in text
+    for title in ("## 1.", "## 2.", "## 3.", "| (a) |"):
+        assert title in text
+
+
+def test_keepalive_runs_go_to_their_csv_run_json_and_figure(tmp_path: Path) -> None:
+    data = _keepalive_report()
+    store.write_raw(tmp_path, [], data.cells, [], {"command": "c"}, keepalive=data.keepalive)
+    with open(tmp_path / "keepalive.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["mode"], r["connections"], r["errors"]) for r in rows] == [
+        ("router", "40", ""),
+        ("tinyproxy", "400", ""),
+        ("http11", "40", "reset=2"),
+    ]
+    assert float(rows[1]["throughput_mb_s"]) == pytest.approx(400 * K / 1e6)
+    assert rows[0]["proc_cpu_s"] == ""  # the router: no process, not zero
+    assert len(json.loads((tmp_path / "run.json").read_text())["keepalive"]) == 3
+    made = plots.write_all(tmp_path, data.cells, data.modes, [], keepalive=data.keepalive)
+    assert made == ["keepalive.png"]
+    assert (tmp_path / "keepalive.png").read_bytes()[:4] == b"\x89PNG"
+
+
 # -- a real quick run ---------------------------------------------------------
 
 
 def _check_setup_and_memory(info: dict[str, Any], report: str) -> None:
     """Experiments 7 and 8 and the set-up split of a real run: measured, none failed."""
-    modes = info["modes"]
+    modes = [m for m in info["modes"] if m not in HTTP_MODES]  # they run 9 only
     # 7: every mode made its connections, each one succeeded.
     params = info["params"]
     each = params["setup_rate_concurrency"] * params["setup_rate_connections"]
@@ -647,6 +942,24 @@ def _check_setup_and_memory(info: dict[str, Any], report: str) -> None:
     assert "## 8. Memory per idle splice" in report
 
 
+def _check_keepalive(info: dict[str, Any], report: str) -> None:
+    """Experiment 9 of a real run: every mode and size, none failed, keep-alive where kept."""
+    params = info["params"]
+    runs = info["keepalive"]
+    assert sorted({(r["mode"], r["size"]) for r in runs}) == sorted(
+        (m, s) for m in info["modes"] for s in params["keepalive_sizes"]
+    )
+    for r in runs:
+        assert r["failed"] == 0 and r["ok"] == r["attempted"] > 0 and r["bytes"] > 0, r
+        per_conn = r["ok"] / r["connections"]
+        # tinyproxy ends every connection after one response; every other path keeps it.
+        if r["mode"] == "tinyproxy":
+            assert per_conn == 1, r
+        else:
+            assert per_conn == params["keepalive_requests"], r
+    assert "## 9. Keep-alive HTTP" in report
+
+
 @pytest.mark.root
 def test_quick_run_writes_data_figures_and_a_report(tmp_path: Path) -> None:
     prefix = unique_prefix("tbl")
@@ -670,27 +983,35 @@ def test_quick_run_writes_data_figures_and_a_report(tmp_path: Path) -> None:
         (run,) = list(tmp_path.iterdir())
         for name in ("samples.csv", "samples.json", "summary.csv", "cost.csv", "run.json"):
             assert (run / name).stat().st_size > 0, name
-        for name in ("setup_rate.csv", "setup_split.csv", "memory.csv"):
+        for name in ("setup_rate.csv", "setup_split.csv", "memory.csv", "keepalive.csv"):
             assert len((run / name).read_text().splitlines()) > 1, name
         for name in ("fig6_1_min_load.png", "fig6_2_high_load.png", "throughput.png", "cost.png"):
             assert (run / name).read_bytes()[:4] == b"\x89PNG", name
-        for name in ("fig6_1_setup_split.png", "setup_rate.png", "memory.png"):
+        for name in ("fig6_1_setup_split.png", "setup_rate.png", "memory.png", "keepalive.png"):
             assert (run / name).read_bytes()[:4] == b"\x89PNG", name
         info = json.loads((run / "run.json").read_text())
-        expected = {"router", "plain", "endpoint"}
+        expected = {"router", "plain", "endpoint", "http11"}
         expected |= {
-            n for n, b in (("dante", "danted"), ("microsocks", "microsocks")) if shutil.which(b)
+            n
+            for n, b in (
+                ("dante", "danted"),
+                ("microsocks", "microsocks"),
+                ("tinyproxy", "tinyproxy"),
+            )
+            if shutil.which(b)
         }
         assert expected <= set(info["modes"])
         assert info["params"]["prefix"] == prefix and info["machine"]["cores"]
         with open(run / "samples.csv") as f:
             rows = list(csv.DictReader(f))
         for mode in info["modes"]:
-            assert any(r["mode"] == mode and r["experiment"] == "min_load" for r in rows), mode
+            runs = {r["experiment"] for r in rows if r["mode"] == mode}
+            assert KEEPALIVE in runs and ("min_load" in runs) == (mode not in HTTP_MODES), mode
         report = (run / "report.md").read_text()
         for key in "abcd":
             assert f"| ({key}) |" in report
         _check_setup_and_memory(info, report)
+        _check_keepalive(info, report)
         # The suite brought its testbed up, so it took it down again.
         assert not list(Path("/run/netns").glob(f"{prefix}-*"))
     finally:

@@ -3,8 +3,8 @@
 Uses the testbed named by --prefix (default tsplice): if it is up it is used
 and left up; if not, it is brought up for the run and taken down after.
 Results go to <out>/<timestamp>/: samples.csv/json, summary.csv, cost.csv,
-setup_rate.csv, setup_split.csv, memory.csv, run.json, the figures and
-report.md (see docs/experiments.md).
+setup_rate.csv, setup_split.csv, memory.csv, keepalive.csv, run.json, the
+figures and report.md (see docs/experiments.md).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from testbed.experiments.connsetup import splits as setup_splits
 from testbed.experiments.modes import ModeSet, resolve
 from testbed.experiments.params import Params, UsageError, parse_args
 from testbed.experiments.report import ReportInput, render
-from testbed.experiments.runner import LINKS, Collected, plan_steps, run_all
+from testbed.experiments.runner import LINKS, Collected, http_modes, plan_steps, run_all
 from testbed.experiments.stats import cells as summarize_cells
 from testbed.net import Testbed, TestbedError
 from testbed.process import ServiceError, sigterm_as_ctrl_c
@@ -51,7 +51,8 @@ def _experiment(tb: Testbed, params: Params, out_dir: Path, collected: Collected
     modeset = resolve(tb, params.modes, out_dir)
     try:
         daemons = sum(m.splice_daemon is not None for m in modeset.modes)
-        total = plan_steps(params, len(modeset.modes), daemons)
+        n_http = len(http_modes(modeset.modes))
+        total = plan_steps(params, len(modeset.modes), daemons, n_http)
         with tqdm(total=total, unit="run", disable=None, file=sys.stderr) as bar:
 
             def step(what: str) -> None:
@@ -129,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         splits=splits,
         rates=collected.rates,
         memory=collected.memory,
+        keepalive=collected.keepalive,
     )
     when = "%Y-%m-%d %H:%M:%S"
     data = ReportInput(
@@ -150,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         splits=splits,
         rates=collected.rates,
         memory=collected.memory,
+        keepalive=collected.keepalive,
     )
     run = {
         "command": data.command,
@@ -173,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rates=collected.rates,
         splits=splits,
         memory=collected.memory,
+        keepalive=collected.keepalive,
     )
     (out / "report.md").write_text(render(data))
     print(f"{PROG}: {len(collected.samples)} requests in {finished - started:.0f} s -> {out}")

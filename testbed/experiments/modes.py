@@ -12,6 +12,18 @@
 * ``dante``, ``microsocks``: Debian's SOCKS servers, started here in the proxy
   namespace for the run and stopped afterwards.
 
+HTTP forward proxies (the client sends ``GET http://origin/...`` to them;
+experiment 9, the keep-alive workload, is where they run):
+
+* ``tinyproxy``: Debian's tinyproxy, started here like dante: a C proxy that
+  copies, one thread per client connection, and the copying reference: it
+  ends the client's connection after every response.
+* ``http11``: the spliced HTTP/1.1 proxy, the testbed's ``http11-proxy``
+  service (``Testbed.http11_proxy``): it keeps the client's connection and
+  splices each response body (a bounded splice), handing the connections back
+  in between.  It has no copying switch, so no copying twin of it runs here:
+  tinyproxy is the copying reference.
+
 A mode that cannot run (binary not installed, service missing) is *skipped*
 with a reason the report prints; it never crashes the suite.
 """
@@ -34,6 +46,7 @@ from testbed import process
 
 DANTE_PORT = 1090
 MICROSOCKS_PORT = 1091
+TINYPROXY_PORT = 8888  # tinyproxy's own default
 PY_NET = "198.51.100.128/25"
 PY_SERVICE = "198.51.100.129"
 PY_SOURCE = "198.51.100.130"
@@ -53,10 +66,12 @@ class Mode:
     """A runnable mode: where the client connects, and whose CPU the cost counts."""
 
     name: str
-    socks: tuple[str, int] | None  # None: direct to the origin (router)
+    socks: tuple[str, int] | None  # None: direct to the origin (router), or an HTTP proxy
     cost_pids: tuple[int, ...]  # processes doing the proxy's work (children included)
     cost_note: str = ""
-    splice_daemon: SpliceDaemon | None = None  # spliced modes only (memory per splice)
+    # Spliced SOCKS5 modes only: experiment 8 holds idle SOCKS5 splices on it.
+    splice_daemon: SpliceDaemon | None = None
+    http_proxy: tuple[str, int] | None = None  # an HTTP forward proxy, requests in absolute-form
 
 
 @dataclass(slots=True)
@@ -94,6 +109,28 @@ def dante_config(internal: str, port: int, external: str) -> str:
         socks pass {{
             from: 0.0.0.0/0 to: 0.0.0.0/0
         }}
+        """
+    )
+
+
+def tinyproxy_config(listen: str, port: int, bind: str) -> str:
+    """A tinyproxy.conf as Debian ships it where it matters, for a run in a namespace.
+
+    No Allow line: every client is allowed (the proxy listens on the client
+    link only).  Timeout and MaxClients are the defaults but for MaxClients,
+    raised so the experiment's workers never queue.  Via stays on, as in the
+    default configuration.  LogLevel Warning: tinyproxy logs two lines per
+    connection at its default, Info, and the log is not what is measured.  It
+    runs as root (no User line): it warns, and needs no user to exist.
+    """
+    return textwrap.dedent(
+        f"""\
+        Port {port}
+        Listen {listen}
+        Bind {bind}
+        Timeout 600
+        MaxClients 256
+        LogLevel Warning
         """
     )
 
@@ -221,11 +258,58 @@ def resolve(tb: Any, wanted: tuple[str, ...], work_dir: Path) -> ModeSet:
                 continue
             argv = [binary, "-i", proxy_addr, "-p", str(MICROSOCKS_PORT), "-b", external]
             _start(tb, found, name, argv, work_dir, proxy_addr, MICROSOCKS_PORT)
+        elif name == "tinyproxy":
+            binary = shutil.which("tinyproxy")
+            if binary is None:
+                found.skipped[name] = "tinyproxy is not installed (Debian package tinyproxy-bin)"
+                continue
+            conf = work_dir / "tinyproxy.conf"
+            conf.write_text(tinyproxy_config(proxy_addr, TINYPROXY_PORT, external))
+            argv = [binary, "-d", "-c", str(conf)]  # -d: in the foreground, its PID is ours
+            _start(
+                tb,
+                found,
+                name,
+                argv,
+                work_dir,
+                proxy_addr,
+                TINYPROXY_PORT,
+                http=True,
+                note="a thread per connection",
+            )
+        elif name == "http11":
+            if not hasattr(tb, "http11_proxy"):
+                found.skipped[name] = (
+                    "the testbed has no spliced HTTP/1.1 proxy (Testbed.http11_proxy is missing)"
+                )
+                continue
+            pids, missing = _record_pids(tb.run_dir, ["daemon", "http11-proxy"])
+            if missing:
+                found.skipped[name] = f"testbed service(s) not running: {', '.join(missing)}"
+            else:
+                found.modes.append(
+                    Mode(
+                        name,
+                        None,
+                        pids,
+                        "daemon + http11-proxy",
+                        http_proxy=tuple(tb.http11_proxy),
+                    )
+                )
     return found
 
 
 def _start(
-    tb: Any, found: ModeSet, name: str, argv: list[str], work_dir: Path, addr: str, port: int
+    tb: Any,
+    found: ModeSet,
+    name: str,
+    argv: list[str],
+    work_dir: Path,
+    addr: str,
+    port: int,
+    *,
+    http: bool = False,
+    note: str = "with its child processes",
 ) -> None:
     log = work_dir / f"{name}.log"
     with open(log, "wb") as out:
@@ -235,7 +319,10 @@ def _start(
         found.skipped[name] = f"{Path(argv[0]).name} {why}"
         return
     found.started.append(proc)
-    found.modes.append(Mode(name, (addr, port), (proc.pid,), "with its child processes"))
+    if http:
+        found.modes.append(Mode(name, None, (proc.pid,), note, http_proxy=(addr, port)))
+    else:
+        found.modes.append(Mode(name, (addr, port), (proc.pid,), note))
 
 
 def _start_spliced_py(tb: Any, found: ModeSet, work_dir: Path) -> None:

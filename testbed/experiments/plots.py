@@ -12,7 +12,12 @@
 * ``setup_rate.png``: connections per second per mode (median over rounds,
   bars min..max);
 * ``memory.png``: one panel per splice daemon: VmRSS vs idle splices held,
-  one line per round, its slope (KiB per splice) in the legend.
+  one line per round, its slope (KiB per splice) in the legend;
+* ``keepalive.png``: the keep-alive workload, one panel per metric against
+  the size: response time per request (median, bars its 95% confidence
+  interval), throughput of the W workers together (median over rounds,
+  bars min..max), CPU per request (the mode's processes solid, the whole
+  machine dashed).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import matplotlib.pyplot as plt
 
 from testbed.experiments.connsetup import RateRun, Split, summarize_rates
 from testbed.experiments.cost import Cost
+from testbed.experiments.keepalive import KEEPALIVE, KeepaliveRun
+from testbed.experiments.keepalive import summarize as summarize_keepalive
 from testbed.experiments.memory import MemoryRound
 from testbed.experiments.stats import CellStats
 
@@ -39,6 +46,8 @@ MARKERS = {
     "spliced": "D",
     "spliced-py": "d",
     "dante": "v",
+    "tinyproxy": "P",
+    "http11": "*",
 }
 
 
@@ -259,6 +268,85 @@ def memory_figure(rounds: Sequence[MemoryRound], modes: Sequence[str], path: Pat
     return True
 
 
+def keepalive_figure(
+    cells: Mapping[CellKey, CellStats],
+    runs: Sequence[KeepaliveRun],
+    modes: Sequence[str],
+    path: Path,
+) -> bool:
+    summary = summarize_keepalive(runs, modes)
+    if not summary:
+        return False
+    fig, (times, rates, cpu) = plt.subplots(1, 3, figsize=(16, 5))
+    for i, mode in enumerate(modes):
+        rows = [s for s in summary if s.mode == mode]
+        if not rows:
+            continue
+        style = {"marker": MARKERS.get(mode, "x"), "color": f"C{i}"}
+        timed = [
+            (s.size, c)
+            for s in rows
+            if (c := cells.get((KEEPALIVE, "unshaped", mode, runs[0].workers, s.size)))
+            and c.n_ok > 0
+        ]
+        if timed:
+            xs = [size for size, _ in timed]
+            ys = [c.median for _, c in timed]
+            low = [max(c.median - c.ci_low, 0.0) for _, c in timed]
+            high = [max(c.ci_high - c.median, 0.0) for _, c in timed]
+            times.errorbar(xs, ys, yerr=[low, high], capsize=3, label=mode, **style)
+        moved = [s for s in rows if s.throughput > 0]
+        if moved:
+            rates.errorbar(
+                [s.size for s in moved],
+                [s.throughput for s in moved],
+                yerr=[
+                    [s.throughput - s.throughput_low for s in moved],
+                    [s.throughput_high - s.throughput for s in moved],
+                ],
+                capsize=3,
+                label=mode,
+                **style,
+            )
+        own = [s for s in rows if s.proc_cpu_per_request is not None]
+        if own:
+            cpu.plot(
+                [s.size for s in own],
+                [1000 * (s.proc_cpu_per_request or 0.0) for s in own],
+                label=f"{mode}",
+                **style,
+            )
+        machine = [s for s in rows if s.machine_cpu_per_request > 0]
+        if machine:
+            cpu.plot(
+                [s.size for s in machine],
+                [1000 * s.machine_cpu_per_request for s in machine],
+                linestyle="--",
+                color=style["color"],
+                alpha=0.6,
+            )
+    sizes = sorted({s.size for s in summary})
+    for ax in (times, rates, cpu):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(sizes, [_label_size(s) for s in sizes])
+        ax.set_xlabel("response size (bytes)")
+        ax.grid(True, which="both", alpha=0.3)
+    times.set_ylabel("response time per request (s): median, bars 95% CI")
+    times.set_title("Response time")
+    rates.set_ylabel("MB/s (10^6 bytes), all workers: median, bars min..max")
+    rates.set_title("Throughput")
+    cpu.set_ylabel("CPU ms per request: the mode's processes (dashed: machine)")
+    cpu.set_title("CPU per request")
+    times.legend(fontsize="small")
+    first = runs[0]
+    fig.suptitle(f"Keep-alive HTTP: {first.workers} workers, {first.per_conn} GETs per connection")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def write_all(
     out: Path,
     cells: Mapping[CellKey, CellStats],
@@ -268,6 +356,7 @@ def write_all(
     splits: Sequence[Split] = (),
     rates: Sequence[RateRun] = (),
     memory: Sequence[MemoryRound] = (),
+    keepalive: Sequence[KeepaliveRun] = (),
 ) -> list[str]:
     """Draw every figure there is data for; return the file names written."""
     made = []
@@ -285,6 +374,7 @@ def write_all(
         ("fig6_1_setup_split.png", lambda p: setup_split_figure(splits, modes, p)),
         ("setup_rate.png", lambda p: setup_rate_figure(rates, modes, p)),
         ("memory.png", lambda p: memory_figure(rounds=memory, modes=modes, path=p)),
+        ("keepalive.png", lambda p: keepalive_figure(cells, keepalive, modes, p)),
     ]
     for name, draw in jobs:
         if draw(out / name):

@@ -22,6 +22,8 @@ from testbed.experiments.claims import (
 )
 from testbed.experiments.connsetup import RateRun, Split, summarize_rates
 from testbed.experiments.cost import Cost
+from testbed.experiments.keepalive import KEEPALIVE, KeepaliveRun, KeepaliveSummary
+from testbed.experiments.keepalive import summarize as summarize_keepalive
 from testbed.experiments.memory import MemoryRound
 from testbed.experiments.memory import summarize as summarize_memory
 from testbed.experiments.stats import CellStats
@@ -49,6 +51,7 @@ class ReportInput:
     splits: Sequence[Split] = field(default_factory=list)  # Fig. 6.1's small requests split
     rates: Sequence[RateRun] = field(default_factory=list)  # experiment 7
     memory: Sequence[MemoryRound] = field(default_factory=list)  # experiment 8
+    keepalive: Sequence[KeepaliveRun] = field(default_factory=list)  # experiment 9
 
 
 def fmt_size(size: int) -> str:
@@ -78,6 +81,12 @@ def _cell_text(c: CellStats | None, stat: str = "median") -> str:
     if c.n_failed:
         text += f" **{c.n_failed} failed**"
     return text
+
+
+def _request_modes(data: ReportInput) -> list[str]:
+    """The modes of experiments 1-6: those with a cell there (HTTP proxies run only in 9)."""
+    ran = {k[2] for k in data.cells if k[0] != KEEPALIVE}
+    return [m for m in data.modes if m in ran] or list(data.modes)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -207,7 +216,7 @@ def _baseline_context(data: ReportInput) -> list[str]:
     }
     if not router or not sizes:
         return []
-    others = [m for m in data.modes if m != "router"]
+    others = [m for m in _request_modes(data) if m != "router"]
     rows = []
     for size in sizes:
         if size not in router:
@@ -227,16 +236,18 @@ def _baseline_context(data: ReportInput) -> list[str]:
 
 def _min_load_table(data: ReportInput, condition: str) -> list[str]:
     sizes = sorted({k[4] for k in data.cells if k[:2] == ("min_load", condition)})
+    modes = _request_modes(data)
     rows = [
         [fmt_size(s)]
-        + [_cell_text(data.cells.get(("min_load", condition, m, 1, s))) for m in data.modes]
+        + [_cell_text(data.cells.get(("min_load", condition, m, 1, s))) for m in modes]
         for s in sizes
     ]
-    return _table(["size", *data.modes], rows)
+    return _table(["size", *modes], rows)
 
 
 def _high_load_tables(data: ReportInput) -> list[str]:
     lines: list[str] = []
+    modes = _request_modes(data)
     concs = sorted({k[3] for k in data.cells if k[0] == "high_load"})
     for conc in concs:
         sizes = sorted({k[4] for k in data.cells if k[0] == "high_load" and k[3] == conc})
@@ -244,12 +255,12 @@ def _high_load_tables(data: ReportInput) -> list[str]:
             [fmt_size(s)]
             + [
                 _cell_text(data.cells.get(("high_load", "unshaped", m, conc, s)), "mean")
-                for m in data.modes
+                for m in modes
             ]
             for s in sizes
         ]
         lines += [f"{conc} concurrent client processes: mean (p95)", ""]
-        lines += [*_table(["size", *data.modes], rows), ""]
+        lines += [*_table(["size", *modes], rows), ""]
     return lines
 
 
@@ -286,7 +297,7 @@ def _wan_table(data: ReportInput) -> list[str]:
         return math.nan, None
 
     rows = []
-    for mode in data.modes:
+    for mode in _request_modes(data):
         row = [mode]
         failed = 0
         for direction in ("download", "upload"):
@@ -447,6 +458,124 @@ def _memory_tables(rounds: Sequence[MemoryRound], modes: Sequence[str]) -> list[
     return lines
 
 
+def _rate_text(mb_s: float) -> str:
+    if math.isnan(mb_s):
+        return "-"
+    return f"{mb_s:.0f}" if mb_s >= 100 else f"{mb_s:.3g}"
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None or math.isnan(seconds) else f"{1000 * seconds:.3g}"
+
+
+def _keepalive_table(data: ReportInput, summary: Sequence[KeepaliveSummary]) -> list[str]:
+    workers = data.keepalive[0].workers
+    router = {s.size: s.throughput for s in summary if s.mode == "router"}
+    rows = []
+    for size in sorted({s.size for s in summary}):
+        for s in (s for s in summary if s.size == size):
+            c = data.cells.get((KEEPALIVE, "unshaped", s.mode, workers, size))
+            timed = c is not None and c.n_ok > 0
+            base = router.get(size, math.nan)
+            failed = f"**{s.failed}** ({_errors_text(s.errors)})" if s.failed else "0"
+            rows.append(
+                [
+                    fmt_size(size),
+                    s.mode,
+                    f"{fmt_time(c.median)} [{fmt_time(c.ci_low)}, {fmt_time(c.ci_high)}]"
+                    if c is not None and timed
+                    else "-",
+                    fmt_time(c.p95) if c is not None and timed else "-",
+                    fmt_time(s.setup_per_request),
+                    "-" if math.isnan(s.requests_per_conn) else f"{s.requests_per_conn:.1f}",
+                    f"{_rate_text(s.throughput)} ({_rate_text(s.throughput_low)}"
+                    f"-{_rate_text(s.throughput_high)})",
+                    f"{s.throughput / base:.2f}x" if base > 0 else "",
+                    _ms(s.proc_cpu_per_request),
+                    _ms(s.machine_cpu_per_request),
+                    failed,
+                ]
+            )
+    return _table(
+        [
+            "size",
+            "mode",
+            "response time: median [95% CI]",
+            "p95",
+            "set-up per request",
+            "requests per connection",
+            "MB/s, all workers (range)",
+            "x router",
+            "proxy CPU ms/request",
+            "machine CPU ms/request",
+            "failed",
+        ],
+        rows,
+    )
+
+
+def _keepalive_comparison(summary: Sequence[KeepaliveSummary], ours: str, ref: str) -> list[str]:
+    """One line per metric: `ours` against `ref`, size by size (where both ran)."""
+    pairs = [
+        (a, b)
+        for a in summary
+        for b in summary
+        if a.mode == ours and b.mode == ref and a.size == b.size
+    ]
+    if not pairs:
+        return []
+
+    def ratios(value: Any) -> str:
+        out = []
+        for a, b in pairs:
+            x, y = value(a), value(b)
+            ok = x is not None and y is not None and y > 0 and not math.isnan(x)
+            out.append(f"{fmt_size(a.size)} {x / y:.2f}x" if ok else f"{fmt_size(a.size)} -")
+        return ", ".join(out)
+
+    return [
+        f"{ours} against {ref}, size by size:",
+        "",
+        f"- throughput: {ratios(lambda s: s.throughput)}",
+        f"- proxy CPU per request: {ratios(lambda s: s.proc_cpu_per_request)}",
+        f"- machine CPU per request: {ratios(lambda s: s.machine_cpu_per_request)}",
+        "",
+    ]
+
+
+def _keepalive_section(data: ReportInput) -> list[str]:
+    summary = summarize_keepalive(data.keepalive, data.modes)
+    first = data.keepalive[0]
+    p = data.params
+    run_mib = int(p.get("keepalive_run_bytes") or 0) >> 20
+    lines = [
+        "## 9. Keep-alive HTTP",
+        "",
+        f"{first.workers} load-client workers at once; each opens HTTP/1.1 connections one"
+        f" after another and makes {first.per_conn} GETs of one size on each, every body"
+        " checked; enough connections per worker (at most"
+        f" {p.get('keepalive_max_connections')}) that a run moves about {run_mib} MiB;"
+        f" {p.get('keepalive_repeat')} round(s), modes interleaved. Through an HTTP proxy"
+        " the requests name the origin (absolute-form) and say `Cache-Control: no-cache`,"
+        " so the spliced proxy's cache never answers; a SOCKS mode carries each"
+        " connection in its tunnel; the router goes straight to the origin. A proxy that"
+        " ends the connection after a response makes the next request open a new one:"
+        " requests per connection (successful requests over connections opened) is what"
+        f" the path really gave, {first.per_conn} at best. Response time: request sent to"
+        " last byte, every request (set-up apart). Set-up per request: the connections'"
+        " set-up over the requests. Throughput: bodies of all workers over the run's"
+        " wall-clock span, median over rounds (range). CPU per request: user + system of"
+        " the mode's processes and of the whole machine (load client start-up included),"
+        " summed over rounds, over the successful requests; 10 ms ticks, so only the"
+        " larger figures are exact. Figure: `keepalive.png`.",
+        "",
+        *_keepalive_table(data, summary),
+        "",
+    ]
+    lines += _keepalive_comparison(summary, "http11", "tinyproxy")
+    return lines
+
+
 def _failures(data: ReportInput) -> list[str]:
     rows = []
     for k, c in data.cells.items():
@@ -492,17 +621,23 @@ def render(data: ReportInput) -> str:
         lines.append(f"- skipped **{mode}**: {why}")
     for note in data.notes:
         lines.append(f"- note: {note}")
-    lines += ["", *_claims_section(data), *_baseline_context(data)]
-    lines += [
-        "## 1. Response time at minimum load (Fig. 6.1)",
-        "",
-        f"One connection at a time; {p.get('repeat')} round(s), modes interleaved."
-        " Median [p5, p95] from sending the request to the last byte. Figure:"
-        " `fig6_1_min_load.png`.",
-        "",
-        *_min_load_table(data, "unshaped"),
-        "",
-    ]
+    lines.append("")
+    # Run flags default to True: reports rendered from older run.json have none.
+    if p.get("min_load", True) or p.get("high_load", True):
+        lines += [*_claims_section(data), *_baseline_context(data)]
+    else:
+        lines += ["Experiments 1 and 2 did not run: the thesis's claims are not judged.", ""]
+    if p.get("min_load", True):
+        lines += [
+            "## 1. Response time at minimum load (Fig. 6.1)",
+            "",
+            f"One connection at a time; {p.get('repeat')} round(s), modes interleaved."
+            " Median [p5, p95] from sending the request to the last byte. Figure:"
+            " `fig6_1_min_load.png`.",
+            "",
+            *_min_load_table(data, "unshaped"),
+            "",
+        ]
     if data.splits:
         lines += [
             "### Small requests: set-up and transfer",
@@ -517,18 +652,22 @@ def render(data: ReportInput) -> str:
             *_split_table(data.splits),
             "",
         ]
-    lines += [
-        "## 2. Response time at high load (Fig. 6.2)",
-        "",
-        f"C client processes at once, each requesting every size in turn;"
-        f" {p.get('load_repeat')} round(s). Figure: `fig6_2_high_load.png`.",
-        "",
-        *_high_load_tables(data),
-        "## 3. Throughput of one long transfer",
-        "",
-        *_throughput_table(data),
-        "",
-    ]
+    if p.get("high_load", True):
+        lines += [
+            "## 2. Response time at high load (Fig. 6.2)",
+            "",
+            f"C client processes at once, each requesting every size in turn;"
+            f" {p.get('load_repeat')} round(s). Figure: `fig6_2_high_load.png`.",
+            "",
+            *_high_load_tables(data),
+        ]
+    if p.get("throughput", True):
+        lines += [
+            "## 3. Throughput of one long transfer",
+            "",
+            *_throughput_table(data),
+            "",
+        ]
     if data.costs:
         lines += [
             "## 4. Cost per MB relayed",
@@ -604,6 +743,8 @@ def render(data: ReportInput) -> str:
             *_memory_tables(data.memory, data.modes),
             "",
         ]
+    if data.keepalive:
+        lines += _keepalive_section(data)
     lines += ["## Failures", "", *_failures(data)]
     lines += [
         "## Files",
@@ -611,7 +752,8 @@ def render(data: ReportInput) -> str:
         "- `samples.csv`, `samples.json`: every request (failures included)",
         "- `summary.csv`: every cell's statistics; `cost.csv`: the cost runs",
         "- `setup_split.csv`, `setup_rate.csv` (one row per run), `memory.csv` (one row per"
-        " point): the set-up split, experiments 7 and 8",
+        " point), `keepalive.csv` (one row per run): the set-up split, experiments 7, 8"
+        " and 9",
         "- `run.json`: machine, package versions, every parameter, claims, notes",
         *[f"- `{name}`" for name in data.figures],
         "",

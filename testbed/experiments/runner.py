@@ -22,6 +22,12 @@ from typing import Any
 from testbed.experiments import memory
 from testbed.experiments.connsetup import RateRun, rate_run
 from testbed.experiments.cost import Cost, CostMeter
+from testbed.experiments.keepalive import (
+    KEEPALIVE,
+    KeepaliveRun,
+    connections_per_worker,
+    keepalive_run,
+)
 from testbed.experiments.memory import MemoryRound
 from testbed.experiments.modes import Mode, stop_group
 from testbed.experiments.params import Params
@@ -59,6 +65,7 @@ class Sample:
     start: float | None
     setup_s: float | None = None  # connect + SOCKS5 CONNECT, before the response time
     end: float | None = None  # unix time the request was over
+    index_on_conn: int | None = None  # keep-alive: 0 opened its connection; None: lost
 
 
 @dataclass(slots=True)
@@ -67,6 +74,7 @@ class Collected:
     costs: list[Cost] = field(default_factory=list)
     rates: list[RateRun] = field(default_factory=list)  # experiment 7
     memory: list[MemoryRound] = field(default_factory=list)  # experiment 8
+    keepalive: list[KeepaliveRun] = field(default_factory=list)  # experiment 9
     notes: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # modes dropped during the run
     interrupted: bool = False
@@ -124,12 +132,17 @@ def loadgen_argv(
     concurrency: int,
     timeout: float,
     upload: bool = False,
+    keepalive: int | None = None,
 ) -> list[str]:
     argv = [sys.executable, "-m", "clients.loadgen", "--server", f"{origin[0]}:{origin[1]}"]
     for size in sizes:
         argv += ["--size", str(size)]
     if mode.socks is not None:
         argv += ["--socks5", f"{mode.socks[0]}:{mode.socks[1]}"]
+    if mode.http_proxy is not None:
+        argv += ["--http-proxy", f"{mode.http_proxy[0]}:{mode.http_proxy[1]}"]
+    if keepalive is not None:
+        argv += ["--keepalive", str(keepalive)]
     argv += ["--repeat", str(repeat), "--concurrency", str(concurrency)]
     # An untimed request per worker first: otherwise every run's first request
     # (the smallest size) also times the process's first getaddrinfo and cold paths.
@@ -148,11 +161,13 @@ def run_loadgen(
     concurrency: int,
     timeout: float,
     upload: bool = False,
+    keepalive: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run the load client in the client namespace; one dict per request."""
-    argv = loadgen_argv(tb.origin, mode, sizes, repeat, concurrency, timeout, upload)
+    argv = loadgen_argv(tb.origin, mode, sizes, repeat, concurrency, timeout, upload, keepalive)
     # Each worker's requests run one after another, each bounded by `timeout`.
-    limit = timeout * repeat * len(sizes) + 30
+    per_worker = repeat * (keepalive or 1)
+    limit = timeout * per_worker * len(sizes) + 30
     proc = tb.host("client").popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
     )
@@ -167,7 +182,7 @@ def run_loadgen(
     except BaseException:
         stop_group(proc)
         raise
-    return parse_loadgen(out, sizes=sizes, repeat=repeat, concurrency=concurrency, why_lost=why)
+    return parse_loadgen(out, sizes=sizes, repeat=per_worker, concurrency=concurrency, why_lost=why)
 
 
 def _samples(
@@ -190,6 +205,7 @@ def _samples(
             start=r.get("start"),
             setup_s=r.get("setup_s"),
             end=r.get("end"),
+            index_on_conn=r.get("index_on_conn"),
         )
         for r in raw
     ]
@@ -198,32 +214,43 @@ def _samples(
 Step = Callable[[str], None]  # advances the progress bar, naming what runs
 
 
-def plan_steps(params: Params, n_modes: int, n_daemons: int = 0) -> int:
+def plan_steps(params: Params, n_modes: int, n_daemons: int = 0, n_http: int = 0) -> int:
     """How many runs the suite makes (the progress bar's total).
 
-    `n_daemons`: the modes on a splice daemon, whose memory experiment 8 measures.
+    `n_modes`: every mode; `n_http` of them are HTTP proxies, which run the
+    warm-up and experiment 9 only.  `n_daemons`: the modes on a splice
+    daemon, whose memory experiment 8 measures.
     """
-    steps = n_modes * (
-        int(params.warmup)
-        + params.repeat
-        + params.load_repeat * len(params.concurrency)
-        + params.throughput_repeat
+    socks = n_modes - n_http
+    steps = n_modes * int(params.warmup)
+    steps += socks * (
+        params.repeat * int(params.min_load)
+        + params.load_repeat * len(params.concurrency) * int(params.high_load)
+        + params.throughput_repeat * int(params.throughput)
         + int(params.cost)
         + params.setup_rate_repeat * int(params.setup_rate)
     )
     steps += n_daemons * params.memory_repeat * int(params.memory)
     if params.shaped:
-        steps += n_modes * min(params.repeat, 3)
+        steps += socks * min(params.repeat, 3)
     if params.wan:
-        steps += 2 * n_modes * min(params.repeat, 3)
+        steps += 2 * socks * min(params.repeat, 3)
+    if params.keepalive:
+        steps += n_modes * params.keepalive_repeat * len(params.keepalive_sizes)
     return steps
 
 
+def http_modes(modes: Sequence[Mode]) -> list[Mode]:
+    return [m for m in modes if m.http_proxy is not None]
+
+
 def run_all(tb: Any, params: Params, modes: list[Mode], step: Step, into: Collected) -> None:
-    """Experiments 8, then 1-7; results accumulate in `into` (kept if interrupted).
+    """Experiments 8, 1-6, 9, then 7; results accumulate in `into` (kept if interrupted).
 
     A mode whose every warm-up request fails is removed from `modes` and
-    recorded in `into.skipped`.
+    recorded in `into.skipped`.  HTTP proxy modes run the warm-up and
+    experiment 9 only: 1-8 are the thesis's SOCKS comparisons (and the
+    memory holder speaks SOCKS5).
     """
 
     def load(mode: Mode, sizes: Sequence[int], conc: int = 1) -> list[dict[str, Any]]:
@@ -242,12 +269,14 @@ def run_all(tb: Any, params: Params, modes: list[Mode], step: Step, into: Collec
                 bad = sum(1 for r in raw if not r["ok"])
                 into.notes.append(f"warm-up: {bad} request(s) failed for mode {mode.name}")
 
+    socks = [m for m in modes if m.http_proxy is None]
+
     # (8) memory per idle splice, first: the daemons have seen only the
     # warm-up.  The later experiments leave thousands of splices in TIME-WAIT
     # (2 MSL, a minute) whose memory, freed meanwhile, the idle splices would
     # reuse, and the slope would read low.
     if params.memory:
-        daemons = [m for m in modes if m.splice_daemon is not None]
+        daemons = [m for m in socks if m.splice_daemon is not None]
         if not daemons:
             into.notes.append("memory per idle splice: no mode on a splice daemon ran")
         for mode in daemons:
@@ -259,30 +288,30 @@ def run_all(tb: Any, params: Params, modes: list[Mode], step: Step, into: Collec
                     into.notes.append(f"memory {mode.name} round {rnd + 1}: {err}")
 
     # (1) Fig. 6.1: one connection at a time.
-    for rnd in range(params.repeat):
-        for mode in rotated(modes, rnd):
+    for rnd in range(params.repeat if params.min_load else 0):
+        for mode in rotated(socks, rnd):
             step(f"min load {mode.name} round {rnd + 1}")
             raw = load(mode, params.sizes)
             into.samples += _samples(raw, MIN_LOAD, UNSHAPED, mode.name, 1, rnd)
 
     # (2) Fig. 6.2: C client processes at once.
-    for rnd in range(params.load_repeat):
+    for rnd in range(params.load_repeat if params.high_load else 0):
         for conc in params.concurrency:
-            for mode in rotated(modes, rnd):
+            for mode in rotated(socks, rnd):
                 step(f"high load {mode.name} x{conc} round {rnd + 1}")
                 raw = load(mode, params.load_sizes, conc)
                 into.samples += _samples(raw, HIGH_LOAD, UNSHAPED, mode.name, conc, rnd)
 
     # (3) one long transfer.
-    for rnd in range(params.throughput_repeat):
-        for mode in rotated(modes, rnd):
+    for rnd in range(params.throughput_repeat if params.throughput else 0):
+        for mode in rotated(socks, rnd):
             step(f"throughput {mode.name} round {rnd + 1}")
             raw = load(mode, [params.throughput_size])
             into.samples += _samples(raw, THROUGHPUT, UNSHAPED, mode.name, 1, rnd)
 
     # (4) CPU and context switches over a sustained run.
     if params.cost:
-        for mode in modes:
+        for mode in socks:
             step(f"cost {mode.name}")
             into.costs.append(_cost_run(tb, params, mode, into.samples))
 
@@ -290,7 +319,7 @@ def run_all(tb: Any, params: Params, modes: list[Mode], step: Step, into: Collec
     if params.shaped:
         with shaped_links(tb, params.shape, into.notes):
             for rnd in range(min(params.repeat, 3)):
-                for mode in rotated(modes, rnd):
+                for mode in rotated(socks, rnd):
                     step(f"shaped {mode.name} round {rnd + 1}")
                     raw = load(mode, params.shaped_sizes)
                     into.samples += _samples(raw, MIN_LOAD, SHAPED, mode.name, 1, rnd)
@@ -305,7 +334,7 @@ def run_all(tb: Any, params: Params, modes: list[Mode], step: Step, into: Collec
         into.environment["wan_link"] = WAN_LINK
         with shaped_links(tb, params.wan_shape, into.notes, (WAN_LINK,)):
             for rnd in range(min(params.repeat, 3)):
-                for mode in rotated(modes, rnd):
+                for mode in rotated(socks, rnd):
                     for direction in (DOWNLOAD, UPLOAD):
                         step(f"wan {mode.name} {direction} round {rnd + 1}")
                         raw = run_loadgen(
@@ -319,13 +348,23 @@ def run_all(tb: Any, params: Params, modes: list[Mode], step: Step, into: Collec
                         )
                         into.samples += _samples(raw, WAN, direction, mode.name, 1, rnd)
 
+    # (9) the keep-alive HTTP workload, every mode (HTTP proxies included).
+    # Before 7: its tinyproxy runs open a few thousand connections, but in
+    # the kernel, not in a splice daemon.
+    if params.keepalive:
+        for rnd in range(params.keepalive_repeat):
+            for mode in rotated(modes, rnd):
+                for size in params.keepalive_sizes:
+                    step(f"keep-alive {mode.name} {size} B round {rnd + 1}")
+                    into.keepalive.append(_keepalive_run(tb, params, mode, size, rnd, into))
+
     # (7) connections per second: C workers, each request a 1-byte body, back
     # to back.  Last, so the TIME-WAITs it leaves in the daemons (thousands,
     # for 2 MSL) weigh on no other experiment.
     if params.setup_rate:
         conc = params.setup_rate_concurrency
         for rnd in range(params.setup_rate_repeat):
-            for mode in rotated(modes, rnd):
+            for mode in rotated(socks, rnd):
                 step(f"setup rate {mode.name} round {rnd + 1}")
                 raw = run_loadgen(
                     tb,
@@ -339,6 +378,39 @@ def run_all(tb: Any, params: Params, modes: list[Mode], step: Step, into: Collec
                 )
                 into.samples += _samples(raw, SETUP_RATE, UNSHAPED, mode.name, conc, rnd)
                 into.rates.append(rate_run(raw, mode.name, rnd, conc))
+
+
+def _keepalive_run(
+    tb: Any, params: Params, mode: Mode, size: int, rnd: int, into: Collected
+) -> KeepaliveRun:
+    """One run of experiment 9: W workers, C connections each, K GETs of `size` on each."""
+    workers, per_conn = params.keepalive_workers, params.keepalive_requests
+    conns = connections_per_worker(
+        size, workers, per_conn, params.keepalive_run_bytes, params.keepalive_max_connections
+    )
+    with CostMeter(mode.cost_pids) as meter:
+        raw = run_loadgen(
+            tb,
+            mode,
+            [size],
+            repeat=conns,
+            concurrency=workers,
+            timeout=params.timeout,
+            keepalive=per_conn,
+        )
+    user, system, _, machine_cpu, _ = meter.deltas()
+    into.samples += _samples(raw, KEEPALIVE, UNSHAPED, mode.name, workers, rnd)
+    return keepalive_run(
+        raw,
+        mode=mode.name,
+        size=size,
+        rnd=rnd,
+        workers=workers,
+        per_conn=per_conn,
+        # The router has no process of its own: its forwarding is softirq work.
+        proc_cpu_s=user + system if mode.cost_pids else None,
+        machine_cpu_s=machine_cpu,
+    )
 
 
 def cost_plan(rate_bps: float, seconds: float, size: int) -> int:

@@ -18,13 +18,14 @@ from typing import Any
 from testbed.experiments.claims import ClaimResult
 from testbed.experiments.connsetup import RateRun, Split
 from testbed.experiments.cost import Cost
+from testbed.experiments.keepalive import KeepaliveRun
 from testbed.experiments.memory import MemoryRound
 from testbed.experiments.runner import Sample
 from testbed.experiments.stats import CellStats
 
 CellKey = tuple[str, str, str, int, int]
 PACKAGES = ("tcp-splice", "psutil", "pyroute2", "python-pytun", "matplotlib", "tqdm")
-DEBIAN = ("dante-server", "microsocks", "curl")
+DEBIAN = ("dante-server", "microsocks", "tinyproxy-bin", "curl")
 
 
 def new_run_dir(root: Path, now: float) -> Path:
@@ -155,6 +156,17 @@ def memory_rows(rounds: Sequence[MemoryRound]) -> list[dict[str, Any]]:
     return rows
 
 
+def keepalive_rows(runs: Sequence[KeepaliveRun]) -> list[dict[str, Any]]:
+    """One row per load-client run of experiment 9, its throughput beside it."""
+    rows = []
+    for r in runs:
+        row = dataclasses.asdict(r)
+        row["errors"] = ";".join(f"{k}={v}" for k, v in r.errors.items())
+        row["throughput_mb_s"] = r.throughput
+        rows.append(row)
+    return rows
+
+
 def claim_json(results: Sequence[ClaimResult]) -> list[dict[str, Any]]:
     return [
         {
@@ -197,6 +209,7 @@ def write_raw(
     rates: Sequence[RateRun] = (),
     splits: Sequence[Split] = (),
     memory: Sequence[MemoryRound] = (),
+    keepalive: Sequence[KeepaliveRun] = (),
 ) -> None:
     sample_fields = [f.name for f in dataclasses.fields(Sample)]
     sample_dicts = [dataclasses.asdict(s) for s in samples]
@@ -220,10 +233,14 @@ def write_raw(
     mem_fields = ["mode", "round", "splices", "rss_kib", "after_kib", "kib_per_splice"]
     mem_fields += ["daemon_idle", "failed", "errors", "settled", "note"]
     write_csv(out / "memory.csv", mem, mem_fields)
+    alive = keepalive_rows(keepalive)
+    alive_fields = [f.name for f in dataclasses.fields(KeepaliveRun)] + ["throughput_mb_s"]
+    write_csv(out / "keepalive.csv", alive, alive_fields)
     full = dict(run)
     full["summary"] = summary
     full["cost"] = cost
     full["setup_rate"] = rate
     full["setup_split"] = split
     full["memory"] = mem
+    full["keepalive"] = alive
     (out / "run.json").write_text(json.dumps(_clean(full), indent=1))
