@@ -241,6 +241,7 @@ def plan_steps(params: Params, n_modes: int, n_daemons: int = 0, n_http: int = 0
 
 
 def http_modes(modes: Sequence[Mode]) -> list[Mode]:
+    """The HTTP forward proxies among `modes` (they run experiment 9 only)."""
     return [m for m in modes if m.http_proxy is not None]
 
 
@@ -269,6 +270,7 @@ def run_all(tb: Any, params: Params, modes: list[Mode], step: Step, into: Collec
                 bad = sum(1 for r in raw if not r["ok"])
                 into.notes.append(f"warm-up: {bad} request(s) failed for mode {mode.name}")
 
+    # Experiments 1-8 run the router and the SOCKS paths: the thesis's modes.
     socks = [m for m in modes if m.http_proxy is None]
 
     # (8) memory per idle splice, first: the daemons have seen only the
