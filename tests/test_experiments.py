@@ -96,7 +96,7 @@ def test_bad_input_prints_one_line_and_exits_2(capsys: pytest.CaptureFixture[str
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         "python -m testbed.experiments: error: unknown mode 'ftp': choose from "
-        "router,plain,endpoint,spliced,spliced-py,dante,microsocks,tinyproxy,http11"
+        "router,plain,endpoint,spliced,spliced-py,dante,microsocks,tinyproxy,http11,http11-copy"
     ]
 
 
@@ -661,7 +661,7 @@ def test_keepalive_defaults_are_the_issues_sizes_ten_requests_and_a_few_workers(
     assert quick.keepalive_run_bytes < p.keepalive_run_bytes
     mine = parse_args(["--keepalive-sizes", "4K", "--keepalive-requests", "3"])
     assert (mine.keepalive_sizes, mine.keepalive_requests) == ((4 * K,), 3)
-    assert "tinyproxy" in p.modes and "http11" in p.modes
+    assert {"tinyproxy", "http11", "http11-copy"} <= set(p.modes)
 
 
 def test_keepalive_runs_move_about_the_budget_in_at_most_the_cap_of_connections() -> None:
@@ -835,8 +835,9 @@ def _keepalive_report(params: dict[str, Any] | None = None) -> ReportInput:
         _krun("router", K, 0, proc_cpu_s=None, span_s=0.5),
         _krun("tinyproxy", K, 0, connections=400, setup_s=0.08, span_s=1.0),
         _krun("http11", K, 0, span_s=0.8, proc_cpu_s=0.1, failed=2, errors={"reset": 2}),
+        _krun("http11-copy", K, 0, span_s=0.4, proc_cpu_s=0.05),
     ]
-    times = {"router": 0.0005, "tinyproxy": 0.002, "http11": 0.001}
+    times = {"router": 0.0005, "tinyproxy": 0.002, "http11": 0.001, "http11-copy": 0.0007}
     world = {
         (KEEPALIVE, "unshaped", mode, 4, K): summarize(_spread(t), ["reset"] * (mode == "http11"))
         for mode, t in times.items()
@@ -856,7 +857,7 @@ def _keepalive_report(params: dict[str, Any] | None = None) -> ReportInput:
             "throughput": False,
         }
         | (params or {}),
-        modes=["router", "tinyproxy", "http11"],
+        modes=["router", "tinyproxy", "http11", "http11-copy"],
         skipped={},
         cells=world,
         costs=[],
@@ -874,8 +875,12 @@ def test_report_gives_keepalive_per_size_and_mode_and_http11_against_tinyproxy()
     assert "| 0.41 (0.41-0.41) | 0.50x | 0.5 | 2.5 | 0 |" in text
     assert "| 1K | http11 | 1 ms [0.98 ms, 1.02 ms] |" in text and "| **2** (reset: 2) |" in text
     assert "| 1K | router |" in text and "| 0.819 (0.819-0.819) | 1.00x | - | 2.5 | 0 |" in text
-    assert "http11 against tinyproxy, size by size:" in text
-    assert "- throughput: 1K 1.25x" in text and "- proxy CPU per request: 1K 0.50x" in text
+    # The splice against the same proxy copying, then against tinyproxy.
+    copy, tiny = text.split("http11 against http11-copy, size by size:")[1].split(
+        "http11 against tinyproxy, size by size:"
+    )
+    assert "- throughput: 1K 0.50x" in copy and "- proxy CPU per request: 1K 2.00x" in copy
+    assert "- throughput: 1K 1.25x" in tiny and "- proxy CPU per request: 1K 0.50x" in tiny
     # Only 9 ran: no claims, no sections 1-3, and the failures are listed.
     assert "the thesis's claims are not judged" in text
     for title in ("## 1.", "## 2.", "## 3.", "| (a) |"):
@@ -899,10 +904,11 @@ def test_keepalive_runs_go_to_their_csv_run_json_and_figure(tmp_path: Path) -> N
         ("router", "40", ""),
         ("tinyproxy", "400", ""),
         ("http11", "40", "reset=2"),
+        ("http11-copy", "40", ""),
     ]
     assert float(rows[1]["throughput_mb_s"]) == pytest.approx(400 * K / 1e6)
     assert rows[0]["proc_cpu_s"] == ""  # the router: no process, not zero
-    assert len(json.loads((tmp_path / "run.json").read_text())["keepalive"]) == 3
+    assert len(json.loads((tmp_path / "run.json").read_text())["keepalive"]) == 4
     made = plots.write_all(tmp_path, data.cells, data.modes, [], keepalive=data.keepalive)
     assert made == ["keepalive.png"]
     assert (tmp_path / "keepalive.png").read_bytes()[:4] == b"\x89PNG"
@@ -990,7 +996,7 @@ def test_quick_run_writes_data_figures_and_a_report(tmp_path: Path) -> None:
         for name in ("fig6_1_setup_split.png", "setup_rate.png", "memory.png", "keepalive.png"):
             assert (run / name).read_bytes()[:4] == b"\x89PNG", name
         info = json.loads((run / "run.json").read_text())
-        expected = {"router", "plain", "endpoint", "http11"}
+        expected = {"router", "plain", "endpoint", "http11", "http11-copy"}
         expected |= {
             n
             for n, b in (

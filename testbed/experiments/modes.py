@@ -21,8 +21,11 @@ experiment 9, the keep-alive workload, is where they run):
 * ``http11``: the spliced HTTP/1.1 proxy, the testbed's ``http11-proxy``
   service (``Testbed.http11_proxy``): it keeps the client's connection and
   splices each response body (a bounded splice), handing the connections back
-  in between.  It has no copying switch, so no copying twin of it runs here:
-  tinyproxy is the copying reference.
+  in between.
+* ``http11-copy``: a second instance of the same proxy, started here on the
+  testbed's daemon, with ``--splice-min`` above any body: it copies every
+  body itself.  Same parser, framing and daemon connections: the difference
+  from ``http11`` is the splice alone.
 
 A mode that cannot run (binary not installed, service missing) is *skipped*
 with a reason the report prints; it never crashes the suite.
@@ -43,10 +46,13 @@ from pathlib import Path
 from typing import Any
 
 from testbed import process
+from testbed.topology import SPLICE_SOURCE
 
 DANTE_PORT = 1090
 MICROSOCKS_PORT = 1091
 TINYPROXY_PORT = 8888  # tinyproxy's own default
+HTTP11_COPY_PORT = 3130  # beside the testbed's http11-proxy on 3129
+COPY_EVERY_BODY = 1 << 62  # http11_proxy --splice-min: bodies shorter are copied
 PY_NET = "198.51.100.128/25"
 PY_SERVICE = "198.51.100.129"
 PY_SOURCE = "198.51.100.130"
@@ -296,6 +302,8 @@ def resolve(tb: Any, wanted: tuple[str, ...], work_dir: Path) -> ModeSet:
                         http_proxy=tuple(tb.http11_proxy),
                     )
                 )
+        elif name == "http11-copy":
+            _start_http11_copy(tb, found, work_dir)
     return found
 
 
@@ -325,12 +333,64 @@ def _start(
         found.modes.append(Mode(name, (addr, port), (proc.pid,), note))
 
 
-def _start_spliced_py(tb: Any, found: ModeSet, work_dir: Path) -> None:
-    """A second daemon, fast path off, and a spliced SOCKS5 proxy on it (mode spliced-py)."""
-    sock = work_dir / "spliced-py.sock"
+def _python_env() -> dict[str, str]:
+    """The environment for a module of this checkout run in a namespace."""
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _start_http11_copy(tb: Any, found: ModeSet, work_dir: Path) -> None:
+    """The HTTP/1.1 proxy again, on the testbed's daemon, copying every body (http11-copy)."""
+    name = "http11-copy"
+    if not hasattr(tb, "http11_proxy"):
+        found.skipped[name] = "the testbed has no HTTP/1.1 proxy (Testbed.http11_proxy is missing)"
+        return
+    pids, missing = _record_pids(tb.run_dir, ["daemon"])
+    if missing:
+        found.skipped[name] = "the testbed's splice daemon is not running"
+        return
+    addr = tb.http11_proxy[0]
+    argv = [
+        sys.executable,
+        "-m",
+        "proxies.http11_proxy",
+        "--daemon",
+        str(tb.daemon_socket),
+        "--source",
+        SPLICE_SOURCE,
+        "--listen",
+        f"{addr}:{HTTP11_COPY_PORT}",
+        "--splice-min",
+        str(COPY_EVERY_BODY),
+    ]
+    log = work_dir / "http11-copy.log"
+    with open(log, "wb") as out:
+        proxy = tb.host("proxy").popen(
+            argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=_python_env()
+        )
+    # A proxy without --splice-min exits at once (usage error): the log says so.
+    why = _wait_port(tb, addr, HTTP11_COPY_PORT, proxy, log)
+    if why:
+        found.skipped[name] = f"the copying HTTP/1.1 proxy {why}"
+        return
+    found.started.append(proxy)
+    found.modes.append(
+        Mode(
+            name,
+            None,
+            (*pids, proxy.pid),
+            "daemon + http11-proxy --splice-min (copies)",
+            http_proxy=(addr, HTTP11_COPY_PORT),
+        )
+    )
+
+
+def _start_spliced_py(tb: Any, found: ModeSet, work_dir: Path) -> None:
+    """A second daemon, fast path off, and a spliced SOCKS5 proxy on it (mode spliced-py)."""
+    sock = work_dir / "spliced-py.sock"
+    env = _python_env()
     daemon_argv = [
         sys.executable,
         "-m",

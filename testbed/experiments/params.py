@@ -23,7 +23,7 @@ from testbed.impair import LinkShape
 from testbed.topology import DEFAULT_PREFIX, check_prefix
 
 SOCKS_MODES = ("plain", "endpoint", "spliced", "spliced-py", "dante", "microsocks")
-HTTP_MODES = ("tinyproxy", "http11")  # HTTP forward proxies: experiment 9 only
+HTTP_MODES = ("tinyproxy", "http11", "http11-copy")  # HTTP forward proxies: experiment 9 only
 MODES = ("router", *SOCKS_MODES, *HTTP_MODES)
 
 # In the order of docs/experiments.md: --experiments takes names or numbers.

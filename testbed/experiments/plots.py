@@ -48,6 +48,7 @@ MARKERS = {
     "dante": "v",
     "tinyproxy": "P",
     "http11": "*",
+    "http11-copy": "X",
 }
 
 

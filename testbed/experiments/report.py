@@ -572,6 +572,8 @@ def _keepalive_section(data: ReportInput) -> list[str]:
         *_keepalive_table(data, summary),
         "",
     ]
+    # The splice against copying in the same proxy, then against what users run.
+    lines += _keepalive_comparison(summary, "http11", "http11-copy")
     lines += _keepalive_comparison(summary, "http11", "tinyproxy")
     return lines
 
