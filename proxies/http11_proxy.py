@@ -114,6 +114,7 @@ log = logging.getLogger("proxies.http11_proxy")
 
 PROG = "http11_proxy"
 RECV_SIZE = 65536
+ORIGIN_RCVBUF = 65536  # see Http11Proxy.origin_rcvbuf
 IDLE_TIMEOUT = 30.0  # a client silent this long between (or inside) requests is closed
 RESPONSE_TIMEOUT = 60.0  # per read while waiting for the origin; then 504
 VIA = b"tcp-splice"  # our pseudonym in Via (RFC 9110 7.6.3)
@@ -527,6 +528,11 @@ class Http11Proxy:
     # splice costs three API round trips, a short copy less (0: splice all;
     # a huge value: the plain copying proxy the experiments compare with).
     splice_min: int = 0
+    # Receive buffering of origin connections (the daemon's connect rcvbuf):
+    # what the daemon takes in ahead of the proxy reading a head crosses at
+    # the splice through Python; what waits at the origin is relayed by the
+    # kernel.  0: the daemon's default (what a copying proxy wants).
+    origin_rcvbuf: int = ORIGIN_RCVBUF
 
 
 class Outcome(enum.Enum):
@@ -584,14 +590,18 @@ async def _consume(conn: AsyncConnection, count: int) -> None:
 
 
 async def connect_origin(
-    api: AsyncSpliceClient, remotes: list[tuple[str, int]], source: str | None, timeout: float
+    api: AsyncSpliceClient,
+    remotes: list[tuple[str, int]],
+    source: str | None,
+    timeout: float,
+    rcvbuf: int | None = None,
 ) -> AsyncConnection:
     """A connection of the proxy's own to the first address that answers."""
     local = None if source is None else (source, 0)
     first_error: SpliceError | None = None
     for remote in remotes:
         try:
-            return await api.connect(remote, local=local, timeout=timeout)
+            return await api.connect(remote, local=local, timeout=timeout, rcvbuf=rcvbuf)
         except DaemonGone:
             raise
         except SpliceError as exc:
@@ -719,7 +729,11 @@ class ClientSession:
             return link
         self._drop_link()
         conn = await connect_origin(
-            self.api, remotes, self.proxy.source, self.proxy.connect_timeout
+            self.api,
+            remotes,
+            self.proxy.source,
+            self.proxy.connect_timeout,
+            self.proxy.origin_rcvbuf or None,
         )
         self.link = OriginLink(origin, conn)
         return self.link
@@ -1143,9 +1157,19 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Http11Proxy
         help="copy bodies shorter than this instead of splicing them (default 0: splice "
         "every body; a huge value makes a plain copying proxy, for comparisons)",
     )
+    parser.add_argument(
+        "--origin-rcvbuf",
+        type=_size,
+        default=ORIGIN_RCVBUF,
+        metavar="BYTES",
+        help="receive buffering of origin connections in the daemon (default %(default)s: "
+        "a body waits at the origin and is spliced; 0: the daemon's default, for copying)",
+    )
     parser.add_argument("--log-level", default="WARNING", metavar="L")
     args = parser.parse_args(argv)
     check_source(parser, args.source)
+    if 0 < args.origin_rcvbuf < 4096 or args.origin_rcvbuf > 16 << 20:
+        parser.error("--origin-rcvbuf must be 0 or 4096..16777216")
     for name in ("connect_timeout", "idle_timeout", "response_timeout"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
@@ -1164,6 +1188,7 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Http11Proxy
         args.response_timeout,
         args.source,
         args.splice_min,
+        args.origin_rcvbuf,
     )
     return args, proxy
 

@@ -80,6 +80,31 @@ def test_connect_with_everything() -> None:
     assert parse_request(line) == Connect(4, ("203.0.113.2", 80), ("198.51.100.1", 0), 2.5, 9)
 
 
+def test_connect_may_size_its_receive_buffering() -> None:
+    got = parse_request(req(id=4, op="connect", remote=["203.0.113.2", 80], rcvbuf=65536))
+    assert isinstance(got, Connect) and got.rcvbuf == 65536
+    for bad in (4095, 16 << 20 | 1, "64k", True):
+        parsed = parse_request(req(id=4, op="connect", remote=["203.0.113.2", 80], rcvbuf=bad))
+        assert isinstance(parsed, BadRequest) and parsed.code is ErrorCode.EBADREQ, bad
+
+
+def test_bounded_splice_limits_tap_and_paired_intend() -> None:
+    got = parse_request(req(id=5, op="splice", client=1, server=2, len=0, server_limit=7))
+    assert isinstance(got, Splice) and got.limits == (7, 0) and not got.tap
+    got = parse_request(
+        req(id=5, op="splice", client=1, server=2, len=0, client_limit=3, tap="server")
+    )
+    assert isinstance(got, Splice) and got.limits == (0, 3) and got.tap
+    plain = parse_request(req(id=5, op="splice", client=1, server=2, len=0))
+    assert isinstance(plain, Splice) and plain.limits is None
+    for bad in ({"server_limit": -1}, {"client_limit": 2**31}, {"tap": "client"}):
+        parsed = parse_request(req(id=5, op="splice", client=1, server=2, len=0, **bad))
+        assert isinstance(parsed, BadRequest) and parsed.code is ErrorCode.EBADREQ, bad
+    assert parse_request(req(id=6, op="intend_splice", conn=1, server=2)) == IntendSplice(6, 1, 2)
+    same = parse_request(req(id=6, op="intend_splice", conn=1, server=1))
+    assert isinstance(same, BadRequest) and same.code is ErrorCode.EBADREQ
+
+
 def test_connect_ipv6_is_canonicalised() -> None:
     got = parse_request(req(id=4, op="connect", remote=["2001:DB8:0:0::1", 443], local=None))
     assert isinstance(got, Connect)

@@ -336,3 +336,40 @@ def test_server_bytes_that_crossed_at_the_freeze_are_tapped_first() -> None:
     )  # fmt: skip
     actions = relay.splice(0, b"", T0, limits=(5, 0), tap=True)
     assert tapped(actions) == b"EARLY"  # past the limit is the proxy's, not the tap's
+
+
+def test_the_resumed_tcb_accepts_all_the_window_the_relay_offered_its_peer() -> None:
+    # The client's window, relayed, let the server send far past what the
+    # server TCB's own buffer would: the server keeps that right edge (a
+    # window never shrinks), so the resumed TCB must take a burst up to it.
+    bed, _ = bounded(100)
+    relay = bed.relay
+    data = from_server(bed, seq=S_IRS + 1, ack=S_ISS + 1, flags=ACK | PSH, payload=b"r" * 100)
+    relay.on_packet(SERVER, None, data, T0)
+    big = from_client(bed, seq=C_IRS + 1, ack=C_ISS + 101, window=65535)  # 8 MB at scale 7
+    hand_back(relay.on_packet(CLIENT, None, big, T0))
+    edge = S_IRS + 101 + (65535 << 7)
+    assert bed.server.rcv_accept == edge % 2**32
+    # It advertises its own buffer again: the peer's next burst waits there.
+    assert bed.server.rcv_adv == S_IRS + 101 + bed.server.recv_buf.capacity
+    burst = b"n" * (bed.server.recv_buf.capacity + 1000)  # more than its own buffer
+    bed.server.on_segment(
+        TcpSegment(
+            SERVER_PEER[1], DAEMON_S[1], S_IRS + 101, S_ISS + 1, ACK, 1000,
+            TcpOptions(timestamp=(bed.s_ts + 1, bed.server.ts_now(T0))), burst,
+        ),
+        T0,
+    )  # fmt: skip
+    assert len(bed.server.recv_buf) == len(burst)
+
+
+def test_the_window_offered_while_the_other_side_still_drains_counts_too() -> None:
+    # The whole body crossed at the freeze: the client TCB sends it, and the
+    # client's ACKs go to the server with the server TCB's fixed ACK and the
+    # client's window.  That window is offered too.
+    bed, _ = bounded(4, 0, early_server=b"BODY")
+    relay = bed.relay
+    partial = from_client(bed, seq=C_IRS + 1, ack=C_ISS + 3, window=65535)
+    relay.on_packet(CLIENT, None, partial, T0)
+    hand_back(relay.on_packet(CLIENT, None, from_client(bed, seq=C_IRS + 1, ack=C_ISS + 5), T0))
+    assert bed.server.rcv_accept == (S_IRS + 5 + (65535 << 7)) % 2**32

@@ -162,10 +162,11 @@ def from_client(
     flags: int = ACK,
     payload: bytes = b"",
     sack: tuple[tuple[int, int], ...] = (),
+    window: int = 512,
 ) -> memoryview:
     bed.c_ts += 1
     opts = TcpOptions(timestamp=(bed.c_ts, 0), sack_blocks=sack)
-    seg = TcpSegment(CLIENT_PEER[1], DAEMON_C[1], seq, ack, flags, 512, opts, payload)
+    seg = TcpSegment(CLIENT_PEER[1], DAEMON_C[1], seq, ack, flags, window, opts, payload)
     return memoryview(build_ipv4_tcp(seg, CLIENT_PEER[0], DAEMON_C[0]))
 
 

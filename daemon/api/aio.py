@@ -162,13 +162,22 @@ class AsyncSpliceClient:
         remote: Address,
         local: Address | None = None,
         timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        rcvbuf: int | None = None,
     ) -> AsyncConnection:
-        """A new connection, returned once established (the daemon enforces ``timeout``)."""
+        """A new connection, returned once established (the daemon enforces ``timeout``).
+
+        ``rcvbuf``: receive buffering for it (docs/api.md, connect): small for a
+        conn whose bodies will be spliced, so they wait at the peer.
+        """
+        args: dict[str, object] = {}
+        if rcvbuf is not None:
+            args["rcvbuf"] = rcvbuf
         reply = await self._request(
             "connect",
             remote=list(remote),
             local=None if local is None else list(local),
             timeout=timeout,
+            **args,
         )
         return AsyncConnection._from_reply(self, reply)
 

@@ -76,8 +76,12 @@ class Core(Protocol):
         timeout: float,
         conn: int | None,
         done: Done,
+        rcvbuf: int | None = None,
     ) -> None:
-        """Open a connection; ``conn`` is a server-side conn from intend_splice or None."""
+        """Open a connection; ``conn`` is a server-side conn from intend_splice or None.
+
+        ``rcvbuf``: this connection's receive buffering (window and fd), bytes.
+        """
 
     def close(self, owner: int, conn: int) -> Result: ...
 

@@ -105,6 +105,10 @@ class Connect:
     local: Address | None
     timeout: float
     conn: int | None
+    # Receive buffering for this connection (TCP window and the fd's queue):
+    # small for a conn whose data the proxy will mostly splice, so that the
+    # data waits at the peer, not in the daemon (None: the daemon's default).
+    rcvbuf: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,6 +348,7 @@ def _parse_connect(rid: int, obj: Mapping[str, object]) -> Request:
         None if local is None else parse_address(local, "local"),
         _timeout(obj.get("timeout")),
         _optional_object_id(obj, "conn"),
+        None if obj.get("rcvbuf") is None else _int(obj["rcvbuf"], "rcvbuf", 4096, 16 << 20),
     )
 
 

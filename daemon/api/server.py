@@ -365,7 +365,18 @@ class ApiServer:
                 if req.conn is not None:
                     self._check(client, conn, req.conn)
                 with self._completion(client, req.id) as done:
-                    self.core.connect(owner, req.remote, req.local, req.timeout, req.conn, done)
+                    if req.rcvbuf is None:
+                        self.core.connect(owner, req.remote, req.local, req.timeout, req.conn, done)
+                    else:
+                        self.core.connect(
+                            owner,
+                            req.remote,
+                            req.local,
+                            req.timeout,
+                            req.conn,
+                            done,
+                            rcvbuf=req.rcvbuf,
+                        )
             case Close():
                 self._check(client, conn, req.conn)
                 self._reply(client, req.id, self.core.close(owner, req.conn))

@@ -143,6 +143,7 @@ class Conn:
     # connect_splice with release: the proxy will never hold this conn's fd,
     # so none is made unless the splice is left to the proxy after all.
     want_fd: bool = True
+    sock_buf: int = SOCKPAIR_BUF  # the socketpair's buffers (connect's rcvbuf)
 
     @property
     def api_id(self) -> int | None:
@@ -747,8 +748,8 @@ class Daemon:
         """Give `conn` its socketpair; return the proxy's end."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         for s in (ours, theirs):
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKPAIR_BUF)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKPAIR_BUF)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, conn.sock_buf)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, conn.sock_buf)
         ours.setblocking(False)
         conn.sock = ours
         return theirs
@@ -824,11 +825,17 @@ class Daemon:
         timeout: float,
         conn: int | None,
         done: Done,
+        rcvbuf: int | None = None,
     ) -> None:
         if conn is not None:
             self.splicer.connect(owner, conn, remote, local, timeout, done)
             return
-        self._open(owner, remote, local, timeout, done, self.connect_config)
+        config = self.connect_config
+        if rcvbuf is not None:
+            config = _replace(config, rcv_buf=rcvbuf)
+        c = self._open(owner, remote, local, timeout, done, config)
+        if c is not None and rcvbuf is not None:
+            c.sock_buf = rcvbuf
 
     def _open(
         self,

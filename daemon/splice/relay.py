@@ -300,6 +300,10 @@ class RelaySide:
     peer_ack: int | None = None
     peer_window: tuple[int, int, int] | None = None
     peer_tsval: int | None = None
+    # The right edge of the window the relay offered this side's peer (in
+    # its sequence space), from the other side's relayed ACKs: the TCB that
+    # resumes accepts up to there, since the peer may send up to there.
+    offered_edge: int | None = None
 
     @property
     def key(self) -> FlowKey:
@@ -701,6 +705,7 @@ class Relay:
             if s.peer_ack is None or seq_gt(info.ack, s.peer_ack):
                 s.peer_ack = info.ack
             s.peer_window = (info.window, info.seq, info.ack)
+            self._note_offer(s.iface, info)
         tcb = s.tcb
         if tcb is not None and flags & ACK:
             tcb.on_ack(info.seq, info.ack, info.window, flags, info.payload_len > 0, ts, now)
@@ -717,6 +722,28 @@ class Relay:
         self._check_limit(s, out, now)
         self._check_limit(self.side(dst), out, now)
         return out
+
+    def _note_offer(self, src: Iface, info: SegmentInfo) -> None:
+        """Remember the window right edge this segment offers the other side's peer.
+
+        Relayed, its ACK and window tell the other peer it may send up to
+        ack + window in its own space.  Once the TCB resumes, it must accept
+        that much: the peer keeps the right edge it was offered (RFC 9293
+        3.8.6.2.1 forbids shrinking it), and a TCB that took only its own
+        buffer's worth would drop the rest of a burst, costing the peer an
+        RTO (measured: 200 ms stalls on the next response).
+        """
+        t = self.c2s if src is CLIENT else self.s2c
+        if t is None:
+            return  # not relayed: the TCB still speaks for this side
+        # Before the reverse direction is spliced, relayed segments carry the
+        # fixed ACK of the output TCB (translator.py), with this window.
+        ack = t.ack_fixed if t.ack_delta is None else (info.ack + t.ack_delta) & MASK
+        field_ = min((info.window << t.wnd_in_shift) >> t.wnd_out_shift, 0xFFFF)
+        edge = (ack + (field_ << t.wnd_out_shift)) & MASK
+        d = self.side(src.other)
+        if d.offered_edge is None or seq_gt(edge, d.offered_edge):
+            d.offered_edge = edge
 
     def _cut_at_limit(
         self, src: Iface, vnet: VnetHeader | None, pkt: memoryview, info: SegmentInfo
@@ -809,6 +836,7 @@ class Relay:
                 peer_window=side.peer_window,
                 ts_recent=_first_or(_first_tsval(side.held), side.peer_tsval),
                 ts_floor=floor,
+                rcv_edge=side.offered_edge,
                 now=now,
             )
             side.parked = None

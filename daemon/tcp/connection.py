@@ -182,6 +182,10 @@ class TcpConnection:
     rcv_nxt: int = 0
     rcv_adv: int = 0
     rcv_wscale: int = 0
+    # After a bounded splice: the right edge the relay offered the peer in
+    # the other connection's name; segments up to it are still accepted
+    # (``thaw``), whatever window this TCB advertises.  None: only rcv_adv.
+    rcv_accept: int | None = None
     # Negotiated options.
     peer_mss: int = DEFAULT_MSS
     wscale_ok: bool = False
@@ -442,6 +446,7 @@ class TcpConnection:
         ts_recent: int | None,
         ts_floor: int | None,
         now: float,
+        rcv_edge: int | None = None,
     ) -> None:
         """A bounded splice hands the connection back: resume where the relay left it.
 
@@ -454,6 +459,15 @@ class TcpConnection:
         its latest TSval, and ``ts_floor`` the newest TSval the relay sent
         the peer in our name: our clock jumps past it, or the peer's PAWS
         check (RFC 7323 5.3) would drop everything we send from now on.
+        ``rcv_edge``: the right edge of the window the relay offered the
+        peer (the other connection's window).  We accept up to it, since the
+        peer may already be sending that far, but advertise our own buffer
+        from now on: that shrinks the window, which RFC 9293 3.8.6.2.2 asks
+        receivers not to do and RFC 1122 4.2.2.16 asks senders to cope with;
+        nothing sent in good faith is dropped, and the peer's next burst is
+        what we can hold rather than what the other peer could (a bounded
+        splice's next body should wait at the peer, to be relayed, not
+        cross through this TCB).
         """
         assert self.frozen and self.all_acked(), "thaw: the TCB has not drained"
         snd = (self.snd_max + sent) & MASK
@@ -463,6 +477,9 @@ class TcpConnection:
         # Accept what the peer was allowed to send toward the relay, within
         # our buffer (the receive window is ours again).
         self.rcv_adv = (self.rcv_nxt + self.recv_buf.capacity - len(self.recv_buf)) & MASK
+        self.rcv_accept = (
+            rcv_edge if rcv_edge is not None and seq_gt(rcv_edge, self.rcv_adv) else None
+        )
         if peer_window is not None:
             field_, wl1, wl2 = peer_window
             self.snd_wnd = field_ << self.snd_wscale
@@ -663,6 +680,12 @@ class TcpConnection:
         # First: sequence number acceptability (RFC 9293 3.10.7.4).
         rcv_nxt = self.rcv_nxt
         rcv_wnd = max(seq_sub(self.rcv_adv, rcv_nxt), 0)
+        if self.rcv_accept is not None:
+            accept = seq_sub(self.rcv_accept, rcv_nxt)
+            if accept > rcv_wnd:
+                rcv_wnd = accept
+            else:
+                self.rcv_accept = None  # caught up: our own window again
         payload = seg.payload
         plen = len(payload)
         seg_len = plen + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
