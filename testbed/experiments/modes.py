@@ -364,6 +364,10 @@ def _start_http11_copy(tb: Any, found: ModeSet, work_dir: Path) -> None:
         f"{addr}:{HTTP11_COPY_PORT}",
         "--splice-min",
         str(COPY_EVERY_BODY),
+        # The daemon's default receive buffering, as a copying proxy wants it
+        # (the spliced one keeps 64 KB, so that bodies wait at the origin).
+        "--origin-rcvbuf",
+        "0",
     ]
     log = work_dir / "http11-copy.log"
     with open(log, "wb") as out:
