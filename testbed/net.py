@@ -584,7 +584,7 @@ class Testbed:
                 f"{s.name} (wire {wire_ns_name(self.prefix, s)})" for s in self.topology.links
             ),
             "services:",
-            f"  origin HTTP/1.0  http://{ox[0]}:{ox[1]}/bytes/N"
+            f"  origin HTTP/1.1  http://{ox[0]}:{ox[1]}/bytes/N"
             f"   (upload: POST /sink; raw sink :{SINK_PORT})",
             f"  plain SOCKS5     {ss[0]}:{ss[1]}",
             f"  splice daemon    TUN {tun_name(self.prefix)}, API {self.daemon_socket}",
