@@ -19,11 +19,13 @@ COMMANDS = [
     ["proxies.socks5_spliced"],
     ["proxies.socks5_endpoint"],
     ["proxies.http_proxy"],
+    ["proxies.http11_proxy"],
     ["servers.origin"],
     ["clients.loadgen"],
     ["bench.bench_modes"],
     ["bench.bench_wan"],
     ["bench.bench_splice_memory"],
+    ["bench.bench_http11"],
 ]
 
 
