@@ -592,5 +592,7 @@ def test_sigterm_ends_idle_keep_alive_connections_at_once() -> None:
         started = time.monotonic()
         assert stop_origin(server) == 0
         # Not the 3 s grace for requests in flight: nothing was in flight.
-        assert time.monotonic() - started < 2
+        # (Under a loaded CI machine the exit alone took 2.1 s once: the
+        # bound only has to tell the grace apart.)
+        assert time.monotonic() - started < 2.9
         assert stream.read() == b""
