@@ -22,6 +22,7 @@ from daemon.api.protocol import (
     Hello,
     Inline,
     IntendSplice,
+    Keepalive,
     LineFramer,
     Listen,
     ListObjects,
@@ -103,6 +104,19 @@ def test_bounded_splice_limits_tap_and_paired_intend() -> None:
     assert parse_request(req(id=6, op="intend_splice", conn=1, server=2)) == IntendSplice(6, 1, 2)
     same = parse_request(req(id=6, op="intend_splice", conn=1, server=1))
     assert isinstance(same, BadRequest) and same.code is ErrorCode.EBADREQ
+
+
+def test_keepalive_takes_rfc_1122_defaults_and_turns_off_with_null() -> None:
+    got = parse_request(req(id=7, op="keepalive", conn=3, idle=60))
+    assert got == Keepalive(7, 3, (60.0, 75.0, 9))
+    got = parse_request(req(id=7, op="keepalive", conn=3, idle=0.5, interval=0.2, count=2))
+    assert got == Keepalive(7, 3, (0.5, 0.2, 2))
+    assert parse_request(req(id=7, op="keepalive", conn=3, idle=None)) == Keepalive(7, 3, None)
+    assert parse_request(req(id=7, op="keepalive", conn=3)) == Keepalive(7, 3, None)
+    for bad in ({"idle": 0}, {"idle": -1}, {"idle": 1, "interval": 0}, {"idle": 1, "count": 0},
+                {"idle": "1"}, {"idle": 1e9}):  # fmt: skip
+        parsed = parse_request(req(id=7, op="keepalive", conn=3, **bad))
+        assert isinstance(parsed, BadRequest) and parsed.code is ErrorCode.EBADREQ, bad
 
 
 def test_connect_ipv6_is_canonicalised() -> None:
@@ -204,6 +218,7 @@ def test_every_op_has_a_parser() -> None:
         "connect",
         "close",
         "abort",
+        "keepalive",
         "shutdown",
         "stats",
         "list",

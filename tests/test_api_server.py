@@ -188,6 +188,9 @@ class FakeCore:
         self.sink.forget(ObjectKind.CONN, conn)
         return {}
 
+    def keepalive(self, owner: int, conn: int, params: tuple[float, float, int] | None) -> Result:
+        return {"conn": conn, "keepalive": None if params is None else list(params)}
+
     def abort(self, owner: int, conn: int) -> Result:
         self.aborted.append(conn)
         return self.close(owner, conn)

@@ -14,6 +14,7 @@ import socket
 import struct
 import subprocess
 import sys
+import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -481,3 +482,71 @@ def test_abort_resets_the_peer_and_refuses_a_spliced_conn(tb: Testbed) -> None:
     finally:
         watcher.kill()
         watcher.wait()
+
+
+SILENT_SERVER = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 8086))
+s.listen()
+print("ready", flush=True)
+c, _ = s.accept()
+sys.stdin.readline()  # hold the connection, say nothing, until told
+"""
+
+
+def test_keepalive_probes_an_idle_peer_and_times_out_a_vanished_one(tb: Testbed) -> None:
+    """RFC 9293 3.8.4 through the API: the kernel peer answers the probes; once it is
+    silently gone (its packets dropped), the conn times out and the proxy is told."""
+    server_host = tb.host("server")
+    server = server_host.popen(
+        [sys.executable, "-c", SILENT_SERVER, tb.origin[0]],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+        text=True,
+    )
+    rule = ["OUTPUT", "-p", "tcp", "--sport", "8086", "-j", "DROP"]
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        proxy = tb.host("proxy").popen(
+            [
+                sys.executable,
+                "-c",
+                textwrap.dedent(
+                    """
+                    import sys, time
+                    from daemon.api.client import SpliceClient
+                    with SpliceClient(sys.argv[1]) as api:
+                        conn = api.connect((sys.argv[2], 8086), timeout=5)
+                        conn.set_keepalive(0.3, interval=0.2, count=3)
+                        time.sleep(1.5)
+                        st = api.stats(conn.id)
+                        print(st["state"], st["keepalive_probes"], flush=True)
+                        sys.stdin.readline()  # the test drops the peer's packets now
+                        started = time.monotonic()
+                        event = api.next_event(timeout=10)
+                        print(event and event["event"], round(time.monotonic() - started, 1))
+                    """
+                ),
+                str(tb.daemon_socket),
+                tb.origin[0],
+            ],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.PIPE,
+            text=True,
+        )
+        assert proxy.stdout is not None and proxy.stdin is not None
+        state, probes = proxy.stdout.readline().split()
+        # Idle 0.3 s, then a probe every 0.2 s, each answered: still up.
+        assert state == "ESTABLISHED" and int(probes) >= 3
+        server_host.cmd(["iptables", "-A", *rule], check=True)
+        proxy.stdin.write("go\n")
+        proxy.stdin.flush()
+        kind, _after = proxy.stdout.readline().split()
+        assert kind == "timed_out"
+        assert proxy.wait(timeout=20) == 0
+    finally:
+        server_host.cmd(["iptables", "-D", *rule])
+        server.kill()
+        server.wait()

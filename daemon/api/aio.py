@@ -762,6 +762,15 @@ class AsyncConnection:
         """Half-close the descriptor: after the bytes already written, the daemon sends FIN."""
         self.sock.shutdown(how)
 
+    async def set_keepalive(
+        self, idle: float | None, interval: float = 75.0, count: int = 9
+    ) -> None:
+        """RFC 9293 3.8.4 keep-alive in the daemon (as ``client.Connection.set_keepalive``)."""
+        args: dict[str, object] = {"conn": self.id, "idle": idle}
+        if idle is not None:
+            args.update(interval=interval, count=count)
+        await self.client._call("keepalive", **args)
+
     async def abort(self) -> None:
         """RST the connection now (the ``abort`` op): unsent and unread bytes are lost.
 

@@ -579,6 +579,18 @@ class Connection:
     def setblocking(self, flag: bool) -> None:
         self.settimeout(None if flag else 0.0)
 
+    def set_keepalive(self, idle: float | None, interval: float = 75.0, count: int = 9) -> None:
+        """RFC 9293 3.8.4 keep-alive in the daemon (the ``keepalive`` op); ``idle=None``: off.
+
+        After ``idle`` seconds without a segment from the peer the daemon
+        probes every ``interval`` seconds; ``count`` unanswered probes time
+        the connection out (a ``timed_out`` event, RST to the peer).
+        """
+        args: dict[str, object] = {"conn": self.id, "idle": idle}
+        if idle is not None:
+            args.update(interval=interval, count=count)
+        self.client._call("keepalive", **args)
+
     def abort(self) -> None:
         """RST the connection now (the ``abort`` op): unsent and unread bytes are lost.
 

@@ -85,6 +85,12 @@ class Core(Protocol):
 
     def close(self, owner: int, conn: int) -> Result: ...
 
+    def keepalive(self, owner: int, conn: int, params: tuple[float, float, int] | None) -> Result:
+        """RFC 9293 3.8.4 keep-alive on the conn: (idle, interval, count) seconds/probes, or off.
+
+        ESTATE for a spliced conn (its segments are the relay's).
+        """
+
     def abort(self, owner: int, conn: int) -> Result:
         """RST the conn now and free it (RFC 9293 3.10.5): unsent and unread bytes are lost.
 

@@ -118,6 +118,15 @@ class Close:
 
 
 @dataclass(frozen=True, slots=True)
+class Keepalive:
+    """RFC 9293 3.8.4 keep-alive for one conn: (idle, interval, count), or None for off."""
+
+    id: int
+    conn: int
+    params: tuple[float, float, int] | None
+
+
+@dataclass(frozen=True, slots=True)
 class Abort:
     """RST now (RFC 9293 3.10.5 ABORT): what is unsent or unread is discarded."""
 
@@ -230,6 +239,7 @@ Request = (
     | Connect
     | Close
     | Abort
+    | Keepalive
     | CloseListener
     | Shutdown
     | Stats
@@ -367,6 +377,31 @@ def _parse_abort(rid: int, obj: Mapping[str, object]) -> Request:
     return Abort(rid, _object_id(obj, "conn"))
 
 
+# RFC 1122 4.2.3.6 defaults, as Linux's: 2 h idle, then 9 probes 75 s apart.
+KEEPALIVE_INTERVAL = 75.0
+KEEPALIVE_COUNT = 9
+KEEPALIVE_MAX = 86400.0
+
+
+def _seconds(obj: Mapping[str, object], name: str, default: float) -> float:
+    value = obj.get(name, default)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise _Invalid(ErrorCode.EBADREQ, f"'{name}' must be a number of seconds")
+    if not (0 < value <= KEEPALIVE_MAX) or not math.isfinite(value):
+        raise _Invalid(ErrorCode.EBADREQ, f"'{name}' must be in (0, {KEEPALIVE_MAX:g}]")
+    return float(value)
+
+
+def _parse_keepalive(rid: int, obj: Mapping[str, object]) -> Request:
+    conn = _object_id(obj, "conn")
+    if obj.get("idle") is None:
+        return Keepalive(rid, conn, None)  # off
+    idle = _seconds(obj, "idle", 0.0)
+    interval = _seconds(obj, "interval", KEEPALIVE_INTERVAL)
+    count = _int(obj.get("count", KEEPALIVE_COUNT), "count", 1, 255)
+    return Keepalive(rid, conn, (idle, interval, count))
+
+
 def _parse_shutdown(rid: int, obj: Mapping[str, object]) -> Request:
     return Shutdown(rid, _object_id(obj, "conn"))
 
@@ -474,6 +509,7 @@ _PARSERS = {
     "connect": _parse_connect,
     "close": _parse_close,
     "abort": _parse_abort,
+    "keepalive": _parse_keepalive,
     "shutdown": _parse_shutdown,
     "stats": _parse_stats,
     "list": _parse_list,

@@ -65,6 +65,7 @@ from daemon.api.protocol import (
     ErrorCode,
     Hello,
     IntendSplice,
+    Keepalive,
     LineFramer,
     Listen,
     ListObjects,
@@ -383,6 +384,9 @@ class ApiServer:
             case Abort():
                 self._check(client, conn, req.conn)
                 self._reply(client, req.id, self.core.abort(owner, req.conn))
+            case Keepalive():
+                self._check(client, conn, req.conn)
+                self._reply(client, req.id, self.core.keepalive(owner, req.conn, req.params))
             case CloseListener():
                 self._check(client, lst, req.listener)
                 self._reply(client, req.id, self.core.close_listener(owner, req.listener))

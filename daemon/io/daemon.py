@@ -938,6 +938,16 @@ class Daemon:
         self._close_conn(c)
         return {}
 
+    def keepalive(self, owner: int, conn: int, params: tuple[float, float, int] | None) -> Result:
+        c = self._conn(conn)
+        if c.frozen:
+            raise ApiError(ErrorCode.ESTATE, f"conn {conn} is spliced: its segments are relayed")
+        if c.tcp_gone:
+            raise ApiError(ErrorCode.ESTATE, f"conn {conn} is closed")
+        c.tcp.set_keepalive(params, time.monotonic())
+        self.dirty.add(c)  # the service loop re-arms the conn's timer
+        return {"conn": conn, "keepalive": None if params is None else list(params)}
+
     def abort(self, owner: int, conn: int) -> Result:
         c = self._conn(conn)
         if c.frozen:
@@ -1058,6 +1068,7 @@ class Daemon:
             "dup_acks": s.dup_acks,
             "challenge_acks": s.challenge_acks,
             "challenge_acks_suppressed": s.challenge_acks_suppressed,
+            "keepalive_probes": s.keepalive_probes,
             "mss": t.snd_mss,
             "bytes_to_proxy": c.to_proxy,
             "bytes_from_proxy": c.from_proxy,

@@ -121,6 +121,7 @@ class TcpStats:
     out_of_order: int = 0
     window_probes: int = 0
     paws_drops: int = 0
+    keepalive_probes: int = 0  # RFC 9293 3.8.4 probes sent
 
 
 _TS_SECRET = secrets.token_bytes(32)
@@ -186,6 +187,11 @@ class TcpConnection:
     # the other connection's name; segments up to it are still accepted
     # (``thaw``), whatever window this TCB advertises.  None: only rcv_adv.
     rcv_accept: int | None = None
+    # RFC 9293 3.8.4 keep-alive: (idle, interval, count) seconds/probes, off
+    # by default; the deadline of the next probe and the probes unanswered.
+    keepalive: tuple[float, float, int] | None = None
+    keepalive_deadline: float | None = None
+    _ka_unanswered: int = field(init=False, default=0)
     # Negotiated options.
     peer_mss: int = DEFAULT_MSS
     wscale_ok: bool = False
@@ -550,9 +556,9 @@ class TcpConnection:
         for t in (self.rto_deadline, self.delack_deadline, self.persist_deadline):
             if t is not None and (best is None or t < best):
                 best = t
-        t = self.timewait_deadline
-        if t is not None and (best is None or t < best):
-            best = t
+        for t in (self.timewait_deadline, self.keepalive_deadline):
+            if t is not None and (best is None or t < best):
+                best = t
         if self._rx_marks:
             t = self._rx_marks[0][0] + self.config.min_ack_delay
             if best is None or t < best:
@@ -575,6 +581,41 @@ class TcpConnection:
             self._ack_now = True
         if self._rx_marks and now >= self._rx_marks[0][0] + self.config.min_ack_delay:
             self._ack_now = True  # received sequence space may be acknowledged now
+        if self.keepalive_deadline is not None and now >= self.keepalive_deadline:
+            self.keepalive_deadline = None
+            self._on_keepalive(now)
+
+    def set_keepalive(self, params: tuple[float, float, int] | None, now: float) -> None:
+        """RFC 9293 3.8.4: probe an idle connection; None turns it off (the default).
+
+        ``params`` are (idle seconds before the first probe, seconds between
+        probes, unanswered probes before the connection times out).
+        """
+        self.keepalive = params
+        self._ka_unanswered = 0
+        self.keepalive_deadline = None if params is None else now + params[0]
+
+    def _on_keepalive(self, now: float) -> None:
+        ka = self.keepalive
+        if ka is None or self.state not in (ESTABLISHED, CLOSE_WAIT) or self.frozen:
+            return
+        idle, interval, count = ka
+        if self.snd_una != self.snd_max or len(self.send_buf):
+            # RFC 9293 3.8.4: only while no sent data is outstanding; the
+            # retransmission timer watches the peer meanwhile.
+            self.keepalive_deadline = now + idle
+            return
+        if self._ka_unanswered >= count:
+            # As Linux does: the peer is gone; tell it, in case it is not.
+            self._out.append(self._make(self.snd_max, RST, b"", None))
+            self._enter_closed(TcpEvent.TIMED_OUT)
+            return
+        # RFC 1122 4.2.3.6: SEG.SEQ = SND.NXT-1, no data: an old sequence
+        # number the peer must answer with an ACK.
+        self._out.append(self._make((self.snd_nxt - 1) & MASK, ACK, b"", now))
+        self._ka_unanswered += 1
+        self.stats.keepalive_probes += 1
+        self.keepalive_deadline = now + interval
 
     def _on_rto(self, now: float) -> None:
         st = self.state
@@ -655,6 +696,10 @@ class TcpConnection:
     def on_segment(self, seg: TcpSegment, now: float) -> None:
         """Process one arriving segment (RFC 9293 3.10.7)."""
         self.stats.segments_received += 1
+        if self.keepalive is not None:
+            # Anything from the peer answers the probes and restarts the idle time.
+            self._ka_unanswered = 0
+            self.keepalive_deadline = now + self.keepalive[0]
         st = self.state
         if st is CLOSED:
             rst = reset_for_unknown(seg)  # RFC 9293 3.10.7.1
