@@ -62,7 +62,7 @@ from daemon.tcp.reset import reset_for_unknown
 from daemon.tcp.state import TcpState
 from daemon.wire.checksum import internet_checksum, pseudo_header_sum
 from daemon.wire.error import WireError
-from daemon.wire.icmp import parse_unreachable
+from daemon.wire.icmp import FRAG_NEEDED, parse_unreachable
 from daemon.wire.ipv4 import Ipv4Packet
 from daemon.wire.tcp import TcpSegment, build_ipv4_tcp, parse_tcp
 from daemon.wire.vnet import F_DATA_VALID, F_NEEDS_CSUM, VnetHeader, vnet_header_for_tcp
@@ -212,6 +212,8 @@ class Daemon:
             "not_ours": 0,
             "resets_sent": 0,
             "icmp_unreachable": 0,
+            "pmtu_updates": 0,  # connections whose segment size ICMP lowered (RFC 1191)
+            "icmp_frag_needed_spliced": 0,  # for spliced flows: not translated back (yet)
             "tun_write_drops": 0,
             "connections_opened": 0,
             "internal_errors": 0,
@@ -410,7 +412,20 @@ class Daemon:
         if msg is None:
             return
         self.counters["icmp_unreachable"] += 1
-        conn = self.flows.get((msg.src_addr, msg.src_port, msg.dst_addr, msg.dst_port))
+        key = (msg.src_addr, msg.src_port, msg.dst_addr, msg.dst_port)
+        conn = self.flows.get(key)
+        if msg.code == FRAG_NEEDED:
+            # RFC 1191: path MTU discovery, not an error.  A spliced flow's
+            # segments are its peers' (their own PMTUD would need the ICMP
+            # translated back to them: not done, counted).
+            if conn is None:
+                if key in self.splicer.flows:
+                    self.counters["icmp_frag_needed_spliced"] += 1
+                return
+            if conn.tcp.on_path_mtu(msg.mtu, msg.seq):
+                self.counters["pmtu_updates"] += 1
+                self.dirty.add(conn)
+            return
         # RFC 5927 / RFC 1122 4.2.3.9: act only while connecting, and only on
         # an ICMP quoting our SYN's sequence number (blind-attack check).
         if conn is None or conn.tcp.state is not TcpState.SYN_SENT or conn.connect_done is None:
@@ -1069,6 +1084,7 @@ class Daemon:
             "challenge_acks": s.challenge_acks,
             "challenge_acks_suppressed": s.challenge_acks_suppressed,
             "keepalive_probes": s.keepalive_probes,
+            "pmtu_updates": s.pmtu_updates,
             "mss": t.snd_mss,
             "bytes_to_proxy": c.to_proxy,
             "bytes_from_proxy": c.from_proxy,

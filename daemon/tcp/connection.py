@@ -91,6 +91,7 @@ _RECEIVING = frozenset({ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2})
 
 DEFAULT_MSS = 536  # RFC 9293 3.7.1: assumed when the peer sends no MSS option
 _TS_OPTION_LEN = 12  # NOP NOP TS, carried by every segment once negotiated
+MIN_PATH_MTU = 552  # Linux's net.ipv4.route.min_pmtu: ICMP cannot push below it
 _MAX_WSCALE = 14  # RFC 7323 2.3
 
 
@@ -122,6 +123,7 @@ class TcpStats:
     window_probes: int = 0
     paws_drops: int = 0
     keepalive_probes: int = 0  # RFC 9293 3.8.4 probes sent
+    pmtu_updates: int = 0  # segment size lowered by ICMP fragmentation needed
 
 
 _TS_SECRET = secrets.token_bytes(32)
@@ -584,6 +586,32 @@ class TcpConnection:
         if self.keepalive_deadline is not None and now >= self.keepalive_deadline:
             self.keepalive_deadline = None
             self._on_keepalive(now)
+
+    def on_path_mtu(self, mtu: int, seq: int) -> bool:
+        """ICMP "fragmentation needed" (RFC 1191, RFC 8201 for v6): a smaller path MTU.
+
+        ``seq`` is the quoted segment's sequence number: acted on only if it
+        lies in [SND.UNA, SND.NXT] (RFC 5927 4.1, against blind forgeries).
+        The segment size shrinks to what fits (never below Linux's 552-byte
+        minimum path MTU, which an attacker cannot push it under), and what
+        is in flight goes again at the new size at once (RFC 1191 6.5: the
+        lost segment was too big; waiting for the RTO would cost a second).
+        True if the size changed.
+        """
+        if self.state not in _SENDING and self.state is not SYN_SENT:
+            return False
+        if not (seq_le(self.snd_una, seq) and seq_le(seq, self.snd_nxt)):
+            return False
+        mtu = max(mtu, MIN_PATH_MTU)
+        mss = mtu - 40 - (_TS_OPTION_LEN if self.ts_ok else 0)
+        if mss >= self.snd_mss:
+            return False
+        self.snd_mss = mss
+        self.stats.pmtu_updates += 1
+        if self.state is not SYN_SENT and self.snd_una != self.snd_max:
+            self.snd_nxt = self.snd_una  # send the flight again, cut to the new size
+            self._rtt_seq = None  # Karn: no RTT sample from a retransmission
+        return True
 
     def set_keepalive(self, params: tuple[float, float, int] | None, now: float) -> None:
         """RFC 9293 3.8.4: probe an idle connection; None turns it off (the default).

@@ -5,6 +5,9 @@ unreachable" quoting one of our SYNs tells a connecting endpoint why the
 SYN went nowhere, so connect() can fail with ENETUNREACH / EHOSTUNREACH
 at once instead of timing out.  We only read the quoted IP header and the
 first 8 bytes of TCP (ports and sequence number), as RFC 792 guarantees.
+
+"Fragmentation needed and DF set" (code 4) carries the next hop's MTU
+(RFC 1191 4): path MTU discovery lowers the connection's segment size.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class Unreachable:
     src_port: int
     dst_port: int
     seq: int
+    mtu: int = 0  # code 4: the next-hop MTU (RFC 1191 4); 0 from an old router
 
     @property
     def net(self) -> bool:
@@ -60,6 +64,7 @@ def parse_unreachable(icmp: bytes | bytearray | memoryview) -> Unreachable | Non
     if inner[9] != 6:
         return None
     sport, dport, seq = struct.unpack_from("!HHI", inner, ihl)
+    (mtu,) = struct.unpack_from("!H", buf, 6)
     return Unreachable(
         code=buf[1],
         src_addr=bytes(inner[12:16]),
@@ -67,4 +72,5 @@ def parse_unreachable(icmp: bytes | bytearray | memoryview) -> Unreachable | Non
         src_port=sport,
         dst_port=dport,
         seq=seq,
+        mtu=mtu if buf[1] == FRAG_NEEDED else 0,
     )
