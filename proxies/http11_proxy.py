@@ -106,7 +106,12 @@ from proxies.http_cache import (
     request_is_cacheable,
     response_is_storable,
 )
-from proxies.http_proxy import DEFAULT_MAX_BYTES, DEFAULT_MAX_OBJECT, status_for_connect_error
+from proxies.http_proxy import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_OBJECT,
+    split_absolute_uri,
+    status_for_connect_error,
+)
 from proxies.socks5 import parse_listen
 from servers.http1 import MAX_HEAD, HttpParseError
 
@@ -180,27 +185,9 @@ class Target:
 
 def parse_target(target: bytes) -> Target:
     """An absolute-form target (RFC 9112 3.2.2); ``HttpParseError`` names the status."""
-    text = target.decode("ascii", "replace")  # h11 admits visible ASCII only
-    if text.startswith("/") or text == "*":
-        raise HttpParseError(400, f"{text!r} is not an absolute URI; this is a forward proxy")
-    scheme, sep, _ = text.partition("://")
-    if not sep:
-        raise HttpParseError(400, f"{text!r} is not an absolute URI")
-    if scheme.lower() != "http":
-        raise HttpParseError(501, f"scheme {scheme!r} is not supported (CONNECT is)")
-    try:
-        parts = urlsplit(text)
-        port = parts.port or 80
-    except ValueError as exc:
-        raise HttpParseError(400, f"bad URI {text!r}: {exc}") from None
-    # RFC 9110 4.2.4: userinfo in an http URI is an error.
-    if parts.username is not None or not parts.hostname:
-        raise HttpParseError(400, f"bad authority in {text!r}")
-    path = parts.path or "/"  # RFC 9112 3.2.1: an empty path is sent as "/"
-    if parts.query:
-        path += "?" + parts.query
-    # The fragment is the client's business and never sent (RFC 9110 4.2.5).
-    return Target(Origin(parts.hostname.lower(), port), path)
+    # h11 admits visible ASCII only; the rules are the HTTP/1.0 proxy's.
+    host, port, path = split_absolute_uri(target.decode("ascii", "replace"))
+    return Target(Origin(host, port), path)
 
 
 def parse_authority(target: bytes) -> Origin:

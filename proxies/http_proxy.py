@@ -143,13 +143,18 @@ def parse_proxy_request(head: bytes) -> ProxyRequest:
         if not sep or not name or name != name.strip() or " " in name:
             raise HttpParseError(400, f"malformed header line {line!r}")
         fields.append((name, value.strip()))
-    host, port, path = _split_absolute_uri(target)
+    host, port, path = split_absolute_uri(target)
     headers = {name.lower(): value for name, value in fields}
     return ProxyRequest(method, host, port, path, version, tuple(fields), headers)
 
 
-def _split_absolute_uri(target: str) -> tuple[str, int, str]:
-    """host, port and origin-form of an absolute-form target (RFC 7230 5.3.2)."""
+def split_absolute_uri(target: str) -> tuple[str, int, str]:
+    """host (lower-cased), port and origin-form of an absolute-form target (RFC 7230 5.3.2).
+
+    ``HttpParseError`` names the status: 400 for anything but an absolute
+    URI (origin-, asterisk- and authority-form included), 501 for another
+    scheme.  Shared by both HTTP proxies.
+    """
     if target.startswith("/"):
         raise HttpParseError(400, f"{target!r} is not an absolute URI; this is a proxy")
     scheme, sep, _ = target.partition("://")
