@@ -402,12 +402,11 @@ class ApiServer:
                 self._reply(client, req.id, result)
             case IntendSplice():
                 self._check(client, conn, req.conn)
-                if req.server is not None:
-                    self._check(client, conn, req.server)
                 if req.server is None:
                     result = self.core.intend_splice(owner, req.conn)
                     self._adopt(client, conn, result)  # the reserved server side
                 else:
+                    self._check(client, conn, req.server)
                     result = self.core.intend_splice(owner, req.conn, req.server)
                 self._reply(client, req.id, result)
             case ConnectSplice():

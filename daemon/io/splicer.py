@@ -104,7 +104,6 @@ class TapPipe:
     pending_bytes: int = 0
     ended: bool = False  # TapEnd: close once pending is written
     overflowed: bool = False
-    written: int = 0
     watching: bool = False  # registered for EVENT_WRITE
 
 
@@ -210,7 +209,7 @@ class Splicer:
         for conn in (c, s):
             conn.splice = sp
             conn.hold_rx = True
-        s.is_client = False
+        c.is_client, s.is_client = True, False  # either may have been the other before
         relay.reclaimed = bytes(c.pending) if c.pending is not None else b""
         relay.reclaimed_server = bytes(s.pending) if s.pending is not None else b""
         c.pending = s.pending = None
@@ -696,7 +695,6 @@ class Splicer:
                 tap.overflowed = True
                 self._tap_close(tap)
                 return
-            tap.written += n
             tap.pending_bytes -= n
             if n < len(chunk):
                 tap.pending[0] = chunk[n:]

@@ -61,8 +61,14 @@ thawed with its sequence spaces advanced by what was relayed
 (``TcpConnection.thaw``), and the shell feeds it the held segments through
 its ordinary input, so the bytes beyond a limit reach the proxy like any
 others.  Held bytes were never acknowledged to their sender, so dropping
-them (the queue limit) is always safe: the sender retransmits.  Bounded
-splices stay on this path (no ``InstallFastPath``).
+them (the queue limit) is always safe: the sender retransmits.
+
+A bounded splice may go to the kernel fast path like any other, with the
+limit of each direction in its map entry: the kernel relays what lies
+wholly before it and sends the rest up (the segment that reaches the
+limit is cut here), and it passes up the ACK of the last byte before the
+limit like the ACK of a relayed FIN (``WatchFinAck``), so the hand-back is
+decided here.
 """
 
 from __future__ import annotations
@@ -582,10 +588,7 @@ class Relay:
                 return out
         tcb = s.tcb
         if tcb is not None and flags & ACK:
-            ts = None
-            if tcb.ts_ok and info.tcp_header_len > 20:
-                start = info.ip_header_len + 20
-                ts = find_timestamp(pkt[start : info.ip_header_len + info.tcp_header_len])
+            ts = _timestamp(pkt, info) if tcb.ts_ok else None
             tcb.on_ack(info.seq, info.ack, info.window, flags, info.payload_len > 0, ts, now)
             self._drive(s, now, out)
             if pair.client is SpliceState.GONE:
@@ -695,12 +698,9 @@ class Relay:
         flags = info.flags
         # What the TCB resuming on this side must start from (its peer's
         # latest acknowledgment, window and TSval; RFC 9293 3.10.7.4).
-        ts = None
-        if info.tcp_header_len > 20:
-            start = info.ip_header_len + 20
-            ts = find_timestamp(pkt[start : info.ip_header_len + info.tcp_header_len])
-            if ts is not None:
-                s.peer_tsval = ts[0]
+        ts = _timestamp(pkt, info)
+        if ts is not None:
+            s.peer_tsval = ts[0]
         if flags & ACK:
             if s.peer_ack is None or seq_gt(info.ack, s.peer_ack):
                 s.peer_ack = info.ack
@@ -830,11 +830,15 @@ class Relay:
             floor = None
             if t is not None and t.ts_mode is TsMode.MAP and other.peer_tsval is not None:
                 floor = (other.peer_tsval + t.tsval_delta) & MASK
+            # Held segments replay in arrival order: a ts_recent taken from
+            # a later one would make the TCB drop them as old duplicates
+            # (RFC 7323 5.3 PAWS); their own processing moves it on.
+            first = _timestamp_of(side.held[0][1]) if side.held else None
             tcb.thaw(
                 sent=sent,
                 received=received,
                 peer_window=side.peer_window,
-                ts_recent=_first_or(_first_tsval(side.held), side.peer_tsval),
+                ts_recent=side.peer_tsval if first is None else first,
                 ts_floor=floor,
                 rcv_edge=side.offered_edge,
                 now=now,
@@ -1118,23 +1122,17 @@ class Relay:
         return self.pair.state(iface) in QUEUEING_STATES
 
 
-def _first_tsval(held: list[tuple[bytes | None, bytes]] | None) -> int | None:
-    """The TSval of the oldest held segment: the resuming TCB's PAWS baseline.
-
-    Held segments are replayed in arrival order; a ts_recent taken from a
-    later segment would make the TCB drop them as old duplicates (RFC 7323
-    5.3), and their own processing moves it forward again.
-    """
-    if not held:
-        return None
-    pkt = memoryview(held[0][1])
-    info = peek(pkt)
-    if info is None or info.tcp_header_len <= 20:
+def _timestamp(pkt: memoryview, info: SegmentInfo) -> tuple[int, int] | None:
+    """(TSval, TSecr) of a peeked segment, or None (no option, or no option space)."""
+    if info.tcp_header_len <= 20:
         return None
     start = info.ip_header_len + 20
-    ts = find_timestamp(pkt[start : info.ip_header_len + info.tcp_header_len])
+    return find_timestamp(pkt[start : info.ip_header_len + info.tcp_header_len])
+
+
+def _timestamp_of(raw: bytes) -> int | None:
+    """The TSval of a held segment (raw IPv4/TCP bytes)."""
+    pkt = memoryview(raw)
+    info = peek(pkt)
+    ts = None if info is None else _timestamp(pkt, info)
     return None if ts is None else ts[0]
-
-
-def _first_or(value: int | None, default: int | None) -> int | None:
-    return default if value is None else value

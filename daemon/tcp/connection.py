@@ -482,8 +482,8 @@ class TcpConnection:
         self.snd_una = self.snd_nxt = self.snd_max = snd
         self.send_buf.seq = snd
         self.rcv_nxt = self.last_ack_sent = (self.rcv_nxt + received) & MASK
-        # Accept what the peer was allowed to send toward the relay, within
-        # our buffer (the receive window is ours again).
+        # Our own buffer is the window we advertise again; what the relay
+        # offered beyond it is still accepted (``rcv_accept``, see above).
         self.rcv_adv = (self.rcv_nxt + self.recv_buf.capacity - len(self.recv_buf)) & MASK
         self.rcv_accept = (
             rcv_edge if rcv_edge is not None and seq_gt(rcv_edge, self.rcv_adv) else None
@@ -555,10 +555,13 @@ class TcpConnection:
 
     def next_deadline(self) -> float | None:
         best: float | None = None
-        for t in (self.rto_deadline, self.delack_deadline, self.persist_deadline):
-            if t is not None and (best is None or t < best):
-                best = t
-        for t in (self.timewait_deadline, self.keepalive_deadline):
+        for t in (
+            self.rto_deadline,
+            self.delack_deadline,
+            self.persist_deadline,
+            self.timewait_deadline,
+            self.keepalive_deadline,
+        ):
             if t is not None and (best is None or t < best):
                 best = t
         if self._rx_marks:
