@@ -57,8 +57,13 @@ def _tinyproxy(tb: Testbed, work: Path) -> subprocess.Popen[bytes] | None:
     conf = work / "tinyproxy.conf"
     conf.write_text(f"Port {TINY_PORT}\nListen 192.0.2.1\nTimeout 600\nMaxClients 100\n")
     proc = tb.host("proxy").popen([binary, "-d", "-c", str(conf)], stdout=subprocess.DEVNULL)
-    time.sleep(0.5)
-    return proc
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # until it listens
+        probe = f"exec 3<>/dev/tcp/192.0.2.1/{TINY_PORT}"
+        if tb.host("client").cmd(["bash", "-c", probe]).returncode == 0:
+            return proc
+        time.sleep(0.05)
+    raise SystemExit("tinyproxy did not start listening")
 
 
 def _fetch(tb: Testbed, proxy: str | None, sizes: list[int], no_cache: bool) -> float:

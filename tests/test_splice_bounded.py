@@ -17,7 +17,6 @@ from daemon.splice.relay import (
     HandBack,
     InstallFastPath,
     Relay,
-    RelayCounters,
     TapData,
     TapEnd,
 )
@@ -38,16 +37,39 @@ from tests.test_splice_relay import (
     SERVER_PEER,
     T0,
     Bed,
-    client_tcb,
     emitted,
     from_client,
     from_server,
+    intended,
     of,
-    server_tcb,
     writes,
 )
 
 S = SpliceState
+
+
+def pair(*, early_server: bytes = b"", early_client: bytes = b"") -> Bed:
+    """Both TCBs, intended (the relay tests' ``intended``), with bytes each holds unread."""
+    relay, ct, st, counters = intended(T0)
+    if early_client:  # after intend_splice the daemon holds the client's bytes back
+        ct.on_segment(
+            TcpSegment(
+                40000, 1080, C_IRS + 1, C_ISS + 1, ACK | PSH, 512,
+                TcpOptions(timestamp=(5001, ct.ts_now(T0))), early_client,
+            ),
+            T0,
+        )  # fmt: skip
+        ct.poll_output(T0)
+    if early_server:
+        st.on_segment(
+            TcpSegment(
+                SERVER_PEER[1], DAEMON_S[1], S_IRS + 1, S_ISS + 1, ACK | PSH, 1000,
+                TcpOptions(timestamp=(8001, st.ts_now(T0))), early_server,
+            ),
+            T0,
+        )  # fmt: skip
+        st.poll_output(T0)
+    return Bed(relay, ct, st, counters, 5001, 8001 if early_server else 8000)
 
 
 def bounded(
@@ -58,32 +80,8 @@ def bounded(
     early_server: bytes = b"",
     early_client: bytes = b"",
 ) -> tuple[Bed, list[Action]]:
-    counters = RelayCounters()
-    ct, _ = client_tcb(T0)
-    if early_client:
-        ct.on_segment(
-            TcpSegment(
-                40000, 1080, C_IRS + 1, C_ISS + 1, ACK | PSH, 512,
-                TcpOptions(timestamp=(5001, ct.ts_now(T0))), early_client,
-            ),
-            T0,
-        )  # fmt: skip
-        ct.poll_output(T0)
-    relay = Relay.intend(1, ct, 2, CFG, msl=CFG.msl, offload=False, counters=counters)
-    assert relay.server_config is not None
-    st, _ = server_tcb(relay.server_config, T0)
-    relay.server_connected(st)
-    if early_server:
-        st.on_segment(
-            TcpSegment(
-                SERVER_PEER[1], DAEMON_S[1], S_IRS + 1, S_ISS + 1, ACK | PSH, 1000,
-                TcpOptions(timestamp=(8001, st.ts_now(T0))), early_server,
-            ),
-            T0,
-        )  # fmt: skip
-        st.poll_output(T0)
-    actions = relay.splice(length, b"", T0, limits=(to_client, to_server))
-    return Bed(relay, ct, st, counters, 5001, 8001 if early_server else 8000), actions
+    bed = pair(early_server=early_server, early_client=early_client)
+    return bed, bed.relay.splice(length, b"", T0, limits=(to_client, to_server))
 
 
 def hand_back(actions: list[Action]) -> HandBack:
@@ -273,13 +271,8 @@ def tapped(actions: list[Action]) -> bytes:
 
 
 def test_the_tap_gets_the_servers_bytes_in_order_and_once_whatever_the_arrival() -> None:
-    counters = RelayCounters()
-    ct, _ = client_tcb(T0)
-    relay = Relay.intend(1, ct, 2, CFG, msl=CFG.msl, offload=False, counters=counters)
-    assert relay.server_config is not None
-    st, _ = server_tcb(relay.server_config, T0)
-    relay.server_connected(st)
-    bed = Bed(relay, ct, st, counters, 5001, 8000)
+    bed = pair()
+    relay, counters = bed.relay, bed.counters
     actions = relay.splice(0, b"", T0, limits=(300, 0), tap=True)
     assert tapped(actions) == b""
     seg = [bytes([65 + i]) * 100 for i in range(3)]
@@ -303,13 +296,8 @@ def test_the_tap_gets_the_servers_bytes_in_order_and_once_whatever_the_arrival()
 
 
 def test_an_unbounded_tap_ends_at_the_fin_only_once_the_hole_before_it_is_filled() -> None:
-    counters = RelayCounters()
-    ct, _ = client_tcb(T0)
-    relay = Relay.intend(1, ct, 2, CFG, msl=CFG.msl, offload=False, counters=counters)
-    assert relay.server_config is not None
-    st, _ = server_tcb(relay.server_config, T0)
-    relay.server_connected(st)
-    bed = Bed(relay, ct, st, counters, 5001, 8000)
+    bed = pair()
+    relay = bed.relay
     actions = relay.splice(0, b"", T0, tap=True)
     assert not of(actions, InstallFastPath)  # the kernel would not copy for the tap
     last = from_server(bed, seq=S_IRS + 51, ack=S_ISS + 1, flags=ACK | FIN, payload=b"z" * 50)
@@ -321,20 +309,7 @@ def test_an_unbounded_tap_ends_at_the_fin_only_once_the_hole_before_it_is_filled
 
 
 def test_server_bytes_that_crossed_at_the_freeze_are_tapped_first() -> None:
-    counters = RelayCounters()
-    ct, _ = client_tcb(T0)
-    relay = Relay.intend(1, ct, 2, CFG, msl=CFG.msl, offload=False, counters=counters)
-    assert relay.server_config is not None
-    st, _ = server_tcb(relay.server_config, T0)
-    relay.server_connected(st)
-    st.on_segment(
-        TcpSegment(
-            SERVER_PEER[1], DAEMON_S[1], S_IRS + 1, S_ISS + 1, ACK | PSH, 1000,
-            TcpOptions(timestamp=(8001, st.ts_now(T0))), b"EARLYNEXT",
-        ),
-        T0,
-    )  # fmt: skip
-    actions = relay.splice(0, b"", T0, limits=(5, 0), tap=True)
+    actions = pair(early_server=b"EARLYNEXT").relay.splice(0, b"", T0, limits=(5, 0), tap=True)
     assert tapped(actions) == b"EARLY"  # past the limit is the proxy's, not the tap's
 
 
