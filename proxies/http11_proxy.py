@@ -109,6 +109,7 @@ from proxies.http_cache import (
 from proxies.http_proxy import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_OBJECT,
+    byte_count,
     split_absolute_uri,
     status_for_connect_error,
 )
@@ -1108,12 +1109,6 @@ async def serve_client(api: AsyncSpliceClient, client: AsyncConnection, proxy: H
     await ClientSession(api, client, proxy).run()
 
 
-def _size(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a byte count, got {text!r}")
-    return int(text)
-
-
 def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Http11Proxy]:
     parser = argparse.ArgumentParser(
         prog="python -m proxies.http11_proxy",
@@ -1130,15 +1125,17 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Http11Proxy
         help="access rules, one a line: host or host/path-prefix (# comments); answered 403",
     )
     parser.add_argument(
-        "--cache-max-object", type=_size, default=DEFAULT_MAX_OBJECT, metavar="BYTES"
+        "--cache-max-object", type=byte_count, default=DEFAULT_MAX_OBJECT, metavar="BYTES"
     )
-    parser.add_argument("--cache-max-bytes", type=_size, default=DEFAULT_MAX_BYTES, metavar="BYTES")
+    parser.add_argument(
+        "--cache-max-bytes", type=byte_count, default=DEFAULT_MAX_BYTES, metavar="BYTES"
+    )
     parser.add_argument("--connect-timeout", type=float, default=10.0, metavar="S")
     parser.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT, metavar="S")
     parser.add_argument("--response-timeout", type=float, default=RESPONSE_TIMEOUT, metavar="S")
     parser.add_argument(
         "--splice-min",
-        type=_size,
+        type=byte_count,
         default=0,
         metavar="BYTES",
         help="copy bodies shorter than this instead of splicing them (default 0: splice "
@@ -1146,7 +1143,7 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Http11Proxy
     )
     parser.add_argument(
         "--origin-rcvbuf",
-        type=_size,
+        type=byte_count,
         default=ORIGIN_RCVBUF,
         metavar="BYTES",
         help="receive buffering of origin connections in the daemon (default %(default)s: "

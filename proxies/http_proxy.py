@@ -428,7 +428,8 @@ async def _read_cacheable(conn: AsyncConnection, max_object: int, key: str) -> C
     return CachedObject(bytes(body[:length]), head.headers.get("content-type"), expires)
 
 
-def _size(text: str) -> int:
+def byte_count(text: str) -> int:
+    """argparse type of a byte count (both HTTP proxies' size options)."""
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"expected a byte count, got {text!r}")
     return int(text)
@@ -443,9 +444,11 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, HttpProxy]:
     parser.add_argument("--listen", type=parse_listen, required=True, metavar="ADDR:PORT")
     parser.add_argument("--source", metavar="ADDR", help="daemon address to connect from")
     parser.add_argument(
-        "--cache-max-object", type=_size, default=DEFAULT_MAX_OBJECT, metavar="BYTES"
+        "--cache-max-object", type=byte_count, default=DEFAULT_MAX_OBJECT, metavar="BYTES"
     )
-    parser.add_argument("--cache-max-bytes", type=_size, default=DEFAULT_MAX_BYTES, metavar="BYTES")
+    parser.add_argument(
+        "--cache-max-bytes", type=byte_count, default=DEFAULT_MAX_BYTES, metavar="BYTES"
+    )
     parser.add_argument("--connect-timeout", type=float, default=10.0, metavar="S")
     parser.add_argument("--log-level", default="WARNING", metavar="L")
     args = parser.parse_args(argv)
