@@ -2,7 +2,9 @@
 
 It creates the TUN, brings it up and routes the splice prefix into it
 (DESIGN.md: those addresses must not be local to this namespace), opens the
-Unix socket API, prints ``ready`` and serves until SIGTERM/SIGINT.
+Unix socket API, prints ``ready`` and serves until SIGTERM/SIGINT (every
+connection reset) or SIGUSR1 (the same, but splices in the kernel fast path
+keep flowing for the next daemon to adopt: docs/operations.md).
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ from daemon.tcp.config import TcpConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m daemon", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m daemon",
+        description=__doc__.splitlines()[0],
+        epilog="Signals: SIGTERM/SIGINT stop and reset every connection; SIGUSR1 stops but"
+        " leaves the splices in the kernel fast path flowing, for the next daemon to adopt.",
+    )
     p.add_argument("--tun", default="tsplice0", help="TUN interface name")
     p.add_argument("--prefix", default="198.51.100.0/24", help="addresses the daemon terminates")
     p.add_argument(
@@ -129,16 +136,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     with IPRoute() as ipr:
         configure_tun(ipr, cfg.tun_name, mtu=cfg.mtu, routes=[cfg.prefix])
 
+    handover = False
+
     def stop(signum: int, frame: object) -> None:
+        nonlocal handover
+        # SIGUSR1: stop, but leave the kernel's splices to the next daemon.
+        handover = handover or signum == signal.SIGUSR1
         daemon.stopping = True
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signum, stop)
     print("ready", flush=True)
     try:
         daemon.run()
     finally:
-        daemon.terminate()
+        daemon.terminate(handover)
     return 0
 
 

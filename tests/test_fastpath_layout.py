@@ -31,8 +31,10 @@ MIRRORS: dict[str, tuple[type[ctypes.Structure], bool]] = {
     "struct bpf_tc_hook": (libbpf.TcHook, True),
     "struct bpf_tc_opts": (libbpf.TcOpts, True),
     "struct bpf_test_run_opts": (libbpf.TestRunOpts, True),
-    # Only a prefix of __sk_buff is mirrored: offsets, not the size.
+    # Only a prefix of these is mirrored: offsets, not the size.
     "struct __sk_buff": (libbpf.SkbContext, False),
+    "struct bpf_prog_info": (libbpf.ProgInfo, False),
+    "struct bpf_map_info": (libbpf.MapInfo, False),
 }
 
 

@@ -22,7 +22,7 @@ import pytest
 
 from testbed.net import Testbed
 from tests.conftest import unique_prefix
-from tests.helpers import curl_sha256, pattern_sha256
+from tests.helpers import curl_sha256, daemon_stats, pattern_sha256
 
 pytestmark = pytest.mark.root
 
@@ -95,6 +95,137 @@ def test_a_killed_daemon_is_noticed_and_up_repairs_it() -> None:
             url = "http://{}:{}/bytes/{}".format(*tb.origin, size)
             rc, digest = curl_sha256(tb.host("client"), url, "--socks5", proxy)
             assert rc == 0 and digest == pattern_sha256(size)
+    finally:
+        if client is not None and client.poll() is None:
+            client.kill()
+            client.wait()
+        tb.down()
+
+
+# A SOCKS5 client that downloads through the spliced proxy in three phases,
+# told by a line on stdin when to go on: 1 MB, up to ``dead_upto`` (the
+# daemon is dead meanwhile), the rest to EOF; the body is hashed.  A small receive buffer
+# keeps the bytes of phase two out of the socket buffers: they cross the
+# proxy namespace while it runs.
+PHASED_CLIENT = """
+import hashlib, socket, sys
+proxy, pport, origin, oport, size, dead_upto = sys.argv[1:]
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+s.settimeout(30)
+s.connect((proxy, int(pport)))
+s.sendall(b"\\x05\\x01\\x00")
+assert s.recv(2) == b"\\x05\\x00"
+s.sendall(bytes([5, 1, 0, 1]) + socket.inet_aton(origin) + int(oport).to_bytes(2, "big"))
+reply = b""
+while len(reply) < 10:
+    reply += s.recv(10 - len(reply))
+assert reply[1] == 0, reply
+s.sendall(("GET /bytes/%s HTTP/1.0\\r\\nHost: origin\\r\\n\\r\\n" % size).encode())
+head = b""
+while b"\\r\\n\\r\\n" not in head:
+    head += s.recv(4096)
+head, body = head.split(b"\\r\\n\\r\\n", 1)
+h = hashlib.sha256(body)
+got = len(body)
+
+def read(upto):
+    global got
+    while upto is None or got < upto:
+        chunk = s.recv(min(65536, upto - got) if upto is not None else 65536)
+        if not chunk:
+            return False
+        h.update(chunk)
+        got += len(chunk)
+    return True
+
+try:
+    read(1 << 20)
+    print("started", got, flush=True)
+    sys.stdin.readline()
+    read(int(dead_upto))
+    print("read-while-dead", got, flush=True)
+    sys.stdin.readline()
+    read(None)
+    print("done", got, h.hexdigest(), flush=True)
+except OSError as e:
+    print("error", got, repr(e), flush=True)
+"""
+
+
+@pytest.mark.parametrize(
+    ("size", "dead_upto", "how"),
+    [
+        pytest.param(64 << 20, 17 << 20, signal.SIGKILL, id="16MB-while-dead"),
+        # The planned restart: SIGUSR1 stops the daemon but leaves its
+        # kernel splices for the next one, as a crash would.
+        pytest.param(64 << 20, 17 << 20, signal.SIGUSR1, id="handover-SIGUSR1"),
+        # All but the tail while dead: the server's last segment carries
+        # its FIN, which the kernel leaves to the daemon; sent while none
+        # runs, it is lost (no route) and retransmitted, and ends the
+        # download only through the new daemon.
+        pytest.param(8 << 20, (8 << 20) - (64 << 10), signal.SIGKILL, id="fin-while-dead"),
+    ],
+)
+def test_spliced_flows_in_the_fast_path_survive_a_daemon_restart(
+    size: int, dead_upto: int, how: signal.Signals
+) -> None:
+    """The kernel carries a splice while no daemon runs; the next daemon adopts it.
+
+    Killed with SIGKILL, the daemon leaves its tc filters and their map:
+    bytes keep flowing (read by the client while it is dead, through a
+    1 MB receive buffer).  The new daemon reads the dead one's map, adopts
+    the splice (stats: ``adopted``), and relays its FINs, so the download
+    ends with every byte (content-checked) and a clean EOF, and the splice
+    goes through TIMEWAIT and is forgotten like any other.
+    """
+    tb = Testbed(unique_prefix(), msl=1.0)
+    client = None
+    try:
+        tb.up()
+        if not daemon_stats(tb)["fast_path"]["running"]:
+            pytest.skip("the kernel fast path does not run here: nothing to adopt")
+        client = tb.host("client").popen(
+            [
+                sys.executable,
+                "-c",
+                PHASED_CLIENT,
+                *map(str, tb.spliced_socks),
+                *map(str, tb.origin),
+                str(size),
+                str(dead_upto),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert client.stdout is not None and client.stdin is not None
+        line = client.stdout.readline().split()
+        assert line[0] == "started", line
+        assert _wait(lambda: daemon_stats(tb)["splice_counters"]["fast_path_installed"] >= 1, 5.0)
+
+        os.kill(tb.status()["services"]["daemon"]["pid"], how)
+        assert _wait(lambda: not _alive(tb, "daemon"), 5.0)
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        line = client.stdout.readline().split()
+        assert line[0] == "read-while-dead", line
+        assert not _alive(tb, "daemon")  # it was dead for the whole phase
+        if how == signal.SIGUSR1:
+            log = (tb.run_dir / "daemon.log").read_text()
+            assert "leaving 1 splice(s) in the kernel for the next daemon" in log, log[-2000:]
+
+        tb.up()
+        st = daemon_stats(tb)
+        assert st["splice_counters"]["adopted"] == 1, st["splice_counters"]
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        line = client.stdout.readline().split()
+        assert line == ["done", str(size), pattern_sha256(size)], line
+        client.wait(timeout=10)
+        # Both FINs went through the new daemon: TIMEWAIT (2 MSL = 2 s), then gone.
+        assert _wait(lambda: daemon_stats(tb)["splice_counters"]["torn_down"] >= 1, 10.0)
+        assert daemon_stats(tb)["splices"] == []
     finally:
         if client is not None and client.poll() is None:
             client.kill()

@@ -16,12 +16,9 @@ number in host order (the program does arithmetic on them).
 from __future__ import annotations
 
 import ctypes
-from typing import TYPE_CHECKING
 
-from daemon.splice.translator import TsMode
-
-if TYPE_CHECKING:
-    from daemon.splice.translator import Translator
+from daemon.splice.state import Iface, SpliceState
+from daemon.splice.translator import Translator, TsMode
 
 __all__ = [
     "MAX_FLOWS_DEFAULT",
@@ -32,8 +29,11 @@ __all__ = [
     "SpliceKey",
     "SpliceStats",
     "SpliceXlate",
+    "decode",
+    "decode_key",
     "encode",
     "encode_key",
+    "state_code",
 ]
 
 MAX_FLOWS_DEFAULT = 131072  # SPLICE_MAX_FLOWS_DEFAULT
@@ -41,6 +41,14 @@ TS_ABSENT = 0
 TS_MAP = 1
 TS_STRIP = 2
 _TS_CODE = {TsMode.ABSENT: TS_ABSENT, TsMode.MAP: TS_MAP, TsMode.STRIP: TS_STRIP}
+_TS_MODE = {code: mode for mode, code in _TS_CODE.items()}
+# side and state (SPLICE_SIDE_*, SPLICE_STATE_*): the daemon's notes for a
+# daemon that adopts the entry after a restart; the program never reads them.
+SIDE_CODE = {Iface.CLIENT: 0, Iface.SERVER: 1}
+SIDE_OF_CODE = {code: iface for iface, code in SIDE_CODE.items()}
+STATE_OTHER = 255
+_STATE_CODE = {SpliceState.SPLICED: 0, SpliceState.FIN_RELAYED: 1, SpliceState.SHUTDOWN: 2}
+STATE_OF_CODE = {code: state for state, code in _STATE_CODE.items()}
 _M32 = 0xFFFFFFFF
 
 # (saddr, sport, daddr, dport) of the *incoming* packet, addresses as 4 bytes.
@@ -83,7 +91,9 @@ class SpliceXlate(ctypes.Structure):
         ("fin_watch", ctypes.c_uint8),
         ("limit_seq", ctypes.c_uint32),
         ("has_limit", ctypes.c_uint8),
-        ("_pad", ctypes.c_uint8 * 7),
+        ("side", ctypes.c_uint8),
+        ("state", ctypes.c_uint8),
+        ("_pad", ctypes.c_uint8 * 5),
         ("packets", ctypes.c_uint64),
         ("bytes", ctypes.c_uint64),
     ]
@@ -126,8 +136,20 @@ def encode_key(key: FlowKey) -> SpliceKey:
     return SpliceKey(_addr(saddr), _addr(daddr), _port(sport), _port(dport))
 
 
+def state_code(state: SpliceState) -> int:
+    """``SPLICE_STATE_*`` of a Fig. 5.1 state (TIMEWAIT is both sides SHUTDOWN)."""
+    if state is SpliceState.TIMEWAIT:
+        return _STATE_CODE[SpliceState.SHUTDOWN]
+    return _STATE_CODE.get(state, STATE_OTHER)
+
+
 def encode(
-    t: Translator, egress_ifindex: int, limit: int | None = None, fin_ack: int | None = None
+    t: Translator,
+    egress_ifindex: int,
+    limit: int | None = None,
+    fin_ack: int | None = None,
+    side: Iface = Iface.CLIENT,
+    state: SpliceState = SpliceState.SPLICED,
 ) -> SpliceXlate:
     """The map value that makes the program do what ``translate(t, ...)`` does.
 
@@ -136,7 +158,9 @@ def encode(
     PRE_SPLICED), which is the daemon's business.  Counters start at zero.
     ``limit``: a bounded splice's limit in the input sequence space (the
     program relays only what lies wholly before it); ``fin_ack``: the ACK
-    to pass up from the start (``FastPath.watch_fin_ack``).
+    to pass up from the start (``FastPath.watch_fin_ack``); ``side`` and
+    ``state``: the connection these segments arrive on and its Fig. 5.1
+    state, for adoption after a restart (the program ignores them).
     """
     if t.ack_delta is None:
         raise ValueError("the reverse direction is not spliced yet (ack_delta is None)")
@@ -164,4 +188,46 @@ def encode(
         fin_watch=fin_ack is not None,
         limit_seq=(limit or 0) & _M32,
         has_limit=limit is not None,
+        side=SIDE_CODE[side],
+        state=state_code(state),
+    )
+
+
+def decode_key(k: SpliceKey) -> FlowKey:
+    """``encode_key`` reversed."""
+    return (
+        bytes(k.saddr),
+        int.from_bytes(bytes(k.sport), "big"),
+        bytes(k.daddr),
+        int.from_bytes(bytes(k.dport), "big"),
+    )
+
+
+def decode(v: SpliceXlate, offload: bool) -> Translator:
+    """The Translator ``v`` was encoded from (``encode`` reversed).
+
+    ``ack_fixed`` is not in the map: an installed direction has an
+    ``ack_delta``, and ``translate`` uses ``ack_fixed`` only without one.
+    ``offload`` is the daemon's TUN mode, not the splice's.
+    """
+    if v.ts_mode not in _TS_MODE:
+        raise ValueError(f"ts_mode {v.ts_mode}")
+    return Translator(
+        src_addr=bytes(v.saddr),
+        dst_addr=bytes(v.daddr),
+        src_port=int.from_bytes(bytes(v.sport), "big"),
+        dst_port=int.from_bytes(bytes(v.dport), "big"),
+        seq_delta=v.seq_delta,
+        ack_delta=v.ack_delta,
+        ack_fixed=0,
+        ts_mode=_TS_MODE[v.ts_mode],
+        tsval_delta=v.tsval_delta,
+        tsecr_delta=v.tsecr_delta,
+        sack=bool(v.sack_map),
+        wnd_in_shift=v.wnd_in_shift,
+        wnd_out_shift=v.wnd_out_shift,
+        out_mss=v.out_mss,
+        offload=offload,
+        tsecr_floor_in=v.tsecr_floor_in if v.has_tsecr_floor else None,
+        tsecr_floor_out=v.tsecr_floor_out,
     )

@@ -32,6 +32,8 @@ __all__ = [
     "BPF_TC_EGRESS",
     "BPF_TC_INGRESS",
     "LibbpfMissing",
+    "MapInfo",
+    "ProgInfo",
     "SkbContext",
     "TcHook",
     "TcOpts",
@@ -126,6 +128,44 @@ class SkbContext(ctypes.Structure):
     ]
 
 
+class ProgInfo(ctypes.Structure):
+    """``struct bpf_prog_info`` up to ``name``: what finding a program's maps needs.
+
+    BPF_OBJ_GET_INFO_BY_FD takes a prefix of the struct (``info_len``) and
+    fills that much; ``map_ids`` points at ``nr_map_ids`` u32s for the
+    kernel to fill, and comes back with how many the program uses.
+    """
+
+    _fields_ = [
+        ("type", _c.c_uint32),
+        ("id", _c.c_uint32),
+        ("tag", _c.c_uint8 * 8),
+        ("jited_prog_len", _c.c_uint32),
+        ("xlated_prog_len", _c.c_uint32),
+        ("jited_prog_insns", _c.c_uint64),
+        ("xlated_prog_insns", _c.c_uint64),
+        ("load_time", _c.c_uint64),
+        ("created_by_uid", _c.c_uint32),
+        ("nr_map_ids", _c.c_uint32),
+        ("map_ids", _c.c_uint64),
+        ("name", _c.c_char * 16),
+    ]
+
+
+class MapInfo(ctypes.Structure):
+    """``struct bpf_map_info`` up to ``name``."""
+
+    _fields_ = [
+        ("type", _c.c_uint32),
+        ("id", _c.c_uint32),
+        ("key_size", _c.c_uint32),
+        ("value_size", _c.c_uint32),
+        ("max_entries", _c.c_uint32),
+        ("map_flags", _c.c_uint32),
+        ("name", _c.c_char * 16),
+    ]
+
+
 # libbpf_print_fn_t: int (*)(enum libbpf_print_level, const char *, va_list).
 # A va_list parameter arrives as a pointer on x86-64 and arm64 alike.
 _PRINT_FN = ctypes.CFUNCTYPE(_c.c_int, _c.c_int, _c.c_char_p, _vp)
@@ -170,6 +210,10 @@ class _Lib:
         self.tc_attach = fn("bpf_tc_attach", i, p, p)
         self.tc_detach = fn("bpf_tc_detach", i, p, p)
         self.num_possible_cpus = fn("libbpf_num_possible_cpus", i)
+        self.map_get_next_key = fn("bpf_map_get_next_key", i, i, p, p)
+        self.prog_get_fd_by_id = fn("bpf_prog_get_fd_by_id", i, u32)
+        self.map_get_fd_by_id = fn("bpf_map_get_fd_by_id", i, u32)
+        self.obj_get_info_by_fd = fn("bpf_obj_get_info_by_fd", i, i, p, _c.POINTER(u32))
         set_print = fn("libbpf_set_print", _PRINT_FN, _PRINT_FN)
 
         # libbpf prints to stderr by default, the verifier log included; route

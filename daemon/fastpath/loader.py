@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -39,11 +40,15 @@ from daemon.fastpath import libbpf
 from daemon.fastpath.layout import (
     MAX_FLOWS_DEFAULT,
     FlowKey,
+    SpliceKey,
     SpliceStats,
     SpliceXlate,
+    decode_key,
     encode,
     encode_key,
+    state_code,
 )
+from daemon.splice.state import Iface, SpliceState
 
 if TYPE_CHECKING:
     from daemon.splice.translator import Translator
@@ -56,8 +61,13 @@ __all__ = [
     "FastPath",
     "FastPathUnavailable",
     "FlowKey",
+    "StaleFilter",
     "detach_stale",
+    "find_stale",
+    "read_flows_of",
 ]
+
+log = logging.getLogger("daemon.fastpath")
 
 # Built by `make fastpath` (never at run time), relative to the repository root.
 DEFAULT_OBJECT = Path(__file__).resolve().parents[2] / "build" / "fastpath" / "splice.bpf.o"
@@ -155,15 +165,24 @@ class FastPath:
         *,
         obj_path: Path = DEFAULT_OBJECT,
         max_flows: int = MAX_FLOWS_DEFAULT,
+        preload: Sequence[tuple[FlowKey, SpliceXlate]] = (),
     ) -> FastPath:
         """Load the program and attach it at clsact ingress of each link.
 
         Works in the calling thread's network namespace; a clsact qdisc is
         created where missing (and remembered, so that ``close`` removes
         only those).  On any failure nothing is left attached.
+        ``preload``: map entries written before the program is attached
+        (splices a dead daemon's map carried, ``read_flows_of``), so that
+        not one of their segments meets the program without its entry.
         """
         fp = cls.load_only(obj_path=obj_path, max_flows=max_flows)
         try:
+            for key, value in preload:
+                try:
+                    fp._update(key, value, libbpf.BPF_NOEXIST)
+                except OSError as exc:  # e.g. a smaller max_flows: relayed in Python
+                    log.warning("could not carry a flow over into the new map: %s", exc)
             fp._netns_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
             for ifindex in ifindexes:
                 fp._attach(ifindex)
@@ -219,6 +238,22 @@ class FastPath:
                 libbpf.lib().object_close(self._obj)
                 self._obj = None
 
+    def abandon(self) -> None:
+        """Close this instance's descriptors but leave its filters attached.
+
+        The filters hold the program and the program its map: the splices
+        in the map keep flowing in the kernel, and the next daemon finds
+        the filters stale (``find_stale``) and adopts what the map holds.
+        """
+        with self._lock:
+            self._filters = []
+            if self._netns_fd is not None:
+                os.close(self._netns_fd)
+                self._netns_fd = None
+            if self._obj is not None:
+                libbpf.lib().object_close(self._obj)
+                self._obj = None
+
     def __enter__(self) -> FastPath:
         return self
 
@@ -244,6 +279,8 @@ class FastPath:
         egress_ifindex: int,
         limit: int | None = None,
         fin_ack: int | None = None,
+        side: Iface = Iface.CLIENT,
+        state: SpliceState = SpliceState.SPLICED,
     ) -> None:
         """Offload the direction whose incoming packets carry ``key``; counters restart.
 
@@ -253,11 +290,15 @@ class FastPath:
         from the first packet on, in the same update: an entry without its
         watch, even for one syscall, could relay the very ACK the daemon
         waits for (a relayed FIN's, or a bounded splice's last byte's).
+        ``side``/``state``: which connection ``key`` is and its Fig. 5.1
+        state, kept in the entry for a daemon that adopts it (``encode``).
         """
-        value = encode(t, egress_ifindex, limit, fin_ack)
+        value = encode(t, egress_ifindex, limit, fin_ack, side, state)
         self._update(key, value, libbpf.BPF_ANY)
 
-    def watch_fin_ack(self, key: FlowKey, fin_ack: int | None) -> None:
+    def watch_fin_ack(
+        self, key: FlowKey, fin_ack: int | None, state: SpliceState | None = None
+    ) -> None:
         """Punt, from now on, every segment of ``key`` whose ACK field is >= ``fin_ack``.
 
         For the ACK of a FIN the daemon relayed: only the daemon knows what
@@ -267,10 +308,13 @@ class FastPath:
         is replaced whole (hash maps have no partial update), carrying the
         counters read just before: packets counted by the program in
         between, a syscall's worth at most, are lost from the statistics.
+        ``state``: the side's Fig. 5.1 state after the change, if it moved.
         """
         value = self._lookup(key)
         if value is None:
             raise KeyError(key)
+        if state is not None:
+            value.state = state_code(state)
         value.fin_watch = 0 if fin_ack is None else 1
         value.fin_ack = 0 if fin_ack is None else fin_ack & 0xFFFFFFFF
         self._update(key, value, libbpf.BPF_EXIST)
@@ -298,6 +342,10 @@ class FastPath:
         """(packets, payload bytes) redirected for ``key`` so far; (0, 0) if absent."""
         value = self._lookup(key)
         return (0, 0) if value is None else (value.packets, value.bytes)
+
+    def entries(self) -> list[tuple[FlowKey, SpliceXlate]]:
+        """Every entry of the flow map (tests; a daemon's restart reads a dead map instead)."""
+        return _read_flows(self._flows_fd)
 
     def global_stats(self) -> dict[str, int]:
         """The program's global counters summed over CPUs, by their splice_map.h names."""
@@ -399,23 +447,32 @@ def _detach(f: _Filter) -> None:
                 _destroy_clsact(f.ifindex)
 
 
-def detach_stale(ifindex: int) -> int:
-    """Detach our program's filters left on a link by a daemon that died; how many.
+@dataclass(frozen=True, slots=True)
+class StaleFilter:
+    """Our program's filter on a link, left by a daemon that died."""
+
+    ifindex: int
+    handle: int
+    priority: int
+    prog_id: int | None  # from TCA_BPF_NAME; None if the name did not carry it
+
+
+def find_stale(ifindex: int) -> list[StaleFilter]:
+    """Our program's filters on a link that no live process runs any more.
 
     A daemon killed without ``close`` leaves its filter attached, and its
-    map still maps the 4-tuples of splices nobody tracks any more: a new
-    connection reusing one would be rewritten with a dead splice's numbers.
-    A filter is ours when libbpf named it after our program
-    (``TCA_BPF_NAME`` "splice_ingress:[id]"), and stale when no process
-    holds a descriptor of its program any more: a live daemon keeps its
-    program's fd open for as long as it runs, so another daemon in the same
-    namespace (a second TUN, another prefix) keeps its filters.  Call before
-    ``open``, in the link's namespace.
+    map still maps the 4-tuples of its splices: they keep flowing in the
+    kernel with nobody to see their FINs.  A filter is ours when libbpf
+    named it after our program (``TCA_BPF_NAME`` "splice_ingress:[id]"),
+    and stale when no process holds a descriptor of its program any more:
+    a live daemon keeps its program's fd open for as long as it runs, so
+    another daemon in the same namespace (a second TUN, another prefix)
+    keeps its filters.  Call in the link's namespace.
     """
     from pyroute2 import IPRoute
 
     prefix = PROGRAM.decode() + ":"
-    candidates: list[tuple[_Filter, int | None]] = []
+    candidates: list[StaleFilter] = []
     with IPRoute() as ipr:
         for msg in ipr.get_filters(index=ifindex, parent=_CLSACT_PARENTS[0]):
             options = msg.get_attr("TCA_OPTIONS")
@@ -425,16 +482,95 @@ def detach_stale(ifindex: int) -> int:
                 # pyroute2 does not decode TCA_BPF_ID.
                 tail = name[len(prefix) :]
                 prog_id = int(tail[1:-1]) if tail[1:-1].isdigit() else None
-                candidates.append(
-                    (_Filter(ifindex, msg["handle"], msg["info"] >> 16, None), prog_id)
-                )
+                candidates.append(StaleFilter(ifindex, msg["handle"], msg["info"] >> 16, prog_id))
     if not candidates:
-        return 0
+        return []
     held = held_prog_ids()
-    stale = [f for f, prog_id in candidates if prog_id is None or prog_id not in held]
+    return [f for f in candidates if f.prog_id is None or f.prog_id not in held]
+
+
+def detach(f: StaleFilter) -> None:
+    """Detach a filter found by ``find_stale`` (gone already is fine)."""
+    _detach(_Filter(f.ifindex, f.handle, f.priority, None))
+
+
+def detach_stale(ifindex: int) -> int:
+    """Detach our program's filters left on a link by a daemon that died; how many."""
+    stale = find_stale(ifindex)
     for f in stale:
-        _detach(f)
+        detach(f)
     return len(stale)
+
+
+def read_flows_of(prog_id: int) -> list[tuple[FlowKey, SpliceXlate]]:
+    """The flow map entries of a program that is still loaded (a stale filter's).
+
+    The filter holds the program and the program its maps, so a dead
+    daemon's map outlives it without being pinned: found by the program's
+    id (BPF_PROG_GET_FD_BY_ID, which needs CAP_SYS_ADMIN), then its map
+    named ``splice_flows``.  Raises OSError if it cannot be read, and
+    ValueError if that map's key or value size is not this daemon's
+    layout (another version wrote it: nothing of it can be trusted).
+    """
+    lb = libbpf.lib()
+    prog_fd = lb.prog_get_fd_by_id(prog_id)
+    if prog_fd < 0:
+        raise _os_error(prog_fd, f"program {prog_id}")
+    try:
+        ids = (ctypes.c_uint32 * 8)()
+        info = libbpf.ProgInfo(nr_map_ids=len(ids), map_ids=ctypes.addressof(ids))
+        size = ctypes.c_uint32(ctypes.sizeof(info))
+        ret = lb.obj_get_info_by_fd(prog_fd, ctypes.byref(info), ctypes.byref(size))
+        if ret < 0:
+            raise _os_error(ret, f"program {prog_id} info")
+        map_ids = list(ids[: min(info.nr_map_ids, len(ids))])
+    finally:
+        os.close(prog_fd)
+    for map_id in map_ids:
+        map_fd = lb.map_get_fd_by_id(map_id)
+        if map_fd < 0:
+            raise _os_error(map_fd, f"map {map_id}")
+        try:
+            minfo = libbpf.MapInfo()
+            size = ctypes.c_uint32(ctypes.sizeof(minfo))
+            ret = lb.obj_get_info_by_fd(map_fd, ctypes.byref(minfo), ctypes.byref(size))
+            if ret < 0:
+                raise _os_error(ret, f"map {map_id} info")
+            if minfo.name != FLOWS_MAP:
+                continue
+            want = (ctypes.sizeof(SpliceKey), ctypes.sizeof(SpliceXlate))
+            if (minfo.key_size, minfo.value_size) != want:
+                raise ValueError(
+                    f"map {map_id}: key/value of {minfo.key_size}/{minfo.value_size} bytes,"
+                    f" this daemon's are {want[0]}/{want[1]}"
+                )
+            return _read_flows(map_fd)
+        finally:
+            os.close(map_fd)
+    raise ValueError(f"program {prog_id} has no {FLOWS_MAP.decode()} map")
+
+
+def _read_flows(map_fd: int) -> list[tuple[FlowKey, SpliceXlate]]:
+    lb = libbpf.lib()
+    out: list[tuple[FlowKey, SpliceXlate]] = []
+    key, nxt = SpliceKey(), SpliceKey()
+    prev: SpliceKey | None = None
+    while True:
+        ret = lb.map_get_next_key(
+            map_fd, ctypes.byref(prev) if prev is not None else None, ctypes.byref(nxt)
+        )
+        if ret < 0:
+            if libbpf.errno_of(ret) == errno.ENOENT:
+                return out  # the last key
+            raise _os_error(ret, "map walk")
+        ctypes.memmove(ctypes.byref(key), ctypes.byref(nxt), ctypes.sizeof(key))
+        prev = key
+        value = SpliceXlate()
+        ret = lb.map_lookup_elem(map_fd, ctypes.byref(key), ctypes.byref(value))
+        if ret == 0:
+            out.append((decode_key(key), value))
+        elif libbpf.errno_of(ret) != errno.ENOENT:  # deleted meanwhile: skip it
+            raise _os_error(ret, "map read")
 
 
 def held_prog_ids() -> set[int]:

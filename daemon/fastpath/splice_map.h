@@ -24,6 +24,17 @@
 #define SPLICE_TS_MAP 1    /* add tsval_delta / tsecr_delta */
 #define SPLICE_TS_STRIP 2  /* only the input connection does: NOP it out */
 
+/* side: the splice's connection an entry's segments arrive on. */
+#define SPLICE_SIDE_CLIENT 0
+#define SPLICE_SIDE_SERVER 1
+
+/* state: that side's splice state (thesis Fig. 5.1); both SHUTDOWN means
+ * TIMEWAIT.  OTHER (a bounded splice's states) is never adopted. */
+#define SPLICE_STATE_SPLICED 0
+#define SPLICE_STATE_FIN_RELAYED 1
+#define SPLICE_STATE_SHUTDOWN 2
+#define SPLICE_STATE_OTHER 255
+
 /* The incoming packet's 4-tuple, all in network byte order. */
 struct splice_key {
 	__be32 saddr;
@@ -62,7 +73,14 @@ struct splice_xlate {
 	 * reaches it, or an ACK past it, goes to the daemon, which cuts it. */
 	__u32 limit_seq;
 	__u8 has_limit;
-	__u8 _pad[7];
+	/* The daemon's own notes, never read by the program: which connection
+	 * of the splice these segments arrive on (SPLICE_SIDE_*) and that
+	 * side's Fig. 5.1 state (SPLICE_STATE_*), kept current on every
+	 * update, so that a daemon restarted after a crash can adopt the
+	 * splice from the map alone (daemon/io/adopt.py). */
+	__u8 side;
+	__u8 state;
+	__u8 _pad[5];
 	/* Written by the program only (atomic adds); payload bytes. */
 	__u64 packets;
 	__u64 bytes;

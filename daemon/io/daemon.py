@@ -225,7 +225,11 @@ class Daemon:
         self.api.register(self.sel)
         try:
             self.fast_path, self.fast_path_reason = start_fast_path(
-                config.fastpath, config.tun_name, config.fastpath_object
+                config.fastpath,
+                config.tun_name,
+                config.fastpath_object,
+                prefix=self.net,
+                offload=self.offload,
             )
         except FastPathUnavailable:
             self.api.close()
@@ -233,6 +237,9 @@ class Daemon:
             raise
         fp = self.fast_path
         self.splicer = Splicer(self, fp, fp.egress if fp is not None else None)
+        if fp is not None and fp.inherited:
+            self.splicer.adopt(fp.inherited, time.monotonic())
+            fp.inherited = []
         self.stopping = False
         log.info(
             "TUN %s in %s mode; fast path %s; API on %s",
@@ -258,11 +265,16 @@ class Daemon:
         self.timers.run_due(now)
         self._service_dirty(now)
 
-    def terminate(self) -> None:
-        """Abort every connection (RST to the peers), close the API, the TUN."""
+    def terminate(self, handover: bool = False) -> None:
+        """Abort every connection (RST to the peers), close the API, the TUN.
+
+        ``handover`` (SIGUSR1): splices wholly in the kernel fast path are
+        left flowing there, filters attached, for the next daemon to adopt
+        (docs/operations.md); everything else is reset as on any stop.
+        """
         self.stopping = True
         now = time.monotonic()
-        self.splicer.terminate(now)
+        self.splicer.terminate(now, handover)
         for conn in list(self.flows.values()):
             conn.tcp.abort()
             self._emit_output(conn, now)
@@ -270,7 +282,7 @@ class Daemon:
         self.api.close()
         self.sel.close()
         if self.fast_path is not None:
-            self.fast_path.close()
+            self.fast_path.close(detach=not handover)
         self.tun.close()
 
     def _intern(self, addr: bytes) -> bytes:

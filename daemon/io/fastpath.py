@@ -30,7 +30,10 @@ from typing import Any, Literal
 from pyroute2 import IPRoute
 
 from daemon.fastpath import DEFAULT_OBJECT, FastPath, FastPathUnavailable
-from daemon.fastpath.loader import detach_stale
+from daemon.fastpath.adopt import InheritedSplice, adoptable
+from daemon.fastpath.layout import FlowKey, SpliceXlate
+from daemon.fastpath.loader import StaleFilter, detach, find_stale, read_flows_of
+from daemon.splice.state import Iface, SpliceState
 from daemon.splice.translator import Translator
 
 log = logging.getLogger("daemon.fastpath")
@@ -43,9 +46,14 @@ RelayKey = tuple[bytes, int, bytes, int]
 class KernelFastPath:
     """A loaded and attached FastPath plus the egress lookup (the splicer's FastPathPort)."""
 
-    def __init__(self, fp: FastPath, links: dict[int, str]) -> None:
+    def __init__(
+        self, fp: FastPath, links: dict[int, str], inherited: list[InheritedSplice] | None = None
+    ) -> None:
         self.fp = fp
         self.links = links
+        # Splices a dead daemon left in the kernel, preloaded into fp's map:
+        # the daemon gives them relays (Splicer.adopt) before its loop runs.
+        self.inherited = inherited or []
         self._ipr = IPRoute()
         self._egress: dict[bytes, int | None] = {}
 
@@ -56,11 +64,15 @@ class KernelFastPath:
         egress_ifindex: int,
         limit: int | None = None,
         fin_ack: int | None = None,
+        side: Iface = Iface.CLIENT,
+        state: SpliceState = SpliceState.SPLICED,
     ) -> None:
-        self.fp.install(key, t, egress_ifindex, limit, fin_ack)
+        self.fp.install(key, t, egress_ifindex, limit, fin_ack, side, state)
 
-    def watch_fin_ack(self, key: RelayKey, fin_ack: int | None) -> None:
-        self.fp.watch_fin_ack(key, fin_ack)
+    def watch_fin_ack(
+        self, key: RelayKey, fin_ack: int | None, state: SpliceState | None = None
+    ) -> None:
+        self.fp.watch_fin_ack(key, fin_ack, state)
 
     def remove(self, key: RelayKey) -> tuple[int, int]:
         return self.fp.remove(key)
@@ -96,8 +108,12 @@ class KernelFastPath:
             "counters": self.fp.global_stats(),
         }
 
-    def close(self) -> None:
-        self.fp.close()
+    def close(self, detach: bool = True) -> None:
+        """Stop; ``detach=False`` leaves the filters and map to the next daemon."""
+        if detach:
+            self.fp.close()
+        else:
+            self.fp.abandon()
         self._ipr.close()
 
 
@@ -113,31 +129,81 @@ def external_links(tun_name: str) -> dict[int, str]:
 
 
 def start_fast_path(
-    mode: FastPathMode, tun_name: str, obj_path: Path = DEFAULT_OBJECT, max_flows: int = 131072
+    mode: FastPathMode,
+    tun_name: str,
+    obj_path: Path = DEFAULT_OBJECT,
+    max_flows: int = 131072,
+    *,
+    prefix: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None,
+    offload: bool = True,
 ) -> tuple[KernelFastPath | None, str]:
     """Load and attach the program as ``mode`` says; (None, reason) when it does not run.
 
-    Raises FastPathUnavailable only in mode "on".
+    A dead daemon's filters on the links are replaced: the splices in its
+    map that belong to ``prefix`` are carried into the new map before the
+    new program runs (``KernelFastPath.inherited``, daemon/fastpath/adopt.py),
+    and the old filters are detached once it does.  Raises
+    FastPathUnavailable only in mode "on".
     """
     if mode == "off":
         return None, "off (--fastpath off)"
+    stale: list[StaleFilter] = []
     try:
         links = external_links(tun_name)
         if not links:
             raise FastPathUnavailable("no Ethernet link in this namespace to attach to")
-        stale = 0
         for ifindex in links:
             try:
-                stale += detach_stale(ifindex)
+                stale += find_stale(ifindex)
             except Exception as exc:  # a dump that fails must not keep the daemon down
                 log.warning("could not look for a stale fast path on %s: %s", links[ifindex], exc)
+        inherited = _inherit(stale, links, prefix, offload)
+        preload: list[tuple[FlowKey, SpliceXlate]] = []
+        for inh in inherited:
+            preload += [(inh.client_key, inh.client_value), (inh.server_key, inh.server_value)]
+        fp = FastPath.open(sorted(links), obj_path=obj_path, max_flows=max_flows, preload=preload)
+        for f in stale:
+            detach(f)
         if stale:
-            log.warning("removed %d fast path filter(s) left by a daemon that died", stale)
-        fp = FastPath.open(sorted(links), obj_path=obj_path, max_flows=max_flows)
+            log.warning("replaced %d fast path filter(s) left by a daemon that died", len(stale))
     except FastPathUnavailable as exc:
         if mode == "on":
             raise
         log.warning("fast path off, spliced flows stay in the daemon: %s", exc)
+        for f in stale:  # nobody will adopt their splices: they must not flow on unseen
+            detach(f)
         return None, str(exc)
     log.info("fast path on: tc ingress of %s", ", ".join(sorted(links.values())))
-    return KernelFastPath(fp, links), "on"
+    return KernelFastPath(fp, links, inherited), "on"
+
+
+def _inherit(
+    stale: list[StaleFilter],
+    links: dict[int, str],
+    prefix: ipaddress.IPv4Network | ipaddress.IPv6Network | None,
+    offload: bool,
+) -> list[InheritedSplice]:
+    """The adoptable splices in the maps of stale filters (one log line on what is not)."""
+    if prefix is None:
+        return []
+    entries: dict[FlowKey, SpliceXlate] = {}
+    for prog_id in sorted({f.prog_id for f in stale if f.prog_id is not None}):
+        try:
+            entries.update(read_flows_of(prog_id))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot adopt the splices of a dead daemon's program %d: %s", prog_id, exc)
+    if not entries:
+        return []
+
+    def ours(addr: bytes) -> bool:
+        return ipaddress.ip_address(addr) in prefix
+
+    splices, left_out = adoptable(entries.items(), ours=ours, links=set(links), offload=offload)
+    log.warning(
+        "adopting %d splice(s) a dead daemon left in the kernel; %d map entr%s left out"
+        " (their segments get a RST)",
+        len(splices),
+        left_out,
+        "y" if left_out == 1 else "ies",
+    )
+    return splices

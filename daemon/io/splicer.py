@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from daemon.api.core import TAP_SOCK, ApiError, Done, Result
 from daemon.api.protocol import LOCAL_AT_LEN, Address, ErrorCode, Inline
+from daemon.fastpath.adopt import InheritedSplice
 from daemon.io.timers import Timer
 from daemon.splice.relay import (
     Action,
@@ -64,6 +65,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("daemon.splice")
 
 CLIENT, SERVER = Iface.CLIENT, Iface.SERVER
+# The Fig. 5.1 states a map entry can carry over a restart (daemon/fastpath/adopt.py).
+_ADOPTABLE = frozenset(
+    {SpliceState.SPLICED, SpliceState.FIN_RELAYED, SpliceState.SHUTDOWN, SpliceState.TIMEWAIT}
+)
 
 # The daemon's flow key: local address, local port, remote address, remote port.
 LocalKey = tuple[bytes, int, bytes, int]
@@ -81,9 +86,13 @@ class FastPathPort(Protocol):
         egress_ifindex: int,
         limit: int | None = None,
         fin_ack: int | None = None,
+        side: Iface = Iface.CLIENT,
+        state: SpliceState = SpliceState.SPLICED,
     ) -> None: ...
 
-    def watch_fin_ack(self, key: RelayKey, fin_ack: int | None) -> None: ...
+    def watch_fin_ack(
+        self, key: RelayKey, fin_ack: int | None, state: SpliceState | None = None
+    ) -> None: ...
 
     def remove(self, key: RelayKey) -> tuple[int, int]: ...
 
@@ -553,8 +562,11 @@ class Splicer:
                     compact = True
                 case WatchFinAck(key, fin_ack):
                     if self.fast_path is not None and key in sp.offloaded:
+                        # The side's Fig. 5.1 state goes with it, for a daemon
+                        # that adopts the entry after a restart.
+                        iface = CLIENT if key == sp.relay.client.key else SERVER
                         try:
-                            self.fast_path.watch_fin_ack(key, fin_ack)
+                            self.fast_path.watch_fin_ack(key, fin_ack, sp.relay.pair.state(iface))
                         except (OSError, KeyError) as exc:
                             self._fast_path_failed(sp, f"watch FIN ACK: {exc}")
                 case ProxyMisuse(iface, message):
@@ -577,13 +589,14 @@ class Splicer:
         fp = self.fast_path
         if fp is None or self._egress is None:
             return
+        pair = sp.relay.pair
         try:
-            for key, t, fin_ack, limit in a.entries:
+            for (key, t, fin_ack, limit), iface in zip(a.entries, (CLIENT, SERVER), strict=True):
                 ifindex = self._egress(t.dst_addr)
                 if ifindex is None:
                     raise OSError(f"no route toward {t.dst_addr.hex()}")
                 # The watch goes in with the entry: see FastPath.install.
-                fp.install(key, t, ifindex, limit, fin_ack)
+                fp.install(key, t, ifindex, limit, fin_ack, iface, pair.state(iface))
                 sp.offloaded.append(key)
         except (OSError, ValueError, KeyError) as exc:
             self._fast_path_failed(sp, f"install: {exc}")
@@ -742,13 +755,68 @@ class Splicer:
                 conn.splice = None
                 self.d._free(conn)
 
-    def terminate(self, now: float) -> None:
-        """The daemon stops: reset every splice (RST to both peers, thesis 5.1)."""
+    def handed_over(self, sp: Splice) -> bool:
+        """Can the next daemon adopt this splice from its map entries alone?"""
+        r = sp.relay
+        return (
+            len(sp.offloaded) == 2
+            and not r.bounded
+            and r.tap is None
+            and r.pair.client in _ADOPTABLE
+            and r.pair.server in _ADOPTABLE
+        )
+
+    def adopt(self, inherited: list[InheritedSplice], now: float) -> None:
+        """Take over splices a dead daemon left in the kernel (``daemon.fastpath.adopt``).
+
+        Their entries are in the fast path's map already (preloaded before
+        the program was attached); here they get their relays, flow table
+        entries and, in TIMEWAIT, their 2MSL timer, so their FINs, RSTs and
+        the end of TIMEWAIT are handled as if this daemon had made them.
+        """
+        for inh in inherited:
+            ck, sk = inh.client_key, inh.server_key
+            relay, actions = Relay.adopt(
+                self.d._new_id(),
+                ((ck[2], ck[3]), (ck[0], ck[1])),
+                ((sk[2], sk[3]), (sk[0], sk[1])),
+                inh.c2s,
+                inh.s2c,
+                (inh.client_state, inh.server_state),
+                (inh.client_fin_ack, inh.server_fin_ack),
+                msl=self.d.tcp_config.msl,
+                offload=self.d.offload,
+                counters=self.counters,
+                now=now,
+            )
+            sp = Splice(relay, None, None, offloaded=[ck, sk])
+            self.splices.add(sp)
+            for side in (relay.client, relay.server):
+                assert side is not None
+                self.flows[(side.local[0], side.local[1], side.remote[0], side.remote[1])] = (
+                    sp,
+                    side.iface,
+                )
+            self.counters.adopted += 1
+            self.execute(sp, actions)
+
+    def terminate(self, now: float, handover: bool = False) -> None:
+        """The daemon stops: reset every splice (RST to both peers, thesis 5.1).
+
+        ``handover``: a splice wholly in the kernel's map stays there, for
+        the next daemon to adopt (``adopt``); only the others are reset.
+        """
+        kept = 0
         for sp in list(self.splices):
+            if handover and self.handed_over(sp):
+                kept += 1
+                continue
             if sp.relay.spliced:
                 self.execute(sp, sp.relay.abort(now))
             if sp in self.splices:
                 self._tear_down(sp)
+        if handover:
+            log.info("leaving %d splice(s) in the kernel for the next daemon", kept)
 
 
 def _unread_in(sock: socket.socket | None) -> bool:

@@ -243,6 +243,7 @@ class RelayCounters:
     timewait_reopened: int = 0
     fast_path_installed: int = 0
     compacted: int = 0  # splices whose connection records the daemon dropped
+    adopted: int = 0  # splices taken over from a dead daemon's fast path map
     bounded: int = 0  # splices bounded by a byte count (a subset of ``spliced``)
     handed_back: int = 0  # bounded splices that returned their conns to the proxy
     held_segments: int = 0  # segments beyond a limit, kept for the resuming TCB
@@ -408,6 +409,51 @@ class Relay:
         )
         side = RelaySide(CLIENT, t.local, t.remote, t)
         return cls(owner, server_id, cfg, side, msl, offload, counters)
+
+    @classmethod
+    def adopt(
+        cls,
+        server_id: int,
+        client: tuple[Endpoint, Endpoint],
+        server: tuple[Endpoint, Endpoint],
+        c2s: Translator,
+        s2c: Translator,
+        states: tuple[SpliceState, SpliceState],
+        fin_acks: tuple[int | None, int | None],
+        *,
+        msl: float,
+        offload: bool,
+        counters: RelayCounters,
+        now: float,
+    ) -> tuple[Relay, list[Action]]:
+        """A splice a dead daemon left in the kernel's map, taken over as it stands.
+
+        Only a splice whose both sides relay gets there (the map holds
+        nothing else), so what the relay keeps of it after ``seal`` is all
+        there is: the two translators, the Fig. 5.1 states, and the ACK a
+        FIN_RELAYED side is waiting for.  ``client``/``server``: each
+        connection's (local, remote).  ``states`` (client, server): SPLICED,
+        FIN_RELAYED or SHUTDOWN; both SHUTDOWN is TIMEWAIT, whose 2MSL starts
+        again here (the dead daemon's timer is lost; waiting longer is the
+        safe side of RFC 9293 3.6).  No owner: the proxy that made it is gone.
+        """
+        c, s = (
+            RelaySide(iface, local, remote, None, outbox=_SEALED, queue=_SEALED, fin_ack=fin_ack)
+            for iface, (local, remote), fin_ack in zip(
+                (CLIENT, SERVER), (client, server), fin_acks, strict=True
+            )
+        )
+        relay = cls(-1, server_id, None, c, msl, offload, counters, server=s)
+        relay.c2s, relay.s2c = c2s, s2c
+        relay.spliced_at = now
+        relay.fast_path = True
+        out: list[Action] = []
+        if states == (SpliceState.SHUTDOWN, SpliceState.SHUTDOWN):
+            relay.pair.client = relay.pair.server = SpliceState.TIMEWAIT
+            out.append(ArmTimewait(now + 2 * msl))
+        else:
+            relay.pair.client, relay.pair.server = states
+        return relay, out
 
     # ------------------------------------------------------------ phases
 
