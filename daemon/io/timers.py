@@ -2,8 +2,10 @@
 
 Timers are explicit state (smoltcp's habit): each owner keeps the token of
 its one scheduled timer; re-arming pushes a new entry and bumps the token,
-and stale entries are skipped when they surface.  No threads, no callbacks
-held beyond their deadline.
+and stale entries are skipped when they surface.  No threads, and no
+callback held past its cancellation: a stale entry waits in the heap for
+its deadline, but what its callback referenced (a connection, its TCB and
+buffers) is freed at once.
 """
 
 from __future__ import annotations
@@ -33,12 +35,22 @@ class Timer:
 
     def cancel(self) -> None:
         if self._entry is not None:
-            self._entry.live = False
+            _kill(self._entry)
             self._entry = None
 
     @property
     def deadline(self) -> float | None:
         return self._entry.deadline if self._entry is not None else None
+
+
+def _nothing() -> None:
+    pass
+
+
+def _kill(entry: _Entry) -> None:
+    """Make ``entry`` a no-op and let go of its callback (and all it references)."""
+    entry.live = False
+    entry.fire = _nothing
 
 
 class TimerHeap:
@@ -51,7 +63,7 @@ class TimerHeap:
         if timer._entry is not None:
             if timer._entry.live and timer._entry.deadline == deadline:
                 return
-            timer._entry.live = False
+            _kill(timer._entry)
         entry = _Entry(deadline, next(self._seq), fire)
         timer._entry = entry
         heapq.heappush(self._heap, entry)
