@@ -30,7 +30,14 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--fastpath", default="auto", choices=["auto", "on", "off"])
     args = ap.parse_args()
-    tb = Testbed("mem" + secrets.token_hex(2), msl=1.0, fastpath=args.fastpath)
+    # The sink must not time the idle connections out while the holder
+    # opens the rest (~250/s): its default idle timeout is 30 s.
+    tb = Testbed(
+        "mem" + secrets.token_hex(2),
+        msl=1.0,
+        fastpath=args.fastpath,
+        origin_args=("--idle-timeout", "900"),
+    )
     try:
         tb.up()
         pid = int(tb.status()["services"]["daemon"]["pid"])
@@ -49,8 +56,9 @@ def main() -> int:
             time.sleep(4)  # 2 MSL (1 s each here) and then some
             after = rss_kib(pid)
             per = (held - start) * 1024 / max(n, 1)
+            why = f": {errors}" if failed else ""
             print(
-                f"round {rnd}: {n} held ({failed} failed): RSS {held} KiB"
+                f"round {rnd}: {n} held ({failed} failed{why}): RSS {held} KiB"
                 f" ({per / 1024:.1f} KiB per splice over the start), {after} KiB after closing"
             )
     finally:

@@ -292,7 +292,7 @@ class OriginServer:
                 # changed (net.ipv4.tcp_allowed_congestion_control).
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, self.congestion.encode())
             sock.bind(address)
-            sock.listen(1024)
+            sock.listen(4096)  # Linux's default somaxconn: bursts of thousands
         except OSError as e:
             sock.close()
             where = format_host_port(*address)

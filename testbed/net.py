@@ -259,6 +259,7 @@ class Testbed:
     msl: float = 30.0  # the splice daemon's MSL (TIME-WAIT = 2 MSL); tests shorten it
     fastpath: str = "auto"  # the daemon's kernel fast path for spliced flows: auto, on, off
     daemon_args: tuple[str, ...] = ()  # more options for `python -m daemon`
+    origin_args: tuple[str, ...] = ()  # more options for `python -m servers.origin`
     # A command the daemon runs under, e.g. setpriv to bound its capabilities
     # (docs/operations.md): ("setpriv", "--bounding-set=-all,+net_admin,+bpf", "--").
     daemon_wrapper: tuple[str, ...] = ()
@@ -437,6 +438,7 @@ class Testbed:
                     f"{origin[0]}:{origin[1]}",
                     "--sink-listen",
                     f"{sink[0]}:{sink[1]}",
+                    *self.origin_args,
                 ],
             ),
             "socks5": (

@@ -64,14 +64,14 @@ class InheritedSplice:
     server_value: SpliceXlate
 
 
-def _usable(value: SpliceXlate, links: set[int]) -> bool:
+def _usable(value: SpliceXlate, links: set[int] | None) -> bool:
     state = STATE_OF_CODE.get(value.state)
     return (
         state is not None
         and value.side in SIDE_OF_CODE
         and not value.has_limit
         and bool(value.fin_watch) == (state is SpliceState.FIN_RELAYED)
-        and value.egress_ifindex in links
+        and (links is None or value.egress_ifindex in links)
     )
 
 
@@ -79,14 +79,14 @@ def adoptable(
     entries: Iterable[tuple[FlowKey, SpliceXlate]],
     *,
     ours: Callable[[bytes], bool],
-    links: set[int],
+    links: set[int] | None,
     offload: bool,
 ) -> tuple[list[InheritedSplice], int]:
     """The splices among ``entries``, and how many entries were left out.
 
     ``ours``: is this address one of the daemon's; ``links``: the ifindexes
-    the new program runs on; ``offload``: the daemon's TUN mode (the
-    translators' output format).
+    the new program runs on (None: the daemon's own map, any); ``offload``:
+    the daemon's TUN mode (the translators' output format).
     """
     table = dict(entries)
     splices: list[InheritedSplice] = []

@@ -33,6 +33,7 @@ __all__ = [
     "decode_key",
     "encode",
     "encode_key",
+    "reverse_key",
     "state_code",
 ]
 
@@ -200,6 +201,16 @@ def decode_key(k: SpliceKey) -> FlowKey:
         int.from_bytes(bytes(k.sport), "big"),
         bytes(k.daddr),
         int.from_bytes(bytes(k.dport), "big"),
+    )
+
+
+def reverse_key(v: SpliceXlate) -> FlowKey:
+    """The key of the other direction's entry: ``v``'s output 4-tuple, reversed."""
+    return (
+        bytes(v.daddr),
+        int.from_bytes(bytes(v.dport), "big"),
+        bytes(v.saddr),
+        int.from_bytes(bytes(v.sport), "big"),
     )
 
 

@@ -338,6 +338,23 @@ class FastPath:
             raise _os_error(ret, "remove")
         return (value.packets, value.bytes)
 
+    def entry(self, key: FlowKey) -> SpliceXlate | None:
+        """The entry of ``key`` as the kernel holds it now, or None."""
+        return self._lookup(key)
+
+    def add_counters(self, key: FlowKey, packets: int, nbytes: int) -> None:
+        """Add to an entry's counters (what the daemon relayed itself, kept with the kernel's).
+
+        Replaces the value whole, like ``watch_fin_ack``: packets the program
+        counts in between are lost from the statistics.  KeyError if absent.
+        """
+        value = self._lookup(key)
+        if value is None:
+            raise KeyError(key)
+        value.packets += packets
+        value.bytes += nbytes
+        self._update(key, value, libbpf.BPF_EXIST)
+
     def counters(self, key: FlowKey) -> tuple[int, int]:
         """(packets, payload bytes) redirected for ``key`` so far; (0, 0) if absent."""
         value = self._lookup(key)

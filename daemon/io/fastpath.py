@@ -80,6 +80,12 @@ class KernelFastPath:
     def counters(self, key: RelayKey) -> tuple[int, int]:
         return self.fp.counters(key)
 
+    def entry(self, key: RelayKey) -> SpliceXlate | None:
+        return self.fp.entry(key)
+
+    def add_counters(self, key: RelayKey, packets: int, nbytes: int) -> None:
+        self.fp.add_counters(key, packets, nbytes)
+
     def egress(self, addr: bytes) -> int | None:
         """The ifindex the kernel routes ``addr`` out of, if it is one we attached to."""
         if addr in self._egress:

@@ -25,6 +25,7 @@ import fcntl
 import logging
 import selectors
 import socket
+import struct
 import termios
 import time
 from collections import deque
@@ -35,7 +36,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from daemon.api.core import TAP_SOCK, ApiError, Done, Result
 from daemon.api.protocol import LOCAL_AT_LEN, Address, ErrorCode, Inline
-from daemon.fastpath.adopt import InheritedSplice
+from daemon.fastpath.adopt import InheritedSplice, adoptable
+from daemon.fastpath.layout import STATE_OF_CODE, SpliceXlate, reverse_key
 from daemon.io.timers import Timer
 from daemon.splice.relay import (
     Action,
@@ -69,6 +71,10 @@ CLIENT, SERVER = Iface.CLIENT, Iface.SERVER
 _ADOPTABLE = frozenset(
     {SpliceState.SPLICED, SpliceState.FIN_RELAYED, SpliceState.SHUTDOWN, SpliceState.TIMEWAIT}
 )
+# The flow table's value for a dormant splice's 4-tuples: no Splice object at
+# all, one shared tuple per interface (``Splicer._sleep``).
+_DORMANT: dict[Iface, tuple[None, Iface]] = {CLIENT: (None, CLIENT), SERVER: (None, SERVER)}
+_DORMANT_CLIENT = _DORMANT[CLIENT]
 
 # The daemon's flow key: local address, local port, remote address, remote port.
 LocalKey = tuple[bytes, int, bytes, int]
@@ -97,6 +103,10 @@ class FastPathPort(Protocol):
     def remove(self, key: RelayKey) -> tuple[int, int]: ...
 
     def counters(self, key: RelayKey) -> tuple[int, int]: ...
+
+    def entry(self, key: RelayKey) -> SpliceXlate | None: ...
+
+    def add_counters(self, key: RelayKey, packets: int, nbytes: int) -> None: ...
 
 
 # Tap bytes the daemon keeps for a reader that is behind, beyond what the
@@ -144,8 +154,10 @@ class Splicer:
         self.d = daemon
         self.intents: dict[int, Splice] = {}  # server-side conn id -> splice
         self.splices: set[Splice] = set()
-        # Spliced 4-tuples (the daemon's LocalKey order) -> (splice, interface).
-        self.flows: dict[LocalKey, tuple[Splice, Iface]] = {}
+        # Spliced 4-tuples (the daemon's LocalKey order) -> (splice, interface);
+        # (None, interface) for a dormant splice (``_sleep``).
+        self.flows: dict[LocalKey, tuple[Splice | None, Iface]] = {}
+        self.dormant = 0  # splices that live only in the kernel's map now
         self.counters = RelayCounters()
         self.fast_path = fast_path
         self._egress = egress  # destination address -> ifindex toward it
@@ -450,6 +462,11 @@ class Splicer:
                 row["bytes_s2c"] = int(str(row["bytes_s2c"])) + bs
                 row["fast_path_packets"] = pc + ps
             out.append(row)
+        for local, hit in self.flows.items():
+            if hit is _DORMANT_CLIENT:
+                dormant = self._dormant_row(local)
+                if dormant is not None:
+                    out.append(dormant)
         return out
 
     # ------------------------------------------------------- proxy bytes
@@ -504,14 +521,163 @@ class Splicer:
             self.d.dirty.discard(conn)
         sp.client = sp.server = None
         self.counters.compacted += 1
+        self._sleep(sp)
+
+    # ------------------------------------------------------- dormancy
+
+    def _sleep(self, sp: Splice) -> None:
+        """Forget a compact splice that lives wholly in the kernel; its map entries are it.
+
+        Everything a relay needs is in its two map entries (the translation,
+        and the side and Fig. 5.1 state notes a restarted daemon adopts
+        from, daemon/fastpath/adopt.py), so the relay is dropped and its
+        4-tuples map to a shared marker: ~3 KB of Python objects per idle
+        splice become the two flow-table keys.  The first segment the
+        kernel punts (a FIN, a RST, an unusual option) wakes it (``_wake``).
+        What the relay itself relayed is added to the entries' counters,
+        so ``stats`` still sums both.  TIMEWAIT (a timer) and anything
+        bounded or tapped stay awake.
+        """
+        fp = self.fast_path
+        r = sp.relay
+        if fp is None or not self.handed_over(sp) or r.pair.client is SpliceState.TIMEWAIT:
+            return
+        try:
+            fp.add_counters(sp.offloaded[0], r.packets_c2s, r.bytes_c2s)
+            fp.add_counters(sp.offloaded[1], r.packets_s2c, r.bytes_s2c)
+        except (OSError, KeyError) as exc:
+            self._fast_path_failed(sp, f"sleep: {exc}")
+            return
+        r.packets_c2s = r.bytes_c2s = r.packets_s2c = r.bytes_s2c = 0
+        self.splices.discard(sp)
+        for side in (r.client, r.server):
+            assert side is not None
+            self.flows[(side.local[0], side.local[1], side.remote[0], side.remote[1])] = _DORMANT[
+                side.iface
+            ]
+        self.dormant += 1
+        self.counters.slept += 1
+
+    def _wake(self, pkt: memoryview, now: float) -> Splice | None:
+        """A dormant splice's relay again, from its map entries, for the segment ``pkt``."""
+        ihl = (pkt[0] & 0x0F) * 4
+        sport, dport = struct.unpack_from("!HH", pkt, ihl)
+        key: RelayKey = (bytes(pkt[12:16]), sport, bytes(pkt[16:20]), dport)
+        local: LocalKey = (key[2], key[3], key[0], key[1])
+        fp = self.fast_path
+        v = fp.entry(key) if fp is not None else None
+        found: list[InheritedSplice] = []
+        if fp is not None and v is not None:
+            partner = reverse_key(v)
+            w = fp.entry(partner)
+            if w is not None:
+                found, _ = adoptable(
+                    [(key, v), (partner, w)],
+                    ours=lambda _a: True,
+                    links=None,
+                    offload=self.d.offload,
+                )
+        if not found:
+            # Cannot happen unless the map was changed behind our back: the
+            # 4-tuple is unknown from now on (a RST), never mistranslated.
+            log.warning("dormant splice of %s has no sound map entries; forgotten", key)
+            self.flows.pop(local, None)
+            self.dormant -= 1
+            return None
+        self.dormant -= 1
+        self.counters.woken += 1
+        return self._revive(found[0], now)
+
+    def _revive(self, inh: InheritedSplice, now: float) -> Splice:
+        """A relay for a splice whose entries are in the map (woken, or adopted)."""
+        ck, sk = inh.client_key, inh.server_key
+        relay, actions = Relay.adopt(
+            self.d._new_id(),
+            ((ck[2], ck[3]), (ck[0], ck[1])),
+            ((sk[2], sk[3]), (sk[0], sk[1])),
+            inh.c2s,
+            inh.s2c,
+            (inh.client_state, inh.server_state),
+            (inh.client_fin_ack, inh.server_fin_ack),
+            msl=self.d.tcp_config.msl,
+            offload=self.d.offload,
+            counters=self.counters,
+            now=now,
+        )
+        sp = Splice(relay, None, None, offloaded=[ck, sk])
+        self.splices.add(sp)
+        for side in (relay.client, relay.server):
+            assert side is not None
+            self.flows[(side.local[0], side.local[1], side.remote[0], side.remote[1])] = (
+                sp,
+                side.iface,
+            )
+        self.execute(sp, actions)
+        return sp
+
+    def _dormant_row(self, local: LocalKey) -> dict[str, object] | None:
+        """The ``stats`` row of a dormant splice, from its map entries (client side's key)."""
+        fp = self.fast_path
+        key = (local[2], local[3], local[0], local[1])
+        v = fp.entry(key) if fp is not None else None
+        if fp is None or v is None:
+            return None
+        w = fp.entry(reverse_key(v))
+        if w is None:
+            return None
+        states = [STATE_OF_CODE.get(x.state) for x in (v, w)]
+        return {
+            "client_state": states[0].name if states[0] is not None else None,
+            "server_state": states[1].name if states[1] is not None else None,
+            "bytes_c2s": v.bytes,
+            "bytes_s2c": w.bytes,
+            "packets_c2s": v.packets,
+            "packets_s2c": w.packets,
+            "queued": 0,
+            "queue_drops": 0,
+            "len_remaining": 0,
+            "fast_path": True,
+            "fast_path_packets": v.packets + w.packets,
+            "bounded": False,
+            "tapped": None,
+            "dormant": True,
+            "client": None,
+            "server": None,
+        }
 
     # ---------------------------------------------------------- packets
 
     def on_packet(
-        self, sp: Splice, iface: Iface, vnet: VnetHeader | None, pkt: memoryview, now: float
+        self,
+        sp: Splice | None,
+        iface: Iface,
+        vnet: VnetHeader | None,
+        pkt: memoryview,
+        now: float,
     ) -> bool:
-        """A segment of a spliced connection; False when it opens a new connection instead."""
-        return self.execute(sp, sp.relay.on_packet(iface, vnet, pkt, now))
+        """A segment of a spliced connection; False when it opens a new connection instead.
+
+        ``sp`` None: the splice is dormant (the kernel punted this segment
+        to it): it wakes first.
+        """
+        if sp is None:
+            sp = self._wake(pkt, now)
+            if sp is None:
+                return False  # its entries are gone: an unknown 4-tuple (a RST)
+        keep = self.execute(sp, sp.relay.on_packet(iface, vnet, pkt, now))
+        pair = sp.relay.pair
+        if (
+            sp.client is None
+            and sp.server is None
+            and pair.client is SpliceState.SPLICED
+            and pair.server is SpliceState.SPLICED
+            and sp in self.splices
+        ):
+            # A compact splice that a punted segment did not move (a
+            # retransmitted SYN-ACK, an unusual option) sleeps again; one
+            # that is closing stays awake through its few remaining punts.
+            self._sleep(sp)
+        return keep
 
     def _on_timer(self, sp: Splice, iface: Iface) -> None:
         self.execute(sp, sp.relay.on_timer(iface, time.monotonic()))
@@ -775,30 +941,14 @@ class Splicer:
         the end of TIMEWAIT are handled as if this daemon had made them.
         """
         for inh in inherited:
-            ck, sk = inh.client_key, inh.server_key
-            relay, actions = Relay.adopt(
-                self.d._new_id(),
-                ((ck[2], ck[3]), (ck[0], ck[1])),
-                ((sk[2], sk[3]), (sk[0], sk[1])),
-                inh.c2s,
-                inh.s2c,
-                (inh.client_state, inh.server_state),
-                (inh.client_fin_ack, inh.server_fin_ack),
-                msl=self.d.tcp_config.msl,
-                offload=self.d.offload,
-                counters=self.counters,
-                now=now,
-            )
-            sp = Splice(relay, None, None, offloaded=[ck, sk])
-            self.splices.add(sp)
-            for side in (relay.client, relay.server):
-                assert side is not None
-                self.flows[(side.local[0], side.local[1], side.remote[0], side.remote[1])] = (
-                    sp,
-                    side.iface,
-                )
             self.counters.adopted += 1
-            self.execute(sp, actions)
+            if (inh.client_state, inh.server_state) == (SpliceState.SHUTDOWN,) * 2:
+                self._revive(inh, now)  # TIMEWAIT: its 2MSL timer needs the relay
+                continue
+            # Dormant until the kernel punts a segment of it (``_wake``).
+            for key, iface in ((inh.client_key, CLIENT), (inh.server_key, SERVER)):
+                self.flows[(key[2], key[3], key[0], key[1])] = _DORMANT[iface]
+            self.dormant += 1
 
     def terminate(self, now: float, handover: bool = False) -> None:
         """The daemon stops: reset every splice (RST to both peers, thesis 5.1).
@@ -807,6 +957,15 @@ class Splicer:
         the next daemon to adopt (``adopt``); only the others are reset.
         """
         kept = 0
+        for local, hit in list(self.flows.items()):
+            if hit[0] is None:  # dormant: wholly in the kernel's map
+                if handover:
+                    kept += hit is _DORMANT_CLIENT
+                elif self.fast_path is not None:
+                    with contextlib.suppress(OSError):
+                        self.fast_path.remove((local[2], local[3], local[0], local[1]))
+                del self.flows[local]
+        self.dormant = 0
         for sp in list(self.splices):
             if handover and self.handed_over(sp):
                 kept += 1

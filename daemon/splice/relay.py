@@ -244,6 +244,8 @@ class RelayCounters:
     fast_path_installed: int = 0
     compacted: int = 0  # splices whose connection records the daemon dropped
     adopted: int = 0  # splices taken over from a dead daemon's fast path map
+    slept: int = 0  # compact splices whose relay was dropped (the map entries are it)
+    woken: int = 0  # dormant splices given a relay again by a punted segment
     bounded: int = 0  # splices bounded by a byte count (a subset of ``spliced``)
     handed_back: int = 0  # bounded splices that returned their conns to the proxy
     held_segments: int = 0  # segments beyond a limit, kept for the resuming TCB

@@ -1,0 +1,133 @@
+"""An idle splice in the kernel fast path keeps no relay in the daemon: it is dormant.
+
+Once both TCBs fell silent, the proxy let go of both fds and both
+directions are in the kernel's map, the daemon drops the splice's relay:
+the two map entries hold everything it needs (daemon/io/splicer.py
+``_sleep``).  A segment the kernel punts wakes it with a relay rebuilt from
+the entries; a segment that does not move the splice (here: packets with
+IP options, which the program never handles) lets it sleep again, a FIN
+keeps it awake through the teardown.  Checked against real kernel peers,
+by content: the sink answers the SHA-256 of what it read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from testbed.net import Testbed
+from tests.conftest import unique_prefix
+from tests.helpers import daemon_stats
+
+pytestmark = pytest.mark.root
+
+# Through the spliced SOCKS5 to the raw sink: a block, wait; the same block
+# with IP options on every segment (each one punted), wait; half-close and
+# read the sink's digest.
+CLIENT = """
+import socket, sys
+proxy, pport, sink, sport, size = sys.argv[1:]
+block = bytes(range(256)) * (int(size) // 256)
+s = socket.create_connection((proxy, int(pport)), timeout=20)
+s.sendall(b"\\x05\\x01\\x00")
+assert s.recv(2) == b"\\x05\\x00"
+s.sendall(bytes([5, 1, 0, 1]) + socket.inet_aton(sink) + int(sport).to_bytes(2, "big"))
+reply = b""
+while len(reply) < 10:
+    reply += s.recv(10 - len(reply))
+assert reply[1] == 0, reply
+s.sendall(block)
+print("sent", flush=True)
+sys.stdin.readline()
+# NOP, NOP, NOP, end of options: a 24-byte IP header on every segment.
+s.setsockopt(socket.IPPROTO_IP, socket.IP_OPTIONS, b"\\x01\\x01\\x01\\x00")
+s.sendall(block)
+print("sent", flush=True)
+sys.stdin.readline()
+s.shutdown(socket.SHUT_WR)
+answer = b""
+while not answer.endswith(b"\\n"):
+    chunk = s.recv(100)
+    if not chunk:
+        break
+    answer += chunk
+print(answer.decode().strip(), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def tb() -> Iterator[Testbed]:
+    bed = Testbed(unique_prefix(), msl=1.0, fastpath="on")
+    try:
+        bed.up()
+        yield bed
+    finally:
+        bed.down()
+
+
+def _wait(tb: Testbed, cond: Callable[[dict[str, Any]], bool], seconds: float) -> dict[str, Any]:
+    deadline = time.monotonic() + seconds
+    while True:
+        st = daemon_stats(tb)
+        if cond(st):
+            return st
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached in {seconds} s: {st['splice_counters']}")
+        time.sleep(0.1)
+
+
+def test_an_idle_splice_sleeps_wakes_for_punted_segments_and_ends_intact(tb: Testbed) -> None:
+    size = 256 << 10
+    before = daemon_stats(tb)["splice_counters"]
+    proc = tb.host("client").popen(
+        [sys.executable, "-c", CLIENT, *map(str, tb.spliced_socks), *map(str, tb.sink), str(size)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().strip() == "sent"
+        # Idle and wholly in the kernel: no relay left, its stats row from the map.
+        st = _wait(tb, lambda s: s["splice_counters"]["dormant"] == 1, 5.0)
+        (row,) = st["splices"]
+        assert row["dormant"] and row["client_state"] == row["server_state"] == "SPLICED"
+        # The relay's share and the kernel's, summed (retransmissions count too).
+        first = row["bytes_c2s"]
+        assert first >= size
+
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "sent"
+        punted = before["woken"] + 1
+        st = _wait(
+            tb,
+            lambda s: (
+                s["splice_counters"]["woken"] >= punted and s["splice_counters"]["dormant"] == 1
+            ),
+            5.0,
+        )
+        c = st["splice_counters"]
+        assert c["slept"] - before["slept"] == c["woken"] - before["woken"] + 1
+        assert st["fast_path"]["counters"]["punt_ip_options_or_fragment"] > 0
+        (row,) = st["splices"]
+        assert row["bytes_c2s"] >= first + size  # what the woken relays relayed is kept
+
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        want = hashlib.sha256(2 * (bytes(range(256)) * (size // 256))).hexdigest()
+        assert proc.stdout.readline().strip() == want
+        assert proc.wait(timeout=10) == 0
+        # The FINs woke it for good: TIMEWAIT (2 MSL = 2 s), then forgotten.
+        st = _wait(tb, lambda s: not s["splices"] and s["splice_counters"]["dormant"] == 0, 10.0)
+        assert st["splice_counters"]["torn_down"] > before["torn_down"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
