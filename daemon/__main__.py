@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="drop SYNs beyond --syn-backlog instead of answering with SYN cookies (RFC 4987)",
     )
+    p.add_argument(
+        "--no-sack-recovery",
+        action="store_true",
+        help="ignore the SACK blocks peers send (NewReno recovery, RFC 6582) instead of RFC 6675;"
+        " SACK is still negotiated and advertised (for A/B measurements)",
+    )
     p.add_argument("--no-offload", action="store_true", help="plain TUN (no GSO/checksum offload)")
     p.add_argument(
         "--fastpath",
@@ -108,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         min_ack_delay=args.client_ack_delay,
         syn_backlog=args.syn_backlog,
         syn_cookies=not args.no_syn_cookies,
+        sack_recovery=not args.no_sack_recovery,
     )
     cfg = DaemonConfig(
         tun_name=args.tun,

@@ -28,6 +28,8 @@ class TcpConfig:
     """Window scale shift we offer (0..14); None = don't send the option."""
     sack: bool = True
     """Offer/accept SACK-permitted and advertise SACK blocks (RFC 2018)."""
+    sack_recovery: bool = True
+    """Use received SACK blocks for loss recovery (RFC 6675); False: NewReno only."""
     timestamps: bool = True
     """Offer/accept the timestamps option (RFC 7323)."""
     rcv_buf: int = 256 * 1024

@@ -1,4 +1,4 @@
-"""NewReno congestion control, RFC 5681 + RFC 6582.
+"""NewReno congestion control, RFC 5681 + RFC 6582, and RFC 6675's recovery window.
 
 RFCs to read first: RFC 5681 section 3.1 (slow start, congestion avoidance,
 loss window after RTO), 3.2 (fast retransmit / fast recovery), RFC 6582
@@ -9,6 +9,11 @@ The controller knows nothing of segments: the connection tells it how many
 bytes an ACK newly acknowledged, when a duplicate ACK arrived, and when the
 retransmission timer fired.  Its answers say whether to retransmit the first
 unacknowledged segment.  Windows are in bytes.
+
+With SACK (RFC 6675 5) recovery starts from ``enter_sack_recovery``: cwnd
+and ssthresh both become half the flight, nothing inflates or deflates
+during recovery (the sender counts ``pipe`` instead, daemon/tcp/sack.py),
+and a cumulative ACK at ``recover`` ends it.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ class NewReno:
     abc_limit: int = 2  # segments per ACK in slow start (RFC 3465 2.2, L)
     dupacks: int = 0
     in_recovery: bool = False
+    sack_recovery: bool = False  # this recovery is RFC 6675's (pipe), not NewReno's
     recover: int = 0  # RFC 6582: snd_max when recovery started (exclusive end)
     _ca_acked: int = 0  # bytes acked since the last cwnd step in CA
 
@@ -41,6 +47,12 @@ class NewReno:
         ``flight_before`` is the amount outstanding before this ACK.
         """
         self.dupacks = 0
+        if self.in_recovery and self.sack_recovery:
+            if seq_ge(ack, self.recover):
+                # RFC 6675 5 (A): recovery ends; cwnd is ssthresh already.
+                self.in_recovery = self.sack_recovery = False
+                self._ca_acked = 0
+            return False  # partial ACKs: the pipe decides what is sent
         if self.in_recovery:
             if seq_ge(ack, self.recover):
                 # RFC 6582 3.2 step 3, full ACK: deflate, option (1).
@@ -69,7 +81,8 @@ class NewReno:
     def on_dup_ack(self, snd_una: int, snd_max: int, flight: int) -> bool:
         """One duplicate ACK (RFC 5681 2 definition); True = fast retransmit now."""
         if self.in_recovery:
-            self.cwnd += self.mss  # RFC 5681 3.2 step 4: inflate
+            if not self.sack_recovery:
+                self.cwnd += self.mss  # RFC 5681 3.2 step 4: inflate
             return False
         self.dupacks += 1
         if self.dupacks != DUPACK_THRESHOLD:
@@ -84,6 +97,21 @@ class NewReno:
         self.in_recovery = True
         return True
 
+    def enter_sack_recovery(self, snd_una: int, snd_max: int, flight: int) -> bool:
+        """RFC 6675 5 (4.1, 4.2): start loss recovery; False if it may not start now.
+
+        As RFC 6582 3.2 step 2: not for losses from before an RTO's
+        retransmissions (``snd_una`` below ``recover``).
+        """
+        if self.in_recovery or not seq_ge(snd_una, self.recover):
+            return False
+        self.ssthresh = max(flight // 2, 2 * self.mss)
+        self.cwnd = self.ssthresh
+        self.recover = snd_max
+        self.in_recovery = self.sack_recovery = True
+        self.dupacks = 0
+        return True
+
     def on_rto(self, flight: int, snd_max: int, first: bool) -> None:
         """RFC 5681 3.1 / eq. (4) and RFC 6582 4: collapse to one segment.
 
@@ -93,7 +121,7 @@ class NewReno:
         if first:
             self.ssthresh = max(flight // 2, 2 * self.mss)
         self.cwnd = self.mss
-        self.in_recovery = False
+        self.in_recovery = self.sack_recovery = False
         self.dupacks = 0
         self._ca_acked = 0
         self.recover = snd_max

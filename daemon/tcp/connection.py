@@ -45,8 +45,19 @@ edge of the window we last advertised, which never moves left (RFC 9293
 3.8.6.2.2).  In-order bytes go to ``recv_buf``, others to ``ooo`` (the
 reassembly queue) until the gap fills.
 
-Known simplifications: no SACK-based loss recovery (RFC 6675) -- received
-SACK blocks are ignored, our SACK blocks are advertised; no urgent data (the
+Loss recovery: with SACK, RFC 6675 (daemon/tcp/sack.py keeps the
+scoreboard): an ACK that SACKs new data is a duplicate ACK, recovery starts
+at the third or when the first hole counts as lost, and while it lasts what
+is sent is governed by ``pipe``: lost holes first, then new data, then the
+other holes below the highest SACK, never a SACKed byte (until an RTO
+clears the scoreboard, RFC 2018 8).  Without SACK, NewReno (RFC 6582).
+
+Limited Transmit (RFC 3042) lets the first two duplicate ACKs send new
+data, with or without SACK.
+
+Known simplifications: no rescue retransmission (RFC 6675 NextSeg rule 4,
+a MAY), no RACK-TLP (RFC 8985: a lost retransmission or a lost tail waits
+for the RTO); no urgent data (the
 URG pointer is ignored, RFC 6093); no ECN; challenge ACKs are rate
 limited per connection, not per host (RFC 5961 7; ``TcpConfig``
 explains why); zero-window probes are zero-length segments with
@@ -69,6 +80,7 @@ from daemon.tcp.events import TcpEvent
 from daemon.tcp.reassembly import ReassemblyQueue
 from daemon.tcp.reset import reset_for_unknown
 from daemon.tcp.rto import RtoEstimator
+from daemon.tcp.sack import DUP_THRESH, Scoreboard
 from daemon.tcp.seq import MASK, seq_ge, seq_gt, seq_in_window, seq_le, seq_lt, seq_sub
 from daemon.tcp.state import TcpState
 from daemon.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpOptions, TcpSegment
@@ -124,6 +136,8 @@ class TcpStats:
     paws_drops: int = 0
     keepalive_probes: int = 0  # RFC 9293 3.8.4 probes sent
     pmtu_updates: int = 0  # segment size lowered by ICMP fragmentation needed
+    sack_recoveries: int = 0  # RFC 6675 loss recovery episodes
+    sack_retransmits: int = 0  # segments resent from the scoreboard in them
 
 
 _TS_SECRET = secrets.token_bytes(32)
@@ -238,6 +252,10 @@ class TcpConnection:
     # yet, oldest first, and the highest RCV.NXT we may (None: not even the SYN).
     _rx_marks: deque[tuple[float, int]] = field(init=False, default_factory=deque)
     _ack_allowed: int | None = field(init=False, default=None)
+    # RFC 6675: the scoreboard (made at the first SACK block received) and
+    # HighRxt, the end of what this recovery retransmitted (absolute).
+    _sack: Scoreboard | None = field(init=False, default=None)
+    _high_rxt: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         c = self.config
@@ -677,6 +695,8 @@ class TcpConnection:
             return
         flight = seq_sub(self.snd_max, self.snd_una)
         self.cc.on_rto(flight, self.snd_max, first=self._retries == 1)
+        if self._sack is not None:
+            self._sack.clear()  # RFC 6675 5.1 / RFC 2018 8: the receiver may renege
         self.rto.on_timeout()  # RFC 6298 5.5
         self.snd_nxt = self.snd_una  # RFC 6298 5.4, go-back-N from SND.UNA
         self._rtt_seq = None  # Karn: no sample from what is now retransmitted
@@ -868,10 +888,18 @@ class TcpConnection:
 
     def _process_ack(self, seg: TcpSegment, ack: int, now: float) -> bool:
         """RFC 9293 3.10.7.4 fifth step for synchronized states; False = drop segment."""
-        return self._ack_field(seg.seq, ack, seg.window, seg.flags, bool(seg.payload), now)
+        sack = seg.options.sack_blocks if self.sack_ok and self.config.sack_recovery else ()
+        return self._ack_field(seg.seq, ack, seg.window, seg.flags, bool(seg.payload), now, sack)
 
     def _ack_field(
-        self, seq: int, ack: int, window: int, flags: int, has_text: bool, now: float
+        self,
+        seq: int,
+        ack: int,
+        window: int,
+        flags: int,
+        has_text: bool,
+        now: float,
+        sack: tuple[tuple[int, int], ...] = (),
     ) -> bool:
         snd_una = self.snd_una
         if seq_gt(ack, self.snd_max):
@@ -881,25 +909,47 @@ class TcpConnection:
             self._challenge_ack(now)  # RFC 5961 5.2: too old to be real
             return False
         wnd = window << self.snd_wscale if not flags & SYN else window
-        if ack != snd_una and seq_gt(ack, snd_una):
-            self._on_new_ack(ack, now)
-        elif ack == snd_una:
-            # RFC 5681 2: a duplicate ACK carries no data, no SYN/FIN, does not
-            # move the window and arrives while data is outstanding.
+        new = ack != snd_una and seq_gt(ack, snd_una)
+        if new:
+            self._on_new_ack(ack, now)  # shifts the scoreboard too
+        elif ack != snd_una:
+            return True  # an old ACK: ignore the field, keep the text
+        newly_sacked = False
+        if sack and ack == self.snd_una:
+            # RFC 6675 Update(), against the SND.UNA this ACK leaves.
+            if self._sack is None:
+                self._sack = Scoreboard()
+            newly_sacked = self._sack.update(ack, seq_sub(self.snd_max, ack), sack)
+        if new:
+            pass  # RFC 6675 5 (1) / RFC 6582: the controller saw it in _on_new_ack
+        elif sack:
+            # RFC 6675 2: with SACK, a duplicate ACK is one that SACKs new
+            # data (its window may differ) while data is outstanding; in
+            # recovery it only feeds the scoreboard and the pipe.
             if (
-                not has_text
+                newly_sacked
+                and not has_text
                 and not flags & (SYN | FIN)
-                and wnd == self.snd_wnd
                 and self.snd_max != snd_una
-                and self.persist_deadline is None
+                and not self.cc.in_recovery
             ):
                 self.stats.dup_acks += 1
-                flight = seq_sub(self.snd_max, snd_una)
-                if self.cc.on_dup_ack(snd_una, self.snd_max, flight):
-                    self.stats.fast_retransmits += 1
-                    self._retransmit_first(now)
-        else:
-            return True  # an old ACK: ignore the field, keep the text
+                self.cc.dupacks += 1
+                self._maybe_sack_recovery(now)
+        elif (
+            # RFC 5681 2: a duplicate ACK carries no data, no SYN/FIN, does not
+            # move the window and arrives while data is outstanding.
+            not has_text
+            and not flags & (SYN | FIN)
+            and wnd == self.snd_wnd
+            and self.snd_max != snd_una
+            and self.persist_deadline is None
+        ):
+            self.stats.dup_acks += 1
+            flight = seq_sub(self.snd_max, snd_una)
+            if self.cc.on_dup_ack(snd_una, self.snd_max, flight):
+                self.stats.fast_retransmits += 1
+                self._retransmit_first(now)
         # Window update, guarded by WL1/WL2 against old segments (RFC 9293 3.10.7.4).
         if seq_lt(self.snd_wl1, seq) or (self.snd_wl1 == seq and seq_le(self.snd_wl2, ack)):
             self.snd_wnd = wnd
@@ -914,6 +964,24 @@ class TcpConnection:
             self.persist_deadline = None
         return True
 
+    def _maybe_sack_recovery(self, now: float) -> None:
+        """RFC 6675 5 (4): enter recovery at DupThresh duplicates, or once SND.UNA is lost."""
+        board = self._sack
+        if board is None:
+            return
+        if self.cc.dupacks < DUP_THRESH and not board.is_lost(0, self.snd_mss):
+            return
+        flight = seq_sub(self.snd_max, self.snd_una)
+        if not self.cc.enter_sack_recovery(self.snd_una, self.snd_max, flight):
+            return
+        self.stats.sack_recoveries += 1
+        self.stats.fast_retransmits += 1
+        # (4.3): the first segment now, HighRxt at its end; the pipe loop of
+        # _output_data sends the rest.
+        self._high_rxt = self.snd_una
+        self._retransmit_first(now)
+        self._high_rxt = (self.snd_una + min(self.snd_mss, flight)) & MASK
+
     def _on_new_ack(self, ack: int, now: float) -> None:
         acked = seq_sub(ack, self.snd_una)
         flight_before = seq_sub(self.snd_max, self.snd_una)
@@ -921,6 +989,8 @@ class TcpConnection:
         data_acked = min(max(seq_sub(ack, buf.seq), 0), len(buf))
         if data_acked:
             buf.consume(data_acked)
+        if self._sack is not None:
+            self._sack.advance(acked)
         self.snd_una = ack
         if seq_lt(self.snd_nxt, ack):
             self.snd_nxt = ack
@@ -1145,11 +1215,20 @@ class TcpConnection:
         buf = self.send_buf
         mss = self.snd_mss
         max_tso = max(self.config.max_tso_bytes // mss, 1) * mss
+        # RFC 6675 recovery: the congestion window limits ``pipe``, not the
+        # flight; NextSeg's rule (1) (lost holes) goes before new data.
+        pipe = self._sack_resend(now, out, lost_only=True) if self.cc.sack_recovery else None
+        # RFC 3042 Limited Transmit: the first two duplicate ACKs each let one
+        # new segment out beyond cwnd, so that a window of a few segments
+        # still yields the third duplicate (else every loss waits for an RTO).
+        cwnd = self.cc.cwnd
+        if not self.cc.in_recovery:
+            cwnd += min(self.cc.dupacks, DUP_THRESH - 1) * mss
         while True:
             off = seq_sub(self.snd_nxt, buf.seq)
             avail = len(buf) - off
             flight = seq_sub(self.snd_nxt, self.snd_una)
-            usable = min(self.snd_wnd, self.cc.cwnd) - flight
+            usable = min(self.snd_wnd - flight, cwnd - (flight if pipe is None else pipe))
             if avail <= 0:
                 if self._fin_requested and self.snd_nxt == self._fin_seq:
                     out.append(self._send_data(self.snd_nxt, b"", FIN | ACK, now))
@@ -1173,6 +1252,53 @@ class TcpConnection:
                 if self._fin_requested:
                     flags |= FIN  # piggyback the FIN on the last data
             out.append(self._send_data(self.snd_nxt, buf.peek(off, n), flags, now))
+            if pipe is not None:
+                pipe += n
+        if pipe is not None:
+            self._sack_resend(now, out, lost_only=False)  # NextSeg rule (3)
+
+    def _sack_resend(self, now: float, out: list[TcpSegment], lost_only: bool) -> int:
+        """RFC 6675 5 (C): resend scoreboard holes while cwnd - pipe >= SMSS; the pipe after.
+
+        ``lost_only``: NextSeg rule (1), holes IsLost() says are lost; else
+        rule (3), any unSACKed range below the highest SACK not yet resent.
+        """
+        board = self._sack
+        una = self.snd_una
+        flight = seq_sub(self.snd_max, una)
+        high = seq_sub(self._high_rxt, una) if seq_gt(self._high_rxt, una) else 0
+        mss = self.snd_mss
+        if board is None:
+            return flight
+        pipe = board.pipe(flight, high, mss)
+        buf = self.send_buf
+        while (room := self.cc.cwnd - pipe) >= mss:
+            # A hole goes out in as few segments as the window allows: with
+            # GSO one super-packet, cut at the MSS by the kernel, so that a
+            # lost hole is not resent as dozens of packets each as likely
+            # to be lost again (a lost retransmission costs an RTO).
+            limit = min(room, self.config.max_tso_bytes) // mss * mss
+            if lost_only:
+                nxt = board.next_retransmit(high, mss, limit)
+            else:
+                nxt = board.next_unsacked(high, mss, limit)
+            if nxt is None:
+                break
+            off, n = nxt
+            start = (una + off) & MASK
+            data_off = seq_sub(start, buf.seq)
+            n = max(min(n, len(buf) - data_off), 0)
+            if n == 0:
+                break  # only the FIN is left there: _retransmit_first's business
+            self.stats.retransmits += 1
+            self.stats.retransmitted_bytes += n
+            self.stats.sack_retransmits += 1
+            self._rtt_seq = None  # Karn's rule (RFC 6298 3)
+            out.append(self._make(start, ACK, buf.peek(data_off, n), now))
+            high = off + n
+            self._high_rxt = (una + high) & MASK
+            pipe += n
+        return pipe
 
     def _send_data(self, seq: int, payload: bytes, flags: int, now: float) -> TcpSegment:
         n = len(payload)

@@ -1,0 +1,188 @@
+"""SACK-based loss recovery (RFC 6675): the scoreboard, and a sender driven by it.
+
+The scoreboard is tested on its own (Update, IsLost, SetPipe, NextSeg); the
+sender is a real TcpConnection fed the ACKs a receiver missing some
+segments would send, against the same connection without SACK (NewReno,
+RFC 6582) as the baseline.  No root.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from daemon.tcp.config import TcpConfig
+from daemon.tcp.connection import TcpConnection
+from daemon.tcp.sack import Scoreboard
+from daemon.tcp.state import TcpState
+from daemon.wire.tcp import ACK, SYN, TcpOptions, TcpSegment
+
+MSS = 1000
+ISS, IRS = 5000, 90000
+LOCAL = (bytes([198, 51, 100, 2]), 40000)
+PEER = (bytes([203, 0, 113, 2]), 80)
+T0 = 10.0
+
+
+# --------------------------------------------------------------- the scoreboard
+
+
+def test_update_merges_blocks_and_ignores_dsack_and_bogus_ones() -> None:
+    b = Scoreboard()
+    una = 1000
+    assert b.update(una, 10 * MSS, ((una + 2000, una + 3000),))
+    assert b.update(una, 10 * MSS, ((una + 4000, una + 5000), (una + 3000, una + 4000)))
+    assert b.blocks == [(2000, 5000)]
+    assert not b.update(una, 10 * MSS, ((una + 2500, una + 3500),))  # nothing new
+    assert not b.update(una, 10 * MSS, ((una - 500, una),))  # a D-SACK (RFC 2883)
+    assert not b.update(una, 10 * MSS, ((una + 9000, una + 11000),))  # beyond what was sent
+    b.advance(2500)
+    assert b.blocks == [(0, 2500)]
+
+
+def test_sequence_numbers_wrap() -> None:
+    b = Scoreboard()
+    una = 0xFFFFFC00  # 1024 below the wrap
+    assert b.update(una, 8 * MSS, (((una + 2000) & 0xFFFFFFFF, (una + 3000) & 0xFFFFFFFF),))
+    assert b.blocks == [(2000, 3000)]
+
+
+def test_a_hole_is_lost_with_three_blocks_or_more_than_two_mss_sacked_above_it() -> None:
+    b = Scoreboard()
+    b.update(0, 20 * MSS, ((1000, 2000),))
+    assert not b.is_lost(0, MSS)
+    b.update(0, 20 * MSS, ((2000, 3000),))
+    assert not b.is_lost(0, MSS)  # 2 MSS above: not more than (3 - 1) MSS
+    b.update(0, 20 * MSS, ((3000, 3100),))
+    assert b.is_lost(0, MSS)  # 2.1 MSS above
+    small = Scoreboard()
+    small.update(0, 20 * MSS, ((100, 200), (300, 400), (500, 600)))
+    assert small.is_lost(0, MSS)  # three blocks above
+    assert not small.is_lost(200, MSS)  # two
+
+
+def test_pipe_counts_what_is_neither_sacked_nor_lost_and_what_was_resent() -> None:
+    # 10 segments out; 0 and 4 missing, the rest SACKed.
+    b = Scoreboard()
+    b.update(0, 10 * MSS, ((1000, 4000), (5000, 10000)))
+    assert b.pipe(10 * MSS, 0, MSS) == 0  # both holes lost, nothing in flight
+    assert b.pipe(10 * MSS, 1000, MSS) == 1000  # segment 0 resent
+    assert b.pipe(12 * MSS, 1000, MSS) == 3000  # two new segments above the SACKs
+
+
+def test_next_segment_is_the_lowest_lost_hole_not_resent_then_the_others() -> None:
+    b = Scoreboard()
+    b.update(0, 12 * MSS, ((1000, 4000), (5000, 8000), (9000, 9500)))
+    assert b.next_retransmit(0, MSS) == (0, 1000)
+    assert b.next_retransmit(1000, MSS) == (4000, 1000)
+    # The hole at 8000 has one block (500 bytes) above it: not lost (rule 1) ...
+    assert b.next_retransmit(5000, MSS) is None
+    # ... but rule (3) may still resend it; never beyond the highest SACK.
+    assert b.next_unsacked(5000, MSS) == (8000, 1000)
+    assert b.next_unsacked(9000, MSS) is None
+
+
+# ------------------------------------------------------------------- the sender
+
+
+def sender(sack: bool, segments: int = 20) -> TcpConnection:
+    cfg = TcpConfig(mss=MSS, max_tso_bytes=MSS, sack=sack, initial_cwnd_segments=segments)
+    tcb = TcpConnection.connect(cfg, LOCAL, PEER, ISS, T0)
+    tcb.poll_output(T0)  # the SYN
+    opts = TcpOptions(mss=MSS, sack_permitted=sack)
+    tcb.on_segment(TcpSegment(PEER[1], LOCAL[1], IRS, ISS + 1, SYN | ACK, 65535, opts), T0)
+    tcb.poll_output(T0)
+    assert tcb.state is TcpState.ESTABLISHED and tcb.sack_ok is sack
+    tcb.send(b"".join(bytes([i]) * MSS for i in range(segments)))
+    sent = tcb.poll_output(T0)
+    assert [s.seq for s in sent] == [ISS + 1 + i * MSS for i in range(segments)]
+    return tcb
+
+
+def seg_no(tcb: TcpConnection, seq: int) -> int:
+    return (seq - ISS - 1) // MSS
+
+
+def ack_from_peer(
+    tcb: TcpConnection, ack_seg: int, sacked: list[tuple[int, int]], now: float = T0 + 0.1
+) -> list[int]:
+    """The receiver acks up to segment ``ack_seg`` and SACKs [a, b) segment ranges."""
+    blocks = tuple((ISS + 1 + a * MSS, ISS + 1 + b * MSS) for a, b in sacked)
+    opts = TcpOptions(sack_blocks=blocks[:3])
+    ack = ISS + 1 + ack_seg * MSS
+    tcb.on_segment(TcpSegment(PEER[1], LOCAL[1], IRS + 1, ack, ACK, 65535, opts), now)
+    return [seg_no(tcb, s.seq) for s in tcb.poll_output(now) if s.payload]
+
+
+def test_sack_recovery_resends_every_lost_segment_within_one_round_trip() -> None:
+    """Segments 2, 7 and 12 of 20 are lost; the ACKs of the rest SACK them."""
+    tcb = sender(sack=True)
+    got = [3, 4, 5, 6, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19]
+    resent: list[int] = []
+    sacked: list[tuple[int, int]] = []
+    for n in got:
+        # One ACK per arriving segment, the newest block first (RFC 2018 4).
+        if sacked and sacked[0][1] == n:
+            sacked[0] = (sacked[0][0], n + 1)
+        else:
+            sacked.insert(0, (n, n + 1))
+        resent += ack_from_peer(tcb, 2, sacked)
+    # All three holes went again before any cumulative ACK moved, in order,
+    # and no SACKed segment was sent twice.
+    assert resent == [2, 7, 12]
+    assert tcb.stats.sack_recoveries == 1 and tcb.cc.sack_recovery
+    # The resent segments arrive: the cumulative ACK reaches the recovery
+    # point and recovery ends with cwnd at ssthresh, half of the 18 segments
+    # outstanding when it began (RFC 6675 5 (4.2)).
+    assert ack_from_peer(tcb, 20, [], T0 + 0.2) == []
+    assert not tcb.cc.in_recovery
+    assert tcb.cc.cwnd == tcb.cc.ssthresh == 9 * MSS
+
+
+def test_newreno_without_sack_resends_one_hole_per_round_trip() -> None:
+    tcb = sender(sack=False)
+    resent: list[int] = []
+    for _ in range(15):
+        resent += ack_from_peer(tcb, 2, [])
+    assert resent[:1] == [2] and 7 not in resent and 12 not in resent
+    # The partial ACK after the first resend brings the next hole.
+    assert ack_from_peer(tcb, 7, [], T0 + 0.2)[:1] == [7]
+
+
+def test_the_first_hole_counts_as_lost_before_three_duplicates() -> None:
+    """RFC 6675 5 (2.b): IsLost(HighACK + 1) starts recovery early (one ACK SACKs 3)."""
+    tcb = sender(sack=True)
+    assert ack_from_peer(tcb, 0, [(1, 4)]) == [0]
+    assert tcb.stats.dup_acks == 1 and tcb.stats.sack_recoveries == 1
+
+
+@pytest.mark.parametrize("sack", [True, False])
+def test_an_rto_forgets_the_scoreboard_and_goes_back_to_snd_una(sack: bool) -> None:
+    tcb = sender(sack=sack)
+    ack_from_peer(tcb, 2, [(5, 9)])
+    deadline = tcb.next_deadline()
+    assert deadline is not None
+    tcb.on_timer(deadline)
+    out = tcb.poll_output(deadline)
+    assert [seg_no(tcb, s.seq) for s in out if s.payload] == [2]  # one MSS of cwnd
+    assert not tcb.cc.in_recovery
+    if sack:
+        assert tcb._sack is not None and tcb._sack.blocks == []
+
+
+@pytest.mark.parametrize("sack", [True, False])
+def test_limited_transmit_lets_a_small_window_reach_the_third_duplicate(sack: bool) -> None:
+    """RFC 3042: with 3 segments in flight and the first lost, each of the first two
+    duplicate ACKs sends one new segment, whose ACK is the third duplicate."""
+    cfg = TcpConfig(mss=MSS, max_tso_bytes=MSS, sack=sack, initial_cwnd_segments=3)
+    tcb = TcpConnection.connect(cfg, LOCAL, PEER, ISS, T0)
+    tcb.poll_output(T0)
+    opts = TcpOptions(mss=MSS, sack_permitted=sack)
+    tcb.on_segment(TcpSegment(PEER[1], LOCAL[1], IRS, ISS + 1, SYN | ACK, 65535, opts), T0)
+    tcb.poll_output(T0)
+    tcb.send(bytes(10 * MSS))
+    assert [seg_no(tcb, s.seq) for s in tcb.poll_output(T0)] == [0, 1, 2]
+    sent: list[int] = []
+    for got in (1, 2, 3, 4):  # segment 0 lost; each later one acked as it arrives
+        sent += ack_from_peer(tcb, 0, [(1, got + 1)] if sack else [])
+    assert sent[:2] == [3, 4]  # one new segment per early duplicate
+    assert 0 in sent and tcb.cc.in_recovery  # the third duplicate: fast retransmit
