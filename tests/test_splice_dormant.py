@@ -12,7 +12,11 @@ by content: the sink answers the SHA-256 of what it read.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import os
+import re
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +25,9 @@ from typing import Any
 
 import pytest
 
+from daemon.fastpath import libbpf
+from daemon.fastpath.layout import encode_key
+from daemon.fastpath.loader import flows_map_of, read_flows
 from testbed.net import Testbed
 from tests.conftest import unique_prefix
 from tests.helpers import daemon_stats
@@ -127,6 +134,84 @@ def test_an_idle_splice_sleeps_wakes_for_punted_segments_and_ends_intact(tb: Tes
         # The FINs woke it for good: TIMEWAIT (2 MSL = 2 s), then forgotten.
         st = _wait(tb, lambda s: not s["splices"] and s["splice_counters"]["dormant"] == 0, 10.0)
         assert st["splice_counters"]["torn_down"] > before["torn_down"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# Sends a block, waits, half-closes and reports what comes back.
+HALF_CLOSER = """
+import socket, sys
+proxy, pport, sink, sport = sys.argv[1:]
+s = socket.create_connection((proxy, int(pport)), timeout=10)
+s.sendall(b"\\x05\\x01\\x00")
+assert s.recv(2) == b"\\x05\\x00"
+s.sendall(bytes([5, 1, 0, 1]) + socket.inet_aton(sink) + int(sport).to_bytes(2, "big"))
+reply = b""
+while len(reply) < 10:
+    reply += s.recv(10 - len(reply))
+s.sendall(bytes(65536))
+print("sent", flush=True)
+sys.stdin.readline()
+s.shutdown(socket.SHUT_WR)
+try:
+    print("answer", s.recv(100), flush=True)
+except ConnectionResetError:
+    print("reset", flush=True)
+"""
+
+
+def _prog_id(tb: Testbed) -> int:
+    _ns, dev = tb.link("client-proxy").endpoint("proxy")
+    out = tb.host("proxy").cmd(["tc", "filter", "show", "dev", dev, "ingress"], check=True)
+    match = re.search(r"splice_ingress:\[(\d+)\]", out.stdout)
+    assert match, out.stdout
+    return int(match.group(1))
+
+
+def test_a_dormant_splice_whose_map_entry_vanished_is_reset_not_mistranslated(
+    tb: Testbed,
+) -> None:
+    """Only the daemon writes its map; if an entry goes anyway, the splice ends cleanly.
+
+    The server side's entry is deleted behind the daemon's back (as root,
+    by program id).  The client's FIN is punted and wakes the splice, which
+    cannot be rebuilt from one entry: the daemon forgets it, removes the
+    other entry, and the FIN meets an unknown 4-tuple: a RST (RFC 9293
+    3.10.7.1), and the daemon keeps serving.
+    """
+    proc = tb.host("client").popen(
+        [sys.executable, "-c", HALF_CLOSER, *map(str, tb.spliced_socks), *map(str, tb.sink)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().strip() == "sent"
+        _wait(tb, lambda s: s["splice_counters"]["dormant"] == 1, 5.0)
+        fd = flows_map_of(_prog_id(tb))
+        try:
+            sink = socket.inet_aton(tb.sink[0])
+            server_keys = [k for k, _ in read_flows(fd) if k[0] == sink]
+            assert len(server_keys) == 1, server_keys
+            assert libbpf.lib().map_delete_elem(fd, ctypes.byref(encode_key(server_keys[0]))) == 0
+        finally:
+            os.close(fd)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "reset"
+        st = _wait(tb, lambda s: s["splice_counters"]["dormant"] == 0, 5.0)
+        assert st["splices"] == []
+        log = (tb.run_dir / "daemon.log").read_text()
+        assert "has no sound map entries; forgotten" in log
+        fd = flows_map_of(_prog_id(tb))
+        try:
+            assert read_flows(fd) == []  # the direction left alone was removed too
+        finally:
+            os.close(fd)
+        assert proc.wait(timeout=10) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -64,6 +64,8 @@ __all__ = [
     "StaleFilter",
     "detach_stale",
     "find_stale",
+    "flows_map_of",
+    "read_flows",
     "read_flows_of",
 ]
 
@@ -362,7 +364,7 @@ class FastPath:
 
     def entries(self) -> list[tuple[FlowKey, SpliceXlate]]:
         """Every entry of the flow map (tests; a daemon's restart reads a dead map instead)."""
-        return _read_flows(self._flows_fd)
+        return read_flows(self._flows_fd)
 
     def global_stats(self) -> dict[str, int]:
         """The program's global counters summed over CPUs, by their splice_map.h names."""
@@ -529,6 +531,18 @@ def read_flows_of(prog_id: int) -> list[tuple[FlowKey, SpliceXlate]]:
     ValueError if that map's key or value size is not this daemon's
     layout (another version wrote it: nothing of it can be trusted).
     """
+    fd = flows_map_of(prog_id)
+    try:
+        return read_flows(fd)
+    finally:
+        os.close(fd)
+
+
+def flows_map_of(prog_id: int) -> int:
+    """A new fd of the ``splice_flows`` map of program ``prog_id`` (the caller closes it).
+
+    Raises as ``read_flows_of``.
+    """
     lb = libbpf.lib()
     prog_fd = lb.prog_get_fd_by_id(prog_id)
     if prog_fd < 0:
@@ -547,27 +561,26 @@ def read_flows_of(prog_id: int) -> list[tuple[FlowKey, SpliceXlate]]:
         map_fd = lb.map_get_fd_by_id(map_id)
         if map_fd < 0:
             raise _os_error(map_fd, f"map {map_id}")
-        try:
-            minfo = libbpf.MapInfo()
-            size = ctypes.c_uint32(ctypes.sizeof(minfo))
-            ret = lb.obj_get_info_by_fd(map_fd, ctypes.byref(minfo), ctypes.byref(size))
+        minfo = libbpf.MapInfo()
+        size = ctypes.c_uint32(ctypes.sizeof(minfo))
+        ret = lb.obj_get_info_by_fd(map_fd, ctypes.byref(minfo), ctypes.byref(size))
+        want = (ctypes.sizeof(SpliceKey), ctypes.sizeof(SpliceXlate))
+        if ret < 0 or minfo.name != FLOWS_MAP or (minfo.key_size, minfo.value_size) != want:
+            os.close(map_fd)
             if ret < 0:
                 raise _os_error(ret, f"map {map_id} info")
-            if minfo.name != FLOWS_MAP:
-                continue
-            want = (ctypes.sizeof(SpliceKey), ctypes.sizeof(SpliceXlate))
-            if (minfo.key_size, minfo.value_size) != want:
+            if minfo.name == FLOWS_MAP:
                 raise ValueError(
                     f"map {map_id}: key/value of {minfo.key_size}/{minfo.value_size} bytes,"
                     f" this daemon's are {want[0]}/{want[1]}"
                 )
-            return _read_flows(map_fd)
-        finally:
-            os.close(map_fd)
+            continue
+        return int(map_fd)
     raise ValueError(f"program {prog_id} has no {FLOWS_MAP.decode()} map")
 
 
-def _read_flows(map_fd: int) -> list[tuple[FlowKey, SpliceXlate]]:
+def read_flows(map_fd: int) -> list[tuple[FlowKey, SpliceXlate]]:
+    """Every entry of the flow map ``map_fd``, as (key, value)."""
     lb = libbpf.lib()
     out: list[tuple[FlowKey, SpliceXlate]] = []
     key, nxt = SpliceKey(), SpliceKey()

@@ -567,8 +567,10 @@ class Splicer:
         fp = self.fast_path
         v = fp.entry(key) if fp is not None else None
         found: list[InheritedSplice] = []
+        gone = [local]
         if fp is not None and v is not None:
             partner = reverse_key(v)
+            gone.append((partner[2], partner[3], partner[0], partner[1]))
             w = fp.entry(partner)
             if w is not None:
                 found, _ = adoptable(
@@ -578,11 +580,17 @@ class Splicer:
                     offload=self.d.offload,
                 )
         if not found:
-            # Cannot happen unless the map was changed behind our back: the
-            # 4-tuple is unknown from now on (a RST), never mistranslated.
+            # Cannot happen unless the map was changed behind our back: its
+            # 4-tuples are unknown from now on (a RST), never mistranslated.
             log.warning("dormant splice of %s has no sound map entries; forgotten", key)
-            self.flows.pop(local, None)
-            self.dormant -= 1
+            if fp is not None and v is not None:
+                with contextlib.suppress(OSError):
+                    fp.remove(key)  # the direction left alone must not run on
+            for k in gone:
+                hit = self.flows.get(k)
+                if hit is not None and hit[0] is None:
+                    del self.flows[k]
+                    self.dormant -= hit is _DORMANT_CLIENT
             return None
         self.dormant -= 1
         self.counters.woken += 1
