@@ -109,18 +109,13 @@ def test_a_killed_daemon_is_noticed_and_up_repairs_it() -> None:
 # proxy namespace while it runs.
 PHASED_CLIENT = """
 import hashlib, socket, sys
+from clients.socks5 import socks5_connect
 proxy, pport, origin, oport, size, dead_upto = sys.argv[1:]
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
 s.settimeout(30)
 s.connect((proxy, int(pport)))
-s.sendall(b"\\x05\\x01\\x00")
-assert s.recv(2) == b"\\x05\\x00"
-s.sendall(bytes([5, 1, 0, 1]) + socket.inet_aton(origin) + int(oport).to_bytes(2, "big"))
-reply = b""
-while len(reply) < 10:
-    reply += s.recv(10 - len(reply))
-assert reply[1] == 0, reply
+socks5_connect(s, origin, int(oport))
 s.sendall(("GET /bytes/%s HTTP/1.0\\r\\nHost: origin\\r\\n\\r\\n" % size).encode())
 head = b""
 while b"\\r\\n\\r\\n" not in head:

@@ -39,16 +39,11 @@ pytestmark = pytest.mark.root
 # read the sink's digest.
 CLIENT = """
 import socket, sys
+from clients.socks5 import socks5_connect
 proxy, pport, sink, sport, size = sys.argv[1:]
 block = bytes(range(256)) * (int(size) // 256)
 s = socket.create_connection((proxy, int(pport)), timeout=20)
-s.sendall(b"\\x05\\x01\\x00")
-assert s.recv(2) == b"\\x05\\x00"
-s.sendall(bytes([5, 1, 0, 1]) + socket.inet_aton(sink) + int(sport).to_bytes(2, "big"))
-reply = b""
-while len(reply) < 10:
-    reply += s.recv(10 - len(reply))
-assert reply[1] == 0, reply
+socks5_connect(s, sink, int(sport))
 s.sendall(block)
 print("sent", flush=True)
 sys.stdin.readline()
@@ -143,14 +138,10 @@ def test_an_idle_splice_sleeps_wakes_for_punted_segments_and_ends_intact(tb: Tes
 # Sends a block, waits, half-closes and reports what comes back.
 HALF_CLOSER = """
 import socket, sys
+from clients.socks5 import socks5_connect
 proxy, pport, sink, sport = sys.argv[1:]
 s = socket.create_connection((proxy, int(pport)), timeout=10)
-s.sendall(b"\\x05\\x01\\x00")
-assert s.recv(2) == b"\\x05\\x00"
-s.sendall(bytes([5, 1, 0, 1]) + socket.inet_aton(sink) + int(sport).to_bytes(2, "big"))
-reply = b""
-while len(reply) < 10:
-    reply += s.recv(10 - len(reply))
+socks5_connect(s, sink, int(sport))
 s.sendall(bytes(65536))
 print("sent", flush=True)
 sys.stdin.readline()
