@@ -159,8 +159,9 @@ def test_the_first_hole_counts_as_lost_before_three_duplicates() -> None:
 def test_an_rto_forgets_the_scoreboard_and_goes_back_to_snd_una(sack: bool) -> None:
     tcb = sender(sack=sack)
     ack_from_peer(tcb, 2, [(5, 9)])
-    deadline = tcb.next_deadline()
+    deadline = tcb.rto_deadline
     assert deadline is not None
+    tcb.tlp_deadline = None  # this test is about the RTO, not the probe before it
     tcb.on_timer(deadline)
     out = tcb.poll_output(deadline)
     assert [seg_no(tcb, s.seq) for s in out if s.payload] == [2]  # one MSS of cwnd
@@ -186,3 +187,47 @@ def test_limited_transmit_lets_a_small_window_reach_the_third_duplicate(sack: bo
         sent += ack_from_peer(tcb, 0, [(1, got + 1)] if sack else [])
     assert sent[:2] == [3, 4]  # one new segment per early duplicate
     assert 0 in sent and tcb.cc.in_recovery  # the third duplicate: fast retransmit
+
+
+def test_a_tail_loss_probe_comes_before_the_rto_and_an_ack_of_all_ends_it() -> None:
+    """RFC 8985 7: the ACKs of a whole flight are lost; 2 SRTT later one probe
+    (the last segment again: no new data) draws an ACK of everything, no RTO."""
+    tcb = sender(sack=True, segments=10)
+    assert tcb.tlp_deadline is not None and tcb.rto_deadline is not None
+    assert tcb.tlp_deadline < tcb.rto_deadline
+    tcb.on_timer(tcb.tlp_deadline)
+    probe = tcb.poll_output(tcb.tlp_deadline)
+    assert [seg_no(tcb, s.seq) for s in probe if s.payload] == [9]
+    assert tcb.stats.tlp_probes == 1 and tcb.tlp_deadline is None  # one per tail
+    cwnd = tcb.cc.cwnd
+    assert ack_from_peer(tcb, 10, [], T0 + 0.1) == []
+    assert tcb.snd_una == tcb.snd_max and tcb.stats.rto_count == 0 and tcb.cc.cwnd >= cwnd
+
+
+def test_a_tail_loss_probe_sends_new_data_when_it_may() -> None:
+    tcb = sender(sack=True, segments=5)
+    tcb.send(bytes(3 * MSS))  # queued behind a full cwnd
+    assert tcb.poll_output(T0) == []
+    assert tcb.tlp_deadline is not None
+    tcb.on_timer(tcb.tlp_deadline)
+    probe = tcb.poll_output(tcb.tlp_deadline)
+    assert [seg_no(tcb, s.seq) for s in probe if s.payload] == [5]
+
+
+def test_a_lost_retransmission_is_resent_once_later_data_is_sacked() -> None:
+    """RACK's rule by send order (RFC 8985 6.2): segment 2 and its first resend are
+    lost; once segments sent after that resend are SACKed, it goes again, no RTO."""
+    tcb = sender(sack=True, segments=20)
+    tcb.send(bytes(10 * MSS))  # more to send once recovery's pipe allows
+    sent: list[int] = []
+    sacked: list[tuple[int, int]] = [(3, 3)]
+    for n in range(3, 20):
+        sacked[0] = (3, n + 1)
+        sent += ack_from_peer(tcb, 2, sacked)
+    assert sent.count(2) == 1 and tcb.cc.sack_recovery
+    new = [n for n in sent if n >= 20]
+    assert new, sent  # new data went out after the resend of 2
+    # Those arrive, the resend of 2 does not: it is found lost and resent.
+    again = ack_from_peer(tcb, 2, [(3, new[-1] + 1)], T0 + 0.2)
+    assert again[:1] == [2] and tcb.stats.lost_retransmits == 1
+    assert tcb.stats.rto_count == 0

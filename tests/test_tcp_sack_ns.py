@@ -95,3 +95,5 @@ def test_a_lossy_download_is_recovered_with_sack_and_arrives_intact(tb: Testbed)
     assert dropped > 0
     assert stats["options"]["sack"] is True
     assert stats["sack_recoveries"] >= 1 and stats["sack_retransmits"] >= 1, stats
+    # Tail loss probes stand in for most RTOs (lost ACKs of a whole flight).
+    assert stats["tlp_probes"] >= 1, stats

@@ -1100,6 +1100,8 @@ class Daemon:
             "pmtu_updates": s.pmtu_updates,
             "sack_recoveries": s.sack_recoveries,
             "sack_retransmits": s.sack_retransmits,
+            "lost_retransmits": s.lost_retransmits,
+            "tlp_probes": s.tlp_probes,
             "retransmitted_bytes": s.retransmitted_bytes,
             "mss": t.snd_mss,
             "bytes_to_proxy": c.to_proxy,

@@ -53,11 +53,14 @@ other holes below the highest SACK, never a SACKed byte (until an RTO
 clears the scoreboard, RFC 2018 8).  Without SACK, NewReno (RFC 6582).
 
 Limited Transmit (RFC 3042) lets the first two duplicate ACKs send new
-data, with or without SACK.
+data, with or without SACK.  With SACK, two parts of RACK-TLP (RFC 8985):
+a tail loss probe 2 SRTT after data or an ACK last moved (7: the ACKs of a
+whole small flight lost no longer cost an RTO), and a retransmission is
+lost once data sent after it is SACKed (6.2's rule, by send order).
 
 Known simplifications: no rescue retransmission (RFC 6675 NextSeg rule 4,
-a MAY), no RACK-TLP (RFC 8985: a lost retransmission or a lost tail waits
-for the RTO); no urgent data (the
+a MAY), no time-based RACK loss detection (reordering window); no urgent
+data (the
 URG pointer is ignored, RFC 6093); no ECN; challenge ACKs are rate
 limited per connection, not per host (RFC 5961 7; ``TcpConfig``
 explains why); zero-window probes are zero-length segments with
@@ -138,6 +141,8 @@ class TcpStats:
     pmtu_updates: int = 0  # segment size lowered by ICMP fragmentation needed
     sack_recoveries: int = 0  # RFC 6675 loss recovery episodes
     sack_retransmits: int = 0  # segments resent from the scoreboard in them
+    lost_retransmits: int = 0  # retransmissions found lost in recovery (and resent)
+    tlp_probes: int = 0  # tail loss probes sent (RFC 8985 7)
 
 
 _TS_SECRET = secrets.token_bytes(32)
@@ -224,6 +229,7 @@ class TcpConnection:
     delack_deadline: float | None = None
     persist_deadline: float | None = None
     timewait_deadline: float | None = None
+    tlp_deadline: float | None = None
     # Components, made in __post_init__ from the config.
     send_buf: SendBuffer = field(init=False)
     recv_buf: RecvBuffer = field(init=False)
@@ -256,6 +262,15 @@ class TcpConnection:
     # HighRxt, the end of what this recovery retransmitted (absolute).
     _sack: Scoreboard | None = field(init=False, default=None)
     _high_rxt: int = field(init=False, default=0)
+    # This recovery's retransmissions, (start, end, SND.MAX when sent), and
+    # those found lost since, (start, end): see _find_lost_retransmissions.
+    _rxt_marks: list[tuple[int, int, int]] = field(init=False, default_factory=list)
+    _relost: list[tuple[int, int]] = field(init=False, default_factory=list)
+    # RFC 8985 7 tail loss probe: when data or an ACK last moved (the PTO
+    # counts from there), whether a probe is out, one MSS it may send past cwnd.
+    _tlp_ref: float = field(init=False, default=0.0)
+    _tlp_out: bool = field(init=False, default=False)
+    _tlp_extra: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         c = self.config
@@ -579,6 +594,7 @@ class TcpConnection:
             self.persist_deadline,
             self.timewait_deadline,
             self.keepalive_deadline,
+            self.tlp_deadline,
         ):
             if t is not None and (best is None or t < best):
                 best = t
@@ -595,7 +611,11 @@ class TcpConnection:
             return
         if self.rto_deadline is not None and now >= self.rto_deadline:
             self.rto_deadline = None
+            self.tlp_deadline = None
             self._on_rto(now)
+        if self.tlp_deadline is not None and now >= self.tlp_deadline:
+            self.tlp_deadline = None
+            self._on_pto(now)
         if self.persist_deadline is not None and now >= self.persist_deadline:
             self.persist_deadline = None
             self._on_persist(now)
@@ -697,6 +717,7 @@ class TcpConnection:
         self.cc.on_rto(flight, self.snd_max, first=self._retries == 1)
         if self._sack is not None:
             self._sack.clear()  # RFC 6675 5.1 / RFC 2018 8: the receiver may renege
+        self._rxt_marks, self._relost = [], []
         self.rto.on_timeout()  # RFC 6298 5.5
         self.snd_nxt = self.snd_una  # RFC 6298 5.4, go-back-N from SND.UNA
         self._rtt_seq = None  # Karn: no sample from what is now retransmitted
@@ -920,6 +941,8 @@ class TcpConnection:
             if self._sack is None:
                 self._sack = Scoreboard()
             newly_sacked = self._sack.update(ack, seq_sub(self.snd_max, ack), sack)
+            if self.cc.sack_recovery and self._rxt_marks:
+                self._find_lost_retransmissions()
         if new:
             pass  # RFC 6675 5 (1) / RFC 6582: the controller saw it in _on_new_ack
         elif sack:
@@ -980,7 +1003,10 @@ class TcpConnection:
         # _output_data sends the rest.
         self._high_rxt = self.snd_una
         self._retransmit_first(now)
-        self._high_rxt = (self.snd_una + min(self.snd_mss, flight)) & MASK
+        end = (self.snd_una + min(self.snd_mss, flight)) & MASK
+        self._high_rxt = end
+        self._rxt_marks = [(self.snd_una, end, self.snd_max)]
+        self._relost = []
 
     def _on_new_ack(self, ack: int, now: float) -> None:
         acked = seq_sub(ack, self.snd_una)
@@ -1002,10 +1028,14 @@ class TcpConnection:
             self.rto.on_rtt_sample(now - self._rtt_time)
             self._rtt_seq = None
         self.rto.on_new_ack()
+        self._tlp_ref = now
+        self._tlp_out = False
         self._retries = 0
         self._retrans_since = None
         if (data_acked or self.cc.in_recovery) and self.cc.on_new_ack(acked, ack, flight_before):
             self._retransmit_first(now)  # RFC 6582 3.2 step 3: partial ACK
+        if not self.cc.in_recovery and self._rxt_marks:
+            self._rxt_marks, self._relost = [], []
         # RFC 6298 5.2 / 5.3: stop the timer when all is acked, else restart it.
         self.rto_deadline = None if ack == self.snd_max else now + self.rto.current()
         if self._send_blocked and buf.space() > 0:
@@ -1176,7 +1206,69 @@ class TcpConnection:
             # there (BSD tcp_output does the same).  RSTs use SND.MAX too.
             out.append(self._make(self.snd_max, ACK, b"", now))
         self.stats.segments_sent += len(out)
+        self._arm_tlp()
         return out
+
+    def _arm_tlp(self) -> None:
+        """RFC 8985 7.2: schedule a tail loss probe 2 SRTT after data or an ACK last moved.
+
+        Only with SACK (what the probe's ACK says is what makes it useful),
+        outside recovery, with data outstanding, one probe per tail, and
+        only when it would come before the RTO.  A lone segment in flight
+        may wait for the receiver's delayed ACK first (WCDelAckT, 200 ms).
+        """
+        self.tlp_deadline = None
+        srtt = self.rto.srtt
+        if (
+            srtt is None
+            or not self.sack_ok
+            or not self.config.sack_recovery
+            or self._tlp_out
+            or self.cc.in_recovery
+            or self.state not in _SENDING
+            or self.snd_una == self.snd_max
+            or self.rto_deadline is None
+        ):
+            return
+        pto = 2 * srtt
+        if seq_sub(self.snd_max, self.snd_una) <= self.snd_mss:
+            pto += 0.2
+        deadline = self._tlp_ref + max(pto, 0.01)
+        if deadline < self.rto_deadline:
+            self.tlp_deadline = deadline
+
+    def _on_pto(self, now: float) -> None:
+        """RFC 8985 7.3: send one probe, new data if allowed, else the last segment again.
+
+        The probe's ACK either acknowledges everything (only ACKs were
+        lost) or carries SACK blocks that start recovery (with Limited
+        Transmit's help) instead of the RTO.
+        """
+        if self.cc.in_recovery or self.snd_una == self.snd_max or self.state not in _SENDING:
+            return
+        self._tlp_out = True
+        self.stats.tlp_probes += 1
+        buf = self.send_buf
+        unsent = len(buf) - seq_sub(self.snd_nxt, buf.seq)
+        if (
+            unsent > 0
+            and self.snd_nxt == self.snd_max
+            and seq_sub(self.snd_max, self.snd_una) + self.snd_mss <= self.snd_wnd
+        ):
+            self._tlp_extra = self.snd_mss  # the next _output_data sends it
+            self._force_send = True
+        else:
+            n = min(self.snd_mss, seq_sub(self.snd_max, self.snd_una))
+            start = (self.snd_max - n) & MASK
+            data_off = seq_sub(start, buf.seq)
+            n = min(n, len(buf) - data_off)
+            if n <= 0:
+                return  # only a FIN outstanding: the RTO resends it
+            self.stats.retransmits += 1
+            self.stats.retransmitted_bytes += n
+            self._rtt_seq = None
+            self._out.append(self._make(start, ACK, buf.peek(data_off, n), now))
+        self.rto_deadline = now + self.rto.current()  # RFC 8985 7.3: re-arm the RTO
 
     def _syn_segment(self, now: float) -> TcpSegment:
         c = self.config
@@ -1221,7 +1313,8 @@ class TcpConnection:
         # RFC 3042 Limited Transmit: the first two duplicate ACKs each let one
         # new segment out beyond cwnd, so that a window of a few segments
         # still yields the third duplicate (else every loss waits for an RTO).
-        cwnd = self.cc.cwnd
+        cwnd = self.cc.cwnd + self._tlp_extra
+        self._tlp_extra = 0
         if not self.cc.in_recovery:
             cwnd += min(self.cc.dupacks, DUP_THRESH - 1) * mss
         while True:
@@ -1272,6 +1365,16 @@ class TcpConnection:
             return flight
         pipe = board.pipe(flight, high, mss)
         buf = self.send_buf
+        while lost_only and self._relost and self.cc.cwnd - pipe >= mss:
+            start, end = self._relost.pop(0)
+            if seq_le(end, una):
+                continue
+            start = start if seq_gt(start, una) else una
+            n = min(
+                seq_sub(end, start), self.config.max_tso_bytes, len(buf) - seq_sub(start, buf.seq)
+            )
+            if n > 0:
+                pipe += self._resend(start, n, now, out)
         while (room := self.cc.cwnd - pipe) >= mss:
             # A hole goes out in as few segments as the window allows: with
             # GSO one super-packet, cut at the MSS by the kernel, so that a
@@ -1290,15 +1393,48 @@ class TcpConnection:
             n = max(min(n, len(buf) - data_off), 0)
             if n == 0:
                 break  # only the FIN is left there: _retransmit_first's business
-            self.stats.retransmits += 1
-            self.stats.retransmitted_bytes += n
-            self.stats.sack_retransmits += 1
-            self._rtt_seq = None  # Karn's rule (RFC 6298 3)
-            out.append(self._make(start, ACK, buf.peek(data_off, n), now))
+            pipe += self._resend(start, n, now, out)
             high = off + n
             self._high_rxt = (una + high) & MASK
-            pipe += n
         return pipe
+
+    def _resend(self, start: int, n: int, now: float, out: list[TcpSegment]) -> int:
+        """Send [start, start + n) again in this recovery; ``n``."""
+        buf = self.send_buf
+        self.stats.retransmits += 1
+        self.stats.retransmitted_bytes += n
+        self.stats.sack_retransmits += 1
+        self._rtt_seq = None  # Karn's rule (RFC 6298 3)
+        out.append(self._make(start, ACK, buf.peek(seq_sub(start, buf.seq), n), now))
+        self._rxt_marks.append((start, (start + n) & MASK, self.snd_max))
+        return n
+
+    def _find_lost_retransmissions(self) -> None:
+        """A retransmission is lost when data sent after it is SACKed while it is not.
+
+        RFC 6675 alone finds a lost retransmission only by the RTO; this
+        is RACK's rule (RFC 8985 6.2) by transmission order instead of
+        time, with no reordering window: the receiver got bytes sent after
+        the retransmission, which still left a hole.  Its range goes to
+        ``_relost``, resent first by NextSeg's rule (1).
+        """
+        board = self._sack
+        if board is None or not board.blocks:
+            return
+        una = self.snd_una
+        top = (una + board.highest) & MASK  # the end of the highest SACKed byte
+        keep: list[tuple[int, int, int]] = []
+        for start, end, sent_max in self._rxt_marks:
+            if seq_le(end, una):
+                continue  # acknowledged
+            if not seq_gt(top, sent_max):
+                keep.append((start, end, sent_max))
+                continue
+            lo = seq_sub(start, una) if seq_gt(start, una) else 0
+            for a, b in board.unsacked_in(lo, seq_sub(end, una)):
+                self._relost.append(((una + a) & MASK, (una + b) & MASK))
+                self.stats.lost_retransmits += 1
+        self._rxt_marks = keep
 
     def _send_data(self, seq: int, payload: bytes, flags: int, now: float) -> TcpSegment:
         n = len(payload)
@@ -1315,6 +1451,7 @@ class TcpConnection:
                 self._rtt_seq = end
                 self._rtt_time = now
         self.snd_nxt = end
+        self._tlp_ref = now
         if seq_gt(end, self.snd_max):
             self.snd_max = end
         if self.rto_deadline is None:

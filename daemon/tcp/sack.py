@@ -107,6 +107,24 @@ class Scoreboard:
             out.append((pos, flight, False))  # nothing SACKed above: never lost
         return out
 
+    def unsacked_in(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of [start, end) that are not SACKed, lowest first."""
+        out: list[tuple[int, int]] = []
+        pos = start
+        for s, e in self.blocks:
+            if e <= pos:
+                continue
+            if s >= end:
+                break
+            if s > pos:
+                out.append((pos, s))
+            pos = max(pos, e)
+            if pos >= end:
+                return out
+        if pos < end:
+            out.append((pos, end))
+        return out
+
     def is_lost(self, offset: int, mss: int) -> bool:
         """RFC 6675 IsLost() of the byte at ``offset`` (False if it is SACKed)."""
         for start, end, lost in self.holes(max(offset + 1, self.highest), mss):
