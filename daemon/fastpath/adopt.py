@@ -39,6 +39,7 @@ from daemon.fastpath.layout import (
     FlowKey,
     SpliceXlate,
     decode,
+    reverse_key,
 )
 from daemon.splice.state import Iface, SpliceState
 from daemon.splice.translator import Translator
@@ -54,11 +55,9 @@ class InheritedSplice:
     server_key: FlowKey
     c2s: Translator
     s2c: Translator
-    client_state: SpliceState
-    server_state: SpliceState
+    states: tuple[SpliceState, SpliceState]  # (client, server), as Relay.adopt takes them
     # The ACK of the FIN relayed toward a side in FIN_RELAYED (its entry's watch).
-    client_fin_ack: int | None
-    server_fin_ack: int | None
+    fin_acks: tuple[int | None, int | None]
     # The raw entries, for the new map (counters carried over).
     client_value: SpliceXlate
     server_value: SpliceXlate
@@ -93,27 +92,21 @@ def adoptable(
     for key, v in table.items():
         if SIDE_OF_CODE.get(v.side) is not Iface.CLIENT or not _usable(v, links):
             continue
-        t = decode(v, offload)
         # The server's segments arrive on the output connection, reversed.
-        server_key = (t.dst_addr, t.dst_port, t.src_addr, t.src_port)
+        server_key = reverse_key(v)
         w = table.get(server_key)
         if w is None or SIDE_OF_CODE.get(w.side) is not Iface.SERVER or not _usable(w, links):
             continue
-        u = decode(w, offload)
-        if (u.dst_addr, u.dst_port, u.src_addr, u.src_port) != key:
-            continue
-        if not (ours(key[2]) and ours(server_key[2])):
+        if reverse_key(w) != key or not (ours(key[2]) and ours(server_key[2])):
             continue
         splices.append(
             InheritedSplice(
                 client_key=key,
                 server_key=server_key,
-                c2s=t,
-                s2c=u,
-                client_state=STATE_OF_CODE[v.state],
-                server_state=STATE_OF_CODE[w.state],
-                client_fin_ack=v.fin_ack if v.fin_watch else None,
-                server_fin_ack=w.fin_ack if w.fin_watch else None,
+                c2s=decode(v, offload),
+                s2c=decode(w, offload),
+                states=(STATE_OF_CODE[v.state], STATE_OF_CODE[w.state]),
+                fin_acks=(v.fin_ack if v.fin_watch else None, w.fin_ack if w.fin_watch else None),
                 client_value=v,
                 server_value=w,
             )

@@ -194,24 +194,18 @@ def encode(
     )
 
 
+def _port_of(field: ctypes.Array[ctypes.c_uint8]) -> int:
+    return field[0] << 8 | field[1]
+
+
 def decode_key(k: SpliceKey) -> FlowKey:
     """``encode_key`` reversed."""
-    return (
-        bytes(k.saddr),
-        int.from_bytes(bytes(k.sport), "big"),
-        bytes(k.daddr),
-        int.from_bytes(bytes(k.dport), "big"),
-    )
+    return (bytes(k.saddr), _port_of(k.sport), bytes(k.daddr), _port_of(k.dport))
 
 
 def reverse_key(v: SpliceXlate) -> FlowKey:
     """The key of the other direction's entry: ``v``'s output 4-tuple, reversed."""
-    return (
-        bytes(v.daddr),
-        int.from_bytes(bytes(v.dport), "big"),
-        bytes(v.saddr),
-        int.from_bytes(bytes(v.sport), "big"),
-    )
+    return (bytes(v.daddr), _port_of(v.dport), bytes(v.saddr), _port_of(v.sport))
 
 
 def decode(v: SpliceXlate, offload: bool) -> Translator:
@@ -226,8 +220,8 @@ def decode(v: SpliceXlate, offload: bool) -> Translator:
     return Translator(
         src_addr=bytes(v.saddr),
         dst_addr=bytes(v.daddr),
-        src_port=int.from_bytes(bytes(v.sport), "big"),
-        dst_port=int.from_bytes(bytes(v.dport), "big"),
+        src_port=_port_of(v.sport),
+        dst_port=_port_of(v.dport),
         seq_delta=v.seq_delta,
         ack_delta=v.ack_delta,
         ack_fixed=0,

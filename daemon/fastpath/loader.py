@@ -233,12 +233,7 @@ class FastPath:
                 with _netns(self._netns_fd):
                     for f in filters:
                         _detach(f)
-            if self._netns_fd is not None:
-                os.close(self._netns_fd)
-                self._netns_fd = None
-            if self._obj is not None:
-                libbpf.lib().object_close(self._obj)
-                self._obj = None
+            self._release()
 
     def abandon(self) -> None:
         """Close this instance's descriptors but leave its filters attached.
@@ -249,12 +244,16 @@ class FastPath:
         """
         with self._lock:
             self._filters = []
-            if self._netns_fd is not None:
-                os.close(self._netns_fd)
-                self._netns_fd = None
-            if self._obj is not None:
-                libbpf.lib().object_close(self._obj)
-                self._obj = None
+            self._release()
+
+    def _release(self) -> None:
+        """Close the namespace fd and the object (its program and map fds); idempotent."""
+        if self._netns_fd is not None:
+            os.close(self._netns_fd)
+            self._netns_fd = None
+        if self._obj is not None:
+            libbpf.lib().object_close(self._obj)
+            self._obj = None
 
     def __enter__(self) -> FastPath:
         return self
@@ -361,10 +360,6 @@ class FastPath:
         """(packets, payload bytes) redirected for ``key`` so far; (0, 0) if absent."""
         value = self._lookup(key)
         return (0, 0) if value is None else (value.packets, value.bytes)
-
-    def entries(self) -> list[tuple[FlowKey, SpliceXlate]]:
-        """Every entry of the flow map (tests; a daemon's restart reads a dead map instead)."""
-        return read_flows(self._flows_fd)
 
     def global_stats(self) -> dict[str, int]:
         """The program's global counters summed over CPUs, by their splice_map.h names."""

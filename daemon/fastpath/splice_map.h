@@ -77,7 +77,7 @@ struct splice_xlate {
 	 * of the splice these segments arrive on (SPLICE_SIDE_*) and that
 	 * side's Fig. 5.1 state (SPLICE_STATE_*), kept current on every
 	 * update, so that a daemon restarted after a crash can adopt the
-	 * splice from the map alone (daemon/io/adopt.py). */
+	 * splice from the map alone (daemon/fastpath/adopt.py). */
 	__u8 side;
 	__u8 state;
 	__u8 _pad[5];

@@ -1074,7 +1074,7 @@ class Daemon:
                 "listeners": len(self.listeners),
                 "counters": dict(self.counters) | self._listener_counters(),
                 "splice_counters": self.splicer.counters.as_dict()
-                | {"dormant": self.splicer.dormant},
+                | {"dormant": self.splicer.dormant()},
                 "fast_path": self._fast_path_status(),
                 "splices": self.splicer.stats(),
             }

@@ -157,7 +157,6 @@ class Splicer:
         # Spliced 4-tuples (the daemon's LocalKey order) -> (splice, interface);
         # (None, interface) for a dormant splice (``_sleep``).
         self.flows: dict[LocalKey, tuple[Splice | None, Iface]] = {}
-        self.dormant = 0  # splices that live only in the kernel's map now
         self.counters = RelayCounters()
         self.fast_path = fast_path
         self._egress = egress  # destination address -> ifindex toward it
@@ -555,7 +554,6 @@ class Splicer:
             self.flows[(side.local[0], side.local[1], side.remote[0], side.remote[1])] = _DORMANT[
                 side.iface
             ]
-        self.dormant += 1
         self.counters.slept += 1
 
     def _wake(self, pkt: memoryview, now: float) -> Splice | None:
@@ -590,29 +588,24 @@ class Splicer:
                 hit = self.flows.get(k)
                 if hit is not None and hit[0] is None:
                     del self.flows[k]
-                    self.dormant -= hit is _DORMANT_CLIENT
             return None
-        self.dormant -= 1
         self.counters.woken += 1
         return self._revive(found[0], now)
 
     def _revive(self, inh: InheritedSplice, now: float) -> Splice:
         """A relay for a splice whose entries are in the map (woken, or adopted)."""
-        ck, sk = inh.client_key, inh.server_key
         relay, actions = Relay.adopt(
             self.d._new_id(),
-            ((ck[2], ck[3]), (ck[0], ck[1])),
-            ((sk[2], sk[3]), (sk[0], sk[1])),
             inh.c2s,
             inh.s2c,
-            (inh.client_state, inh.server_state),
-            (inh.client_fin_ack, inh.server_fin_ack),
+            inh.states,
+            inh.fin_acks,
             msl=self.d.tcp_config.msl,
             offload=self.d.offload,
             counters=self.counters,
             now=now,
         )
-        sp = Splice(relay, None, None, offloaded=[ck, sk])
+        sp = Splice(relay, None, None, offloaded=[inh.client_key, inh.server_key])
         self.splices.add(sp)
         for side in (relay.client, relay.server):
             assert side is not None
@@ -622,6 +615,10 @@ class Splicer:
             )
         self.execute(sp, actions)
         return sp
+
+    def dormant(self) -> int:
+        """How many splices live only in the kernel's map now (one marker each is CLIENT's)."""
+        return sum(1 for hit in self.flows.values() if hit is _DORMANT_CLIENT)
 
     def _dormant_row(self, local: LocalKey) -> dict[str, object] | None:
         """The ``stats`` row of a dormant splice, from its map entries (client side's key)."""
@@ -673,12 +670,12 @@ class Splicer:
             if sp is None:
                 return False  # its entries are gone: an unknown 4-tuple (a RST)
         keep = self.execute(sp, sp.relay.on_packet(iface, vnet, pkt, now))
-        pair = sp.relay.pair
         if (
-            sp.client is None
+            sp.offloaded  # only the kernel's punts reach an offloaded splice here
+            and sp.client is None
             and sp.server is None
-            and pair.client is SpliceState.SPLICED
-            and pair.server is SpliceState.SPLICED
+            and sp.relay.pair.client is SpliceState.SPLICED
+            and sp.relay.pair.server is SpliceState.SPLICED
             and sp in self.splices
         ):
             # A compact splice that a punted segment did not move (a
@@ -950,13 +947,12 @@ class Splicer:
         """
         for inh in inherited:
             self.counters.adopted += 1
-            if (inh.client_state, inh.server_state) == (SpliceState.SHUTDOWN,) * 2:
+            if inh.states == (SpliceState.SHUTDOWN,) * 2:
                 self._revive(inh, now)  # TIMEWAIT: its 2MSL timer needs the relay
                 continue
             # Dormant until the kernel punts a segment of it (``_wake``).
             for key, iface in ((inh.client_key, CLIENT), (inh.server_key, SERVER)):
                 self.flows[(key[2], key[3], key[0], key[1])] = _DORMANT[iface]
-            self.dormant += 1
 
     def terminate(self, now: float, handover: bool = False) -> None:
         """The daemon stops: reset every splice (RST to both peers, thesis 5.1).
@@ -973,7 +969,6 @@ class Splicer:
                     with contextlib.suppress(OSError):
                         self.fast_path.remove((local[2], local[3], local[0], local[1]))
                 del self.flows[local]
-        self.dormant = 0
         for sp in list(self.splices):
             if handover and self.handed_over(sp):
                 kept += 1

@@ -416,8 +416,6 @@ class Relay:
     def adopt(
         cls,
         server_id: int,
-        client: tuple[Endpoint, Endpoint],
-        server: tuple[Endpoint, Endpoint],
         c2s: Translator,
         s2c: Translator,
         states: tuple[SpliceState, SpliceState],
@@ -433,17 +431,24 @@ class Relay:
         Only a splice whose both sides relay gets there (the map holds
         nothing else), so what the relay keeps of it after ``seal`` is all
         there is: the two translators, the Fig. 5.1 states, and the ACK a
-        FIN_RELAYED side is waiting for.  ``client``/``server``: each
-        connection's (local, remote).  ``states`` (client, server): SPLICED,
+        FIN_RELAYED side is waiting for.  Each connection's endpoints are
+        the output ones of the translator toward it.  ``states`` (client,
+        server): SPLICED,
         FIN_RELAYED or SHUTDOWN; both SHUTDOWN is TIMEWAIT, whose 2MSL starts
         again here (the dead daemon's timer is lost; waiting longer is the
         safe side of RFC 9293 3.6).  No owner: the proxy that made it is gone.
         """
         c, s = (
-            RelaySide(iface, local, remote, None, outbox=_SEALED, queue=_SEALED, fin_ack=fin_ack)
-            for iface, (local, remote), fin_ack in zip(
-                (CLIENT, SERVER), (client, server), fin_acks, strict=True
+            RelaySide(
+                iface,
+                (t.src_addr, t.src_port),
+                (t.dst_addr, t.dst_port),
+                None,
+                outbox=_SEALED,
+                queue=_SEALED,
+                fin_ack=fin_ack,
             )
+            for iface, t, fin_ack in zip((CLIENT, SERVER), (s2c, c2s), fin_acks, strict=True)
         )
         relay = cls(-1, server_id, None, c, msl, offload, counters, server=s)
         relay.c2s, relay.s2c = c2s, s2c

@@ -936,43 +936,30 @@ class TcpConnection:
         elif ack != snd_una:
             return True  # an old ACK: ignore the field, keep the text
         newly_sacked = False
-        if sack and ack == self.snd_una:
-            # RFC 6675 Update(), against the SND.UNA this ACK leaves.
+        if sack:
+            # RFC 6675 Update(), against the SND.UNA this ACK leaves (= ack).
             if self._sack is None:
                 self._sack = Scoreboard()
             newly_sacked = self._sack.update(ack, seq_sub(self.snd_max, ack), sack)
             if self.cc.sack_recovery and self._rxt_marks:
                 self._find_lost_retransmissions()
-        if new:
-            pass  # RFC 6675 5 (1) / RFC 6582: the controller saw it in _on_new_ack
-        elif sack:
-            # RFC 6675 2: with SACK, a duplicate ACK is one that SACKs new
-            # data (its window may differ) while data is outstanding; in
-            # recovery it only feeds the scoreboard and the pipe.
-            if (
-                newly_sacked
-                and not has_text
-                and not flags & (SYN | FIN)
-                and self.snd_max != snd_una
-                and not self.cc.in_recovery
-            ):
+        if not new and self.snd_max != snd_una and not has_text and not flags & (SYN | FIN):
+            if sack:
+                # RFC 6675 2: with SACK, a duplicate ACK is one that SACKs new
+                # data (its window may differ); in recovery it only feeds the
+                # scoreboard and the pipe.
+                if newly_sacked and not self.cc.in_recovery:
+                    self.stats.dup_acks += 1
+                    self.cc.dupacks += 1
+                    self._maybe_sack_recovery(now)
+            elif wnd == self.snd_wnd and self.persist_deadline is None:
+                # RFC 5681 2: without SACK, a duplicate ACK also leaves the
+                # window alone.
                 self.stats.dup_acks += 1
-                self.cc.dupacks += 1
-                self._maybe_sack_recovery(now)
-        elif (
-            # RFC 5681 2: a duplicate ACK carries no data, no SYN/FIN, does not
-            # move the window and arrives while data is outstanding.
-            not has_text
-            and not flags & (SYN | FIN)
-            and wnd == self.snd_wnd
-            and self.snd_max != snd_una
-            and self.persist_deadline is None
-        ):
-            self.stats.dup_acks += 1
-            flight = seq_sub(self.snd_max, snd_una)
-            if self.cc.on_dup_ack(snd_una, self.snd_max, flight):
-                self.stats.fast_retransmits += 1
-                self._retransmit_first(now)
+                flight = seq_sub(self.snd_max, snd_una)
+                if self.cc.on_dup_ack(snd_una, self.snd_max, flight):
+                    self.stats.fast_retransmits += 1
+                    self._retransmit_first(now)
         # Window update, guarded by WL1/WL2 against old segments (RFC 9293 3.10.7.4).
         if seq_lt(self.snd_wl1, seq) or (self.snd_wl1 == seq and seq_le(self.snd_wl2, ack)):
             self.snd_wnd = wnd
