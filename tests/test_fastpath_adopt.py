@@ -95,15 +95,12 @@ def adopt(m: Map, now: float) -> tuple[Relay, list[Action], InheritedSplice]:
     splices, left_out = adoptable(m.entries(), ours=ours, links={LINK}, offload=False)
     assert left_out == 0
     (inh,) = splices
-    ck, sk = inh.client_key, inh.server_key
     relay, actions = Relay.adopt(
         99,
-        ((ck[2], ck[3]), (ck[0], ck[1])),
-        ((sk[2], sk[3]), (sk[0], sk[1])),
         inh.c2s,
         inh.s2c,
-        (inh.client_state, inh.server_state),
-        (inh.client_fin_ack, inh.server_fin_ack),
+        inh.states,
+        inh.fin_acks,
         msl=CFG.msl,
         offload=False,
         counters=RelayCounters(),
@@ -160,7 +157,7 @@ def test_a_splice_adopted_in_the_middle_relays_data_and_its_teardown_alike() -> 
     bed, m = offloaded()
     adopted, actions, inh = adopt(m, T0 + 1)
     assert actions == []
-    assert (inh.client_state, inh.server_state) == (S.SPLICED, S.SPLICED)
+    assert inh.states == (S.SPLICED, S.SPLICED)
     # Data both ways, then the whole FIN handshake, through both relays.
     both(bed, adopted, CLIENT, from_client(bed, seq=C_IRS + 1, ack=C_ISS + 1, payload=b"a" * 50), 2)
     both(
@@ -179,7 +176,7 @@ def test_a_fin_relayed_before_the_restart_is_still_watched_and_completes() -> No
     bed, m = offloaded()
     m.apply(bed.relay.on_packet(CLIENT, None, fin_from_client(bed), T0))
     adopted, _, inh = adopt(m, T0 + 1)
-    assert inh.server_state is S.FIN_RELAYED and inh.server_fin_ack == S_ISS + 2
+    assert inh.states[1] is S.FIN_RELAYED and inh.fin_acks[1] == S_ISS + 2
     # The server's ACK of that FIN (with its own FIN) reaches the adopted relay.
     a = both(bed, adopted, SERVER, from_server(bed, seq=S_IRS + 1, ack=S_ISS + 2, flags=0x11), 2)
     assert adopted.pair.server is S.SHUTDOWN and adopted.pair.client is S.FIN_RELAYED

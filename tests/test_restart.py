@@ -58,6 +58,18 @@ def _wait(cond: object, seconds: float) -> bool:
     return False
 
 
+# What the fin-while-dead client leaves unread while no daemon runs: less
+# than its receive buffer, so the server can send all of it and its FIN.
+FIN_TAIL = 64 << 10
+
+
+def _fin_wait_1(tb: Testbed) -> bool:
+    """Does the origin hold a connection whose FIN is sent and not acknowledged?"""
+    port = f"sport = :{tb.origin[1]}"
+    out = tb.host("server").cmd(["ss", "-Htn", "state", "fin-wait-1", port], check=True)
+    return bool(out.stdout.strip())
+
+
 def test_a_killed_daemon_is_noticed_and_up_repairs_it() -> None:
     tb = Testbed(unique_prefix(), msl=1.0)
     client = None
@@ -159,7 +171,7 @@ except OSError as e:
         # its FIN, which the kernel leaves to the daemon; sent while none
         # runs, it is lost (no route) and retransmitted, and ends the
         # download only through the new daemon.
-        pytest.param(8 << 20, (8 << 20) - (64 << 10), signal.SIGKILL, id="fin-while-dead"),
+        pytest.param(8 << 20, (8 << 20) - FIN_TAIL, signal.SIGKILL, id="fin-while-dead"),
     ],
 )
 def test_spliced_flows_in_the_fast_path_survive_a_daemon_restart(
@@ -206,6 +218,10 @@ def test_spliced_flows_in_the_fast_path_survive_a_daemon_restart(
         line = client.stdout.readline().split()
         assert line[0] == "read-while-dead", line
         assert not _alive(tb, "daemon")  # it was dead for the whole phase
+        if size - dead_upto <= FIN_TAIL:
+            # All but the tail read: the server has sent its FIN (FIN-WAIT-1:
+            # unacknowledged, no daemon relays it): the new daemon must carry it.
+            assert _wait(lambda: _fin_wait_1(tb), 5.0)
         if how == signal.SIGUSR1:
             log = (tb.run_dir / "daemon.log").read_text()
             assert "leaving 1 splice(s) in the kernel for the next daemon" in log, log[-2000:]

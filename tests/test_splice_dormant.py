@@ -73,6 +73,12 @@ def tb() -> Iterator[Testbed]:
         bed.down()
 
 
+def _socks_client(tb: Testbed, script: str, *args: str) -> subprocess.Popen[str]:
+    """``script`` in the client host, through the spliced SOCKS5 to the sink; lines both ways."""
+    argv = [sys.executable, "-c", script, *map(str, tb.spliced_socks), *map(str, tb.sink), *args]
+    return tb.host("client").popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
 def _wait(tb: Testbed, cond: Callable[[dict[str, Any]], bool], seconds: float) -> dict[str, Any]:
     deadline = time.monotonic() + seconds
     while True:
@@ -87,12 +93,7 @@ def _wait(tb: Testbed, cond: Callable[[dict[str, Any]], bool], seconds: float) -
 def test_an_idle_splice_sleeps_wakes_for_punted_segments_and_ends_intact(tb: Testbed) -> None:
     size = 256 << 10
     before = daemon_stats(tb)["splice_counters"]
-    proc = tb.host("client").popen(
-        [sys.executable, "-c", CLIENT, *map(str, tb.spliced_socks), *map(str, tb.sink), str(size)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    proc = _socks_client(tb, CLIENT, str(size))
     try:
         assert proc.stdout is not None and proc.stdin is not None
         assert proc.stdout.readline().strip() == "sent"
@@ -172,12 +173,7 @@ def test_a_dormant_splice_whose_map_entry_vanished_is_reset_not_mistranslated(
     other entry, and the FIN meets an unknown 4-tuple: a RST (RFC 9293
     3.10.7.1), and the daemon keeps serving.
     """
-    proc = tb.host("client").popen(
-        [sys.executable, "-c", HALF_CLOSER, *map(str, tb.spliced_socks), *map(str, tb.sink)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    proc = _socks_client(tb, HALF_CLOSER)
     try:
         assert proc.stdout is not None and proc.stdin is not None
         assert proc.stdout.readline().strip() == "sent"

@@ -14,12 +14,10 @@ import hashlib
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
 from testbed.net import Testbed
-from tests.conftest import unique_prefix
 
 pytestmark = pytest.mark.root
 
@@ -54,16 +52,6 @@ while got < size:
 s.sendall(b"k")
 print(got, h.hexdigest(), flush=True)
 """
-
-
-@pytest.fixture(scope="module")
-def tb() -> Iterator[Testbed]:
-    bed = Testbed(unique_prefix(), msl=1.0)
-    try:
-        bed.up()
-        yield bed
-    finally:
-        bed.down()
 
 
 def test_a_lossy_download_is_recovered_with_sack_and_arrives_intact(tb: Testbed) -> None:
