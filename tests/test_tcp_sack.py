@@ -231,3 +231,19 @@ def test_a_lost_retransmission_is_resent_once_later_data_is_sacked() -> None:
     again = ack_from_peer(tcb, 2, [(3, new[-1] + 1)], T0 + 0.2)
     assert again[:1] == [2] and tcb.stats.lost_retransmits == 1
     assert tcb.stats.rto_count == 0
+
+
+def test_tsvals_never_step_back_when_the_loop_hands_an_older_now() -> None:
+    """RFC 7323 5.4: a probe built at a timer's ``now`` and an ACK built next at
+    the loop's older ``now`` (the daemon's order of events) carry ordered TSvals."""
+    cfg = TcpConfig(mss=MSS, max_tso_bytes=MSS, initial_cwnd_segments=4)
+    tcb = TcpConnection.connect(cfg, LOCAL, PEER, ISS, T0)
+    tcb.poll_output(T0)
+    opts = TcpOptions(mss=MSS, sack_permitted=True, timestamp=(100, 0))
+    tcb.on_segment(TcpSegment(PEER[1], LOCAL[1], IRS, ISS + 1, SYN | ACK, 65535, opts), T0)
+    tcb.poll_output(T0)
+    tcb.send(bytes(4 * MSS))
+    sent = tcb.poll_output(T0 + 0.010)
+    later = [*tcb.poll_output(T0 + 0.005), tcb._make(tcb.snd_max, ACK, b"", T0 + 0.001)]
+    tsvals = [s.options.timestamp[0] for s in sent + later if s.options.timestamp]
+    assert len(tsvals) == 5 and tsvals == sorted(tsvals)

@@ -220,6 +220,7 @@ class TcpConnection:
     ts_ok: bool = False
     ts_recent: int = 0
     ts_offset: int = 0
+    _ts_sent: int | None = field(init=False, default=None)  # the newest TSval sent
     # RFC 5961 7: challenge ACKs sent in the current one-second budget.
     challenge_since: float = -1.0
     challenge_sent: int = 0
@@ -1471,7 +1472,7 @@ class TcpConnection:
         if flags & RST:
             return TcpSegment(self.local[1], self.remote[1], seq, 0, flags, 0, opts)
         if self.ts_ok and now is not None:
-            opts.timestamp = (self.ts_now(now), self.ts_recent)
+            opts.timestamp = (self._tsval(now), self.ts_recent)
         if self.sack_ok and self.ooo:
             opts.sack_blocks = self.ooo.sack_blocks(3 if self.ts_ok else 4)
         ack = self.rcv_nxt
@@ -1519,6 +1520,21 @@ class TcpConnection:
         while marks and marks[0][0] <= due:
             self._ack_allowed = marks.popleft()[1]
         return self._ack_allowed
+
+    def _tsval(self, now: float) -> int:
+        """The TSval of a segment sent now: never below one already sent (RFC 7323 5.4).
+
+        The event loop hands the TCB the ``now`` of whatever woke it, and a
+        timer's may be newer than the one the next pass over dirty
+        connections uses; the peer's PAWS check must never see the clock
+        step back.
+        """
+        t = self.ts_now(now)
+        last = self._ts_sent
+        if last is not None and seq_lt(t, last):
+            return last
+        self._ts_sent = t
+        return t
 
     def ts_now(self, now: float) -> int:
         """The TSval this connection would send at ``now``."""
