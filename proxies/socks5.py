@@ -57,6 +57,7 @@ HANDSHAKE_TIMEOUT = 30.0  # a client that never finishes its handshake does not 
 DRAIN_TIMEOUT = 1.0
 LISTEN_BACKLOG = 1024
 THREAD_STACK_SIZE = 256 * 1024  # two threads per connection: keep their stacks small
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _LINGER_ZERO = struct.pack("ii", 1, 0)  # struct linger {l_onoff=1, l_linger=0}
@@ -329,9 +330,18 @@ def serve(listener: socket.socket, config: ProxyConfig) -> None:
     while True:
         client, peer = listener.accept()
         log.debug("accepted %s", peer)
-        threading.Thread(
+        thread = threading.Thread(
             target=serve_client, args=(client, peer, config), name="socks5-client", daemon=True
-        ).start()
+        )
+        # Started with the stop signals blocked, which it and its relay threads
+        # inherit: Linux hands a process-directed SIGTERM to any thread that does
+        # not block it, and CPython runs the handler only when the main thread
+        # next wakes, which in accept() may be never.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -260,6 +260,7 @@ class OriginServer:
         self._idle_lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
         self._stopping = threading.Event()
+        self._wakes_on_signals = False
         try:
             self.http = self._listen(listen)
             self.sink = self._listen(sink_listen) if sink_listen else None
@@ -316,6 +317,19 @@ class OriginServer:
                     assert isinstance(listener, socket.socket)
                     self._accept(listener)
 
+    def wake_on_signals(self) -> None:
+        """From the main thread: let any signal wake serve_forever (undone by close()).
+
+        Linux gives a process-directed SIGTERM to whichever thread does not
+        block it, a connection's thread among them; CPython then runs the
+        handler in the main thread, but only once that thread wakes, and
+        serve_forever's select has no timeout.  The wakeup fd is written by
+        the C-level handler in whichever thread took the signal.
+        """
+        self._wake_w.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        self._wakes_on_signals = True
+
     def shutdown(self) -> None:
         """Make serve_forever return; safe from a signal handler or another thread."""
         self._stopping.set()
@@ -340,6 +354,8 @@ class OriginServer:
         deadline = time.monotonic() + grace
         for thread in list(self._handlers):
             thread.join(max(0.0, deadline - time.monotonic()))
+        if self._wakes_on_signals:
+            signal.set_wakeup_fd(-1)  # before the fd closes and its number is reused
         self._wake_r.close()
         self._wake_w.close()
         # The memfd stays open: connection threads still running may read it,
@@ -824,6 +840,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    server.wake_on_signals()
     if not args.quiet:
         # The real ports, for whoever asked for port 0.
         sink = server.sink_address

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import os
 import random
 import socket
 import time
@@ -45,3 +47,31 @@ def recv_to_eof(sock: socket.socket) -> bytes:
     while chunk := sock.recv(1 << 20):
         data += chunk
     return bytes(data)
+
+
+def other_threads(pid: int) -> list[int]:
+    """Thread ids of process `pid` other than its main thread."""
+    return [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
+
+
+def blocked_signals(pid: int, tid: int) -> set[int]:
+    """The signals thread `tid` of `pid` blocks (its SigBlk mask in /proc)."""
+    with open(f"/proc/{pid}/task/{tid}/status") as status:
+        for line in status:
+            if line.startswith("SigBlk:"):
+                mask = int(line.split()[1], 16)
+                return {sig for sig in range(1, 65) if mask & (1 << (sig - 1))}
+    raise AssertionError(f"no SigBlk line for thread {tid} of {pid}")
+
+
+def signal_thread(pid: int, tid: int, signum: int) -> None:
+    """tgkill(2): `signum` to one thread of another process.
+
+    What the kernel may do with a process-directed kill (give it to a thread
+    other than the main one), done deterministically; signal.pthread_kill only
+    reaches threads of this process.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.tgkill(pid, tid, signum) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

@@ -22,6 +22,7 @@ import pytest
 
 from servers.origin import HashBody, Refuse, SendPattern, ServeStats, route
 from servers.pattern import PatternVerifier, pattern_bytes, pattern_chunks
+from tests.sockutil import other_threads, signal_thread, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = 3
@@ -554,6 +555,25 @@ def test_request_log_names_each_request_and_status() -> None:
     assert len(lines) == 2
     assert any('"GET /bytes/5 HTTP/1.1" 200 5 ' in line for line in lines), lines
     assert any('"GET /missing HTTP/1.1" 404 ' in line for line in lines), lines
+
+
+def test_sigterm_taken_by_a_connection_thread_still_stops_the_server() -> None:
+    """Linux may give a process-directed SIGTERM to any thread; the main one must still wake.
+
+    CPython runs the handler in the main thread, blocked in a select without a
+    timeout; found as a CI run where the origin ignored a SIGTERM (1 in ~200).
+    """
+    server = start_origin()
+    with socket.create_connection(server.http, timeout=10) as idle:
+        idle.sendall(b"GET /bytes/5 HTTP/1.1\r\nHost: o\r\n\r\n")
+        assert idle.recv(4096).startswith(b"HTTP/1.1 200")
+        # The keep-alive connection's thread now waits for the next request.
+        assert wait_until(lambda: len(other_threads(server.process.pid)) == 1)
+        [handler] = other_threads(server.process.pid)
+        signal_thread(server.process.pid, handler, signal.SIGTERM)
+        _, err = server.process.communicate(timeout=10)
+        assert server.process.returncode == 0, err
+        assert idle.recv(4096) == b""  # the idle connection was ended, not left open
 
 
 def test_a_client_that_sends_nothing_is_closed_after_the_idle_timeout() -> None:

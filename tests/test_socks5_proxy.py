@@ -21,7 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.sockutil import payload, recv_exactly, recv_to_eof, sha256, wait_until
+from tests.sockutil import (
+    blocked_signals,
+    other_threads,
+    payload,
+    recv_exactly,
+    recv_to_eof,
+    sha256,
+    wait_until,
+)
 
 LOOPBACK = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
@@ -442,6 +450,31 @@ def test_sigterm_exits_cleanly_and_frees_the_port() -> None:
     with socket.socket() as again:
         again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         again.bind((LOOPBACK, proxy.port))  # raises if the listener were still open
+
+
+def test_sigterm_reaches_the_main_thread_while_clients_are_served() -> None:
+    """Client threads block the stop signals, so the kernel can only give SIGTERM to main.
+
+    Linux hands a process-directed signal to any thread that does not block it;
+    CPython runs the handler in the main thread, which in accept() would never
+    wake to run it.
+    """
+    proxy = start_proxy()
+    try:
+        with socket.create_connection((LOOPBACK, proxy.port), timeout=10) as client:
+            client.sendall(b"\x05\x01\x00")  # a greeting; the request never follows
+            assert recv_exactly(client, 2) == b"\x05\x00"
+            threads = other_threads(proxy.process.pid)
+            assert threads
+            for tid in threads:
+                assert {signal.SIGTERM, signal.SIGINT} <= blocked_signals(proxy.process.pid, tid)
+            assert {signal.SIGTERM, signal.SIGINT}.isdisjoint(
+                blocked_signals(proxy.process.pid, proxy.process.pid)
+            )
+            proxy.process.send_signal(signal.SIGTERM)
+            assert proxy.process.wait(timeout=5) == 0
+    finally:
+        stop_proxy(proxy)
 
 
 def test_client_silent_after_connect_does_not_block_others(proxy: Proxy, origin: int) -> None:
