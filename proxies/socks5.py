@@ -27,6 +27,7 @@ import errno
 import fcntl
 import logging
 import os
+import selectors
 import signal
 import socket
 import struct
@@ -57,7 +58,6 @@ HANDSHAKE_TIMEOUT = 30.0  # a client that never finishes its handshake does not 
 DRAIN_TIMEOUT = 1.0
 LISTEN_BACKLOG = 1024
 THREAD_STACK_SIZE = 256 * 1024  # two threads per connection: keep their stacks small
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _LINGER_ZERO = struct.pack("ii", 1, 0)  # struct linger {l_onoff=1, l_linger=0}
@@ -325,23 +325,38 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise _Stop
 
 
-def serve(listener: socket.socket, config: ProxyConfig) -> None:
-    """Accept forever; each client gets its own thread."""
-    while True:
-        client, peer = listener.accept()
-        log.debug("accepted %s", peer)
-        thread = threading.Thread(
-            target=serve_client, args=(client, peer, config), name="socks5-client", daemon=True
-        )
-        # Started with the stop signals blocked, which it and its relay threads
-        # inherit: Linux hands a process-directed SIGTERM to any thread that does
-        # not block it, and CPython runs the handler only when the main thread
-        # next wakes, which in accept() may be never.
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            thread.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+def serve(listener: socket.socket, config: ProxyConfig, wake: socket.socket) -> None:
+    """Accept until a signal handler raises; each client gets its own thread.
+
+    `wake` is the read end of the signal wakeup fd (signal.set_wakeup_fd): a
+    SIGTERM the kernel gives to a client's thread, or one that lands just
+    before the main thread blocks, runs its Python handler only once the main
+    thread wakes, which a blocking accept() might never do.
+    """
+    listener.setblocking(False)
+    with selectors.DefaultSelector() as selector:
+        selector.register(listener, selectors.EVENT_READ)
+        selector.register(wake, selectors.EVENT_READ)
+        while True:
+            for key, _ in selector.select():
+                if key.fileobj is wake:
+                    # The handler runs at the next bytecode boundary, before
+                    # this loop can block again.
+                    with contextlib.suppress(BlockingIOError):
+                        wake.recv(4096)
+                    continue
+                try:
+                    client, peer = listener.accept()
+                except (BlockingIOError, ConnectionAbortedError):
+                    continue
+                client.setblocking(True)
+                log.debug("accepted %s", peer)
+                threading.Thread(
+                    target=serve_client,
+                    args=(client, peer, config),
+                    name="socks5-client",
+                    daemon=True,
+                ).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -381,15 +396,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"socks5: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
         return 1
     threading.stack_size(THREAD_STACK_SIZE)
+    wake, woken = socket.socketpair()
+    woken.setblocking(False)
+    wake.setblocking(False)
+    signal.set_wakeup_fd(woken.fileno(), warn_on_full_buffer=False)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:  # from here on a SIGTERM may land anywhere, so everything is inside the try
         print("ready", flush=True)
         log.info("listening on %s:%d, copy=%s", host, port, config.copy.value)
-        serve(listener, config)
+        serve(listener, config, wake)
     except (_Stop, KeyboardInterrupt):
         log.info("stopping")
     finally:
+        signal.set_wakeup_fd(-1)
         listener.close()
+        wake.close()
+        woken.close()
     return 0
 
 

@@ -54,16 +54,6 @@ def other_threads(pid: int) -> list[int]:
     return [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
 
 
-def blocked_signals(pid: int, tid: int) -> set[int]:
-    """The signals thread `tid` of `pid` blocks (its SigBlk mask in /proc)."""
-    with open(f"/proc/{pid}/task/{tid}/status") as status:
-        for line in status:
-            if line.startswith("SigBlk:"):
-                mask = int(line.split()[1], 16)
-                return {sig for sig in range(1, 65) if mask & (1 << (sig - 1))}
-    raise AssertionError(f"no SigBlk line for thread {tid} of {pid}")
-
-
 def signal_thread(pid: int, tid: int, signum: int) -> None:
     """tgkill(2): `signum` to one thread of another process.
 
