@@ -8,7 +8,10 @@ the iptables FORWARD chain, where an NFQUEUE rule hands them to this
 process (see :mod:`testbed.nfqueue`).  The kernel keeps each packet until we
 answer with a verdict, and verdicts may be given in any order, so:
 
-* loss      -> DROP verdict at once;
+* loss      -> DROP verdict at once; with the ``ecn`` flag (netem's), a
+               packet that would be lost is CE-marked instead when it is
+               ECN-capable (ECT(0) or ECT(1), RFC 3168 5) and accepted, as an
+               AQM marks rather than drops; a Not-ECT one is still dropped;
 * delay     -> ACCEPT verdict when the packet's delay line slot comes due;
 * corrupt   -> ACCEPT with a replacement payload that has one bit flipped
                past the IP header: the IPv4 header checksum stays valid, so
@@ -116,6 +119,7 @@ class LinkShape:
     corrupt_pct: float = 0.0
     rate_mbit: float | None = None  # None = unlimited
     seed: int | None = None  # None = a fresh random seed per run
+    ecn: bool = False  # loss CE-marks ECN-capable packets instead (tc-netem(8) "ecn")
 
     def __post_init__(self) -> None:
         for name in ("delay_ms", "jitter_ms"):
@@ -136,14 +140,22 @@ class LinkShape:
             raise ValueError("reorder needs a delay: reordering not possible without delay=")
         if self.jitter_ms > 0 and self.delay_ms == 0:
             raise ValueError("jitter needs a delay: give delay= as well")
+        if self.ecn and self.loss_pct == 0:
+            raise ValueError("ecn marks what loss= would drop: give loss= as well")
 
     @classmethod
     def parse(cls, words: list[str]) -> LinkShape:
-        """Parse ``delay=10ms jitter=2ms loss=1% ... rate=100mbit seed=7``."""
+        """Parse ``delay=10ms jitter=2ms loss=1% ... rate=100mbit seed=7``, and the ``ecn`` flag."""
         values: dict[str, float | int] = {}
+        ecn = False
         for word in words:
             key, sep, text = word.partition("=")
             key = key.strip().lower()
+            if key == "ecn" and not sep:
+                if ecn:
+                    raise ValueError(f"{word!r}: ecn given twice")
+                ecn = True
+                continue
             if not sep or not text:
                 raise ValueError(f"{word!r}: expected key=value, e.g. delay=10ms")
             if key not in _KEYS:
@@ -151,7 +163,7 @@ class LinkShape:
             if _KEYS[key] in values:
                 raise ValueError(f"{word!r}: {key} given twice")
             values[_KEYS[key]] = _parse_value(word, key, text.strip())
-        return cls(**values)  # type: ignore[arg-type]
+        return cls(**values, ecn=ecn)  # type: ignore[arg-type]
 
     def words(self) -> list[str]:
         out: list[str] = []
@@ -163,6 +175,8 @@ class LinkShape:
             value: float = getattr(self, f"{key}_pct")
             if value:
                 out.append(f"{key}={_fmt(value)}%")
+        if self.ecn:
+            out.append("ecn")
         if self.rate_mbit is not None:
             out.append(f"rate={_fmt(self.rate_mbit)}mbit")
         if self.seed is not None:
@@ -240,12 +254,14 @@ class Decision:
     corrupted: bool = False
     reordered: bool = False
     delayed: bool = False
+    marked: bool = False
 
 
 @dataclass(slots=True)
 class DirectionCounters:
     seen: int = 0
     dropped: int = 0
+    marked: int = 0  # CE-marked instead of dropped (ecn)
     duplicated: int = 0
     corrupted: int = 0
     reordered: int = 0
@@ -274,6 +290,39 @@ def corrupt_payload(packet: bytes, rng: random.Random) -> bytes | None:
     out = bytearray(packet)
     out[start + bit // 8] ^= 0x80 >> (bit % 8)
     return bytes(out)
+
+
+def mark_ce(packet: bytes) -> bytes | None:
+    """The packet with its ECN field set to CE (RFC 3168 5); None if it is Not-ECT.
+
+    IPv4: the low two bits of the TOS byte, and the header checksum updated
+    for them (RFC 1624 eqn. 3); IPv6: the low two bits of the traffic class,
+    no header checksum.
+    """
+    if len(packet) < 2:
+        return None
+    version = packet[0] >> 4
+    if version == 4 and len(packet) >= 20:
+        if packet[1] & 0x03 == 0:
+            return None
+        out = bytearray(packet)
+        old_word = (out[0] << 8) | out[1]
+        out[1] |= 0x03
+        new_word = (out[0] << 8) | out[1]
+        csum = (out[10] << 8) | out[11]
+        s = (~csum & 0xFFFF) + (~old_word & 0xFFFF) + new_word
+        s = (s & 0xFFFF) + (s >> 16)
+        s = (s & 0xFFFF) + (s >> 16)
+        csum = ~s & 0xFFFF
+        out[10], out[11] = csum >> 8, csum & 0xFF
+        return bytes(out)
+    if version == 6 and len(packet) >= 40:
+        if (packet[1] >> 4) & 0x03 == 0:
+            return None
+        out = bytearray(packet)
+        out[1] |= 0x30
+        return bytes(out)
+    return None
 
 
 @dataclass(slots=True)
@@ -312,16 +361,24 @@ class Impairment:
         count = self.counters[direction]
         count.seen += 1
         shape = self.shape
-        if self._chance(shape.loss_pct):
-            count.dropped += 1
-            return Decision(ready=(Drop(packet_id),), dropped=True)
-        duplicated = self._chance(shape.duplicate_pct)
         replacement = None
+        marked = False
+        if self._chance(shape.loss_pct):
+            replacement = mark_ce(payload) if shape.ecn else None
+            if replacement is None:
+                count.dropped += 1
+                return Decision(ready=(Drop(packet_id),), dropped=True)
+            marked = True
+            count.marked += 1
+            payload = replacement
+        duplicated = self._chance(shape.duplicate_pct)
+        corrupted = False
         if self._chance(shape.corrupt_pct):
-            replacement = corrupt_payload(payload, self._rng)
-        corrupted = replacement is not None
-        if corrupted:
-            count.corrupted += 1
+            damaged = corrupt_payload(payload, self._rng)
+            if damaged is not None:
+                replacement = damaged
+                corrupted = True
+                count.corrupted += 1
         ready: list[Action] = []
         original = Accept(packet_id, replacement)
         reordered = delayed = False
@@ -352,6 +409,7 @@ class Impairment:
             corrupted=corrupted,
             reordered=reordered,
             delayed=delayed,
+            marked=marked,
         )
 
     def due(self, now: float) -> list[Action]:

@@ -20,6 +20,7 @@ from testbed.impair import (
     Inject,
     LinkShape,
     corrupt_payload,
+    mark_ce,
 )
 from testbed.impair import main as impair_main
 
@@ -108,6 +109,9 @@ def test_rate_units(word: str, mbit: float) -> None:
         (["jitter=2ms"], r"jitter needs a delay"),
         (["seed=x"], r"'seed=x': seed must be a non-negative integer"),
         (["delay=1e999ms"], r"not finite"),
+        (["ecn"], r"ecn marks what loss= would drop"),
+        (["loss=1%", "ecn", "ecn"], r"'ecn': ecn given twice"),
+        (["ecn=1"], r"unknown key 'ecn'"),
     ],
 )
 def test_bad_words_are_named_in_the_error(words: list[str], message: str) -> None:
@@ -124,12 +128,13 @@ def shapes(draw: st.DrawFn) -> LinkShape:
     return LinkShape(
         delay_ms=delay,
         jitter_ms=draw(st.floats(0, 1e6, allow_nan=False)) if delay else 0.0,
-        loss_pct=draw(pct),
+        loss_pct=(loss := draw(pct)),
         reorder_pct=draw(pct) if delay else 0.0,
         duplicate_pct=draw(pct),
         corrupt_pct=draw(pct),
         rate_mbit=draw(st.one_of(st.none(), st.floats(1e-3, 1e6, allow_nan=False))),
         seed=draw(st.one_of(st.none(), st.integers(0, 2**63))),
+        ecn=draw(st.booleans()) if loss else False,
     )
 
 
@@ -209,6 +214,52 @@ def test_corrupt_100pct_replaces_the_payload_in_the_verdict() -> None:
     (action,) = decision.ready
     assert isinstance(action, Accept) and action.payload is not None
     assert action.payload != packet and action.payload[:20] == packet[:20]
+
+
+def with_tos(packet: bytes, tos: int) -> bytes:
+    """``packet`` with another TOS byte and its IPv4 header checksum redone."""
+    ip = bytearray(packet[:20])
+    ip[1] = tos
+    ip[10:12] = b"\0\0"
+    ip[10:12] = struct.pack("!H", 0xFFFF - ones_sum(bytes(ip)))
+    return bytes(ip) + packet[20:]
+
+
+def test_parse_reads_the_ecn_flag_as_netem_does() -> None:
+    shape = LinkShape.parse(["loss=2%", "ecn"])
+    assert shape == LinkShape(loss_pct=2, ecn=True)
+    assert str(shape) == "loss=2% ecn"
+
+
+@pytest.mark.parametrize("codepoint", [1, 2])
+def test_with_ecn_a_lost_ect_packet_is_marked_ce_instead(codepoint: int) -> None:
+    packet = with_tos(ipv4_tcp_packet(b"abc"), 0xB8 | codepoint)  # EF, ECT
+    engine = Impairment(LinkShape(loss_pct=100, ecn=True), random.Random(1))
+    decision = engine.on_packet(AB, 1, packet, now=0.0)
+    assert decision.marked and not decision.dropped
+    assert engine.counters[AB].marked == 1 and engine.counters[AB].dropped == 0
+    (action,) = decision.ready
+    assert isinstance(action, Accept) and action.payload is not None
+    marked = action.payload
+    assert marked[1] == 0xB8 | 3  # CE, DSCP kept
+    assert ones_sum(marked[:20]) == 0xFFFF  # the header checksum follows
+    assert marked[2:10] == packet[2:10] and marked[12:] == packet[12:]
+    assert tcp_checksum_ok(marked)
+
+
+def test_with_ecn_a_lost_not_ect_packet_is_still_dropped() -> None:
+    engine = Impairment(LinkShape(loss_pct=100, ecn=True), random.Random(1))
+    decision = engine.on_packet(AB, 1, ipv4_tcp_packet(b"abc"), now=0.0)
+    assert decision.dropped and decision.ready == (Drop(1),)
+    assert engine.counters[AB].dropped == 1 and engine.counters[AB].marked == 0
+
+
+def test_mark_ce_in_an_ipv6_traffic_class() -> None:
+    header = bytes([0x60 | 0x0B, 0x80 | 0x20]) + bytes(38)  # TC 0xB8 | ECT(0), flow 0
+    marked = mark_ce(header)
+    assert marked is not None and marked[0] == 0x6B and marked[1] == 0xB0
+    assert mark_ce(bytes([0x6B, 0x80]) + bytes(38)) is None  # Not-ECT
+    assert mark_ce(b"\x45") is None
 
 
 def test_corrupt_skips_a_packet_with_nothing_after_the_ip_header() -> None:
