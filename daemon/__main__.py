@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="ignore the SACK blocks peers send (NewReno recovery, RFC 6582) instead of RFC 6675;"
         " SACK is still negotiated and advertised (for A/B measurements)",
     )
+    p.add_argument(
+        "--no-ecn",
+        action="store_true",
+        help="neither request nor accept ECN (RFC 3168); spliced flows then carry none either",
+    )
     p.add_argument("--no-offload", action="store_true", help="plain TUN (no GSO/checksum offload)")
     p.add_argument(
         "--fastpath",
@@ -115,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         syn_backlog=args.syn_backlog,
         syn_cookies=not args.no_syn_cookies,
         sack_recovery=not args.no_sack_recovery,
+        ecn=not args.no_ecn,
     )
     cfg = DaemonConfig(
         tun_name=args.tun,

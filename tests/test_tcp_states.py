@@ -13,7 +13,7 @@ from daemon.tcp.config import TcpConfig
 from daemon.tcp.connection import TcpConnection
 from daemon.tcp.events import TcpEvent
 from daemon.tcp.state import TcpState
-from daemon.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpOptions, TcpSegment
+from daemon.wire.tcp import ACK, CWR, ECE, FIN, PSH, RST, SYN, TcpOptions, TcpSegment
 
 L = (bytes([198, 51, 100, 1]), 33000)
 R = (bytes([203, 0, 113, 9]), 80)
@@ -68,7 +68,7 @@ def test_active_open_sends_syn_with_our_options_and_syn_ack_establishes() -> Non
     conn = TcpConnection.connect(TcpConfig(rcv_wscale=3), L, R, iss=ISS, now=0.0)
     assert state(conn) is S.SYN_SENT
     syn = only(conn, 0.0)
-    assert syn.flags == SYN and syn.seq == ISS
+    assert syn.flags == SYN | ECE | CWR and syn.seq == ISS  # ECE|CWR: RFC 3168 6.1.1
     assert syn.options.mss == 1460 and syn.options.wscale == 3 and syn.options.sack_permitted
     assert syn.options.timestamp is not None
     tsval = syn.options.timestamp[0]
@@ -589,7 +589,7 @@ HELD = TcpConfig(timestamps=False, sack=True, msl=1.0, min_ack_delay=0.02)
 def held_open() -> TcpConnection:
     conn = TcpConnection.connect(HELD, L, R, iss=ISS, now=0.0)
     (syn,) = conn.poll_output(0.0)
-    assert syn.flags == SYN  # the SYN itself is never held
+    assert syn.flags & ~(ECE | CWR) == SYN  # the SYN itself is never held
     conn.on_segment(seg(PISS, ISS + 1, SYN | ACK, opts=TcpOptions(mss=1460)), 1.0)
     return conn
 

@@ -64,7 +64,7 @@ from daemon.wire.checksum import internet_checksum, pseudo_header_sum
 from daemon.wire.error import WireError
 from daemon.wire.icmp import FRAG_NEEDED, parse_unreachable
 from daemon.wire.ipv4 import Ipv4Packet
-from daemon.wire.tcp import TcpSegment, build_ipv4_tcp, parse_tcp
+from daemon.wire.tcp import CWR, TcpSegment, build_ipv4_tcp, parse_tcp
 from daemon.wire.vnet import F_DATA_VALID, F_NEEDS_CSUM, VnetHeader, vnet_header_for_tcp
 
 log = logging.getLogger("daemon")
@@ -395,6 +395,7 @@ class Daemon:
         except WireError as exc:
             self.counters["bad_checksum" if "checksum" in str(exc) else "malformed"] += 1
             return
+        seg.ecn = ip.ecn
         conn = self.flows.get((dst, seg.dst_port, src, seg.src_port))
         if conn is not None and conn.tcp.reopens_with(seg):
             self._free(conn)  # RFC 6191: TIME-WAIT ends, the SYN goes to the listener
@@ -452,15 +453,19 @@ class Daemon:
     def _write_segment(self, local: Endpoint, remote: Endpoint, seg: TcpSegment, mss: int) -> None:
         payload_len = len(seg.payload)
         if self.offload:
-            pkt = build_ipv4_tcp(seg, local[0], remote[0], partial_checksum=True)
+            pkt = build_ipv4_tcp(seg, local[0], remote[0], dscp_ecn=seg.ecn, partial_checksum=True)
             tcp_hlen = len(pkt) - IPV4_HEADER_LEN - payload_len
             hdr = vnet_header_for_tcp(
-                IPV4_HEADER_LEN, tcp_hlen, payload_len, mss or payload_len or 1
+                IPV4_HEADER_LEN,
+                tcp_hlen,
+                payload_len,
+                mss or payload_len or 1,
+                ecn=bool(seg.flags & CWR),  # SKB_GSO_TCP_ECN: CWR on the first piece only
             ).to_bytes()
             if mss and payload_len > mss:
                 self.counters["gso_out"] += 1
         else:
-            pkt = build_ipv4_tcp(seg, local[0], remote[0])
+            pkt = build_ipv4_tcp(seg, local[0], remote[0], dscp_ecn=seg.ecn)
             hdr = None
         try:
             self.tun.write(hdr, pkt)
@@ -1102,6 +1107,8 @@ class Daemon:
             "sack_retransmits": s.sack_retransmits,
             "lost_retransmits": s.lost_retransmits,
             "tlp_probes": s.tlp_probes,
+            "ecn_ce_received": s.ecn_ce_received,
+            "ecn_reductions": s.ecn_reductions,
             "retransmitted_bytes": s.retransmitted_bytes,
             "mss": t.snd_mss,
             "bytes_to_proxy": c.to_proxy,
@@ -1116,6 +1123,7 @@ class Daemon:
                 "wscale": [t.snd_wscale, t.rcv_wscale] if t.wscale_ok else None,
                 "sack": t.sack_ok,
                 "timestamps": t.ts_ok,
+                "ecn": t.ecn_ok,
             },
         }
 

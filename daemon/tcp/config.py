@@ -32,6 +32,13 @@ class TcpConfig:
     """Use received SACK blocks for loss recovery (RFC 6675); False: NewReno only."""
     timestamps: bool = True
     """Offer/accept the timestamps option (RFC 7323)."""
+    ecn: bool = True
+    """Request ECN on connect and accept it when a peer requests it (RFC 3168 6.1.1).
+
+    On by default so that a splice of two connections that both negotiated
+    it carries ECN end to end; a peer that does not answer the request
+    simply leaves the connection without it.
+    """
     rcv_buf: int = 256 * 1024
     """Receive buffer: in-order bytes not yet read plus the advertised window."""
     snd_buf: int = 256 * 1024

@@ -35,11 +35,18 @@ class NewReno:
     in_recovery: bool = False
     sack_recovery: bool = False  # this recovery is RFC 6675's (pipe), not NewReno's
     recover: int = 0  # RFC 6582: snd_max when recovery started (exclusive end)
+    ecn_recover: int = 0  # RFC 3168 6.1.2: snd_max at the last ECN reduction
     _ca_acked: int = 0  # bytes acked since the last cwnd step in CA
 
     @classmethod
     def create(cls, mss: int, initial_segments: int, abc_limit: int, iss: int) -> NewReno:
-        return cls(mss=mss, cwnd=initial_segments * mss, abc_limit=abc_limit, recover=iss)
+        return cls(
+            mss=mss,
+            cwnd=initial_segments * mss,
+            abc_limit=abc_limit,
+            recover=iss,
+            ecn_recover=iss,
+        )
 
     def on_new_ack(self, acked: int, ack: int, flight_before: int) -> bool:
         """``acked`` new bytes acknowledged up to ``ack``; True = retransmit at ``ack``.
@@ -110,6 +117,22 @@ class NewReno:
         self.recover = snd_max
         self.in_recovery = self.sack_recovery = True
         self.dupacks = 0
+        return True
+
+    def on_ecn_echo(self, snd_una: int, snd_max: int, flight: int) -> bool:
+        """An ACK with ECE (RFC 3168 6.1.2): halve the window; False if not now.
+
+        At most once per window of data (until what was outstanding at the
+        last reduction is acknowledged), and not during loss recovery, which
+        has reduced the window for this flight already.  No retransmission:
+        nothing was lost.
+        """
+        if self.in_recovery or not seq_ge(snd_una, self.ecn_recover):
+            return False
+        self.ssthresh = max(flight // 2, 2 * self.mss)
+        self.cwnd = self.ssthresh
+        self.ecn_recover = snd_max
+        self._ca_acked = 0
         return True
 
     def on_rto(self, flight: int, snd_max: int, first: bool) -> None:

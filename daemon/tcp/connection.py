@@ -61,7 +61,8 @@ lost once data sent after it is SACKed (6.2's rule, by send order).
 Known simplifications: no rescue retransmission (RFC 6675 NextSeg rule 4,
 a MAY), no time-based RACK loss detection (reordering window); no urgent
 data (the
-URG pointer is ignored, RFC 6093); no ECN; challenge ACKs are rate
+URG pointer is ignored, RFC 6093); classic ECN only (RFC 3168: ECT(0) on
+new data, ECE until CWR; no AccECN, RFC 9768); challenge ACKs are rate
 limited per connection, not per host (RFC 5961 7; ``TcpConfig``
 explains why); zero-window probes are zero-length segments with
 SEQ=SND.UNA-1, which every stack must answer with an ACK (RFC 9293 3.10.7.4
@@ -86,7 +87,8 @@ from daemon.tcp.rto import RtoEstimator
 from daemon.tcp.sack import DUP_THRESH, Scoreboard
 from daemon.tcp.seq import MASK, seq_ge, seq_gt, seq_in_window, seq_le, seq_lt, seq_sub
 from daemon.tcp.state import TcpState
-from daemon.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpOptions, TcpSegment
+from daemon.wire.ipv4 import ECN_CE, ECN_ECT0
+from daemon.wire.tcp import ACK, CWR, ECE, FIN, PSH, RST, SYN, TcpOptions, TcpSegment
 
 CLOSED = TcpState.CLOSED
 SYN_SENT = TcpState.SYN_SENT
@@ -143,6 +145,8 @@ class TcpStats:
     sack_retransmits: int = 0  # segments resent from the scoreboard in them
     lost_retransmits: int = 0  # retransmissions found lost in recovery (and resent)
     tlp_probes: int = 0  # tail loss probes sent (RFC 8985 7)
+    ecn_ce_received: int = 0  # segments that arrived marked CE (RFC 3168)
+    ecn_reductions: int = 0  # window halvings for ECN-Echo (RFC 3168 6.1.2)
 
 
 _TS_SECRET = secrets.token_bytes(32)
@@ -218,6 +222,13 @@ class TcpConnection:
     wscale_ok: bool = False
     sack_ok: bool = False
     ts_ok: bool = False
+    # RFC 3168: ECN negotiated in the handshake (6.1.1); CE seen, ECE to set
+    # on every ACK until the peer's CWR (6.1.3); our window halved for an
+    # ECE, CWR to set on the next new data (6.1.2).
+    ecn_ok: bool = False
+    _ece_pending: bool = field(init=False, default=False)
+    _ecn_requested: bool = field(init=False, default=False)
+    _cwr_pending: bool = field(init=False, default=False)
     ts_recent: int = 0
     ts_offset: int = 0
     _ts_sent: int | None = field(init=False, default=None)  # the newest TSval sent
@@ -338,7 +349,7 @@ class TcpConnection:
     def _init_send_space(self, iss: int) -> None:
         self.iss = self.snd_una = self.snd_nxt = self.snd_max = iss
         self.send_buf.seq = (iss + 1) & MASK
-        self.cc.recover = iss
+        self.cc.recover = self.cc.ecn_recover = iss
 
     def _on_peer_syn(self, seg: TcpSegment) -> None:
         """Record the peer's SYN: IRS and the options of RFC 7323 / 2018 / 9293 3.7.1."""
@@ -355,6 +366,9 @@ class TcpConnection:
             self.snd_wscale = self.rcv_wscale = 0
         self.sack_ok = c.sack and o.sack_permitted
         self.ts_ok = c.timestamps and o.timestamp is not None
+        if self.state is CLOSED:
+            # RFC 3168 6.1.1: an ECN-setup SYN has ECE and CWR both set.
+            self.ecn_ok = c.ecn and seg.flags & (ECE | CWR) == ECE | CWR
         if o.timestamp is not None:
             self.ts_recent = o.timestamp[0]
         self.peer_mss = o.mss if o.mss else DEFAULT_MSS
@@ -477,6 +491,9 @@ class TcpConnection:
         self.frozen = True
         self.delack_deadline = None
         self._ack_now = False
+        # The CE it echoed was on data the relay no longer answers for; from
+        # now on ECE and CWR cross the splice between the peers themselves.
+        self._ece_pending = self._cwr_pending = False
         return self.recv_buf.read(len(self.recv_buf))
 
     def thaw(
@@ -832,6 +849,17 @@ class TcpConnection:
             self._challenge_ack(now)
             return
 
+        if self.ecn_ok:
+            # RFC 3168 6.1.3: echo CE with ECE on every ACK until the peer's
+            # CWR says it reduced its window; a segment with both is new CE.
+            if flags & CWR:
+                self._ece_pending = False
+            if seg.ecn == ECN_CE:
+                self.stats.ecn_ce_received += 1
+                if not self._ece_pending:
+                    self._ack_now = True  # tell the sender at once, as Linux's quick ACK
+                self._ece_pending = True
+
         # Fifth: the ACK field.
         if not flags & ACK:
             return
@@ -853,6 +881,8 @@ class TcpConnection:
             st = self.state
         if not self._process_ack(seg, ack, now):
             return
+        if flags & ECE and self.ecn_ok:
+            self._on_ecn_echo()
         st = self.state
         if st is CLOSED:
             return
@@ -888,6 +918,8 @@ class TcpConnection:
         self._on_peer_syn(seg)
         self._mark_rx(now)
         if flags & ACK:
+            # RFC 3168 6.1.1: our ECN-setup SYN answered by ECE without CWR.
+            self.ecn_ok = self._ecn_requested and flags & (ECE | CWR) == ECE
             self.snd_wnd = seg.window  # a SYN's window is unscaled (RFC 7323 2.2)
             self._process_ack(seg, ack, now)
             self._established()
@@ -901,6 +933,18 @@ class TcpConnection:
             # Simultaneous open (RFC 9293 Figure 8): SYN-RECEIVED, send SYN,ACK.
             self.state = SYN_RECEIVED
             self.snd_nxt = self.iss
+
+    def _on_ecn_echo(self) -> None:
+        """RFC 3168 6.1.2: the peer saw CE on our data; halve once per window, then CWR.
+
+        CWR goes on the next new data even when this ECE found the window
+        already reduced (by an earlier ECE or a loss in the same flight):
+        the reduction it asks for has been made, and CWR ends the echo.
+        """
+        flight = seq_sub(self.snd_max, self.snd_una)
+        if self.cc.on_ecn_echo(self.snd_una, self.snd_max, flight):
+            self.stats.ecn_reductions += 1
+        self._cwr_pending = True
 
     def _established(self) -> None:
         # RFC 9293 3.10.4: a CLOSE queued in SYN-SENT/RECEIVED now takes effect.
@@ -1264,6 +1308,12 @@ class TcpConnection:
         window = min(self.recv_buf.free(), 0xFFFF)  # RFC 7323 2.2: unscaled in a SYN
         if self.state is SYN_SENT:
             flags = SYN
+            # RFC 3168 6.1.1: request ECN (ECE and CWR) on the first SYN only;
+            # 6.1.1.1 lets a retransmission go without, in case a middlebox
+            # drops ECN-setup SYNs (Linux's tcp_ecn_fallback does the same).
+            self._ecn_requested = c.ecn and self.snd_max == self.iss
+            if self._ecn_requested:
+                flags |= ECE | CWR
             opts.wscale = c.rcv_wscale
             opts.sack_permitted = c.sack
             if c.timestamps:
@@ -1272,6 +1322,8 @@ class TcpConnection:
         else:
             # RFC 7323 1.3 / RFC 2018 2: answer only options the peer offered.
             flags = SYN | ACK
+            if self.ecn_ok:
+                flags |= ECE  # RFC 3168 6.1.1: ECN-setup SYN-ACK (ECE, not CWR)
             if self.wscale_ok:
                 opts.wscale = self.rcv_wscale
             opts.sack_permitted = self.sack_ok
@@ -1440,11 +1492,20 @@ class TcpConnection:
                 self._rtt_time = now
         self.snd_nxt = end
         self._tlp_ref = now
+        new_data = n and not seq_lt(seq, self.snd_max)
         if seq_gt(end, self.snd_max):
             self.snd_max = end
         if self.rto_deadline is None:
             self.rto_deadline = now + self.rto.current()  # RFC 6298 5.1
-        return self._make(seq, flags, payload, now)
+        if new_data and self.ecn_ok and self._cwr_pending:
+            flags |= CWR  # RFC 3168 6.1.2: the first new data after the reduction
+            self._cwr_pending = False
+        seg = self._make(seq, flags, payload, now)
+        if new_data and self.ecn_ok:
+            # RFC 3168 6.1.4/6.1.5: ECT on new data only, never on pure ACKs,
+            # window probes or retransmissions.
+            seg.ecn = ECN_ECT0
+        return seg
 
     def _retransmit_first(self, now: float) -> None:
         """Send the first unacknowledged segment again (fast retransmit, partial ACK)."""
@@ -1471,6 +1532,8 @@ class TcpConnection:
         opts = TcpOptions()
         if flags & RST:
             return TcpSegment(self.local[1], self.remote[1], seq, 0, flags, 0, opts)
+        if self._ece_pending and flags & ACK:
+            flags |= ECE
         if self.ts_ok and now is not None:
             opts.timestamp = (self._tsval(now), self.ts_recent)
         if self.sack_ok and self.ooo:

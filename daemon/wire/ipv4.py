@@ -26,6 +26,11 @@ from daemon.wire.error import WireError
 
 HEADER_LEN = 20  # without options
 PROTO_TCP = 6
+# The ECN field (RFC 3168 5), the low two bits of the old TOS byte.
+ECN_NOT_ECT = 0
+ECN_ECT1 = 1
+ECN_ECT0 = 2
+ECN_CE = 3
 
 _FLAG_DF = 0x4000
 _FLAG_MF = 0x2000

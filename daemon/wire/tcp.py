@@ -73,6 +73,10 @@ class TcpSegment:
     options: TcpOptions = field(default_factory=TcpOptions)
     payload: bytes | memoryview = b""
     urgent: int = 0
+    # The IP header's ECN field (RFC 3168 5: 0 Not-ECT, 1 ECT(1), 2 ECT(0),
+    # 3 CE): not TCP's, but the endpoint's ECN logic reads it on arrival and
+    # chooses it on departure, so it travels with the segment.
+    ecn: int = 0
 
     @property
     def seg_len(self) -> int:
