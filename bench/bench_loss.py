@@ -9,8 +9,13 @@ the router and the plain (kernel TCP) SOCKS5 proxy on the same links for
 reference.  Rounds interleaved; every body is SHA-256 checked.  Prints the
 median seconds per mode and the ratio to the router.
 
+With ``--ecn`` the link CE-marks ECN-capable packets instead of dropping
+them (netem's ``ecn``) and the client asks for ECN (tcp_ecn=1): the
+daemon's sender then meets most congestion as ECN-Echo (RFC 3168), not
+loss; the spliced SOCKS5 is run too, ECN crossing the splice.
+
     sudo .venv/bin/python -m bench.bench_loss [--loss 2%] [--delay 5ms]
-        [--size 64M] [--repeat 3]
+        [--size 64M] [--repeat 3] [--ecn]
 
 A benchmark, not a test: tests/test_tcp_sack.py and the endpoint's loss
 test check the behaviour.
@@ -38,12 +43,14 @@ def main() -> int:
     ap.add_argument("--delay", default="5ms")
     ap.add_argument("--size", default="64M")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--ecn", action="store_true", help="mark instead of drop; clients ask for ECN")
     args = ap.parse_args()
     size = _size(args.size)
     tag = secrets.token_hex(2)
-    sack = Testbed("ls" + tag, msl=1.0)
-    reno = Testbed("lr" + tag, msl=1.0, daemon_args=("--no-sack-recovery",))
-    shape = f"loss={args.loss} delay={args.delay}"
+    sysctls = {"client": {"ecn": 1}} if args.ecn else {}
+    sack = Testbed("ls" + tag, msl=1.0, sysctls=sysctls)
+    reno = Testbed("lr" + tag, msl=1.0, daemon_args=("--no-sack-recovery",), sysctls=sysctls)
+    shape = f"loss={args.loss} delay={args.delay}" + (" ecn" if args.ecn else "")
     times: dict[str, list[float]] = {}
     try:
         for bed in (sack, reno):
@@ -57,6 +64,8 @@ def main() -> int:
                 ("endpoint-rfc6675", sack, ["--socks5", "{}:{}".format(*sack.endpoint_socks)]),
                 ("endpoint-newreno", reno, ["--socks5", "{}:{}".format(*reno.endpoint_socks)]),
             ]
+            if args.ecn:
+                runs.append(("spliced", sack, ["--socks5", "{}:{}".format(*sack.spliced_socks)]))
             for name, bed, proxy in runs:
                 t0 = time.monotonic()
                 rc, digest = curl_sha256(

@@ -239,11 +239,18 @@ def test_golden_packets_are_rewritten_as_translate_does(fp: FastPath, case: str)
         dict(wnd_in_shift=7, wnd_out_shift=0),
         dict(wnd_in_shift=0, wnd_out_shift=7),
         dict(seq_delta=-(2**33) + 5, ack_delta=2**32 + 9),
+        dict(ecn=True),
+        dict(ecn=False),
     ],
     ids=repr,
 )
 def test_every_translator_option_matches(fp: FastPath, changes: dict[str, object]) -> None:
-    packet = ip_tcp(options=ts_option(100, 200) + sack_option([(8000, 8500), (9100, 9900)]))
+    # CE with ECE and CWR: kept only where both connections negotiated ECN.
+    packet = ip_tcp(
+        options=ts_option(100, 200) + sack_option([(8000, 8500), (9100, 9900)]),
+        flags=ACK | ECE | CWR,
+        tos=0xB8 | 0x03,
+    )
     assert_same_as_translate(fp, translator(**changes), packet)
 
 
@@ -295,6 +302,7 @@ def option_layouts(draw: st.DrawFn) -> bytes:
     sack=st.booleans(),
     shifts=st.tuples(st.integers(0, 14), st.integers(0, 14)),
     mss_slack=st.integers(0, 3000),
+    ecn=st.booleans(),
 )
 def test_random_segments_are_rewritten_as_translate_does(
     fp: FastPath,
@@ -315,6 +323,7 @@ def test_random_segments_are_rewritten_as_translate_does(
     sack: bool,
     shifts: tuple[int, int],
     mss_slack: int,
+    ecn: bool,
 ) -> None:
     flags = ACK
     for f in extra_flags:
@@ -341,6 +350,7 @@ def test_random_segments_are_rewritten_as_translate_does(
         wnd_in_shift=shifts[0],
         wnd_out_shift=shifts[1],
         out_mss=min(max(payload_len, 1) + mss_slack, 0xFFFF),
+        ecn=ecn,
     )
     assert_same_as_translate(fp, t, packet)
 

@@ -256,6 +256,39 @@ def test_ecn_codepoint_and_ece_cwr_are_cleared_dscp_kept(offload: bool) -> None:
     assert seg.flags == ACK | PSH
 
 
+@MODES
+@pytest.mark.parametrize("codepoint", [0, 1, 2, 3])
+def test_with_ecn_on_both_sides_the_codepoint_ece_and_cwr_cross(
+    offload: bool, codepoint: int
+) -> None:
+    """RFC 3168 end to end: both connections negotiated ECN, so the marks mean the same there."""
+    t = translator(offload=offload, ecn=True)
+    pkt = packet(segment(flags=ACK | PSH | ECE | CWR), dscp_ecn=0xB8 | codepoint)
+    ip, seg = parse_checked(run(t, pkt)[0], t)
+    assert ip.dscp_ecn == 0xB8 | codepoint
+    assert seg.flags == ACK | PSH | ECE | CWR
+
+
+def test_with_ecn_a_cwr_super_packet_keeps_gso_ecn() -> None:
+    t = translator(offload=True, ecn=True)
+    seg = segment(flags=ACK | CWR, payload=bytes(5000))
+    vnet = vnet_header_for_tcp(20, 32, 5000, 1448, ecn=True)
+    hdr, _ = run(t, packet(seg, partial=True), vnet)[0]
+    assert hdr is not None
+    assert VnetHeader.parse(hdr).gso_type == GSO_TCPV4 | GSO_ECN  # CWR on the first piece only
+    hdr, _ = run(t, packet(segment(flags=ACK, payload=bytes(5000)), partial=True), vnet)[0]
+    assert hdr is not None and VnetHeader.parse(hdr).gso_type == GSO_TCPV4
+
+
+def test_with_ecn_a_cut_segment_carries_cwr_on_its_first_piece_only() -> None:
+    t = translator(offload=False, ecn=True, out_mss=1000)
+    out = run(t, packet(segment(flags=ACK | PSH | CWR, payload=bytes(2500)), dscp_ecn=2))
+    assert len(out) == 3
+    flags = [parse_checked(piece, t)[1].flags for piece in out]
+    assert flags == [ACK | CWR, ACK, ACK | PSH]
+    assert all(parse_checked(piece, t)[0].ecn == 2 for piece in out)  # ECT on every piece
+
+
 def test_gso_ecn_is_not_passed_on_once_cwr_is_cleared() -> None:
     t = translator(offload=True)
     seg = segment(flags=ACK | CWR, payload=bytes(5000))

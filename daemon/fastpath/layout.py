@@ -94,7 +94,8 @@ class SpliceXlate(ctypes.Structure):
         ("has_limit", ctypes.c_uint8),
         ("side", ctypes.c_uint8),
         ("state", ctypes.c_uint8),
-        ("_pad", ctypes.c_uint8 * 5),
+        ("ecn", ctypes.c_uint8),
+        ("_pad", ctypes.c_uint8 * 4),
         ("packets", ctypes.c_uint64),
         ("bytes", ctypes.c_uint64),
     ]
@@ -191,6 +192,7 @@ def encode(
         has_limit=limit is not None,
         side=SIDE_CODE[side],
         state=state_code(state),
+        ecn=t.ecn,
     )
 
 
@@ -235,4 +237,5 @@ def decode(v: SpliceXlate, offload: bool) -> Translator:
         offload=offload,
         tsecr_floor_in=v.tsecr_floor_in if v.has_tsecr_floor else None,
         tsecr_floor_out=v.tsecr_floor_out,
+        ecn=bool(v.ecn),
     )

@@ -307,16 +307,18 @@ static __always_inline int splice(struct __sk_buff *skb, int pulled)
 			w = 0xffff;
 	}
 	tcpb[12] &= 0xf0; /* AE (AccECN) and reserved bits */
-	tcpb[13] = flags & KEEP_FLAGS;
+	tcpb[13] = v->ecn ? flags : flags & KEEP_FLAGS; /* ECE, CWR: RFC 3168 */
 	tcp->window = bpf_htons(w);
 	acc = csum_step(acc, old, tcpw[3]);
 
-	/* IPv4 (5.2.1): addresses, TTL 64 (an endpoint, not a router), ECN off. */
+	/* IPv4 (5.2.1): addresses, TTL 64 (an endpoint, not a router), and
+	 * Not-ECT unless both connections negotiated ECN. */
 	acc_pseudo = csum_step(acc_pseudo, ip->saddr, v->saddr);
 	acc_pseudo = csum_step(acc_pseudo, ip->daddr, v->daddr);
 	ip->saddr = v->saddr;
 	ip->daddr = v->daddr;
-	ip->tos &= 0xfc;
+	if (!v->ecn)
+		ip->tos &= 0xfc;
 	ip->ttl = 64;
 	ip->check = 0;
 	ipsum = 0;

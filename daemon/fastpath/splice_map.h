@@ -80,7 +80,10 @@ struct splice_xlate {
 	 * splice from the map alone (daemon/fastpath/adopt.py). */
 	__u8 side;
 	__u8 state;
-	__u8 _pad[5];
+	/* 1: both connections negotiated ECN (RFC 3168): the IP ECN field,
+	 * ECE and CWR pass unchanged; 0: Not-ECT, ECE and CWR cleared. */
+	__u8 ecn;
+	__u8 _pad[4];
 	/* Written by the program only (atomic adds); payload bytes. */
 	__u64 packets;
 	__u64 bytes;

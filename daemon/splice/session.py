@@ -63,6 +63,7 @@ class Side:
     peer_wscale: int = 0  # the shift the peer scales its window fields by
     our_wscale: int = 0  # the shift the peer applies to *our* window fields
     snd_mss: int = 536  # the largest payload this side's peer accepts
+    ecn_ok: bool = False  # this side's handshake negotiated ECN (RFC 3168 6.1.1)
 
     @classmethod
     def of(cls, tcb: TcpConnection, now: float) -> Side:
@@ -79,6 +80,7 @@ class Side:
             peer_wscale=tcb.snd_wscale,
             our_wscale=tcb.rcv_wscale,
             snd_mss=tcb.snd_mss,
+            ecn_ok=tcb.ecn_ok,
         )
 
 
@@ -136,4 +138,7 @@ def _translator(src: Side, dst: Side, offload: bool) -> Translator:
         offload=offload,
         tsecr_floor_in=src.ts_sent,
         tsecr_floor_out=dst.ts_recv,
+        # RFC 3168 across the splice: the marks mean something on the other
+        # connection only if it negotiated ECN too (see the translator).
+        ecn=src.ecn_ok and dst.ecn_ok,
     )

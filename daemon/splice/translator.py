@@ -74,9 +74,17 @@ MSS (5.4.4): a payload longer than ``out_mss`` is cut, by the kernel (GSO,
 offload mode) or here (plain mode, the rare path).
 
 IPv4 (5.2.1): new addresses, TTL 64 (the daemon is an endpoint of both
-connections, not a router), ECN codepoint cleared together with TCP ECE,
-CWR and AE (the daemon's endpoints never negotiate ECN, so the marks of one
-connection mean nothing on the other), IP options removed.
+connections, not a router), IP options removed.
+
+ECN (RFC 3168).  When both connections negotiated ECN (``ecn``), the IP
+ECN field and TCP's ECE and CWR pass unchanged: a CE mark one link put on
+a data segment reaches the receiver on the other connection, its ECE
+reaches the sender, and the sender's CWR ends the echo, as if the two
+peers had one connection.  Otherwise the codepoint becomes Not-ECT and
+ECE and CWR are cleared: an ECT packet must not reach a peer that never
+agreed to ECN (6.1.1.1), and ECE or CWR would mean nothing to it.  The AE
+bit (AccECN) is always cleared; neither endpoint of the daemon's
+negotiates AccECN.
 
 Checksums.  In offload mode the output always carries NEEDS_CSUM with the
 pseudo-header sum in the TCP checksum field: O(1), and it makes any header
@@ -128,6 +136,8 @@ _PROTO_TCP = 6
 _TTL = 64
 _FRAG_BITS = 0x3FFF  # MF + fragment offset: any fragment
 _KEEP_FLAGS = 0x3F  # URG ACK PSH RST SYN FIN: ECE and CWR cleared (RFC 3168 6.1)
+_KEEP_FLAGS_ECN = 0xFF  # the same with ECE and CWR, when both sides negotiated ECN
+_CWR = 0x80
 _NOP_NOP_TS = 0x0101080A  # Linux's data-segment option layout (RFC 7323 appendix A)
 _NOPS = bytes([KIND_NOP]) * 40
 _NOP10 = _NOPS[:10]
@@ -193,6 +203,8 @@ class Translator:
     # time), so every TSecr on a link echoes a TSval of that link.
     tsecr_floor_in: int | None = None
     tsecr_floor_out: int = 0
+    # Both connections negotiated ECN: the IP ECN field, ECE and CWR pass.
+    ecn: bool = False
     # Derived once here so that translate() does no per-packet work for them.
     _addrs: bytes = field(init=False, repr=False, compare=False)
     _ip_base: int = field(init=False, repr=False, compare=False)
@@ -201,6 +213,8 @@ class Translator:
     _ts_strip: bool = field(init=False, repr=False, compare=False)
     _sack_map: bool = field(init=False, repr=False, compare=False)
     _sack_delta: int = field(init=False, repr=False, compare=False)
+    _tos_mask: int = field(init=False, repr=False, compare=False)
+    _flag_mask: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.src_addr) != 4 or len(self.dst_addr) != 4:
@@ -227,6 +241,8 @@ class Translator:
         # there is no mapping for them, so they go (5.4.3).
         setattr_(self, "_sack_map", self.sack and self.ack_delta is not None)
         setattr_(self, "_sack_delta", self.ack_delta or 0)
+        setattr_(self, "_tos_mask", 0xFF if self.ecn else 0xFC)  # else Not-ECT
+        setattr_(self, "_flag_mask", _KEEP_FLAGS_ECN if self.ecn else _KEEP_FLAGS)
 
 
 class SegmentInfo(NamedTuple):
@@ -364,8 +380,8 @@ def translate(
     if t.wnd_in_shift != t.wnd_out_shift:
         # 5.4.2 rescale, rounding down, and clamp (see the module docstring).
         window = min((window << t.wnd_in_shift) >> t.wnd_out_shift, _M16)
-    tos &= 0xFC  # RFC 3168 5: ECN codepoint to Not-ECT
-    flags &= _KEEP_FLAGS
+    tos &= t._tos_mask  # RFC 3168 5: Not-ECT unless both sides negotiated ECN
+    flags &= t._flag_mask
     tcp_len = total - 20
 
     if plain:
@@ -420,7 +436,9 @@ def translate(
     if seg_size > t.out_mss:
         seg_size = t.out_mss
     if payload_len > seg_size:
-        hdr = _VNET.pack(F_NEEDS_CSUM, GSO_TCPV4, hlen, seg_size, 20, TCP_CSUM_OFFSET)
+        # SKB_GSO_TCP_ECN: CWR goes on the first piece only.
+        gso = GSO_TCPV4 | GSO_ECN if flags & _CWR else GSO_TCPV4
+        hdr = _VNET.pack(F_NEEDS_CSUM, gso, hlen, seg_size, 20, TCP_CSUM_OFFSET)
     else:
         hdr = _VNET.pack(F_NEEDS_CSUM, GSO_NONE, hlen, 0, 20, TCP_CSUM_OFFSET)
     return [(hdr, packet)]
@@ -501,6 +519,8 @@ def _split(
         piece_flags = flags
         if start + size < payload_len:
             piece_flags &= ~(PSH | FIN)
+        if start:
+            piece_flags &= ~_CWR  # RFC 3168 6.1.2: once, on the first piece
         piece_urg = urg - start
         if not flags & URG or piece_urg <= 0:
             piece_flags &= ~URG
