@@ -1,12 +1,34 @@
-"""Path MTU discovery (RFC 1191, RFC 5927 4.1): ICMP parsing and the TCB's rule, no root."""
+"""Path MTU discovery (RFC 1191, RFC 5927 4.1): ICMP parsing, the TCB's rule and the
+relay's, no root (tests/test_pmtu_ns.py: spliced flows against Linux)."""
 
 from __future__ import annotations
 
 import struct
 
+from daemon.splice.state import Iface
 from daemon.tcp.connection import MIN_PATH_MTU
-from daemon.wire.icmp import FRAG_NEEDED, HOST_UNREACH, parse_unreachable
-from tests.test_splice_relay import C_ISS, CLIENT_PEER, DAEMON_C, T0, client_tcb
+from daemon.wire.checksum import internet_checksum
+from daemon.wire.icmp import FRAG_NEEDED, HOST_UNREACH, frag_needed, parse_unreachable
+from daemon.wire.ipv4 import Ipv4Packet
+from daemon.wire.tcp import ACK, PSH
+from tests.test_splice_relay import (
+    C_IRS,
+    C_ISS,
+    CLIENT_PEER,
+    DAEMON_C,
+    DAEMON_S,
+    S_IRS,
+    S_ISS,
+    SERVER_PEER,
+    T0,
+    client_tcb,
+    from_client,
+    from_server,
+    spliced,
+    writes,
+)
+
+CLIENT, SERVER = Iface.CLIENT, Iface.SERVER
 
 
 def icmp(code: int, mtu: int, seq: int) -> bytes:
@@ -54,3 +76,51 @@ def test_never_below_the_minimum_path_mtu_nor_upward() -> None:
     assert tcb.snd_mss == MIN_PATH_MTU - 52
     assert not tcb.on_path_mtu(1500, C_ISS + 1)  # an ICMP never raises it
     assert tcb.snd_mss == MIN_PATH_MTU - 52
+
+
+# --- spliced flows: the ICMP goes on to the peer whose segment it was ------------
+
+
+def test_frag_needed_is_built_as_a_router_would_and_parses_back() -> None:
+    icmp_packet = frag_needed(
+        DAEMON_C[0], CLIENT_PEER[0], 1200, CLIENT_PEER, DAEMON_C, 0xFFFFFFF0, 1500
+    )
+    ip = Ipv4Packet(icmp_packet)
+    assert ip.verify_checksum() and ip.protocol == 1
+    assert ip.src_addr == DAEMON_C[0] and ip.dst_addr == CLIENT_PEER[0]
+    assert internet_checksum(ip.payload) == 0
+    msg = parse_unreachable(ip.payload)
+    assert msg is not None and msg.code == FRAG_NEEDED and msg.mtu == 1200
+    assert (msg.src_addr, msg.src_port) == CLIENT_PEER and (msg.dst_addr, msg.dst_port) == DAEMON_C
+    assert msg.seq == 0xFFFFFFF0 and msg.quoted_len == 1500
+
+
+def test_a_relayed_segments_icmp_reaches_its_sender_in_its_own_sequence_space() -> None:
+    bed, _ = spliced(0)
+    pkt = from_client(bed, seq=C_IRS + 1, ack=C_ISS + 1, flags=ACK | PSH, payload=b"x" * 1000)
+    ((_, relayed),) = writes(bed.relay.on_packet(CLIENT, None, pkt, T0 + 0.01))
+    # The server's link answers the relayed segment (server space) ...
+    icmp_packet = bed.relay.frag_needed(SERVER, relayed.seq, 1200, 1052)
+    assert icmp_packet is not None
+    ip = Ipv4Packet(icmp_packet)
+    msg = parse_unreachable(ip.payload)
+    assert msg is not None
+    # ... and the client hears it from the address it connected to, about its own segment.
+    assert ip.src_addr == DAEMON_C[0] and ip.dst_addr == CLIENT_PEER[0]
+    assert (msg.src_addr, msg.src_port) == CLIENT_PEER and (msg.dst_addr, msg.dst_port) == DAEMON_C
+    assert msg.seq == C_IRS + 1 and msg.mtu == 1200 and msg.quoted_len == 1052
+    # The other way: a segment relayed to the client, its ICMP for the server.
+    pkt = from_server(bed, seq=S_IRS + 1, ack=S_ISS + 1001, flags=ACK | PSH, payload=b"y" * 500)
+    ((_, down),) = writes(bed.relay.on_packet(SERVER, None, pkt, T0 + 0.02))
+    back = bed.relay.frag_needed(CLIENT, down.seq, 1100, 552)
+    assert back is not None
+    ip = Ipv4Packet(back)
+    msg = parse_unreachable(ip.payload)
+    assert msg is not None and ip.src_addr == DAEMON_S[0] and ip.dst_addr == SERVER_PEER[0]
+    assert (msg.src_port, msg.dst_port, msg.seq) == (SERVER_PEER[1], DAEMON_S[1], S_IRS + 1)
+
+
+def test_while_a_side_still_drains_its_own_tcb_answers() -> None:
+    """PRE_SPLICED: what went out on that connection was the TCB's own (its PMTUD, above)."""
+    bed, _ = spliced(length=10)  # the client side waits for the proxy's 10 bytes
+    assert bed.relay.frag_needed(CLIENT, C_ISS + 1, 1200, 1500) is None

@@ -116,6 +116,7 @@ class SpliceStats(ctypes.Structure):
         ("punt_malformed", ctypes.c_uint64),
         ("dropped_rewrite_failed", ctypes.c_uint64),
         ("punt_limit", ctypes.c_uint64),
+        ("punt_mtu", ctypes.c_uint64),
     ]
 
 

@@ -172,7 +172,7 @@ static __always_inline int splice(struct __sk_buff *skb, int pulled)
 	struct splice_xlate *v;
 	struct splice_stats *st;
 	struct splice_key key;
-	__u32 total, doff, optlen, payload, nsack = 0, w, old, new;
+	__u32 total, doff, optlen, payload, nsack = 0, w, old, new, mtu_len;
 	__u64 acc = 0, acc_pseudo = 0, ipsum;
 	__u8 flags, vihl;
 	int has_ts = 0;
@@ -241,6 +241,15 @@ static __always_inline int splice(struct __sk_buff *skb, int pulled)
 	/* 5.4.4: the kernel cuts a GSO packet at gso_size on the way out. */
 	if (skb->gso_size ? skb->gso_size > v->out_mss : payload > v->out_mss)
 		return PUNT(punt_mss);
+
+	/* RFC 1191 for spliced flows: a packet the egress link cannot carry
+	 * (a link's MTU shrank after the handshake) goes the daemon's way,
+	 * where the kernel's forwarding answers it with "fragmentation needed"
+	 * and the daemon sends that on to this packet's sender.  Redirected,
+	 * it would be dropped without a word.  (No device: a test run.) */
+	mtu_len = 0;
+	if (bpf_check_mtu(skb, v->egress_ifindex, &mtu_len, 0, BPF_MTU_CHK_SEGS) > 0)
+		return PUNT(punt_mtu);
 
 	/* Only the daemon may decide what acknowledging its relayed FIN means
 	 * (and, for a bounded splice, the last byte before its limit). */

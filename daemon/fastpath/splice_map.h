@@ -102,6 +102,7 @@ struct splice_stats {
 	__u64 punt_malformed;              /* lengths that do not add up */
 	__u64 dropped_rewrite_failed;      /* a checksum helper failed mid-rewrite */
 	__u64 punt_limit;                  /* reaches a bounded splice's limit */
+	__u64 punt_mtu;                    /* too big for the egress link (RFC 1191) */
 };
 
 #endif /* SPLICE_MAP_H */

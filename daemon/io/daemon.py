@@ -213,7 +213,7 @@ class Daemon:
             "resets_sent": 0,
             "icmp_unreachable": 0,
             "pmtu_updates": 0,  # connections whose segment size ICMP lowered (RFC 1191)
-            "icmp_frag_needed_spliced": 0,  # for spliced flows: not translated back (yet)
+            "icmp_frag_needed_relayed": 0,  # for spliced flows: sent on to the peer
             "tun_write_drops": 0,
             "connections_opened": 0,
             "internal_errors": 0,
@@ -365,7 +365,7 @@ class Daemon:
             return
         proto = ip.protocol
         if proto == PROTO_ICMP:
-            self._on_icmp(ip.payload)
+            self._on_icmp(ip.payload, now)
             return
         if proto != PROTO_TCP:
             self.counters["not_tcp"] += 1
@@ -420,7 +420,7 @@ class Daemon:
         if reply is not None:
             self._write_segment((dst, seg.dst_port), (src, seg.src_port), reply, 0)
 
-    def _on_icmp(self, payload: memoryview) -> None:
+    def _on_icmp(self, payload: memoryview, now: float) -> None:
         msg = parse_unreachable(payload)
         if msg is None:
             return
@@ -428,12 +428,14 @@ class Daemon:
         key = (msg.src_addr, msg.src_port, msg.dst_addr, msg.dst_port)
         conn = self.flows.get(key)
         if msg.code == FRAG_NEEDED:
-            # RFC 1191: path MTU discovery, not an error.  A spliced flow's
-            # segments are its peers' (their own PMTUD would need the ICMP
-            # translated back to them: not done, counted).
+            # RFC 1191: path MTU discovery, not an error.  A relayed segment
+            # was a peer's: the peer gets the news (Relay.frag_needed).
+            icmp = self.splicer.frag_needed(key, msg, now)
+            if icmp is not None:
+                self.counters["icmp_frag_needed_relayed"] += 1
+                self.tun_write(None, icmp)
+                return
             if conn is None:
-                if key in self.splicer.flows:
-                    self.counters["icmp_frag_needed_spliced"] += 1
                 return
             if conn.tcp.on_path_mtu(msg.mtu, msg.seq):
                 self.counters["pmtu_updates"] += 1

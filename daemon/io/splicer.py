@@ -59,6 +59,7 @@ from daemon.splice.relay import (
 from daemon.splice.state import Iface, SpliceState
 from daemon.splice.translator import Translator
 from daemon.tcp.state import TcpState
+from daemon.wire.icmp import Unreachable
 from daemon.wire.vnet import VnetHeader
 
 if TYPE_CHECKING:
@@ -560,7 +561,10 @@ class Splicer:
         """A dormant splice's relay again, from its map entries, for the segment ``pkt``."""
         ihl = (pkt[0] & 0x0F) * 4
         sport, dport = struct.unpack_from("!HH", pkt, ihl)
-        key: RelayKey = (bytes(pkt[12:16]), sport, bytes(pkt[16:20]), dport)
+        return self._wake_key((bytes(pkt[12:16]), sport, bytes(pkt[16:20]), dport), now)
+
+    def _wake_key(self, key: RelayKey, now: float) -> Splice | None:
+        """A dormant splice's relay again, from its map entries; ``key``: a segment's 4-tuple."""
         local: LocalKey = (key[2], key[3], key[0], key[1])
         fp = self.fast_path
         v = fp.entry(key) if fp is not None else None
@@ -670,6 +674,15 @@ class Splicer:
             if sp is None:
                 return False  # its entries are gone: an unknown 4-tuple (a RST)
         keep = self.execute(sp, sp.relay.on_packet(iface, vnet, pkt, now))
+        self._sleep_again(sp)
+        return keep
+
+    def _sleep_again(self, sp: Splice) -> None:
+        """A compact splice that a punted segment did not move sleeps again.
+
+        (A retransmitted SYN-ACK, an unusual option, an ICMP.)  One that is
+        closing stays awake through its few remaining punts.
+        """
         if (
             sp.offloaded  # only the kernel's punts reach an offloaded splice here
             and sp.client is None
@@ -678,11 +691,26 @@ class Splicer:
             and sp.relay.pair.server is SpliceState.SPLICED
             and sp in self.splices
         ):
-            # A compact splice that a punted segment did not move (a
-            # retransmitted SYN-ACK, an unusual option) sleeps again; one
-            # that is closing stays awake through its few remaining punts.
             self._sleep(sp)
-        return keep
+
+    def frag_needed(self, local: LocalKey, msg: Unreachable, now: float) -> bytes | None:
+        """The ICMP for the peer of a spliced flow whose relayed segment was too big (RFC 1191).
+
+        ``local``: the connection the router's ICMP quotes (the daemon's
+        LocalKey order).  None if no splice relays onto it (yet): the
+        connection's own TCB then answers for its own segments.
+        """
+        hit = self.flows.get(local)
+        if hit is None:
+            return None
+        sp, iface = hit
+        if sp is None:
+            sp = self._wake_key((local[2], local[3], local[0], local[1]), now)
+            if sp is None:
+                return None
+        icmp = sp.relay.frag_needed(iface, msg.seq, msg.mtu, msg.quoted_len)
+        self._sleep_again(sp)
+        return icmp
 
     def _on_timer(self, sp: Splice, iface: Iface) -> None:
         self.execute(sp, sp.relay.on_timer(iface, time.monotonic()))

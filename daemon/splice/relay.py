@@ -88,6 +88,7 @@ from daemon.tcp.reassembly import ReassemblyQueue
 from daemon.tcp.seq import seq_ge, seq_gt, seq_lt, seq_sub
 from daemon.tcp.state import TcpState
 from daemon.wire.checksum import internet_checksum, pseudo_header_sum
+from daemon.wire.icmp import frag_needed
 from daemon.wire.tcp import ACK, FIN, RST, SYN, TcpSegment
 from daemon.wire.tcp_options import find_timestamp
 from daemon.wire.vnet import VnetHeader
@@ -960,6 +961,36 @@ class Relay:
         self.counters.resets_relayed += 1
         self._handle(src, Event.RESET, out, now)
         return out
+
+    def frag_needed(self, iface: Iface, seq: int, mtu: int, quoted_len: int) -> bytes | None:
+        """RFC 1191 for a spliced flow: the ICMP for the peer whose segment was too big.
+
+        A router on ``iface``'s path answered a segment relayed onto that
+        connection (sequence number ``seq`` there) with "fragmentation
+        needed".  The segment was the other connection's peer's, so that
+        peer must lower its segment size: it gets the same message, from
+        the daemon's address on its own connection, quoting the segment as
+        it sent it (4-tuple of its connection, ``seq`` mapped back through
+        the translation, 5.3).  The MTU passes unchanged: the translation
+        keeps a segment's length (options are mapped or NOPed in place, IP
+        options only removed).  None while ``iface``'s own TCB still sends
+        (PRE_SPLICED): then the segment was the TCB's, and the TCB's own
+        path MTU discovery answers it (``TcpConnection.on_path_mtu``).
+        """
+        out = self.side(iface)
+        src = self.server if iface is CLIENT else self.client
+        t = self.c2s if iface is SERVER else self.s2c
+        if out.tcb is not None or src is None or t is None:
+            return None
+        return frag_needed(
+            src.local[0],
+            src.remote[0],
+            mtu,
+            src.remote,
+            src.local,
+            (seq - t.seq_delta) & MASK,
+            quoted_len,
+        )
 
     def abort(self, now: float) -> list[Action]:
         """Reset both connections (a TCB gave up, or the daemon stops)."""

@@ -8,6 +8,9 @@ first 8 bytes of TCP (ports and sequence number), as RFC 792 guarantees.
 
 "Fragmentation needed and DF set" (code 4) carries the next hop's MTU
 (RFC 1191 4): path MTU discovery lowers the connection's segment size.
+For a spliced flow the segment was the other connection's peer's, so the
+daemon sends that peer its own fragmentation-needed (``frag_needed``),
+quoting the segment as the peer sent it, as a router on its path would.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from daemon.wire.checksum import internet_checksum
 from daemon.wire.error import WireError
 
 ICMP_DEST_UNREACH = 3
@@ -40,6 +44,7 @@ class Unreachable:
     dst_port: int
     seq: int
     mtu: int = 0  # code 4: the next-hop MTU (RFC 1191 4); 0 from an old router
+    quoted_len: int = 0  # the quoted packet's IPv4 total length
 
     @property
     def net(self) -> bool:
@@ -73,4 +78,42 @@ def parse_unreachable(icmp: bytes | bytearray | memoryview) -> Unreachable | Non
         dst_port=dport,
         seq=seq,
         mtu=mtu if buf[1] == FRAG_NEEDED else 0,
+        quoted_len=struct.unpack_from("!H", inner, 2)[0],
     )
+
+
+_IPV4 = struct.Struct("!BBHHHBBH4s4s")
+
+
+def _ipv4_header(src: bytes, dst: bytes, total: int, protocol: int, df: bool) -> bytes:
+    """A 20-byte IPv4 header, TTL 64, with its checksum."""
+    frag = 0x4000 if df else 0
+    head = bytearray(_IPV4.pack(0x45, 0, total, 0, frag, 64, protocol, 0, src, dst))
+    struct.pack_into("!H", head, 10, internet_checksum(head))
+    return bytes(head)
+
+
+def frag_needed(
+    src: bytes,
+    dst: bytes,
+    mtu: int,
+    quoted_src: tuple[bytes, int],
+    quoted_dst: tuple[bytes, int],
+    quoted_seq: int,
+    quoted_len: int,
+) -> bytes:
+    """An IPv4 ICMP "fragmentation needed and DF set" (RFC 792, RFC 1191 4), from src to dst.
+
+    It quotes a TCP segment from ``quoted_src`` to ``quoted_dst`` with
+    sequence number ``quoted_seq`` and IPv4 total length ``quoted_len``:
+    its IP header and the first 8 bytes of TCP (ports and sequence number),
+    which is all RFC 792 promises and all a receiver (RFC 5927 4.1, Linux's
+    tcp_v4_err) reads.
+    """
+    # DF: the quoted segment had it, or there would be no such ICMP.
+    quoted = _ipv4_header(quoted_src[0], quoted_dst[0], quoted_len, 6, True) + struct.pack(
+        "!HHI", quoted_src[1], quoted_dst[1], quoted_seq & 0xFFFFFFFF
+    )
+    icmp = bytearray(struct.pack("!BBHHH", ICMP_DEST_UNREACH, FRAG_NEEDED, 0, 0, mtu) + quoted)
+    struct.pack_into("!H", icmp, 2, internet_checksum(icmp))
+    return _ipv4_header(src, dst, 20 + len(icmp), 1, False) + bytes(icmp)
