@@ -325,17 +325,18 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise _Stop
 
 
-def serve(listener: socket.socket, config: ProxyConfig, wake: socket.socket) -> None:
-    """Accept until a signal handler raises; each client gets its own thread.
+def serve(listeners: list[socket.socket], config: ProxyConfig, wake: socket.socket) -> None:
+    """Accept on every listener until a signal handler raises; each client gets its own thread.
 
     `wake` is the read end of the signal wakeup fd (signal.set_wakeup_fd): a
     SIGTERM the kernel gives to a client's thread, or one that lands just
     before the main thread blocks, runs its Python handler only once the main
     thread wakes, which a blocking accept() might never do.
     """
-    listener.setblocking(False)
     with selectors.DefaultSelector() as selector:
-        selector.register(listener, selectors.EVENT_READ)
+        for listener in listeners:
+            listener.setblocking(False)
+            selector.register(listener, selectors.EVENT_READ)
         selector.register(wake, selectors.EVENT_READ)
         while True:
             for key, _ in selector.select():
@@ -345,8 +346,10 @@ def serve(listener: socket.socket, config: ProxyConfig, wake: socket.socket) -> 
                     with contextlib.suppress(BlockingIOError):
                         wake.recv(4096)
                     continue
+                ready = key.fileobj
+                assert isinstance(ready, socket.socket)
                 try:
-                    client, peer = listener.accept()
+                    client, peer = ready.accept()
                 except (BlockingIOError, ConnectionAbortedError):
                     continue
                 client.setblocking(True)
@@ -363,7 +366,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m proxies.socks5", description="Plain copy-loop SOCKS5 proxy (CONNECT)."
     )
-    parser.add_argument("--listen", type=parse_listen, required=True, metavar="ADDR:PORT")
+    parser.add_argument(
+        "--listen",
+        type=parse_listen,
+        required=True,
+        action="append",
+        metavar="ADDR:PORT",
+        help="where to listen; again for another address ([v6]:port, say)",
+    )
     parser.add_argument("--user", help="require RFC 1929 username/password")
     parser.add_argument("--password")
     parser.add_argument("--connect-timeout", type=float, default=10.0, metavar="S")
@@ -389,12 +399,15 @@ def main(argv: list[str] | None = None) -> int:
         copy = CopyStrategy.BUFFER
     config = ProxyConfig(credentials, args.connect_timeout, copy)
 
-    host, port = args.listen
-    try:
-        listener = open_listener(args.listen)
-    except OSError as exc:
-        print(f"socks5: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
-        return 1
+    listeners: list[socket.socket] = []
+    for host, port in args.listen:
+        try:
+            listeners.append(open_listener((host, port)))
+        except OSError as exc:
+            print(f"socks5: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+            for listener in listeners:
+                listener.close()
+            return 1
     threading.stack_size(THREAD_STACK_SIZE)
     wake, woken = socket.socketpair()
     woken.setblocking(False)
@@ -403,13 +416,15 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:  # from here on a SIGTERM may land anywhere, so everything is inside the try
         print("ready", flush=True)
-        log.info("listening on %s:%d, copy=%s", host, port, config.copy.value)
-        serve(listener, config, wake)
+        where = ", ".join(f"{h}:{p}" for h, p in args.listen)
+        log.info("listening on %s, copy=%s", where, config.copy.value)
+        serve(listeners, config, wake)
     except (_Stop, KeyboardInterrupt):
         log.info("stopping")
     finally:
         signal.set_wakeup_fd(-1)
-        listener.close()
+        for listener in listeners:
+            listener.close()
         wake.close()
         woken.close()
     return 0

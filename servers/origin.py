@@ -245,7 +245,11 @@ class OriginServer:
         log: TextIO | None = sys.stderr,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         congestion: str | None = None,
+        more_listen: Sequence[tuple[str, int]] = (),
+        more_sink_listen: Sequence[tuple[str, int]] = (),
     ) -> None:
+        """``more_listen`` / ``more_sink_listen``: further addresses for either service
+        (another family, say); ``http_address`` and ``sink_address`` name the first."""
         self.seed = seed
         self.congestion = congestion
         self.idle_timeout = idle_timeout
@@ -263,7 +267,10 @@ class OriginServer:
         self._wakes_on_signals = False
         try:
             self.http = self._listen(listen)
+            self._http_listeners = {self.http} | {self._listen(a) for a in more_listen}
             self.sink = self._listen(sink_listen) if sink_listen else None
+            for address in more_sink_listen:
+                self._listen(address)
             self._memfd = pattern_memfd(seed)
         except BaseException:
             self.close()
@@ -273,6 +280,16 @@ class OriginServer:
     def http_address(self) -> tuple[str, int]:
         host, port = self.http.getsockname()[:2]
         return host, port
+
+    def listening(self) -> dict[str, list[str]]:
+        """Every address each service listens on, as ADDR:PORT text (the real ports)."""
+        out: dict[str, list[str]] = {"http": [], "sink": []}
+        for sock in self._listeners:
+            host, port = sock.getsockname()[:2]
+            out["http" if sock in self._http_listeners else "sink"].append(
+                format_host_port(host, port)
+            )
+        return out
 
     @property
     def sink_address(self) -> tuple[str, int] | None:
@@ -370,7 +387,7 @@ class OriginServer:
             # EMFILE and friends: log and keep serving what we can.
             self._log.write(f"origin: accept failed: {e}")
             return
-        if listener is self.http:
+        if listener in self._http_listeners:
             self.counter.count_connection()
             handler = self._serve_http
         else:
@@ -800,9 +817,19 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m servers.origin", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
-        "--listen", required=True, metavar="ADDR:PORT", help="HTTP/1.1 listen address"
+        "--listen",
+        required=True,
+        action="append",
+        metavar="ADDR:PORT",
+        help="HTTP/1.1 listen address; again for another ([v6]:port, say)",
     )
-    parser.add_argument("--sink-listen", metavar="ADDR:PORT", help="raw sink listen address")
+    parser.add_argument(
+        "--sink-listen",
+        action="append",
+        default=[],
+        metavar="ADDR:PORT",
+        help="raw sink listen address; again for another",
+    )
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="pattern seed (default 1)")
     parser.add_argument(
         "--idle-timeout",
@@ -817,15 +844,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        listen = parse_host_port(args.listen)
-        sink_listen = parse_host_port(args.sink_listen) if args.sink_listen else None
+        listen = [parse_host_port(a) for a in args.listen]
+        sink_listen = [parse_host_port(a) for a in args.sink_listen]
     except ValueError as e:
         parser.error(str(e))
 
     try:
         server = OriginServer(
-            listen,
-            sink_listen,
+            listen[0],
+            sink_listen[0] if sink_listen else None,
+            more_listen=listen[1:],
+            more_sink_listen=sink_listen[1:],
             seed=args.seed,
             log=None if args.quiet else sys.stderr,
             idle_timeout=args.idle_timeout,
@@ -843,11 +872,9 @@ def main(argv: list[str] | None = None) -> int:
     server.wake_on_signals()
     if not args.quiet:
         # The real ports, for whoever asked for port 0.
-        sink = server.sink_address
-        sink_text = f", raw sink on {format_host_port(*sink)}" if sink else ""
-        print(
-            f"origin: HTTP on {format_host_port(*server.http_address)}{sink_text}", file=sys.stderr
-        )
+        names = server.listening()
+        sink_text = f", raw sink on {', '.join(names['sink'])}" if names["sink"] else ""
+        print(f"origin: HTTP on {', '.join(names['http'])}{sink_text}", file=sys.stderr)
     print("ready", flush=True)
     try:
         server.serve_forever()

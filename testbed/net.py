@@ -19,6 +19,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -87,10 +88,16 @@ class Host:
     role: str
     ns: str
     addrs: tuple[str, ...]
+    addrs6: tuple[str, ...] = ()
 
     @property
     def addr(self) -> str:
         return self.addrs[0]
+
+    @property
+    def addr6(self) -> str:
+        """The host's first IPv6 address (every link is dual-stack)."""
+        return self.addrs6[0]
 
     def cmd(
         self, argv: Sequence[str] | str, *, check: bool = False, timeout: float | None = 60
@@ -288,10 +295,10 @@ class Testbed:
             self.topology.host(role)
         except KeyError as exc:
             raise TestbedError(str(exc.args[0])) from None
-        addrs = [
-            s.a_addr if s.a == role else s.b_addr for s in self.topology.links if role in (s.a, s.b)
-        ]
-        return Host(role, ns_name(self.prefix, role), tuple(addrs))
+        links = [s for s in self.topology.links if role in (s.a, s.b)]
+        addrs = [s.a_addr if s.a == role else s.b_addr for s in links]
+        addrs6 = [s.a_addr6 if s.a == role else s.b_addr6 for s in links]
+        return Host(role, ns_name(self.prefix, role), tuple(addrs), tuple(a for a in addrs6 if a))
 
     def link(self, name: str) -> Link:
         try:
@@ -309,9 +316,23 @@ class Testbed:
         return (self.host("server").addr, SINK_PORT)
 
     @property
+    def origin6(self) -> tuple[str, int]:
+        """The origin's HTTP service at its IPv6 address."""
+        return (self.host("server").addr6, ORIGIN_PORT)
+
+    @property
+    def sink6(self) -> tuple[str, int]:
+        return (self.host("server").addr6, SINK_PORT)
+
+    @property
     def socks(self) -> tuple[str, int]:
         """The plain (copy-loop, kernel sockets) SOCKS5 proxy."""
         return (self.topology.gateways["client"], SOCKS_PORT)
+
+    @property
+    def socks6(self) -> tuple[str, int]:
+        """The plain SOCKS5 proxy at the proxy's IPv6 address on the client link."""
+        return (self.topology.gateways6["client"], SOCKS_PORT)
 
     @property
     def spliced_socks(self) -> tuple[str, int]:
@@ -353,11 +374,17 @@ class Testbed:
                 done.append(f"namespace {name}")
         for h in self.topology.hosts:
             ns = ns_name(self.prefix, h.role)
+            # Before any link exists, so that every interface inherits it: no
+            # duplicate address detection (addresses usable at once, not after
+            # ~2 s of DAD; nothing else is on these links).
+            for conf in ("all", "default"):
+                netns.write_sysctl(ns, f"net.ipv6.conf.{conf}.accept_dad", 0)
             with NetNS(ns) as ipr:
                 idx = _link_index(ipr, "lo")
                 ipr.link("set", index=idx, state="up")
             if h.forwarding:
                 netns.write_sysctl(ns, "net.ipv4.ip_forward", 1)
+                netns.write_sysctl(ns, "net.ipv6.conf.all.forwarding", 1)
         for spec in self.topology.links:
             if self._build_link(spec):
                 done.append(f"link {spec.name}")
@@ -365,6 +392,10 @@ class Testbed:
             with NetNS(ns_name(self.prefix, role)) as ipr:
                 if not ipr.get_default_routes(family=2):
                     ipr.route("add", dst="0.0.0.0/0", gateway=gw)
+        for role, gw6 in self.topology.gateways6.items():
+            with NetNS(ns_name(self.prefix, role)) as ipr:
+                if not ipr.get_default_routes(family=socket.AF_INET6):
+                    ipr.route("add", dst="::/0", gateway=gw6, family=socket.AF_INET6)
         for role, values in self.sysctls.items():
             for key, value in values.items():
                 netns.write_sysctl(ns_name(self.prefix, role), TCP_SYSCTLS.get(key, key), value)
@@ -412,13 +443,19 @@ class Testbed:
             ipr.link("set", index=br, mtu=mtu, state="up")
             lo = _link_index(ipr, "lo")
             ipr.link("set", index=lo, state="up")
-        for ns, dev, addr in ((a_ns, a_if, spec.a_addr), (b_ns, b_if, spec.b_addr)):
+        ends = ((a_ns, a_if, spec.a_addr, spec.a_addr6), (b_ns, b_if, spec.b_addr, spec.b_addr6))
+        for ns, dev, addr, addr6 in ends:
             with NetNS(ns) as ipr:
                 idx = _link_index(ipr, dev)
                 ipr.link("set", index=idx, mtu=mtu, state="up")
                 have = {a.get("address") for a in ipr.get_addr(index=idx, family=2)}
                 if addr not in have:
                     ipr.addr("add", index=idx, address=addr, prefixlen=spec.prefixlen)
+                if addr6 is None:
+                    continue
+                have6 = {a.get("address") for a in ipr.get_addr(index=idx, family=socket.AF_INET6)}
+                if addr6 not in have6:
+                    ipr.addr("add", index=idx, address=addr6, prefixlen=spec.prefixlen6)
         return rebuilt
 
     def start_services(self) -> list[str]:
@@ -436,14 +473,26 @@ class Testbed:
                     "--quiet",
                     "--listen",
                     f"{origin[0]}:{origin[1]}",
+                    "--listen",
+                    "[{}]:{}".format(*self.origin6),
                     "--sink-listen",
                     f"{sink[0]}:{sink[1]}",
+                    "--sink-listen",
+                    "[{}]:{}".format(*self.sink6),
                     *self.origin_args,
                 ],
             ),
             "socks5": (
                 proxy_ns,
-                [sys.executable, "-m", "proxies.socks5", "--listen", f"{socks[0]}:{socks[1]}"],
+                [
+                    sys.executable,
+                    "-m",
+                    "proxies.socks5",
+                    "--listen",
+                    f"{socks[0]}:{socks[1]}",
+                    "--listen",
+                    "[{}]:{}".format(*self.socks6),
+                ],
             ),
         }
         # The splice daemon (its TUN routes SPLICE_NET in the proxy namespace)
@@ -547,6 +596,7 @@ class Testbed:
                 "namespace": host.ns,
                 "present": netns.exists(host.ns),
                 "addresses": list(host.addrs),
+                "addresses6": list(host.addrs6),
             }
         info["links"] = {}
         for spec in self.topology.links:
@@ -574,21 +624,22 @@ class Testbed:
     def describe(self) -> str:
         """What is where, and commands to try (printed by `testbed up`)."""
         client, server, proxy = self.host("client"), self.host("server"), self.host("proxy")
-        ox, ss = self.origin, self.socks
+        ox, ss, ox6, ss6 = self.origin, self.socks, self.origin6, self.socks6
         lines = [
             f"testbed {self.prefix!r} is up (run dir {self.run_dir})",
-            f"  client  {client.ns:<22} {client.addr}",
+            f"  client  {client.ns:<22} {client.addr}, {client.addr6}",
             f"  proxy   {proxy.ns:<22} {' | '.join(proxy.addrs)}"
-            f"  (forwarding; splice net {SPLICE_NET})",
-            f"  server  {server.ns:<22} {server.addr}",
+            f"  (forwarding both families; splice net {SPLICE_NET}, IPv4 only)",
+            f"  {'':<30} {' | '.join(proxy.addrs6)}",
+            f"  server  {server.ns:<22} {server.addr}, {server.addr6}",
             "  links   "
             + ", ".join(
                 f"{s.name} (wire {wire_ns_name(self.prefix, s)})" for s in self.topology.links
             ),
             "services:",
-            f"  origin HTTP/1.1  http://{ox[0]}:{ox[1]}/bytes/N"
+            f"  origin HTTP/1.1  http://{ox[0]}:{ox[1]}/bytes/N, http://[{ox6[0]}]:{ox6[1]}/..."
             f"   (upload: POST /sink; raw sink :{SINK_PORT})",
-            f"  plain SOCKS5     {ss[0]}:{ss[1]}",
+            f"  plain SOCKS5     {ss[0]}:{ss[1]}, [{ss6[0]}]:{ss6[1]}",
             f"  splice daemon    TUN {tun_name(self.prefix)}, API {self.daemon_socket}",
             f"  spliced SOCKS5   {self.spliced_socks[0]}:{self.spliced_socks[1]}"
             "  (thesis Fig. 4.2: the daemon relays after the reply)",
@@ -602,6 +653,8 @@ class Testbed:
             f"  ip netns exec {client.ns} curl -s http://{ox[0]}/bytes/1048576 | sha256sum",
             f"  ip netns exec {client.ns} curl -s --socks5 {ss[0]}:{ss[1]}"
             f" http://{ox[0]}/bytes/1048576 | sha256sum",
+            f"  ip netns exec {client.ns} curl -s -6 --socks5 [{ss6[0]}]:{ss6[1]}"
+            f" 'http://[{ox6[0]}]/bytes/1048576' | sha256sum",
             f"  ip netns exec {client.ns} curl -s --socks5 {SPLICE_SERVICE}:{SOCKS_PORT}"
             f" http://{ox[0]}/bytes/1048576 | sha256sum",
             f"  ip netns exec {client.ns} curl -s -x http://{SPLICE_SERVICE}:{HTTP_PROXY_PORT}"

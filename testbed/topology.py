@@ -2,6 +2,10 @@
 
     client ===[wire cp]=== proxy ===[wire ps]=== server
   192.0.2.2          192.0.2.1 | 203.0.113.1         203.0.113.2
+  2001:db8:c::2   2001:db8:c::1 | 2001:db8:5::1     2001:db8:5::2
+
+Every link is dual-stack: an IPv4 /24 and an IPv6 /64 of the documentation
+prefixes (RFC 5737, RFC 3849), and the proxy forwards both families.
 
 Every link runs through a *wire*: a namespace holding a Linux bridge with
 two veth ports.  The wire is where link shaping happens (delay, loss, rate,
@@ -34,6 +38,9 @@ SERVER_NET = "203.0.113.0/24"
 SPLICE_NET = "198.51.100.0/24"  # routed into the splice daemon's TUN
 SPLICE_SERVICE = "198.51.100.1"  # where proxies attached to the daemon listen
 SPLICE_SOURCE = "198.51.100.2"  # source address of the daemon's server-side connections
+# IPv6 (RFC 3849): one /64 per link, beside the IPv4 /24.
+CLIENT_NET6 = "2001:db8:c::/64"
+SERVER_NET6 = "2001:db8:5::/64"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +51,7 @@ class HostSpec:
 
 @dataclass(frozen=True, slots=True)
 class LinkSpec:
-    """A link between two hosts, with its two addresses (one /24 per link)."""
+    """A link between two hosts, with its two addresses in each family (a /24, a /64)."""
 
     name: str  # "client-proxy"
     short: str  # "cp": names the wire namespace and the interfaces
@@ -53,14 +60,18 @@ class LinkSpec:
     a_addr: str
     b_addr: str
     prefixlen: int = 24
+    a_addr6: str | None = None
+    b_addr6: str | None = None
+    prefixlen6: int = 64
 
 
 @dataclass(frozen=True, slots=True)
 class Topology:
     hosts: tuple[HostSpec, ...]
     links: tuple[LinkSpec, ...]
-    # Default gateways: host role -> gateway address.
+    # Default gateways: host role -> gateway address, per family.
     gateways: dict[str, str] = field(default_factory=dict)
+    gateways6: dict[str, str] = field(default_factory=dict)
 
     def link(self, name: str) -> LinkSpec:
         for spec in self.links:
@@ -80,10 +91,29 @@ class Topology:
 THESIS = Topology(
     hosts=(HostSpec("client"), HostSpec("proxy", forwarding=True), HostSpec("server")),
     links=(
-        LinkSpec("client-proxy", "cp", "client", "proxy", "192.0.2.2", "192.0.2.1"),
-        LinkSpec("proxy-server", "ps", "proxy", "server", "203.0.113.1", "203.0.113.2"),
+        LinkSpec(
+            "client-proxy",
+            "cp",
+            "client",
+            "proxy",
+            "192.0.2.2",
+            "192.0.2.1",
+            a_addr6="2001:db8:c::2",
+            b_addr6="2001:db8:c::1",
+        ),
+        LinkSpec(
+            "proxy-server",
+            "ps",
+            "proxy",
+            "server",
+            "203.0.113.1",
+            "203.0.113.2",
+            a_addr6="2001:db8:5::1",
+            b_addr6="2001:db8:5::2",
+        ),
     ),
     gateways={"client": "192.0.2.1", "server": "203.0.113.1"},
+    gateways6={"client": "2001:db8:c::1", "server": "2001:db8:5::1"},
 )
 
 

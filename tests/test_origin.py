@@ -543,6 +543,33 @@ def test_port_already_taken_exits_non_zero_with_a_clear_message() -> None:
     assert "in use" in done.stderr
 
 
+def free_port6() -> int:
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_more_listen_addresses_serve_both_families() -> None:
+    """``--listen`` and ``--sink-listen`` again: the testbed's dual-stack origin."""
+    http6, sink6 = free_port6(), free_port6()
+    server = start_origin("--listen", f"[::1]:{http6}", "--sink-listen", f"[::1]:{sink6}")
+    try:
+        assert get(server, "/bytes/100")[1] == pattern_bytes(SEED, 100)
+        six = Origin(server.process, ("::1", http6), ("::1", sink6))
+        assert get(six, "/bytes/100")[1] == pattern_bytes(SEED, 100)
+        with socket.create_connection(("::1", sink6), timeout=10) as sink:
+            sink.sendall(b"abc")
+            sink.shutdown(socket.SHUT_WR)
+            assert sink.recv(100).strip() == hashlib.sha256(b"abc").hexdigest().encode()
+        server.process.send_signal(signal.SIGTERM)
+        _, err = server.process.communicate(timeout=10)
+    finally:
+        assert stop_origin(server) == 0
+    first = err.splitlines()[0]  # the banner names every address
+    assert f"[::1]:{http6}" in first and f"[::1]:{sink6}" in first
+
+
 def test_request_log_names_each_request_and_status() -> None:
     server = start_origin()
     get(server, "/bytes/5")

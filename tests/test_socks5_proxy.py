@@ -452,6 +452,16 @@ def test_sigterm_exits_cleanly_and_frees_the_port() -> None:
         again.bind((LOOPBACK, proxy.port))  # raises if the listener were still open
 
 
+def test_listen_again_for_another_family(origin: int) -> None:
+    with socket.socket(socket.AF_INET6) as probe:
+        probe.bind(("::1", 0))
+        port6 = probe.getsockname()[1]
+    with running_proxy("--listen", f"[::1]:{port6}") as proxy:
+        url = f"http://{LOOPBACK}:{origin}/4321"
+        for socks in (f"{LOOPBACK}:{proxy.port}", f"[::1]:{port6}"):
+            assert curl("--socks5", socks, url).stdout == payload(4321)
+
+
 def test_sigterm_taken_by_a_client_thread_still_stops_the_proxy() -> None:
     """Linux may give a process-directed SIGTERM to any thread; the main one must still wake.
 

@@ -1,7 +1,9 @@
 """Transfers across the testbed with the kernel's own TCP at both ends.
 
 Router path (the proxy namespace forwards) and plain SOCKS5 path, with curl
-as a real client and with our load client; content is always checked.
+as a real client and with our load client; content is always checked.  The
+testbed is dual-stack: the paths are checked over IPv6 too, and the plain
+SOCKS5 joins the two families (copying, as any proxy can).
 """
 
 from __future__ import annotations
@@ -28,23 +30,76 @@ from tests.helpers import (
 pytestmark = pytest.mark.root
 
 SIZES = [1024, 1 << 20, 64 << 20]
+FAMILIES = [4, 6]
 
 
+def hostport(address: tuple[str, int]) -> str:
+    """ADDR:PORT, with an IPv6 address in brackets (RFC 3986 3.2.2)."""
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def origin_of(tb: Testbed, family: int) -> tuple[str, int]:
+    return tb.origin6 if family == 6 else tb.origin
+
+
+def socks_of(tb: Testbed, family: int) -> tuple[str, int]:
+    return tb.socks6 if family == 6 else tb.socks
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("size", SIZES)
-def test_router_path_delivers_intact_with_curl(testbed: Testbed, size: int) -> None:
-    ip, port = testbed.origin
-    rc, digest = curl_sha256(testbed.host("client"), f"http://{ip}:{port}/bytes/{size}")
+def test_router_path_delivers_intact_with_curl(testbed: Testbed, size: int, family: int) -> None:
+    url = f"http://{hostport(origin_of(testbed, family))}/bytes/{size}"
+    rc, digest = curl_sha256(testbed.host("client"), url, f"-{family}")
     assert rc == 0 and digest == pattern_sha256(size)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("size", SIZES)
-def test_socks5_path_delivers_intact_with_curl(testbed: Testbed, size: int) -> None:
-    ip, port = testbed.origin
-    sx, sp = testbed.socks
-    rc, digest = curl_sha256(
-        testbed.host("client"), f"http://{ip}:{port}/bytes/{size}", "--socks5", f"{sx}:{sp}"
-    )
+def test_socks5_path_delivers_intact_with_curl(testbed: Testbed, size: int, family: int) -> None:
+    url = f"http://{hostport(origin_of(testbed, family))}/bytes/{size}"
+    socks = hostport(socks_of(testbed, family))
+    rc, digest = curl_sha256(testbed.host("client"), url, "--socks5", socks)
     assert rc == 0 and digest == pattern_sha256(size)
+
+
+@pytest.mark.parametrize(("client_family", "server_family"), [(4, 6), (6, 4)])
+def test_socks5_joins_the_two_families(
+    testbed: Testbed, client_family: int, server_family: int
+) -> None:
+    """A copying proxy joins an IPv4 client to an IPv6 server (and back): the baseline
+    for splicing across families (issue: a splice must rebuild the IP header)."""
+    size = 8 << 20
+    url = f"http://{hostport(origin_of(testbed, server_family))}/bytes/{size}"
+    socks = hostport(socks_of(testbed, client_family))
+    rc, digest = curl_sha256(testbed.host("client"), url, "--socks5", socks)
+    assert rc == 0 and digest == pattern_sha256(size)
+
+
+def test_rounds_of_100_concurrent_ipv6_transfers_through_socks5(testbed: Testbed) -> None:
+    for _ in range(3):
+        results = loadgen(
+            testbed.host("client"),
+            "--server",
+            hostport(testbed.origin6),
+            "--size",
+            "64K",
+            "--socks5",
+            hostport(testbed.socks6),
+            "--concurrency",
+            "100",
+        )
+        failed = [r for r in results if not r["ok"]]
+        assert len(results) == 100 and failed == [], failed[:3]
+
+
+def test_status_names_both_families(testbed: Testbed) -> None:
+    hosts = testbed.status()["hosts"]
+    assert hosts["client"]["addresses6"] == ["2001:db8:c::2"]
+    assert hosts["proxy"]["addresses6"] == ["2001:db8:c::1", "2001:db8:5::1"]
+    assert hosts["server"]["addresses"] == ["203.0.113.2"]
+    assert hosts["server"]["addresses6"] == ["2001:db8:5::2"]
 
 
 def test_our_client_direct_and_through_socks5(testbed: Testbed) -> None:
@@ -209,18 +264,25 @@ def test_transfers_stay_intact_with_loss_and_delay_mid_path(testbed: Testbed) ->
     assert dropped > 0 and delayed > 1000
 
 
-def test_capture_of_a_link_holds_the_handshake(testbed: Testbed, tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", FAMILIES)
+def test_capture_of_a_link_holds_the_handshake(
+    testbed: Testbed, tmp_path: Path, family: int
+) -> None:
     pcap = tmp_path / "cp.pcap"
-    ip, port = testbed.origin
+    origin = origin_of(testbed, family)
     with testbed.link("client-proxy").capture(pcap, snaplen=128):
-        rc, _ = curl_sha256(testbed.host("client"), f"http://{ip}:{port}/bytes/2000")
+        rc, _ = curl_sha256(testbed.host("client"), f"http://{hostport(origin)}/bytes/2000")
         assert rc == 0
-    syns = [flags for flags in _tcp_flags(pcap, dport=port) if flags & 0x02]
-    assert syns, "no SYN toward the origin in the capture"
+    syns = [flags for flags in _tcp_flags(pcap, dport=origin[1], family=family) if flags & 0x02]
+    assert syns, f"no IPv{family} SYN toward the origin in the capture"
 
 
-def _tcp_flags(pcap: Path, dport: int) -> list[int]:
-    """TCP flag bytes of Ethernet/IPv4/TCP packets to `dport` in a classic pcap."""
+def _tcp_flags(pcap: Path, dport: int, family: int = 4) -> list[int]:
+    """TCP flag bytes of Ethernet/IPv4 or IPv6/TCP packets to `dport` in a classic pcap.
+
+    IPv6: TCP right after the fixed header (next header 6); the testbed's
+    TCP carries no extension headers.
+    """
     data = pcap.read_bytes()
     magic = struct.unpack("<I", data[:4])[0]
     assert magic == 0xA1B2C3D4, "expected a little-endian microsecond pcap"
@@ -229,10 +291,14 @@ def _tcp_flags(pcap: Path, dport: int) -> list[int]:
         incl = struct.unpack("<I", data[off + 8 : off + 12])[0]
         frame = data[off + 16 : off + 16 + incl]
         off += 16 + incl
-        if len(frame) < 14 + 20 + 14 or frame[12:14] != b"\x08\x00" or frame[23] != 6:
-            continue
-        ihl = (frame[14] & 0x0F) * 4
-        tcp = frame[14 + ihl :]
+        if family == 6:
+            if len(frame) < 14 + 40 + 14 or frame[12:14] != b"\x86\xdd" or frame[20] != 6:
+                continue
+            tcp = frame[14 + 40 :]
+        else:
+            if len(frame) < 14 + 20 + 14 or frame[12:14] != b"\x08\x00" or frame[23] != 6:
+                continue
+            tcp = frame[14 + (frame[14] & 0x0F) * 4 :]
         if len(tcp) >= 14 and struct.unpack("!H", tcp[2:4])[0] == dport:
             flags.append(tcp[13])
     return flags
