@@ -10,6 +10,7 @@ keep flowing for the next daemon to adopt: docs/operations.md).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import signal
 import sys
@@ -37,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--source", default="198.51.100.2", help="default source of outgoing connections"
     )
+    p.add_argument(
+        "--prefix6",
+        default=None,
+        help="IPv6 addresses the daemon terminates too (endpoint connections; no splice yet)",
+    )
+    p.add_argument("--source6", default=None, help="default source of outgoing IPv6 connections")
     p.add_argument("--socket", default="/run/tcp-splice/spliced.sock", help="API socket path")
     p.add_argument("--socket-mode", default="0660", help="API socket permissions (octal)")
     p.add_argument("--socket-group", default=None, help="group owning the API socket")
@@ -107,6 +114,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.syn_backlog < 0:
         parser.error("--syn-backlog must be 0 or more")
+    for option, text, version in (
+        ("--prefix", args.prefix, 4),
+        ("--source", args.source, 4),
+        ("--prefix6", args.prefix6, 6),
+        ("--source6", args.source6, 6),
+    ):
+        if text is None:
+            continue
+        try:
+            parsed = (ipaddress.ip_network if "prefix" in option else ipaddress.ip_address)(text)
+        except ValueError as exc:
+            parser.error(f"{option}: {exc}")
+        if parsed.version != version:
+            parser.error(f"{option}: {text} is not an IPv{version} address")
+    if args.source6 is not None and args.prefix6 is None:
+        parser.error("--source6 needs --prefix6")
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
@@ -129,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         socket_group=args.socket_group,
         prefix=args.prefix,
         source=args.source,
+        prefix6=args.prefix6,
+        source6=args.source6,
         offload=not args.no_offload,
         tcp=tcp,
         fastpath=args.fastpath,
@@ -147,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"daemon: cannot start: {exc}", file=sys.stderr)
         return 1
     with IPRoute() as ipr:
-        configure_tun(ipr, cfg.tun_name, mtu=cfg.mtu, routes=[cfg.prefix])
+        routes = [cfg.prefix, *([cfg.prefix6] if cfg.prefix6 else [])]
+        configure_tun(ipr, cfg.tun_name, mtu=cfg.mtu, routes=routes)
 
     handover = False
 

@@ -35,8 +35,11 @@ from testbed import netns, process
 from testbed.topology import (
     DEFAULT_PREFIX,
     SPLICE_NET,
+    SPLICE_NET6,
     SPLICE_SERVICE,
+    SPLICE_SERVICE6,
     SPLICE_SOURCE,
+    SPLICE_SOURCE6,
     THESIS,
     WIRE_BRIDGE,
     WIRE_PORT_A,
@@ -355,6 +358,11 @@ class Testbed:
         return (SPLICE_SERVICE, HTTP11_PROXY_PORT)
 
     @property
+    def splice_service6(self) -> str:
+        """The daemon's IPv6 address for services: endpoint connections only, so far."""
+        return SPLICE_SERVICE6
+
+    @property
     def daemon_socket(self) -> Path:
         return self.run_dir / "spliced.sock"
 
@@ -510,6 +518,10 @@ class Testbed:
                 SPLICE_NET,
                 "--source",
                 SPLICE_SOURCE,
+                "--prefix6",
+                SPLICE_NET6,
+                "--source6",
+                SPLICE_SOURCE6,
                 "--socket",
                 str(self.daemon_socket),
                 "--msl",
@@ -629,7 +641,7 @@ class Testbed:
             f"testbed {self.prefix!r} is up (run dir {self.run_dir})",
             f"  client  {client.ns:<22} {client.addr}, {client.addr6}",
             f"  proxy   {proxy.ns:<22} {' | '.join(proxy.addrs)}"
-            f"  (forwarding both families; splice net {SPLICE_NET}, IPv4 only)",
+            f"  (forwarding both families; splice net {SPLICE_NET}, {SPLICE_NET6} endpoint only)",
             f"  {'':<30} {' | '.join(proxy.addrs6)}",
             f"  server  {server.ns:<22} {server.addr}, {server.addr6}",
             "  links   "

@@ -41,6 +41,9 @@ SPLICE_SOURCE = "198.51.100.2"  # source address of the daemon's server-side con
 # IPv6 (RFC 3849): one /64 per link, beside the IPv4 /24.
 CLIENT_NET6 = "2001:db8:c::/64"
 SERVER_NET6 = "2001:db8:5::/64"
+SPLICE_NET6 = "2001:db8:d::/64"  # routed into the TUN too: the daemon's IPv6 endpoint
+SPLICE_SERVICE6 = "2001:db8:d::1"
+SPLICE_SOURCE6 = "2001:db8:d::2"
 
 
 @dataclass(frozen=True, slots=True)

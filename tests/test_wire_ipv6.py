@@ -23,7 +23,17 @@ from daemon.wire.ipv6 import (
     Ipv6Packet,
     Ipv6Repr,
 )
-from daemon.wire.tcp import ACK, PSH, SYN, TcpOptions, TcpSegment, emit_tcp, parse_tcp
+from daemon.wire.tcp import (
+    ACK,
+    PSH,
+    SYN,
+    TcpOptions,
+    TcpSegment,
+    build_ipv6_tcp,
+    emit_tcp,
+    parse_tcp,
+)
+from daemon.wire.vnet import GSO_TCPV6, vnet_header_for_tcp
 
 SRC = ipaddress.IPv6Address("2001:db8:c::2").packed
 DST = ipaddress.IPv6Address("2001:db8:5::2").packed
@@ -170,3 +180,19 @@ def test_a_syn_from_linux_layout_parses() -> None:
     p = Ipv6Packet(raw)
     parsed = parse_tcp(p.payload, p.src_addr, p.dst_addr, verify_checksum=True)
     assert parsed.options.mss == 1440 and parsed.options.wscale == 7 and parsed.flags == SYN
+
+
+def test_build_ipv6_tcp_round_trips_with_a_full_or_partial_checksum() -> None:
+    seg = TcpSegment(80, 40000, 5, 6, ACK | PSH, 1000, TcpOptions(timestamp=(9, 8)), b"y" * 3000)
+    full = build_ipv6_tcp(seg, DST, SRC, dscp_ecn=0x02, flow_label=7)
+    p = Ipv6Packet(full)
+    assert p.protocol == TCP and p.ecn == 2 and p.flow_label == 7 and p.hop_limit == 64
+    back = parse_tcp(p.payload, p.src_addr, p.dst_addr, verify_checksum=True)
+    assert bytes(back.payload) == b"y" * 3000 and back.options.timestamp == (9, 8)
+    # Partial (NEEDS_CSUM): the field holds the folded pseudo-header sum, uncomplemented.
+    partial = build_ipv6_tcp(seg, DST, SRC, partial_checksum=True)
+    tcp_len = len(partial) - 40
+    field = struct.unpack_from("!H", partial, 40 + 16)[0]
+    assert field == ones_sum(pseudo_header(DST, SRC, tcp_len, TCP))
+    hdr = vnet_header_for_tcp(40, 32, 3000, 1428, ipv6=True)
+    assert hdr.gso_type == GSO_TCPV6 and hdr.csum_start == 40 and hdr.gso_size == 1428

@@ -64,13 +64,16 @@ from daemon.wire.checksum import internet_checksum, pseudo_header_sum
 from daemon.wire.error import WireError
 from daemon.wire.icmp import FRAG_NEEDED, parse_unreachable
 from daemon.wire.ipv4 import Ipv4Packet
-from daemon.wire.tcp import CWR, TcpSegment, build_ipv4_tcp, parse_tcp
+from daemon.wire.ipv6 import HEADER_LEN as IPV6_HEADER_LEN
+from daemon.wire.ipv6 import Ipv6Packet
+from daemon.wire.tcp import CWR, TcpSegment, build_ipv4_tcp, build_ipv6_tcp, parse_tcp
 from daemon.wire.vnet import F_DATA_VALID, F_NEEDS_CSUM, VnetHeader, vnet_header_for_tcp
 
 log = logging.getLogger("daemon")
 
 PROTO_ICMP = 1
 PROTO_TCP = 6
+PROTO_ICMPV6 = 58
 IPV4_HEADER_LEN = 20
 TUN_BATCH = 256  # packets per readable event before other fds get a turn
 PUMP_CHUNK = 256 * 1024  # bytes moved per socket call
@@ -95,6 +98,10 @@ class DaemonConfig:
     socket_group: str | None = None
     prefix: str = "198.51.100.0/24"  # routed into the TUN: every address in it is ours
     source: str = "198.51.100.2"  # default local address of outgoing connections
+    # The same for IPv6 (None: IPv4 only).  IPv6 connections are endpoint
+    # connections for now: splice() refuses them (the relay is IPv4's).
+    prefix6: str | None = None
+    source6: str | None = None
     offload: bool = True
     mtu: int = 1500
     tcp: TcpConfig = field(default_factory=TcpConfig)
@@ -173,6 +180,7 @@ class Daemon:
     def __init__(self, config: DaemonConfig, *, tun: TunDevice | None = None) -> None:
         self.config = config
         self.net = ipaddress.ip_network(config.prefix)
+        self.net6 = ipaddress.ip_network(config.prefix6) if config.prefix6 else None
         self.tun = tun if tun is not None else TunDevice(config.tun_name, offload=config.offload)
         self.offload = self.tun.mode == "offload"
         tcp_cfg = config.tcp
@@ -185,6 +193,10 @@ class Daemon:
         self.connect_config = _replace(
             tcp_cfg, rcv_wscale=config.connect_rcv_wscale, min_ack_delay=0.0
         )
+        # IPv6's fixed header is 20 bytes longer (RFC 8200 3): the MSS we
+        # offer is that much smaller (RFC 9293 3.7.1; Linux offers 1440).
+        self.tcp_config6 = _replace(self.tcp_config, mss=self.tcp_config.mss - 20)
+        self.connect_config6 = _replace(self.connect_config, mss=self.connect_config.mss - 20)
         self.sel = selectors.DefaultSelector()
         self.timers = TimerHeap()
         self.isn = IsnGenerator()
@@ -206,7 +218,8 @@ class Daemon:
             "gso_out": 0,
             "malformed": 0,
             "bad_checksum": 0,
-            "not_ipv4": 0,
+            "not_ip": 0,  # neither IPv4 nor IPv6
+            "icmp6": 0,  # ICMPv6 (not acted on yet: no IPv6 PMTU or connect errors)
             "fragments": 0,
             "not_tcp": 0,
             "not_ours": 0,
@@ -352,8 +365,12 @@ class Daemon:
                     self.counters["gso_in"] += 1
                 if self.splicer.on_packet(hit[0], hit[1], vnet, pkt, now):
                     return
-        if not pkt or pkt[0] >> 4 != 4:
-            self.counters["not_ipv4"] += 1
+        version = pkt[0] >> 4 if pkt else 0
+        if version == 6:
+            self._input6(vnet, pkt, now)
+            return
+        if version != 4:
+            self.counters["not_ip"] += 1
             return
         ip = Ipv4Packet(pkt)
         if not ip.verify_checksum():
@@ -390,12 +407,36 @@ class Daemon:
                     return
                 if self.splicer.on_packet(hit[0], hit[1], vnet, pkt, now):
                     return
+        self._tcp_input(src, dst, payload, verify, ip.ecn, now)
+
+    def _input6(self, vnet: VnetHeader | None, pkt: memoryview, now: float) -> None:
+        """An IPv6 packet (RFC 8200): an endpoint connection's, or a SYN for a listener."""
+        ip = Ipv6Packet(pkt)
+        if ip.is_fragment:
+            self.counters["fragments"] += 1
+            return
+        if ip.protocol == PROTO_ICMPV6:
+            self.counters["icmp6"] += 1
+            return
+        if ip.protocol != PROTO_TCP:
+            self.counters["not_tcp"] += 1
+            return
+        flags = getattr(vnet, "flags", 0)
+        if getattr(vnet, "gso_size", 0):
+            self.counters["gso_in"] += 1
+        verify = not flags & (F_NEEDS_CSUM | F_DATA_VALID)
+        self._tcp_input(ip.src_addr, ip.dst_addr, ip.payload, verify, ip.ecn, now)
+
+    def _tcp_input(
+        self, src: bytes, dst: bytes, payload: memoryview, verify: bool, ecn: int, now: float
+    ) -> None:
+        """A TCP segment for the endpoint, either family (addresses of 4 or 16 bytes)."""
         try:
             seg = parse_tcp(payload, src, dst, verify_checksum=verify)
         except WireError as exc:
             self.counters["bad_checksum" if "checksum" in str(exc) else "malformed"] += 1
             return
-        seg.ecn = ip.ecn
+        seg.ecn = ecn
         conn = self.flows.get((dst, seg.dst_port, src, seg.src_port))
         if conn is not None and conn.tcp.reopens_with(seg):
             self._free(conn)  # RFC 6191: TIME-WAIT ends, the SYN goes to the listener
@@ -454,20 +495,24 @@ class Daemon:
 
     def _write_segment(self, local: Endpoint, remote: Endpoint, seg: TcpSegment, mss: int) -> None:
         payload_len = len(seg.payload)
+        six = len(local[0]) == 16
+        build = build_ipv6_tcp if six else build_ipv4_tcp
+        ip_hlen = IPV6_HEADER_LEN if six else IPV4_HEADER_LEN
         if self.offload:
-            pkt = build_ipv4_tcp(seg, local[0], remote[0], dscp_ecn=seg.ecn, partial_checksum=True)
-            tcp_hlen = len(pkt) - IPV4_HEADER_LEN - payload_len
+            pkt = build(seg, local[0], remote[0], dscp_ecn=seg.ecn, partial_checksum=True)
+            tcp_hlen = len(pkt) - ip_hlen - payload_len
             hdr = vnet_header_for_tcp(
-                IPV4_HEADER_LEN,
+                ip_hlen,
                 tcp_hlen,
                 payload_len,
                 mss or payload_len or 1,
+                ipv6=six,
                 ecn=bool(seg.flags & CWR),  # SKB_GSO_TCP_ECN: CWR on the first piece only
             ).to_bytes()
             if mss and payload_len > mss:
                 self.counters["gso_out"] += 1
         else:
-            pkt = build_ipv4_tcp(seg, local[0], remote[0], dscp_ecn=seg.ecn)
+            pkt = build(seg, local[0], remote[0], dscp_ecn=seg.ecn)
             hdr = None
         try:
             self.tun.write(hdr, pkt)
@@ -813,10 +858,12 @@ class Daemon:
             ip = ipaddress.ip_address(host)
         except ValueError:
             raise ApiError(ErrorCode.EBADREQ, f"{what}: {host!r} is not an IP address") from None
-        if ip.version != 4 or ip not in self.net:
+        net = self.net if ip.version == 4 else self.net6
+        if net is None or ip not in net:
+            prefixes = " or ".join(str(n) for n in (self.net, self.net6) if n is not None)
             raise ApiError(
                 ErrorCode.EADDRNOTAVAIL,
-                f"{what}: {host} is not in the daemon's prefix {self.net}",
+                f"{what}: {host} is not in the daemon's prefix {prefixes}",
             )
         return self._intern(ip.packed), port
 
@@ -826,7 +873,8 @@ class Daemon:
             local = (local[0], self._free_port(local[0], None))
         if local in self.listeners:
             raise ApiError(ErrorCode.EADDRINUSE, f"{addr[0]}:{local[1]} is already listening")
-        cfg = _replace(self.tcp_config, accept_backlog=max(1, min(backlog, 4096)))
+        base = self.tcp_config6 if len(local[0]) == 16 else self.tcp_config
+        cfg = _replace(base, accept_backlog=max(1, min(backlog, 4096)))
         lst = Listening(self._new_id(), owner, TcpListener(cfg, local, self.isn))
         self.listeners[local] = lst
         self.listener_ids[lst.id] = lst
@@ -886,11 +934,20 @@ class Daemon:
         except ValueError:
             done(ApiError(ErrorCode.EBADREQ, f"{remote[0]!r} is not an IP address"), None)
             return None
-        if rip.version != 4:
-            done(ApiError(ErrorCode.ENETUNREACH, "IPv6 is not supported yet"), None)
+        source = self.config.source if rip.version == 4 else self.config.source6
+        if local is None and source is None:
+            done(ApiError(ErrorCode.ENETUNREACH, "no IPv6 prefix configured (--prefix6)"), None)
             return None
         try:
-            src = self._local_endpoint(local or (self.config.source, 0), "connect local")
+            src = self._local_endpoint(local or (source or "", 0), "connect local")
+            if len(src[0]) != len(rip.packed):
+                raise ApiError(
+                    ErrorCode.EBADREQ,
+                    f"connect local: {local[0] if local else source} and {remote[0]}"
+                    " are of different address families",
+                )
+            if rip.version == 6 and config is self.connect_config:
+                config = self.connect_config6
             dst = (self._intern(rip.packed), remote[1])
             port = src[1] or self._free_port(src[0], dst)
         except ApiError as exc:

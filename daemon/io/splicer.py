@@ -195,6 +195,10 @@ class Splicer:
         return {"conn": relay.server_id}
 
     def _check_spliceable(self, c: Conn, conn_id: int) -> None:
+        if len(c.tcp.local[0]) != 4:
+            # The relay, its translator and the kernel program rewrite IPv4
+            # headers; IPv6 connections are endpoint connections for now.
+            raise ApiError(ErrorCode.EAFNOSUPPORT, f"conn {conn_id}: IPv6 cannot be spliced yet")
         if c.splice is not None:
             raise ApiError(ErrorCode.ESTATE, f"conn {conn_id} is already part of a splice")
         if c.tcp_gone or c.tcp.state not in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT):
@@ -257,6 +261,11 @@ class Splicer:
             return
         config = sp.relay.server_config
         assert config is not None  # sealed only once both sides relay: no connect then
+        if ":" in remote[0]:
+            done(
+                ApiError(ErrorCode.EAFNOSUPPORT, "a splice's server side cannot be IPv6 yet"), None
+            )
+            return
         conn = self.d._open(owner, remote, local, timeout, done, config)
         if conn is None:
             return

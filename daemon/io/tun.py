@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import struct
 from collections.abc import Iterable
 from typing import Any, Literal
@@ -161,5 +162,6 @@ def configure_tun(
     for address, prefixlen in addresses:
         ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
     for dst in routes:
-        ipr.route("add", dst=dst, oif=index)
+        family = socket.AF_INET6 if ":" in dst else socket.AF_INET
+        ipr.route("add", dst=dst, oif=index, family=family)
     return index

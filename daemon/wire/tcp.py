@@ -22,6 +22,8 @@ from daemon.wire.checksum import internet_checksum, pseudo_header_sum
 from daemon.wire.error import WireError
 from daemon.wire.ipv4 import HEADER_LEN as IPV4_HEADER_LEN
 from daemon.wire.ipv4 import PROTO_TCP, Ipv4Repr
+from daemon.wire.ipv6 import HEADER_LEN as IPV6_HEADER_LEN
+from daemon.wire.ipv6 import Ipv6Repr
 from daemon.wire.tcp_options import TcpOptions, emit_options, options_len, parse_options
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "TcpOptions",
     "TcpSegment",
     "build_ipv4_tcp",
+    "build_ipv6_tcp",
     "emit_tcp",
     "emit_tcp_into",
     "parse_tcp",
@@ -266,6 +269,36 @@ def emit_tcp(
     """The bytes of ``seg``; see ``emit_tcp_into`` for the checksum modes."""
     buf = bytearray(tcp_header_len(seg) + len(seg.payload))
     emit_tcp_into(buf, 0, seg, src_addr, dst_addr, partial_checksum=partial_checksum)
+    return buf
+
+
+def build_ipv6_tcp(
+    seg: TcpSegment,
+    src_addr: bytes,
+    dst_addr: bytes,
+    *,
+    hop_limit: int = 64,
+    dscp_ecn: int = 0,
+    flow_label: int = 0,
+    partial_checksum: bool = False,
+) -> bytearray:
+    """A whole IPv6+TCP packet in one buffer; the checksum as in ``emit_tcp_into``.
+
+    The TCP checksum's pseudo-header is IPv6's (RFC 8200 8.1), since the
+    addresses are 16 bytes; ``dscp_ecn`` is the traffic class.
+    """
+    tcp_len = tcp_header_len(seg) + len(seg.payload)
+    buf = bytearray(IPV6_HEADER_LEN + tcp_len)
+    Ipv6Repr(
+        src_addr=src_addr,
+        dst_addr=dst_addr,
+        next_header=PROTO_TCP,
+        payload_len=tcp_len,
+        hop_limit=hop_limit,
+        traffic_class=dscp_ecn,
+        flow_label=flow_label,
+    ).emit(buf, 0)
+    emit_tcp_into(buf, IPV6_HEADER_LEN, seg, src_addr, dst_addr, partial_checksum=partial_checksum)
     return buf
 
 

@@ -1,0 +1,202 @@
+"""The daemon's TCP endpoint over IPv6 (RFC 8200), against Linux in the client and server.
+
+The daemon terminates 2001:db8:d::/64 beside its IPv4 prefix: a listener
+there accepts Linux clients (rounds of 100 concurrent, content-checked),
+and a connect from it reaches the origin's IPv6 address.  Its SYN-ACK offers
+MSS 1440 (1500 - 40 - 20).  Splicing IPv6 connections is refused with a
+clear error until the relay rewrites IPv6 headers.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from testbed.net import Testbed
+from tests.helpers import pattern_sha256, run_py
+
+pytestmark = pytest.mark.root
+
+PORT = 8096
+
+SERVER = """
+import hashlib, json, sys, threading
+from daemon.api.client import SpliceClient
+from servers.pattern import pattern_bytes
+sock, addr, port, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+with SpliceClient(sock) as api:
+    lst = api.listen((addr, port), backlog=256)
+    print("ready", flush=True)
+    def serve(conn):
+        got = b""
+        while not got.endswith(b"\\n"):
+            chunk = conn.recv(64)
+            if not chunk:
+                return
+            got += chunk
+        size = int(got)
+        conn.sendall(pattern_bytes(1, size))
+        conn.close()
+    threads = []
+    first = None
+    for _ in range(rounds):
+        conn = lst.accept(timeout=60)
+        if first is None:
+            first = api.stats(conn)
+        t = threading.Thread(target=serve, args=(conn,))
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join(60)
+    print(json.dumps(first), flush=True)
+"""
+
+CLIENTS = """
+import hashlib, socket, sys, threading
+addr, port, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+digests, errors = [], []
+def one():
+    try:
+        s = socket.create_connection((addr, port), timeout=30)
+        s.sendall(b"%d\\n" % size)
+        h, got = hashlib.sha256(), 0
+        while chunk := s.recv(1 << 16):
+            h.update(chunk)
+            got += len(chunk)
+        s.close()
+        digests.append((got, h.hexdigest()))
+    except OSError as exc:
+        errors.append(repr(exc))
+threads = [threading.Thread(target=one) for _ in range(n)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join(60)
+print(len(digests), len(errors), len(set(digests)), *set(digests), *errors[:3])
+"""
+
+
+def test_linux_clients_over_ipv6_reach_a_daemon_listener(tb: Testbed, tmp_path: Path) -> None:
+    addr, rounds, size, n = tb.splice_service6, 3, 64 << 10, 100
+    pcap = tmp_path / "cp.pcap"
+    server = tb.host("proxy").popen(
+        [sys.executable, "-c", SERVER, str(tb.daemon_socket), addr, str(PORT), str(rounds * n)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        with tb.link("client-proxy").capture(pcap, snaplen=128, bpf=f"ip6 and tcp port {PORT}"):
+            for _ in range(rounds):
+                out = run_py(tb.host("client"), CLIENTS, addr, str(PORT), str(n), str(size))
+                done, failed, distinct, *rest = out.split()
+                assert (done, failed, distinct) == (str(n), "0", "1"), out
+                assert rest[0] == f"({size}," and rest[1] == f"'{pattern_sha256(size)}')"
+        stats = json.loads(server.stdout.readline())
+        assert server.wait(timeout=30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert stats["local"] == [addr, PORT]
+    assert stats["peer"][0] == tb.host("client").addr6
+    assert stats["mss"] <= 1440 - 12  # IPv6: 20 bytes more header than IPv4 (and TS)
+    synack_mss = _synack_mss(pcap, PORT)
+    assert synack_mss and set(synack_mss) == {1440}
+
+
+def test_a_daemon_connect_reaches_the_origin_over_ipv6(tb: Testbed) -> None:
+    host, port = tb.origin6
+    out = run_py(
+        tb.host("proxy"),
+        """
+        import hashlib, sys
+        from daemon.api.client import SpliceClient
+        with SpliceClient(sys.argv[1]) as api:
+            conn = api.connect((sys.argv[2], int(sys.argv[3])), timeout=5)
+            conn.sendall(b"GET /bytes/8388608 HTTP/1.0\\r\\n\\r\\n")
+            data = b""
+            while chunk := conn.recv(1 << 16):
+                data += chunk
+            body = data.split(b"\\r\\n\\r\\n", 1)[1]
+            st = api.stats(conn)
+            print(len(body), hashlib.sha256(body).hexdigest(), st["local"][0])
+        """,
+        str(tb.daemon_socket),
+        host,
+        str(port),
+    )
+    size, digest, local = out.split()
+    assert int(size) == 8 << 20 and digest == pattern_sha256(8 << 20)
+    assert local == "2001:db8:d::2"  # --source6
+
+
+def test_splicing_an_ipv6_connection_is_refused_clearly(tb: Testbed) -> None:
+    out = run_py(
+        tb.host("proxy"),
+        """
+        import socket, sys
+        from daemon.api.client import SpliceClient
+        from daemon.api.replies import SpliceError
+        sock, addr6, origin6 = sys.argv[1:4]
+        with SpliceClient(sock) as api:
+            lst = api.listen((addr6, 8095))
+            peer = socket.create_connection((addr6, 8095), timeout=10)  # via the TUN
+            conn = lst.accept(timeout=10)
+            try:
+                api.intend_splice(conn)
+                print("intend-ok")
+            except SpliceError as exc:
+                print("intend", exc.code)
+            lst4 = api.listen(("198.51.100.1", 8095))
+            peer4 = socket.create_connection(("198.51.100.1", 8095), timeout=10)
+            server = api.intend_splice(lst4.accept(timeout=10))
+            try:
+                server.connect((origin6, 80))
+                print("connect-ok")
+            except SpliceError as exc:
+                print("connect", exc.code)
+            conn.sendall(b"still an endpoint connection")  # the refusal changed nothing
+            print(peer.recv(100).decode().replace(" ", "_"))
+        """,
+        str(tb.daemon_socket),
+        tb.splice_service6,
+        tb.origin6[0],
+    )
+    assert out.split() == [
+        "intend",
+        "EAFNOSUPPORT",
+        "connect",
+        "EAFNOSUPPORT",
+        "still_an_endpoint_connection",
+    ]
+
+
+def _synack_mss(pcap: Path, port: int) -> list[int]:
+    """MSS options of IPv6 SYN-ACKs from ``port`` in an Ethernet pcap."""
+    data = pcap.read_bytes()
+    out, off = [], 24
+    while off + 16 <= len(data):
+        incl = struct.unpack("<I", data[off + 8 : off + 12])[0]
+        frame = data[off + 16 : off + 16 + incl]
+        off += 16 + incl
+        if len(frame) < 14 + 40 + 24 or frame[12:14] != b"\x86\xdd" or frame[20] != 6:
+            continue
+        tcp = frame[54:]
+        sport = struct.unpack("!H", tcp[:2])[0]
+        if sport != port or tcp[13] & 0x12 != 0x12:
+            continue
+        opts, i = tcp[20 : (tcp[12] >> 4) * 4], 0
+        while i < len(opts) and opts[i] != 0:
+            if opts[i] == 1:
+                i += 1
+                continue
+            if opts[i] == 2:
+                out.append(struct.unpack("!H", opts[i + 2 : i + 4])[0])
+            i += max(opts[i + 1], 2)
+    return out
