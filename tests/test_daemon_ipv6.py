@@ -200,3 +200,75 @@ def _synack_mss(pcap: Path, port: int) -> list[int]:
                 out.append(struct.unpack("!H", opts[i + 2 : i + 4])[0])
             i += max(opts[i + 1], 2)
     return out
+
+
+def test_an_unrouted_ipv6_destination_fails_the_connect_at_once(tb: Testbed) -> None:
+    """The proxy host's kernel answers with ICMPv6 "no route" (RFC 4443 3.1), quoting the
+    SYN: ENETUNREACH, not a connect timeout."""
+    out = run_py(
+        tb.host("proxy"),
+        """
+        import sys, time
+        from daemon.api.client import SpliceClient
+        from daemon.api.replies import SpliceError
+        with SpliceClient(sys.argv[1]) as api:
+            t0 = time.monotonic()
+            try:
+                api.connect(("2001:db8:ffff::1", 80), timeout=20)
+                print("connected")
+            except SpliceError as exc:
+                print(exc.code, round(time.monotonic() - t0, 1))
+        """,
+        str(tb.daemon_socket),
+    )
+    code, seconds = out.split()
+    assert code == "ENETUNREACH" and float(seconds) < 10
+
+
+def test_an_ipv6_link_shrinking_to_1280_lowers_the_segment_size(tb: Testbed) -> None:
+    """RFC 8201: Packet Too Big from the proxy host's forwarding; the upload then fits."""
+    ps = tb.link("proxy-server")
+    proxy = tb.host("proxy").popen(
+        [
+            sys.executable,
+            "-c",
+            """
+import hashlib, os, socket, sys
+from daemon.api.client import SpliceClient
+with SpliceClient(sys.argv[1]) as api:
+    conn = api.connect((sys.argv[2], int(sys.argv[3])), timeout=5)
+    print("mss", api.stats(conn.id)["mss"], flush=True)
+    sys.stdin.readline()  # the test lowers the link's MTU now
+    data = os.urandom(4 << 20)
+    conn.settimeout(30)
+    conn.sendall(data)
+    conn.shutdown(socket.SHUT_WR)
+    answer = b""
+    while chunk := conn.recv(1024):
+        answer += chunk
+    st = api.stats(conn.id)
+    ok = answer.strip().decode() == hashlib.sha256(data).hexdigest()
+    print("ok" if ok else "corrupt", st["mss"], st["pmtu_updates"], flush=True)
+""",
+            str(tb.daemon_socket),
+            *map(str, tb.sink6),
+        ],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proxy.stdout is not None and proxy.stdin is not None
+        kind, mss = proxy.stdout.readline().split()
+        assert kind == "mss" and int(mss) > 1280 - 60
+        ps.set_mtu(1280)
+        proxy.stdin.write("go\n")
+        proxy.stdin.flush()
+        verdict, mss, updates = proxy.stdout.readline().split()
+        assert verdict == "ok"
+        assert int(mss) <= 1280 - 60 and int(updates) >= 1
+        assert proxy.wait(timeout=20) == 0
+    finally:
+        ps.set_mtu(1500)
+        proxy.kill()
+        proxy.wait()

@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
 from daemon.splice.state import Iface
 from daemon.tcp.connection import MIN_PATH_MTU
 from daemon.wire.checksum import internet_checksum
-from daemon.wire.icmp import FRAG_NEEDED, HOST_UNREACH, frag_needed, parse_unreachable
+from daemon.wire.error import WireError
+from daemon.wire.icmp import (
+    FRAG_NEEDED,
+    HOST_UNREACH,
+    frag_needed,
+    parse_unreachable,
+    parse_unreachable6,
+)
 from daemon.wire.ipv4 import Ipv4Packet
 from daemon.wire.tcp import ACK, PSH
 from tests.test_splice_relay import (
@@ -124,3 +133,49 @@ def test_while_a_side_still_drains_its_own_tcb_answers() -> None:
     """PRE_SPLICED: what went out on that connection was the TCB's own (its PMTUD, above)."""
     bed, _ = spliced(length=10)  # the client side waits for the proxy's 10 bytes
     assert bed.relay.frag_needed(CLIENT, C_ISS + 1, 1200, 1500) is None
+
+
+# --- IPv6 (RFC 4443, RFC 8201) -------------------------------------------------
+
+
+SRC6 = bytes.fromhex("20010db8000d00000000000000000002")  # 2001:db8:d::2, the daemon
+DST6 = bytes.fromhex("20010db8000500000000000000000002")  # 2001:db8:5::2
+
+
+def icmp6(kind: int, code: int, field: int, seq: int, quote_payload: int = 8) -> bytes:
+    """An ICMPv6 error quoting our segment (daemon -> server), cut after the TCP ports."""
+    quoted = struct.pack("!IHBB16s16s", 6 << 28, 1400, 6, 64, SRC6, DST6)
+    quoted += struct.pack("!HHI", 50000, 9000, seq)[:quote_payload]
+    return struct.pack("!BBHI", kind, code, 0, field) + quoted
+
+
+def test_packet_too_big_becomes_frag_needed_with_its_mtu() -> None:
+    msg = parse_unreachable6(icmp6(2, 0, 1300, 99))
+    assert msg is not None and msg.code == FRAG_NEEDED and msg.mtu == 1300
+    assert (msg.src_addr, msg.src_port, msg.dst_addr, msg.dst_port) == (SRC6, 50000, DST6, 9000)
+    assert msg.seq == 99 and msg.quoted_len == 40 + 1400
+
+
+@pytest.mark.parametrize(
+    ("code", "net"), [(0, True), (1, False), (3, False), (4, False), (6, False), (9, False)]
+)
+def test_destination_unreachable_codes_map_to_network_or_host(code: int, net: bool) -> None:
+    msg = parse_unreachable6(icmp6(1, code, 0, 7))
+    assert msg is not None and msg.net is net and msg.mtu == 0 and msg.code != FRAG_NEEDED
+
+
+def test_other_icmpv6_and_bad_quotes() -> None:
+    assert parse_unreachable6(icmp6(128, 0, 0, 1)) is None  # echo request
+    with pytest.raises(WireError, match="too short"):
+        parse_unreachable6(icmp6(2, 0, 1300, 1, quote_payload=4))
+    with pytest.raises(WireError, match="not a whole IPv6 header"):
+        parse_unreachable6(icmp6(2, 0, 1300, 1)[:40])
+
+
+def test_an_ipv6_connection_never_goes_below_1280() -> None:
+    tcb, _ = client_tcb(T0)
+    tcb.local = (SRC6, tcb.local[1])  # the rule reads the family from the address length
+    tcb.send(b"x" * 5000)
+    tcb.poll_output(T0)
+    assert tcb.on_path_mtu(1000, C_ISS + 1)
+    assert tcb.snd_mss == 1280 - 60 - 12  # IPv6 + TCP headers, the TS option

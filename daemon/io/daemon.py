@@ -62,7 +62,7 @@ from daemon.tcp.reset import reset_for_unknown
 from daemon.tcp.state import TcpState
 from daemon.wire.checksum import internet_checksum, pseudo_header_sum
 from daemon.wire.error import WireError
-from daemon.wire.icmp import FRAG_NEEDED, parse_unreachable
+from daemon.wire.icmp import FRAG_NEEDED, Unreachable, parse_unreachable, parse_unreachable6
 from daemon.wire.ipv4 import Ipv4Packet
 from daemon.wire.ipv6 import HEADER_LEN as IPV6_HEADER_LEN
 from daemon.wire.ipv6 import Ipv6Packet
@@ -219,7 +219,7 @@ class Daemon:
             "malformed": 0,
             "bad_checksum": 0,
             "not_ip": 0,  # neither IPv4 nor IPv6
-            "icmp6": 0,  # ICMPv6 (not acted on yet: no IPv6 PMTU or connect errors)
+            "icmp6": 0,  # ICMPv6 messages (their errors count in icmp_unreachable too)
             "fragments": 0,
             "not_tcp": 0,
             "not_ours": 0,
@@ -417,6 +417,16 @@ class Daemon:
             return
         if ip.protocol == PROTO_ICMPV6:
             self.counters["icmp6"] += 1
+            payload = ip.payload
+            # RFC 4443 2.3: the checksum covers the IPv6 pseudo-header too.
+            if internet_checksum(
+                payload, pseudo_header_sum(ip.src_addr, ip.dst_addr, PROTO_ICMPV6, len(payload))
+            ):
+                self.counters["bad_checksum"] += 1
+                return
+            msg6 = parse_unreachable6(payload)
+            if msg6 is not None:
+                self._on_unreachable(msg6, now)
             return
         if ip.protocol != PROTO_TCP:
             self.counters["not_tcp"] += 1
@@ -463,8 +473,11 @@ class Daemon:
 
     def _on_icmp(self, payload: memoryview, now: float) -> None:
         msg = parse_unreachable(payload)
-        if msg is None:
-            return
+        if msg is not None:
+            self._on_unreachable(msg, now)
+
+    def _on_unreachable(self, msg: Unreachable, now: float) -> None:
+        """An ICMP or ICMPv6 error quoting one of our segments (either family, normalized)."""
         self.counters["icmp_unreachable"] += 1
         key = (msg.src_addr, msg.src_port, msg.dst_addr, msg.dst_port)
         conn = self.flows.get(key)

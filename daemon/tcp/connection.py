@@ -87,6 +87,7 @@ from daemon.tcp.rto import RtoEstimator
 from daemon.tcp.sack import DUP_THRESH, Scoreboard
 from daemon.tcp.seq import MASK, seq_ge, seq_gt, seq_in_window, seq_le, seq_lt, seq_sub
 from daemon.tcp.state import TcpState
+from daemon.wire.icmp import MIN_IPV6_MTU
 from daemon.wire.ipv4 import ECN_CE, ECN_ECT0
 from daemon.wire.tcp import ACK, CWR, ECE, FIN, PSH, RST, SYN, TcpOptions, TcpSegment
 
@@ -661,8 +662,12 @@ class TcpConnection:
             return False
         if not (seq_le(self.snd_una, seq) and seq_le(seq, self.snd_nxt)):
             return False
-        mtu = max(mtu, MIN_PATH_MTU)
-        mss = mtu - 40 - (_TS_OPTION_LEN if self.ts_ok else 0)
+        if len(self.local[0]) == 16:
+            # RFC 8200 5: no IPv6 link is smaller; the header is 20 bytes more.
+            mtu, headers = max(mtu, MIN_IPV6_MTU), 60
+        else:
+            mtu, headers = max(mtu, MIN_PATH_MTU), 40
+        mss = mtu - headers - (_TS_OPTION_LEN if self.ts_ok else 0)
         if mss >= self.snd_mss:
             return False
         self.snd_mss = mss

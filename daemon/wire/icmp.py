@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from daemon.wire.checksum import internet_checksum
 from daemon.wire.error import WireError
+from daemon.wire.ipv6 import Ipv6Packet
 
 ICMP_DEST_UNREACH = 3
 # Codes (RFC 792, RFC 1122 3.2.2.1, RFC 1812 5.2.7.1).
@@ -79,6 +80,65 @@ def parse_unreachable(icmp: bytes | bytearray | memoryview) -> Unreachable | Non
         seq=seq,
         mtu=mtu if buf[1] == FRAG_NEEDED else 0,
         quoted_len=struct.unpack_from("!H", inner, 2)[0],
+    )
+
+
+# ICMPv6 (RFC 4443): the errors that concern a TCP endpoint, normalized to
+# the ICMPv4 codes above so that one handler serves both families.
+ICMP6_DEST_UNREACH = 1
+ICMP6_PACKET_TOO_BIG = 2
+MIN_IPV6_MTU = 1280  # RFC 8200 5: every IPv6 link carries this much
+_ICMP6_CODES = {
+    0: NET_UNREACH,  # no route to destination
+    1: ADMIN_PROHIBITED,  # communication administratively prohibited
+    3: HOST_UNREACH,  # address unreachable
+    4: PORT_UNREACH,  # port unreachable
+    5: ADMIN_PROHIBITED,  # source address failed ingress/egress policy
+    6: ADMIN_PROHIBITED,  # reject route to destination
+}
+
+
+def parse_unreachable6(icmp: bytes | bytearray | memoryview) -> Unreachable | None:
+    """Parse an ICMPv6 message (checksum checked by the caller); None unless it is a
+    destination unreachable or packet too big quoting TCP.
+
+    Packet Too Big (RFC 4443 3.2, RFC 8201) becomes ``FRAG_NEEDED`` with its
+    MTU; Destination Unreachable codes map to their ICMPv4 equivalents (no
+    route is a network error, the rest host errors).  The quoted packet's
+    extension headers are walked as far as the quote goes.  Raises
+    WireError if it is one of those but is truncated.
+    """
+    buf = memoryview(icmp)
+    if len(buf) < 8 or buf[0] not in (ICMP6_DEST_UNREACH, ICMP6_PACKET_TOO_BIG):
+        return None
+    inner = bytearray(buf[8:])
+    if len(inner) < 40 or inner[0] >> 4 != 6:
+        raise WireError("ICMPv6: quoted packet is not a whole IPv6 header")
+    quoted_len = 40 + struct.unpack_from("!H", inner, 4)[0]
+    # The quote is cut short of the packet it quotes: view it as if whole.
+    inner[4:6] = struct.pack("!H", len(inner) - 40)
+    try:
+        quoted = Ipv6Packet(inner)
+    except WireError as exc:
+        raise WireError(f"ICMPv6: quoted packet: {exc}") from None
+    if quoted.protocol != 6 or quoted.is_fragment:
+        return None
+    if len(quoted.payload) < 8:
+        raise WireError("ICMPv6: quoted packet too short for ports and sequence")
+    sport, dport, seq = struct.unpack_from("!HHI", quoted.payload)
+    if buf[0] == ICMP6_PACKET_TOO_BIG:
+        code, mtu = FRAG_NEEDED, struct.unpack_from("!I", buf, 4)[0]
+    else:
+        code, mtu = _ICMP6_CODES.get(buf[1], HOST_UNREACH), 0
+    return Unreachable(
+        code=code,
+        src_addr=quoted.src_addr,
+        dst_addr=quoted.dst_addr,
+        src_port=sport,
+        dst_port=dport,
+        seq=seq,
+        mtu=min(mtu, 0xFFFF),
+        quoted_len=quoted_len,
     )
 
 
