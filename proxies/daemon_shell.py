@@ -23,7 +23,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 from daemon.api.client import Connection, DaemonGone, Listener, SpliceClient, SpliceError
@@ -77,30 +77,41 @@ def accept_loop(listener: Listener, handle: Callable[[Connection], None], name: 
         threading.Thread(target=handle, args=(client,), name=name, daemon=True).start()
 
 
-def attach(prog: str, path: str, listen: tuple[str, int]) -> tuple[SpliceClient, Listener] | None:
-    """Attach to the daemon and listen; None after printing a one-line error."""
+def attach(
+    prog: str, path: str, listen: Sequence[tuple[str, int]]
+) -> tuple[SpliceClient, list[Listener]] | None:
+    """Attach to the daemon and listen on each address; None after a one-line error."""
     try:
         api = SpliceClient(path)
     except (OSError, SpliceError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         print(f"{prog}: cannot attach to the splice daemon at {path}: {reason}", file=sys.stderr)
         return None
-    try:
-        return api, api.listen(listen)
-    except SpliceError as exc:
-        print(f"{prog}: cannot listen on {listen[0]}:{listen[1]}: {exc}", file=sys.stderr)
-        api.close()
-        return None
+    listeners: list[Listener] = []
+    for address in listen:
+        try:
+            listeners.append(api.listen(address))
+        except SpliceError as exc:
+            print(f"{prog}: cannot listen on {address[0]}:{address[1]}: {exc}", file=sys.stderr)
+            api.close()
+            return None
+    return api, listeners
 
 
 def run_until_stopped(
-    prog: str, api: SpliceClient, listener: Listener, handle: Callable[[Connection], None]
+    prog: str,
+    api: SpliceClient,
+    listeners: list[Listener],
+    handle: Callable[[Connection], None],
 ) -> int:
-    """Print "ready", serve until SIGTERM/SIGINT (exit 0) or until the daemon goes (exit 1)."""
+    """Print "ready", serve until SIGTERM/SIGINT (exit 0) or until the daemon goes (exit 1).
+
+    One accept thread per listener; the first to stop ends the proxy.
+    """
     threading.stack_size(THREAD_STACK_SIZE)
     stopped: queue.Queue[str] = queue.Queue()
 
-    def accepting() -> None:
+    def accepting(listener: Listener) -> None:
         try:
             reason = accept_loop(listener, handle, f"{prog}-client")
         except Exception as exc:  # a bug must not leave main waiting forever
@@ -108,7 +119,10 @@ def run_until_stopped(
             reason = f"accept loop failed: {exc}"
         stopped.put(reason)
 
-    threading.Thread(target=accepting, name=f"{prog}-accept", daemon=True).start()
+    for listener in listeners:
+        threading.Thread(
+            target=accepting, args=(listener,), name=f"{prog}-accept", daemon=True
+        ).start()
     signal.signal(signal.SIGTERM, _on_stop_signal)
     try:  # from here on a signal may land anywhere, so everything is inside the try
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
@@ -119,8 +133,9 @@ def run_until_stopped(
         reason = ""
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop is enough; finish cleaning up
-        with contextlib.suppress(SpliceError):
-            listener.close()
+        for listener in listeners:
+            with contextlib.suppress(SpliceError):
+                listener.close()
         api.close()
     if reason:
         print(f"{prog}: {reason}", file=sys.stderr)
@@ -167,15 +182,19 @@ def run_proxy(
     listen: tuple[str, int],
     log_level: str,
     serve_client: Callable[[SpliceClient, Connection], None],
+    more_listen: Sequence[tuple[str, int]] = (),
 ) -> int:
-    """The whole main() of a proxy attached to the daemon; returns the exit status."""
+    """The whole main() of a proxy attached to the daemon; returns the exit status.
+
+    ``more_listen``: further addresses to serve (an IPv6 one, say).
+    """
     logging.basicConfig(
         level=log_level.upper(), format=f"%(asctime)s {prog} %(levelname)s %(message)s"
     )
     block_stop_signals()
-    attached = attach(prog, daemon, listen)
+    attached = attach(prog, daemon, [listen, *more_listen])
     if attached is None:
         return 1
-    api, listener = attached
-    log.info("%s listening on %s:%d via %s", prog, *listen, daemon)
-    return run_until_stopped(prog, api, listener, lambda client: serve_client(api, client))
+    api, listeners = attached
+    log.info("%s listening on %s via %s", prog, [listen, *more_listen], daemon)
+    return run_until_stopped(prog, api, listeners, lambda client: serve_client(api, client))

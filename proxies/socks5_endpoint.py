@@ -79,9 +79,13 @@ def reply_for_splice_error(exc: SpliceError) -> Reply:
 
 def connect_destination(api: SpliceClient, request: Request, config: EndpointConfig) -> Connection:
     """A daemon connection to DST; raises the last ``SpliceError`` if every address failed."""
-    local = None if config.source is None else (config.source, 0)
     last_error: SpliceError | None = None
     for remote in destinations(request.host, request.port, config.source):
+        # --source names one family; the other leaves from the daemon's default
+        # source of its own (--source6, say).
+        local = None
+        if config.source is not None and (":" in config.source) == (":" in remote[0]):
+            local = (config.source, 0)
         try:
             return api.connect(remote, local=local, timeout=config.connect_timeout)
         except DaemonGone:
@@ -147,7 +151,14 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, EndpointCon
         description="SOCKS5 proxy (CONNECT) over the splice daemon's TCP endpoint.",
     )
     parser.add_argument("--daemon", required=True, metavar="SOCKET_PATH")
-    parser.add_argument("--listen", type=parse_listen, required=True, metavar="ADDR:PORT")
+    parser.add_argument(
+        "--listen",
+        type=parse_listen,
+        required=True,
+        action="append",
+        metavar="ADDR:PORT",
+        help="where to listen (a daemon address); again for another ([v6]:port, say)",
+    )
     parser.add_argument("--source", metavar="ADDR", help="daemon address to connect from")
     parser.add_argument("--user", help="require RFC 1929 username/password")
     parser.add_argument("--password")
@@ -175,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     return run_proxy(
         PROG,
         daemon=args.daemon,
-        listen=args.listen,
+        listen=args.listen[0],
+        more_listen=args.listen[1:],
         log_level=args.log_level,
         serve_client=lambda api, client: serve_client(api, client, config),
     )

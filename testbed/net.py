@@ -348,6 +348,11 @@ class Testbed:
         return (SPLICE_SERVICE, ENDPOINT_SOCKS_PORT)
 
     @property
+    def endpoint_socks6(self) -> tuple[str, int]:
+        """The endpoint SOCKS5 at the daemon's IPv6 address."""
+        return (SPLICE_SERVICE6, ENDPOINT_SOCKS_PORT)
+
+    @property
     def http_proxy(self) -> tuple[str, int]:
         """The spliced HTTP/1.0 proxy with a cache (thesis Fig. 4.3)."""
         return (SPLICE_SERVICE, HTTP_PROXY_PORT)
@@ -538,10 +543,11 @@ class Testbed:
             ("http-proxy", "proxies.http_proxy", self.http_proxy),
             ("http11-proxy", "proxies.http11_proxy", self.http11_proxy),
         ):
-            wanted[name] = (
-                proxy_ns,
-                [sys.executable, "-m", module, *daemon_args, "--listen", f"{addr}:{port}"],
-            )
+            argv = [sys.executable, "-m", module, *daemon_args, "--listen", f"{addr}:{port}"]
+            if name == "socks5-endpoint":
+                # The daemon's IPv6 endpoint: connections it terminates, copied.
+                argv += ["--listen", "[{}]:{}".format(*self.endpoint_socks6)]
+            wanted[name] = (proxy_ns, argv)
         for name, (ns, argv) in wanted.items():
             rec = process.load(self.run_dir, name)
             if rec is not None and rec.alive():
@@ -659,7 +665,8 @@ class Testbed:
             "  (HTTP/1.0 proxy with a cache, thesis Fig. 4.3)",
             f"  spliced HTTP/1.1 {self.http11_proxy[0]}:{self.http11_proxy[1]}"
             "  (keep-alive; each response body spliced, deny list, cache)",
-            f"  endpoint SOCKS5  {self.endpoint_socks[0]}:{self.endpoint_socks[1]}"
+            f"  endpoint SOCKS5  {self.endpoint_socks[0]}:{self.endpoint_socks[1]},"
+            f" [{self.endpoint_socks6[0]}]:{self.endpoint_socks6[1]}"
             "  (daemon-terminated TCP, copying: no splice)",
             "try:",
             f"  ip netns exec {client.ns} curl -s http://{ox[0]}/bytes/1048576 | sha256sum",

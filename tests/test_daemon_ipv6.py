@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from testbed.net import Testbed
-from tests.helpers import pattern_sha256, run_py
+from tests.helpers import curl_sha256, loadgen, pattern_sha256, run_py
 
 pytestmark = pytest.mark.root
 
@@ -272,3 +272,47 @@ with SpliceClient(sys.argv[1]) as api:
         ps.set_mtu(1500)
         proxy.kill()
         proxy.wait()
+
+
+def hostport(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@pytest.mark.parametrize("size", [1024, 1 << 20, 64 << 20])
+def test_curl_over_ipv6_through_the_endpoint_socks5(tb: Testbed, size: int) -> None:
+    """Both TCP connections the daemon's, over IPv6 (curl, a Linux origin), content-checked."""
+    url = f"http://{hostport(tb.origin6)}/bytes/{size}"
+    rc, digest = curl_sha256(tb.host("client"), url, "-6", "--socks5", hostport(tb.endpoint_socks6))
+    assert rc == 0 and digest == pattern_sha256(size)
+
+
+@pytest.mark.parametrize(("client_family", "server_family"), [(4, 6), (6, 4)])
+def test_the_endpoint_socks5_joins_the_families(
+    tb: Testbed, client_family: int, server_family: int
+) -> None:
+    size = 8 << 20
+    origin = tb.origin6 if server_family == 6 else tb.origin
+    socks = tb.endpoint_socks6 if client_family == 6 else tb.endpoint_socks
+    url = f"http://{hostport(origin)}/bytes/{size}"
+    rc, digest = curl_sha256(tb.host("client"), url, "--socks5", hostport(socks))
+    assert rc == 0 and digest == pattern_sha256(size)
+
+
+def test_rounds_of_100_concurrent_ipv6_transfers_through_the_endpoint_socks5(
+    tb: Testbed,
+) -> None:
+    for _ in range(3):
+        results = loadgen(
+            tb.host("client"),
+            "--server",
+            hostport(tb.origin6),
+            "--size",
+            "64K",
+            "--socks5",
+            hostport(tb.endpoint_socks6),
+            "--concurrency",
+            "100",
+        )
+        failed = [r for r in results if not r["ok"]]
+        assert len(results) == 100 and failed == [], failed[:3]
