@@ -17,7 +17,7 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from daemon.api.aio import (
@@ -120,20 +120,24 @@ async def _accept_loop(
         task.add_done_callback(tasks.discard)
 
 
-async def _serve(prog: str, path: str, listen: tuple[str, int], serve_client: ServeClient) -> int:
+async def _serve(
+    prog: str, path: str, listen: Sequence[tuple[str, int]], serve_client: ServeClient
+) -> int:
     try:
         api = await AsyncSpliceClient.open(path)
     except (OSError, SpliceError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         print(f"{prog}: cannot attach to the splice daemon at {path}: {reason}", file=sys.stderr)
         return 1
-    try:
-        listener = await api.listen(listen)
-    except SpliceError as exc:
-        print(f"{prog}: cannot listen on {listen[0]}:{listen[1]}: {exc}", file=sys.stderr)
-        api.close()
-        return 1
-    log.info("%s listening on %s:%d via %s", prog, *listen, path)
+    listeners: list[AsyncListener] = []
+    for address in listen:
+        try:
+            listeners.append(await api.listen(address))
+        except SpliceError as exc:
+            print(f"{prog}: cannot listen on {address[0]}:{address[1]}: {exc}", file=sys.stderr)
+            api.close()
+            return 1
+    log.info("%s listening on %s via %s", prog, list(listen), path)
 
     async def serve(client: AsyncConnection) -> None:
         try:
@@ -152,7 +156,9 @@ async def _serve(prog: str, path: str, listen: tuple[str, int], serve_client: Se
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal)
     accepting = [
-        asyncio.create_task(_accept_loop(listener, serve)) for _ in range(ACCEPTS_IN_FLIGHT)
+        asyncio.create_task(_accept_loop(listener, serve))
+        for listener in listeners
+        for _ in range(ACCEPTS_IN_FLIGHT)
     ]
 
     def accept_ended(task: asyncio.Task[str]) -> None:
@@ -171,8 +177,9 @@ async def _serve(prog: str, path: str, listen: tuple[str, int], serve_client: Se
         log.info("stopping")
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(signum)
-    with contextlib.suppress(SpliceError):
-        await listener.close()
+    for listener in listeners:
+        with contextlib.suppress(SpliceError):
+            await listener.close()
     api.close()
     for task in accepting:
         task.cancel()
@@ -183,10 +190,19 @@ async def _serve(prog: str, path: str, listen: tuple[str, int], serve_client: Se
 
 
 def run_proxy(
-    prog: str, *, daemon: str, listen: tuple[str, int], log_level: str, serve_client: ServeClient
+    prog: str,
+    *,
+    daemon: str,
+    listen: tuple[str, int],
+    log_level: str,
+    serve_client: ServeClient,
+    more_listen: Sequence[tuple[str, int]] = (),
 ) -> int:
-    """The whole main() of an asyncio proxy attached to the daemon; the exit status."""
+    """The whole main() of an asyncio proxy attached to the daemon; the exit status.
+
+    ``more_listen``: further addresses to serve (an IPv6 one, say).
+    """
     logging.basicConfig(
         level=log_level.upper(), format=f"%(asctime)s {prog} %(levelname)s %(message)s"
     )
-    return asyncio.run(_serve(prog, daemon, listen, serve_client))
+    return asyncio.run(_serve(prog, daemon, [listen, *more_listen], serve_client))

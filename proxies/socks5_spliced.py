@@ -205,10 +205,14 @@ async def connect_and_splice(
     IPv6).  A failed address leaves the client intended and the next one is
     tried; the first failure's error is raised when none answers.
     """
-    local = None if config.source is None else (config.source, 0)
     first_error: SpliceError | None = None
     for remote in remotes:
-        family_zero = "::" if ":" in (config.source or remote[0]) else "0.0.0.0"
+        # --source names one family; a destination of the other leaves from
+        # the daemon's default source of its own (--source6, say).
+        local = None
+        if config.source is not None and (":" in config.source) == (":" in remote[0]):
+            local = (config.source, 0)
+        family_zero = "::" if ":" in remote[0] else "0.0.0.0"
         template = build_reply(Reply.SUCCEEDED, (family_zero, 0))
         try:
             if family_zero == "::":  # the daemon's inline reply knows IPv4 BND fields only
@@ -243,7 +247,14 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, SplicedConf
         description="SOCKS5 proxy (CONNECT) whose data phase is spliced by the splice daemon.",
     )
     parser.add_argument("--daemon", required=True, metavar="SOCKET_PATH")
-    parser.add_argument("--listen", type=parse_listen, required=True, metavar="ADDR:PORT")
+    parser.add_argument(
+        "--listen",
+        type=parse_listen,
+        required=True,
+        action="append",
+        metavar="ADDR:PORT",
+        help="where to listen (a daemon address); again for another ([v6]:port, say)",
+    )
     parser.add_argument("--source", metavar="ADDR", help="daemon address to connect from")
     parser.add_argument("--user", help="require RFC 1929 username/password")
     parser.add_argument("--password")
@@ -275,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     return run_proxy(
         PROG,
         daemon=args.daemon,
-        listen=args.listen,
+        listen=args.listen[0],
+        more_listen=args.listen[1:],
         log_level=args.log_level,
         serve_client=lambda api, client: serve_client(api, client, config),
     )

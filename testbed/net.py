@@ -348,6 +348,11 @@ class Testbed:
         return (SPLICE_SERVICE, ENDPOINT_SOCKS_PORT)
 
     @property
+    def spliced_socks6(self) -> tuple[str, int]:
+        """The spliced SOCKS5 at the daemon's IPv6 address (the Python relay splices IPv6)."""
+        return (SPLICE_SERVICE6, SOCKS_PORT)
+
+    @property
     def endpoint_socks6(self) -> tuple[str, int]:
         """The endpoint SOCKS5 at the daemon's IPv6 address."""
         return (SPLICE_SERVICE6, ENDPOINT_SOCKS_PORT)
@@ -547,6 +552,8 @@ class Testbed:
             if name == "socks5-endpoint":
                 # The daemon's IPv6 endpoint: connections it terminates, copied.
                 argv += ["--listen", "[{}]:{}".format(*self.endpoint_socks6)]
+            if name == "socks5-spliced":
+                argv += ["--listen", "[{}]:{}".format(*self.spliced_socks6)]
             wanted[name] = (proxy_ns, argv)
         for name, (ns, argv) in wanted.items():
             rec = process.load(self.run_dir, name)

@@ -61,7 +61,6 @@ class ErrorCode(StrEnum):
     ESTATE = "ESTATE"  # the op is not valid in the object's current state
     EADDRINUSE = "EADDRINUSE"
     EADDRNOTAVAIL = "EADDRNOTAVAIL"  # a local address the daemon does not own
-    EAFNOSUPPORT = "EAFNOSUPPORT"  # an address family the op does not support (yet)
     ECONNREFUSED = "ECONNREFUSED"  # the peer answered the SYN with RST
     EHOSTUNREACH = "EHOSTUNREACH"
     ENETUNREACH = "ENETUNREACH"

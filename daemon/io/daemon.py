@@ -435,7 +435,20 @@ class Daemon:
         if getattr(vnet, "gso_size", 0):
             self.counters["gso_in"] += 1
         verify = not flags & (F_NEEDS_CSUM | F_DATA_VALID)
-        self._tcp_input(ip.src_addr, ip.dst_addr, ip.payload, verify, ip.ecn, now)
+        src, dst, payload = ip.src_addr, ip.dst_addr, ip.payload
+        if len(payload) >= 4:
+            sport, dport = _PORTS.unpack_from(payload)
+            hit = self.splicer.flows.get((dst, dport, src, sport))
+            if hit is not None:
+                # Spliced (in Python: the kernel program is IPv4's).
+                if verify and internet_checksum(
+                    payload, pseudo_header_sum(src, dst, PROTO_TCP, len(payload))
+                ):
+                    self.counters["bad_checksum"] += 1
+                    return
+                if self.splicer.on_packet(hit[0], hit[1], vnet, pkt, now):
+                    return
+        self._tcp_input(src, dst, payload, verify, ip.ecn, now)
 
     def _tcp_input(
         self, src: bytes, dst: bytes, payload: memoryview, verify: bool, ecn: int, now: float

@@ -30,7 +30,7 @@ import termios
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
@@ -195,10 +195,6 @@ class Splicer:
         return {"conn": relay.server_id}
 
     def _check_spliceable(self, c: Conn, conn_id: int) -> None:
-        if len(c.tcp.local[0]) != 4:
-            # The relay, its translator and the kernel program rewrite IPv4
-            # headers; IPv6 connections are endpoint connections for now.
-            raise ApiError(ErrorCode.EAFNOSUPPORT, f"conn {conn_id}: IPv6 cannot be spliced yet")
         if c.splice is not None:
             raise ApiError(ErrorCode.ESTATE, f"conn {conn_id} is already part of a splice")
         if c.tcp_gone or c.tcp.state not in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT):
@@ -262,10 +258,9 @@ class Splicer:
         config = sp.relay.server_config
         assert config is not None  # sealed only once both sides relay: no connect then
         if ":" in remote[0]:
-            done(
-                ApiError(ErrorCode.EAFNOSUPPORT, "a splice's server side cannot be IPv6 yet"), None
-            )
-            return
+            # IPv6's header is 20 bytes longer: offer the server no more than
+            # our IPv6 MSS, whatever the client's (a splice across families).
+            config = replace(config, mss=min(config.mss, self.d.tcp_config6.mss))
         conn = self.d._open(owner, remote, local, timeout, done, config)
         if conn is None:
             return

@@ -78,6 +78,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
+from daemon.splice.family import to_ipv6, to_relay_shape
 from daemon.splice.session import Side, translators
 from daemon.splice.state import QUEUEING_STATES, Event, Iface, SplicePair, SpliceState
 from daemon.splice.translator import SegmentInfo, Translator, TsMode, peek, translate
@@ -606,6 +607,12 @@ class Relay:
         self, src: Iface, vnet: VnetHeader | None, pkt: memoryview, now: float
     ) -> list[Action]:
         """A segment arrived on connection ``src`` after splice(): feed, relay or queue it."""
+        if pkt and pkt[0] >> 4 == 6:
+            shaped = to_relay_shape(pkt, vnet)
+            if shaped is None:
+                self.counters.relay_malformed += 1
+                return []
+            pkt, vnet = shaped
         info = peek(pkt)
         if info is None:
             self.counters.relay_malformed += 1
@@ -701,8 +708,7 @@ class Relay:
         if not outs:
             self.counters.relay_malformed += 1
             return
-        for hdr, buf in outs:
-            out.append(Write(hdr, buf))
+        self._write(src.other, outs, out)
         self.counters.relayed += 1
         if src is CLIENT:
             self.bytes_c2s += info.payload_len
@@ -937,6 +943,21 @@ class Relay:
                 return
             self._relay(src, vnet, buf, info, out, now)
 
+    def _write(
+        self,
+        dst: Iface,
+        outs: list[tuple[bytes | None, memoryview | bytearray]],
+        out: list[Action],
+    ) -> None:
+        """Translated packets out toward ``dst``, in its own family (daemon/splice/family.py)."""
+        d = self.side(dst)
+        if len(d.local[0]) == 16:
+            for hdr, buf in outs:
+                out.append(Write(*to_ipv6(hdr, buf, d.local[0], d.remote[0])))
+        else:
+            for hdr, buf in outs:
+                out.append(Write(hdr, buf))
+
     def _relay_reset(
         self,
         src: Iface,
@@ -951,8 +972,7 @@ class Relay:
         t = self.c2s if src is CLIENT else self.s2c
         other = self.server if dst is SERVER else self.client
         if t is not None:
-            for hdr, buf in translate(t, vnet, pkt, info):
-                out.append(Write(hdr, buf))
+            self._write(dst, translate(t, vnet, pkt, info), out)
         elif other is not None and other.tcb is not None:
             # That direction is not spliced yet: its own TCB still speaks for
             # it and resets the peer with its own sequence numbers.
@@ -982,6 +1002,8 @@ class Relay:
         t = self.c2s if iface is SERVER else self.s2c
         if out.tcb is not None or src is None or t is None:
             return None
+        if len(src.local[0]) == 16 or len(out.local[0]) == 16:
+            return None  # ICMPv6 Packet Too Big is not built yet
         return frag_needed(
             src.local[0],
             src.remote[0],
@@ -1103,6 +1125,8 @@ class Relay:
         """Both TCBs are silent and both translations exist: offer the kernel the pair."""
         if self.fast_path or self.c2s is None or self.s2c is None or self.server is None:
             return
+        if len(self.client.local[0]) == 16 or len(self.server.local[0]) == 16:
+            return  # the kernel program rewrites IPv4 headers only: Python relays it
         if self.tap is not None and not self.tap.ended:
             return  # the kernel would not copy for the tap
         if self.pair.client is SpliceState.GONE:

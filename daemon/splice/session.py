@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from daemon.splice.family import V6_PLACEHOLDER
 from daemon.splice.translator import Translator, TsMode
 from daemon.tcp.config import Endpoint
 from daemon.tcp.connection import TcpConnection
@@ -120,9 +121,12 @@ def _translator(src: Side, dst: Side, offload: bool) -> Translator:
     # happen to agree.  The translator rounds down and clamps.
     in_shift = src.peer_wscale if src.wscale_ok else 0
     out_shift = dst.our_wscale if dst.wscale_ok else 0
+    # An IPv6 connection's packets are IPv4-shaped inside the relay and get
+    # their real addresses back on the way out (daemon/splice/family.py).
+    six = len(dst.local[0]) == 16
     return Translator(
-        src_addr=dst.local[0],
-        dst_addr=dst.remote[0],
+        src_addr=V6_PLACEHOLDER if six else dst.local[0],
+        dst_addr=V6_PLACEHOLDER if six else dst.remote[0],
         src_port=dst.local[1],
         dst_port=dst.remote[1],
         seq_delta=seq_delta,

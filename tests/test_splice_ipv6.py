@@ -1,0 +1,130 @@
+"""IPv6 splices and splices across families, against Linux peers, through the spliced SOCKS5.
+
+The relay splices an IPv6 connection by giving its segments an IPv4-shaped
+header inside and their IPv6 header back on the way out
+(daemon/splice/family.py); each side converts on its own, so an IPv4
+client can be spliced to an IPv6 server and the reverse.  The kernel fast
+path is IPv4's: these splices stay in Python (``fast_path`` false in
+``stats``).  Content is checked by hash; captures show each link in its own
+family with every segment within that link's MTU.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from testbed.net import Testbed
+from tests.helpers import curl_sha256, daemon_stats, loadgen, pattern_sha256
+
+pytestmark = pytest.mark.root
+
+
+def hostport(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def ends(tb: Testbed, client: int, server: int) -> tuple[str, str]:
+    """(SOCKS5 address, origin URL prefix) for a client family and a server family."""
+    socks = tb.spliced_socks6 if client == 6 else tb.spliced_socks
+    origin = tb.origin6 if server == 6 else tb.origin
+    return hostport(socks), f"http://{hostport(origin)}"
+
+
+FAMILIES = [(6, 6), (4, 6), (6, 4)]
+
+
+@pytest.mark.parametrize(("client", "server"), FAMILIES)
+@pytest.mark.parametrize("size", [1024, 1 << 20, 64 << 20])
+def test_curl_through_the_spliced_socks5(tb: Testbed, client: int, server: int, size: int) -> None:
+    socks, origin = ends(tb, client, server)
+    before = daemon_stats(tb)["splice_counters"]
+    rc, digest = curl_sha256(tb.host("client"), f"{origin}/bytes/{size}", "--socks5", socks)
+    assert rc == 0 and digest == pattern_sha256(size)
+    after = daemon_stats(tb)["splice_counters"]
+    assert after["spliced"] > before["spliced"], (before, after)
+
+
+@pytest.mark.parametrize(("client", "server"), FAMILIES)
+def test_an_upload_is_spliced_intact(tb: Testbed, client: int, server: int) -> None:
+    socks, origin = ends(tb, client, server)
+    results = loadgen(
+        tb.host("client"),
+        "--server",
+        origin.removeprefix("http://"),
+        "--size",
+        "8M",
+        "--socks5",
+        socks,
+        "--upload",
+    )
+    assert len(results) == 1 and results[0]["ok"], results
+
+
+def test_rounds_of_100_concurrent_ipv6_splices(tb: Testbed) -> None:
+    socks, origin = ends(tb, 6, 6)
+    for _ in range(3):
+        results = loadgen(
+            tb.host("client"),
+            "--server",
+            origin.removeprefix("http://"),
+            "--size",
+            "64K",
+            "--socks5",
+            socks,
+            "--concurrency",
+            "100",
+        )
+        failed = [r for r in results if not r["ok"]]
+        assert len(results) == 100 and failed == [], failed[:3]
+
+
+def test_each_link_carries_its_own_family_and_an_mss_that_fits_it(
+    tb: Testbed, tmp_path: Path
+) -> None:
+    """IPv4 client, IPv6 server: IPv4 frames only on the client link, IPv6 only toward the
+    server, and the daemon's SYN to the server offers no more than IPv6's 1440 (the
+    client's 1460 would not fit a 1500-byte link in IPv6)."""
+    socks, origin = ends(tb, 4, 6)
+    cp, ps = tmp_path / "cp.pcap", tmp_path / "ps.pcap"
+    with (
+        tb.link("client-proxy").capture(cp, side="client", snaplen=128),
+        tb.link("proxy-server").capture(ps, side="server", snaplen=128),
+    ):
+        rc, digest = curl_sha256(tb.host("client"), f"{origin}/bytes/{8 << 20}", "--socks5", socks)
+    assert rc == 0 and digest == pattern_sha256(8 << 20)
+    client_side, server_side = tcp_frames(cp), tcp_frames(ps)
+    assert client_side and {v for v, _, _ in client_side} == {4}
+    assert server_side and {v for v, _, _ in server_side} == {6}
+    syn_mss = [mss for _, flags, mss in server_side if flags & 0x12 == 0x02]
+    assert syn_mss and all(m is not None and m <= 1440 for m in syn_mss), syn_mss
+
+
+def tcp_frames(pcap: Path) -> list[tuple[int, int, int | None]]:
+    """(IP version, TCP flags, MSS option or None) of each TCP frame in an Ethernet pcap."""
+    data = pcap.read_bytes()
+    out, off = [], 24
+    while off + 16 <= len(data):
+        incl = struct.unpack("<I", data[off + 8 : off + 12])[0]
+        frame = data[off + 16 : off + 16 + incl]
+        off += 16 + incl
+        if frame[12:14] == b"\x08\x00" and frame[23] == 6:
+            version, tcp = 4, frame[14 + (frame[14] & 0x0F) * 4 :]
+        elif frame[12:14] == b"\x86\xdd" and frame[20] == 6:
+            version, tcp = 6, frame[54:]
+        else:
+            continue
+        mss = None
+        opts, i = tcp[20 : (tcp[12] >> 4) * 4], 0
+        while i + 1 < len(opts) and opts[i] != 0:
+            if opts[i] == 1:
+                i += 1
+                continue
+            if opts[i] == 2 and i + 4 <= len(opts):
+                mss = struct.unpack("!H", opts[i + 2 : i + 4])[0]
+            i += max(opts[i + 1], 2)
+        out.append((version, tcp[13], mss))
+    return out
