@@ -27,7 +27,7 @@ from daemon.api.aio import (
     DaemonGone,
     SpliceError,
 )
-from proxies.daemon_shell import accept_stopped, destinations
+from proxies.daemon_shell import accept_stopped, destinations, local_for
 from proxies.socks5 import DRAIN_TIMEOUT
 
 log = logging.getLogger("proxies.aio_shell")
@@ -78,11 +78,10 @@ async def connect_server(
     Raises the first failure's ``SpliceError`` (the most telling one for the
     name the client asked for) when every address failed.
     """
-    local = None if source is None else (source, 0)
     first_error: SpliceError | None = None
     for remote in remotes:
         try:
-            await server.connect(remote, local=local, timeout=timeout)
+            await server.connect(remote, local=local_for(source, remote), timeout=timeout)
             return
         except DaemonGone:
             raise

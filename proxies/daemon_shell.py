@@ -167,6 +167,14 @@ def destinations(host: str, port: int, source: str | None) -> list[tuple[str, in
     return found
 
 
+def local_for(source: str | None, remote: tuple[str, int]) -> tuple[str, int] | None:
+    """The ``local`` of a connect to ``remote``: ``--source`` if it is of the remote's
+    family, else None (the daemon's default source of that family, ``--source6``)."""
+    if source is None or (":" in source) != (":" in remote[0]):
+        return None
+    return (source, 0)
+
+
 def check_source(parser: argparse.ArgumentParser, source: str | None) -> None:
     if source is not None:
         try:

@@ -99,7 +99,7 @@ from proxies.aio_shell import (
     refuse_intended,
     run_proxy,
 )
-from proxies.daemon_shell import check_source
+from proxies.daemon_shell import check_source, local_for
 from proxies.http_cache import (
     CachedObject,
     ObjectCache,
@@ -585,10 +585,10 @@ async def connect_origin(
     rcvbuf: int | None = None,
 ) -> AsyncConnection:
     """A connection of the proxy's own to the first address that answers."""
-    local = None if source is None else (source, 0)
     first_error: SpliceError | None = None
     for remote in remotes:
         try:
+            local = local_for(source, remote)
             return await api.connect(remote, local=local, timeout=timeout, rcvbuf=rcvbuf)
         except DaemonGone:
             raise
@@ -1048,7 +1048,6 @@ class ClientSession:
             return await self._answer(request, 502, f"cannot resolve {origin.host}: {exc}")
         self._drop_link()  # the connection is a tunnel from now on
         early, _ = self.http.trailing_data  # sent behind the CONNECT: the tunnel's first bytes
-        local = None if self.proxy.source is None else (self.proxy.source, 0)
         timeout = self.proxy.connect_timeout
         error: SpliceError | None = None
         if early:
@@ -1074,7 +1073,7 @@ class ClientSession:
                     await self.api.connect_splice(
                         self.client,
                         remote,
-                        local=local,
+                        local=local_for(self.proxy.source, remote),
                         timeout=timeout,
                         data=CONNECT_ESTABLISHED,
                         release=True,
@@ -1116,7 +1115,14 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Http11Proxy
         "with a Content-Length spliced by the daemon, a deny list, a cache.",
     )
     parser.add_argument("--daemon", required=True, metavar="SOCKET_PATH")
-    parser.add_argument("--listen", type=parse_listen, required=True, metavar="ADDR:PORT")
+    parser.add_argument(
+        "--listen",
+        type=parse_listen,
+        required=True,
+        action="append",
+        metavar="ADDR:PORT",
+        help="where to listen (a daemon address); again for another ([v6]:port, say)",
+    )
     parser.add_argument("--source", metavar="ADDR", help="daemon address to connect from")
     parser.add_argument(
         "--deny",
@@ -1182,7 +1188,8 @@ def main(argv: list[str] | None = None) -> int:
     return run_proxy(
         PROG,
         daemon=args.daemon,
-        listen=args.listen,
+        listen=args.listen[0],
+        more_listen=args.listen[1:],
         log_level=args.log_level,
         serve_client=lambda api, client: serve_client(api, client, proxy),
     )

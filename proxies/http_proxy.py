@@ -43,7 +43,7 @@ from proxies.aio_shell import (
     refuse_intended,
     run_proxy,
 )
-from proxies.daemon_shell import check_source
+from proxies.daemon_shell import check_source, local_for
 from proxies.http_cache import (
     CachedObject,
     ObjectCache,
@@ -371,11 +371,11 @@ async def fill(
     The caller marked the key as ``filling``; this unmarks it.
     """
     key = request.cache_key
-    local = None if proxy.source is None else (proxy.source, 0)
     conn: AsyncConnection | None = None
     try:
         for remote in remotes:
             try:
+                local = local_for(proxy.source, remote)
                 conn = await api.connect(remote, local=local, timeout=proxy.connect_timeout)
                 break
             except DaemonGone:
@@ -441,7 +441,14 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, HttpProxy]:
         description="HTTP/1.0 forward proxy: cache hits served, misses spliced by the daemon.",
     )
     parser.add_argument("--daemon", required=True, metavar="SOCKET_PATH")
-    parser.add_argument("--listen", type=parse_listen, required=True, metavar="ADDR:PORT")
+    parser.add_argument(
+        "--listen",
+        type=parse_listen,
+        required=True,
+        action="append",
+        metavar="ADDR:PORT",
+        help="where to listen (a daemon address); again for another ([v6]:port, say)",
+    )
     parser.add_argument("--source", metavar="ADDR", help="daemon address to connect from")
     parser.add_argument(
         "--cache-max-object", type=byte_count, default=DEFAULT_MAX_OBJECT, metavar="BYTES"
@@ -464,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     return run_proxy(
         PROG,
         daemon=args.daemon,
-        listen=args.listen,
+        listen=args.listen[0],
+        more_listen=args.listen[1:],
         log_level=args.log_level,
         serve_client=lambda api, client: serve_client(api, client, proxy),
     )

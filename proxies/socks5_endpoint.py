@@ -33,6 +33,7 @@ from daemon.api.client import Connection, DaemonGone, SpliceClient, SpliceError
 from proxies.daemon_shell import (
     check_source,
     destinations,
+    local_for,
     release,
     run_proxy,
 )
@@ -83,10 +84,8 @@ def connect_destination(api: SpliceClient, request: Request, config: EndpointCon
     for remote in destinations(request.host, request.port, config.source):
         # --source names one family; the other leaves from the daemon's default
         # source of its own (--source6, say).
-        local = None
-        if config.source is not None and (":" in config.source) == (":" in remote[0]):
-            local = (config.source, 0)
         try:
+            local = local_for(config.source, remote)
             return api.connect(remote, local=local, timeout=config.connect_timeout)
         except DaemonGone:
             raise  # no point trying the next address

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 from daemon.api.aio import AsyncConnection, AsyncSpliceClient, DaemonGone, SpliceError
 from proxies.aio_shell import close_gently, destinations_async, refuse_intended, run_proxy
-from proxies.daemon_shell import check_source
+from proxies.daemon_shell import check_source, local_for
 from proxies.socks5 import HANDSHAKE_TIMEOUT, parse_listen
 from proxies.socks5_protocol import (
     MAX_AUTH_LEN,
@@ -209,9 +209,7 @@ async def connect_and_splice(
     for remote in remotes:
         # --source names one family; a destination of the other leaves from
         # the daemon's default source of its own (--source6, say).
-        local = None
-        if config.source is not None and (":" in config.source) == (":" in remote[0]):
-            local = (config.source, 0)
+        local = local_for(config.source, remote)
         family_zero = "::" if ":" in remote[0] else "0.0.0.0"
         template = build_reply(Reply.SUCCEEDED, (family_zero, 0))
         try:

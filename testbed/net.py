@@ -552,8 +552,8 @@ class Testbed:
             if name == "socks5-endpoint":
                 # The daemon's IPv6 endpoint: connections it terminates, copied.
                 argv += ["--listen", "[{}]:{}".format(*self.endpoint_socks6)]
-            if name == "socks5-spliced":
-                argv += ["--listen", "[{}]:{}".format(*self.spliced_socks6)]
+            if name in ("socks5-spliced", "http-proxy", "http11-proxy"):
+                argv += ["--listen", f"[{SPLICE_SERVICE6}]:{port}"]
             wanted[name] = (proxy_ns, argv)
         for name, (ns, argv) in wanted.items():
             rec = process.load(self.run_dir, name)

@@ -128,3 +128,18 @@ def tcp_frames(pcap: Path) -> list[tuple[int, int, int | None]]:
             i += max(opts[i + 1], 2)
         out.append((version, tcp[13], mss))
     return out
+
+
+@pytest.mark.parametrize("proxy", ["http_proxy", "http11_proxy"])
+@pytest.mark.parametrize(("client", "server"), FAMILIES)
+@pytest.mark.parametrize("size", [1024, 8 << 20])
+def test_the_http_proxies_with_ipv6_literals(
+    tb: Testbed, proxy: str, client: int, server: int, size: int
+) -> None:
+    """curl -x to either spliced HTTP proxy, each family on each side, [v6] URL literals."""
+    host, port = getattr(tb, proxy)
+    proxy_url = f"http://[2001:db8:d::1]:{port}" if client == 6 else f"http://{host}:{port}"
+    origin = tb.origin6 if server == 6 else tb.origin
+    url = f"http://{hostport(origin)}/bytes/{size}"
+    rc, digest = curl_sha256(tb.host("client"), url, "-x", proxy_url)
+    assert rc == 0 and digest == pattern_sha256(size)

@@ -1,0 +1,93 @@
+"""Downloads over IPv4, IPv6 and across families: router, plain, endpoint and spliced, one run.
+
+Builds one testbed (its daemon runs the kernel fast path where BPF works)
+and downloads SIZE bytes from the origin with curl, per path and per
+(client family, server family): the router (the proxy host forwarding),
+the plain SOCKS5 (kernel sockets, copying), the endpoint SOCKS5 (the
+daemon's TCP, copying) and the spliced SOCKS5.  IPv4 splices run in the
+kernel fast path; IPv6 and cross-family splices in the daemon's Python
+relay (daemon/splice/family.py).  Rounds interleaved; every body is SHA-256
+checked.  Prints median seconds, MB/s and the ratio to the router of the
+same server family.
+
+    sudo .venv/bin/python -m bench.bench_family [--size 64M] [--repeat 3]
+
+A benchmark, not a test: tests/test_splice_ipv6.py checks the behaviour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import statistics
+import time
+
+from clients.loadgen import parse_size
+from testbed.net import Testbed
+from tests.helpers import curl_sha256, pattern_sha256
+
+PAIRS = [(4, 4), (6, 6), (4, 6), (6, 4)]
+
+
+def hostport(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="64M")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    size = parse_size(args.size)
+    bed = Testbed("fb" + secrets.token_hex(2), msl=1.0)
+    times: dict[tuple[str, int, int], list[float]] = {}
+    try:
+        bed.up()
+        for rnd in range(args.repeat):
+            for client, server in PAIRS:
+                origin = bed.origin6 if server == 6 else bed.origin
+                url = f"http://{hostport(origin)}/bytes/{size}"
+                paths: list[tuple[str, list[str]]] = [
+                    ("plain", ["--socks5", hostport(bed.socks6 if client == 6 else bed.socks)]),
+                    (
+                        "endpoint",
+                        [
+                            "--socks5",
+                            hostport(bed.endpoint_socks6 if client == 6 else bed.endpoint_socks),
+                        ],
+                    ),
+                    (
+                        "spliced",
+                        [
+                            "--socks5",
+                            hostport(bed.spliced_socks6 if client == 6 else bed.spliced_socks),
+                        ],
+                    ),
+                ]
+                if client == server:
+                    paths.insert(0, ("router", []))
+                for name, extra in paths:
+                    t0 = time.monotonic()
+                    rc, digest = curl_sha256(bed.host("client"), url, *extra, timeout=600)
+                    took = time.monotonic() - t0
+                    ok = rc == 0 and digest == pattern_sha256(size)
+                    label = f"{name} v{client}->v{server}"
+                    print(f"round {rnd} {label}: {took:.2f} s{'' if ok else ' FAILED'}", flush=True)
+                    if ok:
+                        times.setdefault((name, client, server), []).append(took)
+    finally:
+        bed.down()
+    print(f"\n{args.size} download, median of {args.repeat} (ratio: to the router, server family):")
+    for (name, client, server), samples in times.items():
+        med = statistics.median(samples)
+        router = statistics.median(times.get(("router", server, server), [float("nan")]))
+        print(
+            f"  {name:9s} v{client}->v{server}  {med:7.2f} s  {size / med / 1e6:7.1f} MB/s"
+            f"  x router {router / med:.2f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
