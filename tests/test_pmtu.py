@@ -9,16 +9,18 @@ import pytest
 
 from daemon.splice.state import Iface
 from daemon.tcp.connection import MIN_PATH_MTU
-from daemon.wire.checksum import internet_checksum
+from daemon.wire.checksum import internet_checksum, pseudo_header_sum
 from daemon.wire.error import WireError
 from daemon.wire.icmp import (
     FRAG_NEEDED,
     HOST_UNREACH,
     frag_needed,
+    packet_too_big,
     parse_unreachable,
     parse_unreachable6,
 )
 from daemon.wire.ipv4 import Ipv4Packet
+from daemon.wire.ipv6 import Ipv6Packet
 from daemon.wire.tcp import ACK, PSH
 from tests.test_splice_relay import (
     C_IRS,
@@ -179,3 +181,18 @@ def test_an_ipv6_connection_never_goes_below_1280() -> None:
     tcb.poll_output(T0)
     assert tcb.on_path_mtu(1000, C_ISS + 1)
     assert tcb.snd_mss == 1280 - 60 - 12  # IPv6 + TCP headers, the TS option
+
+
+def test_packet_too_big_is_built_as_a_router_would_and_parses_back() -> None:
+    client6 = bytes.fromhex("20010db8000c00000000000000000002")
+    daemon6 = bytes.fromhex("20010db8000d00000000000000000001")
+    raw = packet_too_big(daemon6, client6, 1280, (client6, 50000), (daemon6, 1080), 77, 1500)
+    ip = Ipv6Packet(raw)
+    assert ip.protocol == 58 and ip.src_addr == daemon6 and ip.dst_addr == client6
+    assert (
+        internet_checksum(ip.payload, pseudo_header_sum(daemon6, client6, 58, len(ip.payload))) == 0
+    )
+    msg = parse_unreachable6(ip.payload)
+    assert msg is not None and msg.code == FRAG_NEEDED and msg.mtu == 1280
+    assert (msg.src_addr, msg.src_port, msg.dst_port, msg.seq) == (client6, 50000, 1080, 77)
+    assert msg.quoted_len == 1500

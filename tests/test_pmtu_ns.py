@@ -76,13 +76,14 @@ print(got, h.hexdigest(), flush=True)
 
 
 def run_shrinking(
-    tb: Testbed, link: str, code: str, args: list[str], ready: str
+    tb: Testbed, link: str, code: str, args: list[str], ready: str, mtu: int = SMALL_MTU
 ) -> tuple[list[str], dict[str, int]]:
     """Run ``code`` in the client; shrink ``link`` once it prints ``ready``; its last line."""
     for host in ("client", "server"):
         # The path MTUs an earlier test taught the peers (route exceptions,
         # kept 10 minutes) would make them offer a small MSS from the start.
-        tb.host(host).cmd(["ip", "route", "flush", "cache"], check=True)
+        for family in ("-4", "-6"):
+            tb.host(host).cmd(["ip", family, "route", "flush", "cache"], check=True)
     before = daemon_stats(tb)
     proc = tb.host("client").popen(
         [sys.executable, "-c", textwrap.dedent(code), *args],
@@ -95,7 +96,7 @@ def run_shrinking(
         assert proc.stdout is not None and proc.stdin is not None
         first = proc.stdout.readline().split()
         assert first and first[0] == ready, first
-        shrunk.set_mtu(SMALL_MTU)
+        shrunk.set_mtu(mtu)
         proc.stdin.write("go\n")
         proc.stdin.flush()
         last = proc.stdout.readline().split()

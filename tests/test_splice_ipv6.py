@@ -18,6 +18,7 @@ import pytest
 
 from testbed.net import Testbed
 from tests.helpers import curl_sha256, daemon_stats, loadgen, pattern_sha256
+from tests.test_pmtu_ns import UPLOAD, run_shrinking
 
 pytestmark = pytest.mark.root
 
@@ -143,3 +144,28 @@ def test_the_http_proxies_with_ipv6_literals(
     url = f"http://{hostport(origin)}/bytes/{size}"
     rc, digest = curl_sha256(tb.host("client"), url, "-x", proxy_url)
     assert rc == 0 and digest == pattern_sha256(size)
+
+
+@pytest.mark.parametrize(
+    ("client", "server", "link_mtu", "client_mtu"),
+    [
+        (6, 6, 1280, 1280),  # ICMPv6 Packet Too Big, as the router's
+        (4, 6, 1280, 1260),  # the IPv4 client's packets are 20 bytes shorter
+        (6, 4, 1300, 1320),  # and the IPv6 client's 20 bytes longer
+    ],
+)
+def test_a_shrinking_server_link_is_told_to_the_client_in_its_own_family(
+    tb: Testbed, client: int, server: int, link_mtu: int, client_mtu: int
+) -> None:
+    """RFC 1191 / RFC 8201 for IPv6 and cross-family splices: the client hears of the
+    server link's MTU in its own family's ICMP, corrected for the header difference."""
+    socks = tb.spliced_socks6 if client == 6 else tb.spliced_socks
+    sink = tb.sink6 if server == 6 else tb.sink
+    args = [*map(str, socks), *map(str, sink)]
+    out, moved = run_shrinking(tb, "proxy-server", UPLOAD, args, "spliced", mtu=link_mtu)
+    _, mss_before, verdict, mss_after = out
+    headers = (60 if client == 6 else 40) + 12  # IP and TCP headers, the TS option
+    assert int(mss_before) > client_mtu - headers
+    assert verdict == "ok"
+    assert int(mss_after) <= client_mtu - headers
+    assert moved["icmp_frag_needed_relayed"] >= 1

@@ -89,7 +89,7 @@ from daemon.tcp.reassembly import ReassemblyQueue
 from daemon.tcp.seq import seq_ge, seq_gt, seq_lt, seq_sub
 from daemon.tcp.state import TcpState
 from daemon.wire.checksum import internet_checksum, pseudo_header_sum
-from daemon.wire.icmp import frag_needed
+from daemon.wire.icmp import MIN_IPV6_MTU, frag_needed, packet_too_big
 from daemon.wire.tcp import ACK, FIN, RST, SYN, TcpSegment
 from daemon.wire.tcp_options import find_timestamp
 from daemon.wire.vnet import VnetHeader
@@ -991,9 +991,11 @@ class Relay:
         peer must lower its segment size: it gets the same message, from
         the daemon's address on its own connection, quoting the segment as
         it sent it (4-tuple of its connection, ``seq`` mapped back through
-        the translation, 5.3).  The MTU passes unchanged: the translation
+        the translation, 5.3), as an ICMPv6 Packet Too Big if its connection
+        is IPv6.  Within a family the MTU passes unchanged: the translation
         keeps a segment's length (options are mapped or NOPed in place, IP
-        options only removed).  None while ``iface``'s own TCB still sends
+        options only removed); across families it moves by the 20 bytes
+        between the two headers.  None while ``iface``'s own TCB still sends
         (PRE_SPLICED): then the segment was the TCB's, and the TCB's own
         path MTU discovery answers it (``TcpConnection.on_path_mtu``).
         """
@@ -1002,9 +1004,16 @@ class Relay:
         t = self.c2s if iface is SERVER else self.s2c
         if out.tcb is not None or src is None or t is None:
             return None
-        if len(src.local[0]) == 16 or len(out.local[0]) == 16:
-            return None  # ICMPv6 Packet Too Big is not built yet
-        return frag_needed(
+        # Across families the peer's packets are 20 bytes longer (IPv6) or
+        # shorter than their image on the constrained link: its MTU is ours
+        # plus that difference (and IPv6 never goes under 1280, RFC 8200 5).
+        peer6, out6 = len(src.local[0]) == 16, len(out.local[0]) == 16
+        mtu += 20 * (peer6 - out6)
+        build = packet_too_big if peer6 else frag_needed
+        if peer6:
+            mtu = max(mtu, MIN_IPV6_MTU)
+        quoted_len += 20 * (peer6 - out6)
+        return build(
             src.local[0],
             src.remote[0],
             mtu,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from daemon.wire.checksum import internet_checksum
+from daemon.wire.checksum import internet_checksum, pseudo_header_sum
 from daemon.wire.error import WireError
 from daemon.wire.ipv6 import Ipv6Packet
 
@@ -143,6 +143,7 @@ def parse_unreachable6(icmp: bytes | bytearray | memoryview) -> Unreachable | No
 
 
 _IPV4 = struct.Struct("!BBHHHBBH4s4s")
+_IPV6_FIXED = struct.Struct("!IHBB16s16s")
 
 
 def _ipv4_header(src: bytes, dst: bytes, total: int, protocol: int, df: bool) -> bytes:
@@ -177,3 +178,28 @@ def frag_needed(
     icmp = bytearray(struct.pack("!BBHHH", ICMP_DEST_UNREACH, FRAG_NEEDED, 0, 0, mtu) + quoted)
     struct.pack_into("!H", icmp, 2, internet_checksum(icmp))
     return _ipv4_header(src, dst, 20 + len(icmp), 1, False) + bytes(icmp)
+
+
+def packet_too_big(
+    src: bytes,
+    dst: bytes,
+    mtu: int,
+    quoted_src: tuple[bytes, int],
+    quoted_dst: tuple[bytes, int],
+    quoted_seq: int,
+    quoted_len: int,
+) -> bytes:
+    """An ICMPv6 Packet Too Big (RFC 4443 3.2, RFC 8201), from ``src`` to ``dst``.
+
+    The IPv6 twin of ``frag_needed``: it quotes the fixed header of a TCP
+    segment of IPv6 length ``quoted_len`` and its first 8 TCP bytes, which
+    is what Linux's tcp_v6_err reads; the checksum covers RFC 8200 8.1's
+    pseudo-header.
+    """
+    quoted = _IPV6_FIXED.pack(
+        6 << 28, max(quoted_len - 40, 8), 6, 64, quoted_src[0], quoted_dst[0]
+    ) + struct.pack("!HHI", quoted_src[1], quoted_dst[1], quoted_seq & 0xFFFFFFFF)
+    icmp = bytearray(struct.pack("!BBHI", ICMP6_PACKET_TOO_BIG, 0, 0, mtu) + quoted)
+    pseudo = pseudo_header_sum(src, dst, 58, len(icmp))
+    struct.pack_into("!H", icmp, 2, internet_checksum(icmp, pseudo))
+    return _IPV6_FIXED.pack(6 << 28, len(icmp), 58, 255, src, dst) + bytes(icmp)
