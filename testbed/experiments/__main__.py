@@ -16,10 +16,11 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
-from testbed.experiments import plots, store
+from testbed.experiments import family, plots, store
 from testbed.experiments.claims import SMALL_MAX, evaluate
 from testbed.experiments.connsetup import splits as setup_splits
 from testbed.experiments.modes import ModeSet, resolve
@@ -47,7 +48,7 @@ def _existing_shapes(tb: Testbed) -> list[str]:
     return notes
 
 
-def _experiment(tb: Testbed, params: Params, out_dir: Path, collected: Collected) -> ModeSet:
+def _experiment(tb: Any, params: Params, out_dir: Path, collected: Collected) -> ModeSet:
     modeset = resolve(tb, params.modes, out_dir)
     try:
         daemons = sum(m.splice_daemon is not None for m in modeset.modes)
@@ -103,7 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"{PROG}: bringing up testbed {params.prefix!r} for this run", file=sys.stderr)
             tb.up()
-        modeset = _experiment(tb, params, out, collected)
+        # --family 6: the same experiments, every address the IPv6 one.
+        modeset = _experiment(family.view(tb, params.family), params, out, collected)
     except (TestbedError, ServiceError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1

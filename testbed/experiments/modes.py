@@ -57,6 +57,8 @@ PY_NET = "198.51.100.128/25"
 PY_SERVICE = "198.51.100.129"
 PY_SOURCE = "198.51.100.130"
 PY_PORT = 1080
+# Modes this suite configures itself, with IPv4 addresses only so far.
+IPV4_ONLY = frozenset({"spliced-py", "dante", "microsocks", "tinyproxy", "http11-copy"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +210,9 @@ def resolve(tb: Any, wanted: tuple[str, ...], work_dir: Path) -> ModeSet:
     proxy_addr = tb.socks[0]
     external = tb.host("proxy").addrs[-1]
     for name in wanted:
+        if getattr(tb, "family", 4) == 6 and name in IPV4_ONLY:
+            found.skipped[name] = "its setup here is IPv4 only (--family 6)"
+            continue
         if name == "router":
             found.modes.append(
                 Mode(name, None, (), "kernel forwarding: no process; see machine-wide CPU")

@@ -107,6 +107,7 @@ class Params:
     prefix: str
     quick: bool
     timeout: float  # per request, seconds
+    family: int = 4  # 4 or 6: the address family every mode's client and origin use
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -246,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"keep-alive load-client workers (default {KEEPALIVE_WORKERS}; quick 2)",
     )
     p.add_argument(
+        "--family",
+        choices=("4", "6"),
+        default="4",
+        help="address family of the clients, proxies and origin (default 4); with 6 the"
+        " modes with no IPv6 setup here are skipped with a reason",
+    )
+    p.add_argument(
         "--prefix",
         "--prefix-for-tests",
         dest="prefix",
@@ -338,4 +346,5 @@ def parse_args(argv: Sequence[str]) -> Params:
         prefix=prefix,
         quick=quick,
         timeout=10.0 if quick else 120.0,
+        family=int(args.family),
     )

@@ -617,7 +617,8 @@ def render(data: ReportInput) -> str:
         f" {m.get('kernel', '?')}, Python {m.get('python', '?')}."
         " How to read this report: docs/experiments.md.",
         "",
-        f"Modes run: {', '.join(data.modes) or 'none'}.",
+        f"Modes run: {', '.join(data.modes) or 'none'}"
+        f" (IPv{p.get('family', 4)}: clients, proxies and origin).",
     ]
     for mode, why in data.skipped.items():
         lines.append(f"- skipped **{mode}**: {why}")

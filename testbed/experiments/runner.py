@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from servers.address import format_host_port
 from testbed.experiments import memory
 from testbed.experiments.connsetup import RateRun, rate_run
 from testbed.experiments.cost import Cost, CostMeter
@@ -134,13 +135,13 @@ def loadgen_argv(
     upload: bool = False,
     keepalive: int | None = None,
 ) -> list[str]:
-    argv = [sys.executable, "-m", "clients.loadgen", "--server", f"{origin[0]}:{origin[1]}"]
+    argv = [sys.executable, "-m", "clients.loadgen", "--server", format_host_port(*origin)]
     for size in sizes:
         argv += ["--size", str(size)]
     if mode.socks is not None:
-        argv += ["--socks5", f"{mode.socks[0]}:{mode.socks[1]}"]
+        argv += ["--socks5", format_host_port(*mode.socks)]
     if mode.http_proxy is not None:
-        argv += ["--http-proxy", f"{mode.http_proxy[0]}:{mode.http_proxy[1]}"]
+        argv += ["--http-proxy", format_host_port(*mode.http_proxy)]
     if keepalive is not None:
         argv += ["--keepalive", str(keepalive)]
     argv += ["--repeat", str(repeat), "--concurrency", str(concurrency)]
