@@ -169,3 +169,12 @@ def test_a_shrinking_server_link_is_told_to_the_client_in_its_own_family(
     assert verdict == "ok"
     assert int(mss_after) <= client_mtu - headers
     assert moved["icmp_frag_needed_relayed"] >= 1
+
+
+def test_curl_socks5_hostname_with_an_ipv6_literal(tb: Testbed) -> None:
+    """``curl -6 --socks5-hostname``: the proxy, not curl, takes the host (here a literal)."""
+    socks, origin = ends(tb, 6, 6)
+    rc, digest = curl_sha256(
+        tb.host("client"), f"{origin}/bytes/{1 << 20}", "-6", "--socks5-hostname", socks
+    )
+    assert rc == 0 and digest == pattern_sha256(1 << 20)
