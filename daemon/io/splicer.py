@@ -110,6 +110,8 @@ class FastPathPort(Protocol):
     def add_counters(self, key: RelayKey, packets: int, nbytes: int) -> None: ...
 
 
+# A woken splice goes back to sleep after this long without a punted segment.
+NAP_AFTER = 1.0
 # Tap bytes the daemon keeps for a reader that is behind, beyond what the
 # socket itself holds; past this the tap overflows (docs/api.md).
 TAP_BACKLOG = 4 << 20
@@ -137,6 +139,10 @@ class Splice:
     client: Conn | None
     server: Conn | None = None
     timewait: Timer = field(default_factory=Timer)
+    # A woken splice sleeps again once punts have stopped for NAP_AFTER
+    # (``_sleep_again``); ``last_punt`` is when the latest one came.
+    nap: Timer = field(default_factory=Timer)
+    last_punt: float = 0.0
     # Fast path entries installed for this splice (keys of arriving segments).
     offloaded: list[RelayKey] = field(default_factory=list)
     tap: TapPipe | None = None
@@ -678,24 +684,44 @@ class Splicer:
             if sp is None:
                 return False  # its entries are gone: an unknown 4-tuple (a RST)
         keep = self.execute(sp, sp.relay.on_packet(iface, vnet, pkt, now))
-        self._sleep_again(sp)
+        self._sleep_again(sp, now)
         return keep
 
-    def _sleep_again(self, sp: Splice) -> None:
-        """A compact splice that a punted segment did not move sleeps again.
-
-        (A retransmitted SYN-ACK, an unusual option, an ICMP.)  One that is
-        closing stays awake through its few remaining punts.
-        """
-        if (
-            sp.offloaded  # only the kernel's punts reach an offloaded splice here
+    def _may_sleep(self, sp: Splice) -> bool:
+        return (
+            bool(sp.offloaded)  # only the kernel's punts reach an offloaded splice here
             and sp.client is None
             and sp.server is None
             and sp.relay.pair.client is SpliceState.SPLICED
             and sp.relay.pair.server is SpliceState.SPLICED
             and sp in self.splices
-        ):
-            self._sleep(sp)
+        )
+
+    def _sleep_again(self, sp: Splice, now: float) -> None:
+        """A compact splice that punted segments did not move sleeps again, once they stop.
+
+        (A retransmitted SYN-ACK, an unusual option, an ICMP.)  Not at once:
+        a peer whose every segment the kernel punts (IP options, a packet
+        too big for a shrunk link) would otherwise cost a wake and a sleep,
+        four map syscalls and a relay rebuilt, per packet.  One that is
+        closing stays awake through its few remaining punts.
+        """
+        if not self._may_sleep(sp):
+            return
+        sp.last_punt = now
+        if sp.nap.deadline is None:
+            self.d.timers.schedule(sp.nap, now + NAP_AFTER, partial(self._nap, sp))
+
+    def _nap(self, sp: Splice) -> None:
+        sp.nap = Timer()  # the fired entry is spent
+        if not self._may_sleep(sp):
+            return
+        now = time.monotonic()
+        quiet_at = sp.last_punt + NAP_AFTER
+        if now < quiet_at:
+            self.d.timers.schedule(sp.nap, quiet_at, partial(self._nap, sp))
+            return
+        self._sleep(sp)
 
     def frag_needed(self, local: LocalKey, msg: Unreachable, now: float) -> bytes | None:
         """The ICMP for the peer of a spliced flow whose relayed segment was too big (RFC 1191).
@@ -713,7 +739,7 @@ class Splicer:
             if sp is None:
                 return None
         icmp = sp.relay.frag_needed(iface, msg.seq, msg.mtu, msg.quoted_len)
-        self._sleep_again(sp)
+        self._sleep_again(sp, now)
         return icmp
 
     def _on_timer(self, sp: Splice, iface: Iface) -> None:
@@ -938,6 +964,7 @@ class Splicer:
         """Forget the pair: later segments of either connection get a RST."""
         self._offload_removed(sp)
         sp.timewait.cancel()
+        sp.nap.cancel()
         if sp.tap is not None and not sp.tap.overflowed:
             # What was tapped still reaches the reader; then EOF.
             sp.tap.ended = True
