@@ -15,7 +15,16 @@ daemon's sender then meets most congestion as ECN-Echo (RFC 3168), not
 loss; the spliced SOCKS5 is run too, ECN crossing the splice.
 
     sudo .venv/bin/python -m bench.bench_loss [--loss 2%] [--delay 5ms]
-        [--size 64M] [--repeat 3] [--ecn]
+        [--size 64M] [--repeat 3] [--ecn] [--congestion reno]
+
+The kernel senders (the origin for the router, the plain SOCKS5 toward the
+client) use their namespace's default congestion control, which new
+namespaces inherit from the host (BBR on this project's machine): BBR does
+not take random loss for congestion, so against the daemon's loss-based
+Reno it compares unlike with unlike.  ``--congestion reno`` sets the
+server's and the proxy's default, so every sender answers loss the same
+way (a namespace may set only what net.ipv4.tcp_allowed_congestion_control
+allows: reno and bbr here, not cubic).
 
 A benchmark, not a test: tests/test_tcp_sack.py and the endpoint's loss
 test check the behaviour.
@@ -44,18 +53,26 @@ def main() -> int:
     ap.add_argument("--size", default="64M")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--ecn", action="store_true", help="mark instead of drop; clients ask for ECN")
+    ap.add_argument(
+        "--congestion", metavar="ALGO", help="the kernel senders' congestion control (reno, cubic)"
+    )
     args = ap.parse_args()
     size = _size(args.size)
     tag = secrets.token_hex(2)
-    sysctls = {"client": {"ecn": 1}} if args.ecn else {}
+    sysctls: dict[str, dict[str, str | int]] = {"client": {"ecn": 1}} if args.ecn else {}
+    if args.congestion:
+        for role in ("server", "proxy"):
+            sysctls.setdefault(role, {})["net.ipv4.tcp_congestion_control"] = args.congestion
     sack = Testbed("ls" + tag, msl=1.0, sysctls=sysctls)
     reno = Testbed("lr" + tag, msl=1.0, daemon_args=("--no-sack-recovery",), sysctls=sysctls)
     shape = f"loss={args.loss} delay={args.delay}" + (" ecn" if args.ecn else "")
     times: dict[str, list[float]] = {}
+    senders = "?"
     try:
         for bed in (sack, reno):
             bed.up()
             bed.link("client-proxy").shape(shape)
+        senders = sack.host("server").sysctl("net.ipv4.tcp_congestion_control")
         url = "http://{}:{}/bytes/{}"
         for rnd in range(args.repeat):
             runs = [
@@ -79,7 +96,10 @@ def main() -> int:
     finally:
         for bed in (sack, reno):
             bed.down()
-    print(f"\n{args.size} download, client-proxy link {shape}, median of {args.repeat}:")
+    print(
+        f"\n{args.size} download, client-proxy link {shape}, median of {args.repeat};"
+        f" kernel senders {senders}, the daemon's NewReno/RFC 6675:"
+    )
     router = statistics.median(times.get("router", [float("nan")]))
     for name, samples in times.items():
         med = statistics.median(samples)
