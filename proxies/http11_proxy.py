@@ -113,7 +113,7 @@ from proxies.http_proxy import (
     split_absolute_uri,
     status_for_connect_error,
 )
-from proxies.socks5 import parse_listen
+from proxies.socks5 import add_listen_option
 from servers.http1 import MAX_HEAD, HttpParseError
 
 log = logging.getLogger("proxies.http11_proxy")
@@ -1115,14 +1115,7 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Http11Proxy
         "with a Content-Length spliced by the daemon, a deny list, a cache.",
     )
     parser.add_argument("--daemon", required=True, metavar="SOCKET_PATH")
-    parser.add_argument(
-        "--listen",
-        type=parse_listen,
-        required=True,
-        action="append",
-        metavar="ADDR:PORT",
-        help="where to listen (a daemon address); again for another ([v6]:port, say)",
-    )
+    add_listen_option(parser, " (a daemon address)")
     parser.add_argument("--source", metavar="ADDR", help="daemon address to connect from")
     parser.add_argument(
         "--deny",

@@ -50,7 +50,7 @@ from proxies.http_cache import (
     request_is_cacheable,
     response_is_storable,
 )
-from proxies.socks5 import parse_listen
+from proxies.socks5 import add_listen_option
 from servers.http1 import MAX_HEAD, HttpParseError, head_end, parse_response_head
 
 log = logging.getLogger("proxies.http_proxy")
@@ -441,14 +441,7 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, HttpProxy]:
         description="HTTP/1.0 forward proxy: cache hits served, misses spliced by the daemon.",
     )
     parser.add_argument("--daemon", required=True, metavar="SOCKET_PATH")
-    parser.add_argument(
-        "--listen",
-        type=parse_listen,
-        required=True,
-        action="append",
-        metavar="ADDR:PORT",
-        help="where to listen (a daemon address); again for another ([v6]:port, say)",
-    )
+    add_listen_option(parser, " (a daemon address)")
     parser.add_argument("--source", metavar="ADDR", help="daemon address to connect from")
     parser.add_argument(
         "--cache-max-object", type=byte_count, default=DEFAULT_MAX_OBJECT, metavar="BYTES"

@@ -304,6 +304,18 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def add_listen_option(parser: argparse.ArgumentParser, where: str = "") -> None:
+    """``--listen ADDR:PORT``, required, repeatable (one listener per address, any family)."""
+    parser.add_argument(
+        "--listen",
+        type=parse_listen,
+        required=True,
+        action="append",
+        metavar="ADDR:PORT",
+        help=f"where to listen{where}; again for another address ([v6]:port, say)",
+    )
+
+
 def open_listener(address: tuple[str, int]) -> socket.socket:
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
@@ -366,14 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m proxies.socks5", description="Plain copy-loop SOCKS5 proxy (CONNECT)."
     )
-    parser.add_argument(
-        "--listen",
-        type=parse_listen,
-        required=True,
-        action="append",
-        metavar="ADDR:PORT",
-        help="where to listen; again for another address ([v6]:port, say)",
-    )
+    add_listen_option(parser)
     parser.add_argument("--user", help="require RFC 1929 username/password")
     parser.add_argument("--password")
     parser.add_argument("--connect-timeout", type=float, default=10.0, metavar="S")

@@ -40,10 +40,10 @@ from proxies.daemon_shell import (
 from proxies.socks5 import (
     HANDSHAKE_TIMEOUT,
     CopyStrategy,
+    add_listen_option,
     close_gently,
     default_copy_strategy,
     negotiate,
-    parse_listen,
     relay,
 )
 from proxies.socks5_protocol import (
@@ -150,14 +150,7 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, EndpointCon
         description="SOCKS5 proxy (CONNECT) over the splice daemon's TCP endpoint.",
     )
     parser.add_argument("--daemon", required=True, metavar="SOCKET_PATH")
-    parser.add_argument(
-        "--listen",
-        type=parse_listen,
-        required=True,
-        action="append",
-        metavar="ADDR:PORT",
-        help="where to listen (a daemon address); again for another ([v6]:port, say)",
-    )
+    add_listen_option(parser, " (a daemon address)")
     parser.add_argument("--source", metavar="ADDR", help="daemon address to connect from")
     parser.add_argument("--user", help="require RFC 1929 username/password")
     parser.add_argument("--password")

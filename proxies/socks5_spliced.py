@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from daemon.api.aio import AsyncConnection, AsyncSpliceClient, DaemonGone, SpliceError
 from proxies.aio_shell import close_gently, destinations_async, refuse_intended, run_proxy
 from proxies.daemon_shell import check_source, local_for
-from proxies.socks5 import HANDSHAKE_TIMEOUT, parse_listen
+from proxies.socks5 import HANDSHAKE_TIMEOUT, add_listen_option
 from proxies.socks5_protocol import (
     MAX_AUTH_LEN,
     Connect,
@@ -245,14 +245,7 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, SplicedConf
         description="SOCKS5 proxy (CONNECT) whose data phase is spliced by the splice daemon.",
     )
     parser.add_argument("--daemon", required=True, metavar="SOCKET_PATH")
-    parser.add_argument(
-        "--listen",
-        type=parse_listen,
-        required=True,
-        action="append",
-        metavar="ADDR:PORT",
-        help="where to listen (a daemon address); again for another ([v6]:port, say)",
-    )
+    add_listen_option(parser, " (a daemon address)")
     parser.add_argument("--source", metavar="ADDR", help="daemon address to connect from")
     parser.add_argument("--user", help="require RFC 1929 username/password")
     parser.add_argument("--password")
