@@ -393,21 +393,7 @@ class Daemon:
         verify = not flags & (F_NEEDS_CSUM | F_DATA_VALID)
         if getattr(vnet, "gso_size", 0):
             self.counters["gso_in"] += 1
-        src, dst = ip.src_addr, ip.dst_addr
-        payload = ip.payload
-        if len(payload) >= 4:
-            sport, dport = _PORTS.unpack_from(payload)
-            hit = self.splicer.flows.get((dst, dport, src, sport))
-            if hit is not None:
-                # Spliced: verify (unless the kernel vouches), then relay as is.
-                if verify and internet_checksum(
-                    payload, pseudo_header_sum(src, dst, PROTO_TCP, len(payload))
-                ):
-                    self.counters["bad_checksum"] += 1
-                    return
-                if self.splicer.on_packet(hit[0], hit[1], vnet, pkt, now):
-                    return
-        self._tcp_input(src, dst, payload, verify, ip.ecn, now)
+        self._tcp_input(vnet, pkt, ip.src_addr, ip.dst_addr, ip.payload, verify, ip.ecn, now)
 
     def _input6(self, vnet: VnetHeader | None, pkt: memoryview, now: float) -> None:
         """An IPv6 packet (RFC 8200): an endpoint connection's, or a SYN for a listener."""
@@ -435,12 +421,26 @@ class Daemon:
         if getattr(vnet, "gso_size", 0):
             self.counters["gso_in"] += 1
         verify = not flags & (F_NEEDS_CSUM | F_DATA_VALID)
-        src, dst, payload = ip.src_addr, ip.dst_addr, ip.payload
+        self._tcp_input(vnet, pkt, ip.src_addr, ip.dst_addr, ip.payload, verify, ip.ecn, now)
+
+    def _tcp_input(
+        self,
+        vnet: VnetHeader | None,
+        pkt: memoryview,
+        src: bytes,
+        dst: bytes,
+        payload: memoryview,
+        verify: bool,
+        ecn: int,
+        now: float,
+    ) -> None:
+        """A TCP segment (``payload``) of ``pkt``, either family: a splice's, or the endpoint's."""
         if len(payload) >= 4:
             sport, dport = _PORTS.unpack_from(payload)
             hit = self.splicer.flows.get((dst, dport, src, sport))
             if hit is not None:
-                # Spliced (in Python: the kernel program is IPv4's).
+                # Spliced: verify (unless the kernel vouches), then relay as is
+                # (IPv6 ones in Python: the kernel program is IPv4's).
                 if verify and internet_checksum(
                     payload, pseudo_header_sum(src, dst, PROTO_TCP, len(payload))
                 ):
@@ -448,12 +448,6 @@ class Daemon:
                     return
                 if self.splicer.on_packet(hit[0], hit[1], vnet, pkt, now):
                     return
-        self._tcp_input(src, dst, payload, verify, ip.ecn, now)
-
-    def _tcp_input(
-        self, src: bytes, dst: bytes, payload: memoryview, verify: bool, ecn: int, now: float
-    ) -> None:
-        """A TCP segment for the endpoint, either family (addresses of 4 or 16 bytes)."""
         try:
             seg = parse_tcp(payload, src, dst, verify_checksum=verify)
         except WireError as exc:
