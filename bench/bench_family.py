@@ -23,15 +23,11 @@ import secrets
 import statistics
 
 from clients.loadgen import parse_size
+from servers.address import format_host_port
 from testbed.net import Testbed
 from tests.helpers import curl_sha256, pattern_sha256
 
 PAIRS = [(4, 4), (6, 6), (4, 6), (6, 4)]
-
-
-def hostport(address: tuple[str, int]) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def main() -> int:
@@ -47,21 +43,28 @@ def main() -> int:
         for rnd in range(args.repeat):
             for client, server in PAIRS:
                 origin = bed.origin6 if server == 6 else bed.origin
-                url = f"http://{hostport(origin)}/bytes/{size}"
+                url = f"http://{format_host_port(*origin)}/bytes/{size}"
                 paths: list[tuple[str, list[str]]] = [
-                    ("plain", ["--socks5", hostport(bed.socks6 if client == 6 else bed.socks)]),
+                    (
+                        "plain",
+                        ["--socks5", format_host_port(*bed.socks6 if client == 6 else bed.socks)],
+                    ),
                     (
                         "endpoint",
                         [
                             "--socks5",
-                            hostport(bed.endpoint_socks6 if client == 6 else bed.endpoint_socks),
+                            format_host_port(
+                                *bed.endpoint_socks6 if client == 6 else bed.endpoint_socks
+                            ),
                         ],
                     ),
                     (
                         "spliced",
                         [
                             "--socks5",
-                            hostport(bed.spliced_socks6 if client == 6 else bed.spliced_socks),
+                            format_host_port(
+                                *bed.spliced_socks6 if client == 6 else bed.spliced_socks
+                            ),
                         ],
                     ),
                 ]

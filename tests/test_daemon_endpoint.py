@@ -558,54 +558,59 @@ def test_keepalive_probes_an_idle_peer_and_times_out_a_vanished_one(tb: Testbed)
         server.wait()
 
 
-def test_path_mtu_drop_mid_connection_lowers_the_segment_size(tb: Testbed) -> None:
-    """RFC 1191: the link toward the server shrinks after the handshake (MSS 1460);
-    the router's ICMP "fragmentation needed" must cut the daemon's segments, or
-    the upload is a black hole.  The sink checks every byte by hash."""
+PMTU_UPLOAD = """
+import hashlib, os, socket, sys
+from daemon.api.client import SpliceClient
+with SpliceClient(sys.argv[1]) as api:
+    conn = api.connect((sys.argv[2], int(sys.argv[3])), timeout=5)
+    print("mss", api.stats(conn.id)["mss"], flush=True)
+    sys.stdin.readline()  # the test lowers the link's MTU now
+    data = os.urandom(4 << 20)
+    conn.settimeout(30)
+    conn.sendall(data)
+    conn.shutdown(socket.SHUT_WR)
+    answer = b""
+    while chunk := conn.recv(1024):
+        answer += chunk
+    st = api.stats(conn.id)
+    ok = answer.strip().decode() == hashlib.sha256(data).hexdigest()
+    print("ok" if ok else "corrupt", st["mss"], st["pmtu_updates"], flush=True)
+"""
+
+
+def upload_over_shrinking_link(
+    tb: Testbed, sink: tuple[str, int], mtu: int
+) -> tuple[int, str, int, int]:
+    """A daemon connection to the sink; the proxy-server link drops to ``mtu`` after the
+    handshake; 4 MB uploaded and hashed by the sink.  (MSS before, verdict, MSS after,
+    PMTU updates.)"""
     ps = tb.link("proxy-server")
     proxy = tb.host("proxy").popen(
-        [
-            sys.executable,
-            "-c",
-            textwrap.dedent(
-                """
-                import hashlib, os, socket, sys
-                from daemon.api.client import SpliceClient
-                with SpliceClient(sys.argv[1]) as api:
-                    conn = api.connect((sys.argv[2], int(sys.argv[3])), timeout=5)
-                    print("mss", api.stats(conn.id)["mss"], flush=True)
-                    sys.stdin.readline()  # the test lowers the link's MTU now
-                    data = os.urandom(4 << 20)
-                    conn.settimeout(30)
-                    conn.sendall(data)
-                    conn.shutdown(socket.SHUT_WR)
-                    answer = b""
-                    while chunk := conn.recv(1024):
-                        answer += chunk
-                    st = api.stats(conn.id)
-                    ok = answer.strip().decode() == hashlib.sha256(data).hexdigest()
-                    print("ok" if ok else "corrupt", st["mss"], st["pmtu_updates"], flush=True)
-                """
-            ),
-            str(tb.daemon_socket),
-            *map(str, tb.sink),
-        ],
+        [sys.executable, "-c", PMTU_UPLOAD, str(tb.daemon_socket), *map(str, sink)],
         stdout=subprocess.PIPE,
         stdin=subprocess.PIPE,
         text=True,
     )
     try:
         assert proxy.stdout is not None and proxy.stdin is not None
-        kind, mss = proxy.stdout.readline().split()
-        assert kind == "mss" and int(mss) > 1200
-        ps.set_mtu(1200)
+        kind, before = proxy.stdout.readline().split()
+        assert kind == "mss"
+        ps.set_mtu(mtu)
         proxy.stdin.write("go\n")
         proxy.stdin.flush()
-        verdict, mss, updates = proxy.stdout.readline().split()
-        assert verdict == "ok"
-        assert int(mss) <= 1200 - 40 and int(updates) >= 1
+        verdict, after, updates = proxy.stdout.readline().split()
         assert proxy.wait(timeout=20) == 0
+        return int(before), verdict, int(after), int(updates)
     finally:
         ps.set_mtu(1500)
         proxy.kill()
         proxy.wait()
+
+
+def test_path_mtu_drop_mid_connection_lowers_the_segment_size(tb: Testbed) -> None:
+    """RFC 1191: the link toward the server shrinks after the handshake (MSS 1460);
+    the router's ICMP "fragmentation needed" must cut the daemon's segments, or
+    the upload is a black hole.  The sink checks every byte by hash."""
+    before, verdict, after, updates = upload_over_shrinking_link(tb, tb.sink, 1200)
+    assert before > 1200 and verdict == "ok"
+    assert after <= 1200 - 40 and updates >= 1

@@ -10,15 +10,17 @@ tests/test_splice_ipv6.py.
 from __future__ import annotations
 
 import json
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from servers.address import format_host_port
 from testbed.net import Testbed
 from tests.helpers import curl_sha256, loadgen, pattern_sha256, run_py
+from tests.pcap import tcp_frames
+from tests.test_daemon_endpoint import upload_over_shrinking_link
 
 pytestmark = pytest.mark.root
 
@@ -106,7 +108,11 @@ def test_linux_clients_over_ipv6_reach_a_daemon_listener(tb: Testbed, tmp_path: 
     assert stats["local"] == [addr, PORT]
     assert stats["peer"][0] == tb.host("client").addr6
     assert stats["mss"] <= 1440 - 12  # IPv6: 20 bytes more header than IPv4 (and TS)
-    synack_mss = _synack_mss(pcap, PORT)
+    synack_mss = [
+        f.mss
+        for f in tcp_frames(pcap)
+        if f.version == 6 and f.sport == PORT and f.flags & 0x12 == 0x12
+    ]
     assert synack_mss and set(synack_mss) == {1440}
 
 
@@ -136,31 +142,6 @@ def test_a_daemon_connect_reaches_the_origin_over_ipv6(tb: Testbed) -> None:
     assert local == "2001:db8:d::2"  # --source6
 
 
-def _synack_mss(pcap: Path, port: int) -> list[int]:
-    """MSS options of IPv6 SYN-ACKs from ``port`` in an Ethernet pcap."""
-    data = pcap.read_bytes()
-    out, off = [], 24
-    while off + 16 <= len(data):
-        incl = struct.unpack("<I", data[off + 8 : off + 12])[0]
-        frame = data[off + 16 : off + 16 + incl]
-        off += 16 + incl
-        if len(frame) < 14 + 40 + 24 or frame[12:14] != b"\x86\xdd" or frame[20] != 6:
-            continue
-        tcp = frame[54:]
-        sport = struct.unpack("!H", tcp[:2])[0]
-        if sport != port or tcp[13] & 0x12 != 0x12:
-            continue
-        opts, i = tcp[20 : (tcp[12] >> 4) * 4], 0
-        while i < len(opts) and opts[i] != 0:
-            if opts[i] == 1:
-                i += 1
-                continue
-            if opts[i] == 2:
-                out.append(struct.unpack("!H", opts[i + 2 : i + 4])[0])
-            i += max(opts[i + 1], 2)
-    return out
-
-
 def test_an_unrouted_ipv6_destination_fails_the_connect_at_once(tb: Testbed) -> None:
     """The proxy host's kernel answers with ICMPv6 "no route" (RFC 4443 3.1), quoting the
     SYN: ENETUNREACH, not a connect timeout."""
@@ -186,63 +167,18 @@ def test_an_unrouted_ipv6_destination_fails_the_connect_at_once(tb: Testbed) -> 
 
 def test_an_ipv6_link_shrinking_to_1280_lowers_the_segment_size(tb: Testbed) -> None:
     """RFC 8201: Packet Too Big from the proxy host's forwarding; the upload then fits."""
-    ps = tb.link("proxy-server")
-    proxy = tb.host("proxy").popen(
-        [
-            sys.executable,
-            "-c",
-            """
-import hashlib, os, socket, sys
-from daemon.api.client import SpliceClient
-with SpliceClient(sys.argv[1]) as api:
-    conn = api.connect((sys.argv[2], int(sys.argv[3])), timeout=5)
-    print("mss", api.stats(conn.id)["mss"], flush=True)
-    sys.stdin.readline()  # the test lowers the link's MTU now
-    data = os.urandom(4 << 20)
-    conn.settimeout(30)
-    conn.sendall(data)
-    conn.shutdown(socket.SHUT_WR)
-    answer = b""
-    while chunk := conn.recv(1024):
-        answer += chunk
-    st = api.stats(conn.id)
-    ok = answer.strip().decode() == hashlib.sha256(data).hexdigest()
-    print("ok" if ok else "corrupt", st["mss"], st["pmtu_updates"], flush=True)
-""",
-            str(tb.daemon_socket),
-            *map(str, tb.sink6),
-        ],
-        stdout=subprocess.PIPE,
-        stdin=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proxy.stdout is not None and proxy.stdin is not None
-        kind, mss = proxy.stdout.readline().split()
-        assert kind == "mss" and int(mss) > 1280 - 60
-        ps.set_mtu(1280)
-        proxy.stdin.write("go\n")
-        proxy.stdin.flush()
-        verdict, mss, updates = proxy.stdout.readline().split()
-        assert verdict == "ok"
-        assert int(mss) <= 1280 - 60 and int(updates) >= 1
-        assert proxy.wait(timeout=20) == 0
-    finally:
-        ps.set_mtu(1500)
-        proxy.kill()
-        proxy.wait()
-
-
-def hostport(address: tuple[str, int]) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    before, verdict, after, updates = upload_over_shrinking_link(tb, tb.sink6, 1280)
+    assert before > 1280 - 60 and verdict == "ok"
+    assert after <= 1280 - 60 and updates >= 1
 
 
 @pytest.mark.parametrize("size", [1024, 1 << 20, 64 << 20])
 def test_curl_over_ipv6_through_the_endpoint_socks5(tb: Testbed, size: int) -> None:
     """Both TCP connections the daemon's, over IPv6 (curl, a Linux origin), content-checked."""
-    url = f"http://{hostport(tb.origin6)}/bytes/{size}"
-    rc, digest = curl_sha256(tb.host("client"), url, "-6", "--socks5", hostport(tb.endpoint_socks6))
+    url = f"http://{format_host_port(*tb.origin6)}/bytes/{size}"
+    rc, digest = curl_sha256(
+        tb.host("client"), url, "-6", "--socks5", format_host_port(*tb.endpoint_socks6)
+    )
     assert rc == 0 and digest == pattern_sha256(size)
 
 
@@ -253,8 +189,8 @@ def test_the_endpoint_socks5_joins_the_families(
     size = 8 << 20
     origin = tb.origin6 if server_family == 6 else tb.origin
     socks = tb.endpoint_socks6 if client_family == 6 else tb.endpoint_socks
-    url = f"http://{hostport(origin)}/bytes/{size}"
-    rc, digest = curl_sha256(tb.host("client"), url, "--socks5", hostport(socks))
+    url = f"http://{format_host_port(*origin)}/bytes/{size}"
+    rc, digest = curl_sha256(tb.host("client"), url, "--socks5", format_host_port(*socks))
     assert rc == 0 and digest == pattern_sha256(size)
 
 
@@ -265,11 +201,11 @@ def test_rounds_of_100_concurrent_ipv6_transfers_through_the_endpoint_socks5(
         results = loadgen(
             tb.host("client"),
             "--server",
-            hostport(tb.origin6),
+            format_host_port(*tb.origin6),
             "--size",
             "64K",
             "--socks5",
-            hostport(tb.endpoint_socks6),
+            format_host_port(*tb.endpoint_socks6),
             "--concurrency",
             "100",
         )

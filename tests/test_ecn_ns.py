@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,51 +32,13 @@ import pytest
 
 from testbed.net import Link, Testbed
 from tests.helpers import curl_sha256, pattern_sha256
+from tests.pcap import Frame, tcp_frames
 
 pytestmark = pytest.mark.root
 
 SIZE = 8 << 20
 ECE, CWR, SYN, ACK = 0x40, 0x80, 0x02, 0x10
 NOT_ECT, ECT0, CE = 0, 2, 3
-
-
-@dataclass(frozen=True)
-class Frame:
-    src: bytes
-    sport: int
-    dst: bytes
-    dport: int
-    flags: int
-    ecn: int
-    payload_len: int
-
-
-def read_pcap(path: Path) -> list[Frame]:
-    """The IPv4/TCP frames of an Ethernet pcap, with their IP ECN field."""
-    data = path.read_bytes()
-    out, off = [], 24
-    while off + 16 <= len(data):
-        incl = struct.unpack("<I", data[off + 8 : off + 12])[0]
-        frame = data[off + 16 : off + 16 + incl]
-        off += 16 + incl
-        if len(frame) < 54 or frame[12:14] != b"\x08\x00" or frame[23] != 6:
-            continue
-        ihl = (frame[14] & 0x0F) * 4
-        total = struct.unpack("!H", frame[16:18])[0]
-        tcp = frame[14 + ihl :]
-        sport, dport = struct.unpack("!HH", tcp[:4])
-        out.append(
-            Frame(
-                src=frame[26:30],
-                sport=sport,
-                dst=frame[30:34],
-                dport=dport,
-                flags=tcp[13],
-                ecn=frame[15] & 0x03,
-                payload_len=total - ihl - (tcp[12] >> 4) * 4,
-            )
-        )
-    return out
 
 
 def counters_after(link: Link, when: float) -> dict[str, Any]:
@@ -125,7 +85,7 @@ def spliced_download(
     finally:
         link.clear()
     assert rc == 0 and digest == pattern_sha256(SIZE)
-    return read_pcap(cp_pcap), read_pcap(ps_pcap), counters
+    return tcp_frames(cp_pcap), tcp_frames(ps_pcap), counters
 
 
 def test_ecn_crosses_a_splice_whose_two_connections_negotiated_it(
@@ -260,7 +220,7 @@ def test_the_daemons_own_connection_marks_echoes_and_reduces(
     assert stats["ecn_ce_received"] > 0
     # Sending: the client echoed the marks on the daemon's data; it halved, and said so.
     assert stats["ecn_reductions"] > 0
-    frames = read_pcap(pcap)
+    frames = tcp_frames(pcap)
     ours = [f for f in frames if f.sport == port]
     theirs = [f for f in frames if f.dport == port]
     assert any(f.flags & ECE for f in ours) and any(f.flags & CWR for f in theirs)

@@ -10,7 +10,7 @@ import ipaddress
 import struct
 
 from daemon.splice.family import V6_PLACEHOLDER, to_ipv6, to_relay_shape
-from daemon.splice.translator import Translator, TsMode, peek, translate
+from daemon.splice.translator import Translator, peek, translate
 from daemon.wire.checksum import pseudo_header_sum
 from daemon.wire.ipv4 import Ipv4Packet
 from daemon.wire.ipv6 import Ipv6Packet, Ipv6Repr
@@ -29,6 +29,7 @@ from daemon.wire.vnet import (
     VnetHeader,
     vnet_header_for_tcp,
 )
+from tests.test_splice_translator import translator as base_translator
 
 CLIENT6 = ipaddress.IPv6Address("2001:db8:c::2").packed
 DAEMON6_C = ipaddress.IPv6Address("2001:db8:d::1").packed
@@ -40,20 +41,9 @@ SERVER4 = bytes([203, 0, 113, 2])
 
 def translator(v6_out: bool, offload: bool, out_mss: int = 1428) -> Translator:
     """Client -> server; the output addresses are placeholders for an IPv6 server side."""
-    return Translator(
+    return base_translator(
         src_addr=V6_PLACEHOLDER if v6_out else DAEMON4_S,
         dst_addr=V6_PLACEHOLDER if v6_out else SERVER4,
-        src_port=40000,
-        dst_port=80,
-        seq_delta=1000,
-        ack_delta=-500,
-        ack_fixed=0,
-        ts_mode=TsMode.MAP,
-        tsval_delta=7,
-        tsecr_delta=-3,
-        sack=True,
-        wnd_in_shift=0,
-        wnd_out_shift=0,
         out_mss=out_mss,
         offload=offload,
     )

@@ -11,28 +11,24 @@ family with every segment within that link's MTU.
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import pytest
 
+from servers.address import format_host_port
 from testbed.net import Testbed
 from tests.helpers import curl_sha256, daemon_stats, loadgen, pattern_sha256
+from tests.pcap import tcp_frames
 from tests.test_pmtu_ns import UPLOAD, run_shrinking
 
 pytestmark = pytest.mark.root
-
-
-def hostport(address: tuple[str, int]) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def ends(tb: Testbed, client: int, server: int) -> tuple[str, str]:
     """(SOCKS5 address, origin URL prefix) for a client family and a server family."""
     socks = tb.spliced_socks6 if client == 6 else tb.spliced_socks
     origin = tb.origin6 if server == 6 else tb.origin
-    return hostport(socks), f"http://{hostport(origin)}"
+    return format_host_port(*socks), f"http://{format_host_port(*origin)}"
 
 
 FAMILIES = [(6, 6), (4, 6), (6, 4)]
@@ -98,37 +94,10 @@ def test_each_link_carries_its_own_family_and_an_mss_that_fits_it(
         rc, digest = curl_sha256(tb.host("client"), f"{origin}/bytes/{8 << 20}", "--socks5", socks)
     assert rc == 0 and digest == pattern_sha256(8 << 20)
     client_side, server_side = tcp_frames(cp), tcp_frames(ps)
-    assert client_side and {v for v, _, _ in client_side} == {4}
-    assert server_side and {v for v, _, _ in server_side} == {6}
-    syn_mss = [mss for _, flags, mss in server_side if flags & 0x12 == 0x02]
+    assert client_side and {f.version for f in client_side} == {4}
+    assert server_side and {f.version for f in server_side} == {6}
+    syn_mss = [f.mss for f in server_side if f.flags & 0x12 == 0x02]
     assert syn_mss and all(m is not None and m <= 1440 for m in syn_mss), syn_mss
-
-
-def tcp_frames(pcap: Path) -> list[tuple[int, int, int | None]]:
-    """(IP version, TCP flags, MSS option or None) of each TCP frame in an Ethernet pcap."""
-    data = pcap.read_bytes()
-    out, off = [], 24
-    while off + 16 <= len(data):
-        incl = struct.unpack("<I", data[off + 8 : off + 12])[0]
-        frame = data[off + 16 : off + 16 + incl]
-        off += 16 + incl
-        if frame[12:14] == b"\x08\x00" and frame[23] == 6:
-            version, tcp = 4, frame[14 + (frame[14] & 0x0F) * 4 :]
-        elif frame[12:14] == b"\x86\xdd" and frame[20] == 6:
-            version, tcp = 6, frame[54:]
-        else:
-            continue
-        mss = None
-        opts, i = tcp[20 : (tcp[12] >> 4) * 4], 0
-        while i + 1 < len(opts) and opts[i] != 0:
-            if opts[i] == 1:
-                i += 1
-                continue
-            if opts[i] == 2 and i + 4 <= len(opts):
-                mss = struct.unpack("!H", opts[i + 2 : i + 4])[0]
-            i += max(opts[i + 1], 2)
-        out.append((version, tcp[13], mss))
-    return out
 
 
 @pytest.mark.parametrize("proxy", ["http_proxy", "http11_proxy"])
@@ -141,7 +110,7 @@ def test_the_http_proxies_with_ipv6_literals(
     host, port = getattr(tb, proxy)
     proxy_url = f"http://[2001:db8:d::1]:{port}" if client == 6 else f"http://{host}:{port}"
     origin = tb.origin6 if server == 6 else tb.origin
-    url = f"http://{hostport(origin)}/bytes/{size}"
+    url = f"http://{format_host_port(*origin)}/bytes/{size}"
     rc, digest = curl_sha256(tb.host("client"), url, "-x", proxy_url)
     assert rc == 0 and digest == pattern_sha256(size)
 

@@ -9,13 +9,13 @@ SOCKS5 joins the two families (copying, as any proxy can).
 from __future__ import annotations
 
 import socket
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from servers.address import format_host_port
 from testbed.net import Testbed
 from tests.helpers import (
     connect_request,
@@ -26,17 +26,12 @@ from tests.helpers import (
     run_py,
     socks_reply_code,
 )
+from tests.pcap import tcp_frames
 
 pytestmark = pytest.mark.root
 
 SIZES = [1024, 1 << 20, 64 << 20]
 FAMILIES = [4, 6]
-
-
-def hostport(address: tuple[str, int]) -> str:
-    """ADDR:PORT, with an IPv6 address in brackets (RFC 3986 3.2.2)."""
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def origin_of(tb: Testbed, family: int) -> tuple[str, int]:
@@ -50,7 +45,7 @@ def socks_of(tb: Testbed, family: int) -> tuple[str, int]:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("size", SIZES)
 def test_router_path_delivers_intact_with_curl(testbed: Testbed, size: int, family: int) -> None:
-    url = f"http://{hostport(origin_of(testbed, family))}/bytes/{size}"
+    url = f"http://{format_host_port(*origin_of(testbed, family))}/bytes/{size}"
     rc, digest = curl_sha256(testbed.host("client"), url, f"-{family}")
     assert rc == 0 and digest == pattern_sha256(size)
 
@@ -58,8 +53,8 @@ def test_router_path_delivers_intact_with_curl(testbed: Testbed, size: int, fami
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("size", SIZES)
 def test_socks5_path_delivers_intact_with_curl(testbed: Testbed, size: int, family: int) -> None:
-    url = f"http://{hostport(origin_of(testbed, family))}/bytes/{size}"
-    socks = hostport(socks_of(testbed, family))
+    url = f"http://{format_host_port(*origin_of(testbed, family))}/bytes/{size}"
+    socks = format_host_port(*socks_of(testbed, family))
     rc, digest = curl_sha256(testbed.host("client"), url, "--socks5", socks)
     assert rc == 0 and digest == pattern_sha256(size)
 
@@ -71,8 +66,8 @@ def test_socks5_joins_the_two_families(
     """A copying proxy joins an IPv4 client to an IPv6 server (and back): the baseline
     for splicing across families (issue: a splice must rebuild the IP header)."""
     size = 8 << 20
-    url = f"http://{hostport(origin_of(testbed, server_family))}/bytes/{size}"
-    socks = hostport(socks_of(testbed, client_family))
+    url = f"http://{format_host_port(*origin_of(testbed, server_family))}/bytes/{size}"
+    socks = format_host_port(*socks_of(testbed, client_family))
     rc, digest = curl_sha256(testbed.host("client"), url, "--socks5", socks)
     assert rc == 0 and digest == pattern_sha256(size)
 
@@ -82,11 +77,11 @@ def test_rounds_of_100_concurrent_ipv6_transfers_through_socks5(testbed: Testbed
         results = loadgen(
             testbed.host("client"),
             "--server",
-            hostport(testbed.origin6),
+            format_host_port(*testbed.origin6),
             "--size",
             "64K",
             "--socks5",
-            hostport(testbed.socks6),
+            format_host_port(*testbed.socks6),
             "--concurrency",
             "100",
         )
@@ -271,34 +266,11 @@ def test_capture_of_a_link_holds_the_handshake(
     pcap = tmp_path / "cp.pcap"
     origin = origin_of(testbed, family)
     with testbed.link("client-proxy").capture(pcap, snaplen=128):
-        rc, _ = curl_sha256(testbed.host("client"), f"http://{hostport(origin)}/bytes/2000")
+        rc, _ = curl_sha256(
+            testbed.host("client"), f"http://{format_host_port(*origin)}/bytes/2000"
+        )
         assert rc == 0
-    syns = [flags for flags in _tcp_flags(pcap, dport=origin[1], family=family) if flags & 0x02]
+    syns = [
+        f for f in tcp_frames(pcap) if f.version == family and f.dport == origin[1] and f.flags & 2
+    ]
     assert syns, f"no IPv{family} SYN toward the origin in the capture"
-
-
-def _tcp_flags(pcap: Path, dport: int, family: int = 4) -> list[int]:
-    """TCP flag bytes of Ethernet/IPv4 or IPv6/TCP packets to `dport` in a classic pcap.
-
-    IPv6: TCP right after the fixed header (next header 6); the testbed's
-    TCP carries no extension headers.
-    """
-    data = pcap.read_bytes()
-    magic = struct.unpack("<I", data[:4])[0]
-    assert magic == 0xA1B2C3D4, "expected a little-endian microsecond pcap"
-    flags, off = [], 24
-    while off + 16 <= len(data):
-        incl = struct.unpack("<I", data[off + 8 : off + 12])[0]
-        frame = data[off + 16 : off + 16 + incl]
-        off += 16 + incl
-        if family == 6:
-            if len(frame) < 14 + 40 + 14 or frame[12:14] != b"\x86\xdd" or frame[20] != 6:
-                continue
-            tcp = frame[14 + 40 :]
-        else:
-            if len(frame) < 14 + 20 + 14 or frame[12:14] != b"\x08\x00" or frame[23] != 6:
-                continue
-            tcp = frame[14 + (frame[14] & 0x0F) * 4 :]
-        if len(tcp) >= 14 and struct.unpack("!H", tcp[2:4])[0] == dport:
-            flags.append(tcp[13])
-    return flags
