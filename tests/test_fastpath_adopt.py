@@ -97,6 +97,7 @@ def adopt(m: Map, now: float) -> tuple[Relay, list[Action], InheritedSplice]:
     (inh,) = splices
     relay, actions = Relay.adopt(
         99,
+        (inh.client_key, inh.server_key),
         inh.c2s,
         inh.s2c,
         inh.states,

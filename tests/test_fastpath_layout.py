@@ -105,7 +105,29 @@ def test_ctypes_mirror_matches_the_c_layout(
 def test_the_map_value_has_no_hidden_padding() -> None:
     # Every byte is a named field or the explicit _pad: the daemon writes
     # whole values, so a hole would carry stale bytes into the kernel.
-    fields = layout.SpliceXlate._fields_
-    covered = sum(ctypes.sizeof(f[1]) for f in fields)
-    assert covered == ctypes.sizeof(layout.SpliceXlate) == 80
-    assert ctypes.sizeof(layout.SpliceKey) == 12
+    # The key likewise: a hash map compares every byte of it.
+    for struct, size in ((layout.SpliceXlate, 104), (layout.SpliceKey, 40)):
+        covered = sum(ctypes.sizeof(f[1]) for f in struct._fields_)
+        assert covered == ctypes.sizeof(struct) == size
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        (bytes([192, 0, 2, 1]), 1234, bytes([198, 51, 100, 1]), 1080),
+        (bytes.fromhex("20010db8000c00000000000000000001"), 80, bytes(15) + b"\1", 65535),
+    ],
+    ids=["IPv4", "IPv6"],
+)
+def test_a_key_encodes_and_decodes_in_its_family(key: layout.FlowKey) -> None:
+    k = layout.encode_key(key)
+    assert k.family == (4 if len(key[0]) == 4 else 6)
+    assert bytes(k.saddr)[len(key[0]) :] == bytes(16 - len(key[0]))  # the rest zero
+    assert layout.decode_key(k) == key
+
+
+def test_a_key_of_two_families_or_an_odd_length_is_refused() -> None:
+    with pytest.raises(ValueError, match="two families"):
+        layout.encode_key((bytes(4), 1, bytes(16), 2))
+    with pytest.raises(ValueError, match="5 bytes"):
+        layout.encode_key((bytes(5), 1, bytes(5), 2))

@@ -123,7 +123,7 @@ PHASED_CLIENT = """
 import hashlib, socket, sys
 from clients.socks5 import socks5_connect
 proxy, pport, origin, oport, size, dead_upto = sys.argv[1:]
-s = socket.socket()
+s = socket.socket(socket.AF_INET6 if ":" in proxy else socket.AF_INET)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
 s.settimeout(30)
 s.connect((proxy, int(pport)))
@@ -161,21 +161,24 @@ except OSError as e:
 
 
 @pytest.mark.parametrize(
-    ("size", "dead_upto", "how"),
+    ("size", "dead_upto", "how", "families"),
     [
-        pytest.param(64 << 20, 17 << 20, signal.SIGKILL, id="16MB-while-dead"),
+        pytest.param(64 << 20, 17 << 20, signal.SIGKILL, (4, 4), id="16MB-while-dead"),
         # The planned restart: SIGUSR1 stops the daemon but leaves its
         # kernel splices for the next one, as a crash would.
-        pytest.param(64 << 20, 17 << 20, signal.SIGUSR1, id="handover-SIGUSR1"),
+        pytest.param(64 << 20, 17 << 20, signal.SIGUSR1, (4, 4), id="handover-SIGUSR1"),
         # All but the tail while dead: the server's last segment carries
         # its FIN, which the kernel leaves to the daemon; sent while none
         # runs, it is lost (no route) and retransmitted, and ends the
         # download only through the new daemon.
-        pytest.param(8 << 20, (8 << 20) - FIN_TAIL, signal.SIGKILL, id="fin-while-dead"),
+        pytest.param(8 << 20, (8 << 20) - FIN_TAIL, signal.SIGKILL, (4, 4), id="fin-while-dead"),
+        # An IPv6 client spliced to an IPv4 server: the map entries carry
+        # both families' addresses, and the new daemon's IPv6 prefix.
+        pytest.param(64 << 20, 17 << 20, signal.SIGKILL, (6, 4), id="16MB-while-dead-ipv6-to-ipv4"),
     ],
 )
 def test_spliced_flows_in_the_fast_path_survive_a_daemon_restart(
-    size: int, dead_upto: int, how: signal.Signals
+    size: int, dead_upto: int, how: signal.Signals, families: tuple[int, int]
 ) -> None:
     """The kernel carries a splice while no daemon runs; the next daemon adopts it.
 
@@ -197,8 +200,8 @@ def test_spliced_flows_in_the_fast_path_survive_a_daemon_restart(
                 sys.executable,
                 "-c",
                 PHASED_CLIENT,
-                *map(str, tb.spliced_socks),
-                *map(str, tb.origin),
+                *map(str, tb.spliced_socks6 if families[0] == 6 else tb.spliced_socks),
+                *map(str, tb.origin6 if families[1] == 6 else tb.origin),
                 str(size),
                 str(dead_upto),
             ],

@@ -218,3 +218,62 @@ def test_a_dormant_splice_whose_map_entry_vanished_is_reset_not_mistranslated(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# A block, wait, then the half-close whose FIN must wake the splice.
+SEND_THEN_CLOSE = """
+import socket, sys
+from clients.socks5 import socks5_connect
+proxy, pport, sink, sport, size = sys.argv[1:]
+block = bytes(range(256)) * (int(size) // 256)
+s = socket.create_connection((proxy, int(pport)), timeout=20)
+socks5_connect(s, sink, int(sport))
+s.sendall(block)
+print("sent", flush=True)
+sys.stdin.readline()
+s.shutdown(socket.SHUT_WR)
+answer = b""
+while not answer.endswith(b"\\n"):
+    chunk = s.recv(100)
+    if not chunk:
+        break
+    answer += chunk
+print(answer.decode().strip(), flush=True)
+"""
+
+
+@pytest.mark.parametrize(("client", "server"), [(6, 6), (6, 4), (4, 6)])
+def test_an_ipv6_splice_sleeps_and_its_fin_wakes_it(tb: Testbed, client: int, server: int) -> None:
+    """Dormancy in IPv6 and across families: the map entries hold the real addresses (the
+    relay's translator has placeholders), and a punted IPv6 segment finds its splice."""
+    size = 256 << 10
+    socks = tb.spliced_socks6 if client == 6 else tb.spliced_socks
+    sink = tb.sink6 if server == 6 else tb.sink
+    before = daemon_stats(tb)["splice_counters"]
+    argv = [sys.executable, "-c", SEND_THEN_CLOSE, *map(str, socks), *map(str, sink), str(size)]
+    proc = tb.host("client").popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().strip() == "sent"
+        st = _wait(
+            tb,
+            lambda s: (
+                s["splice_counters"]["dormant"] == 1
+                and len(s["splices"]) == 1
+                and s["splices"][0]["bytes_c2s"] >= size
+            ),
+            10.0,
+        )
+        assert st["splices"][0]["dormant"]
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        want = hashlib.sha256(bytes(range(256)) * (size // 256)).hexdigest()
+        assert proc.stdout.readline().strip() == want
+        assert proc.wait(timeout=10) == 0
+        st = _wait(tb, lambda s: not s["splices"] and s["splice_counters"]["dormant"] == 0, 10.0)
+        c = st["splice_counters"]
+        assert c["woken"] > before["woken"] and c["torn_down"] > before["torn_down"], c
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -3,9 +3,12 @@
 The relay splices an IPv6 connection by giving its segments an IPv4-shaped
 header inside and their IPv6 header back on the way out
 (daemon/splice/family.py); each side converts on its own, so an IPv4
-client can be spliced to an IPv6 server and the reverse.  The kernel fast
-path is IPv4's: these splices stay in Python (``fast_path`` false in
-``stats``).  Content is checked by hash; captures show each link in its own
+client can be spliced to an IPv6 server and the reverse.  Once both sides
+relay, the kernel fast path takes the steady state over in either family
+and across them (the tc program changes the header's family, and lowers
+a GSO packet's segment size where the IPv6 side's MSS is the smaller).
+Every test runs twice: with the fast path, and with the Python relay
+alone.  Content is checked by hash; captures show each link in its own
 family with every segment within that link's MTU.
 """
 
@@ -34,15 +37,33 @@ def ends(tb: Testbed, client: int, server: int) -> tuple[str, str]:
 FAMILIES = [(6, 6), (4, 6), (6, 4)]
 
 
+@pytest.fixture(scope="module")
+def tb(spliced_tb: Testbed) -> Testbed:
+    """The testbed once with the kernel fast path, once with the Python relay alone."""
+    return spliced_tb
+
+
+def kernel_counters(tb: Testbed) -> dict[str, int]:
+    counters: dict[str, int] = daemon_stats(tb).get("fast_path", {}).get("counters", {})
+    return counters
+
+
 @pytest.mark.parametrize(("client", "server"), FAMILIES)
 @pytest.mark.parametrize("size", [1024, 1 << 20, 64 << 20])
 def test_curl_through_the_spliced_socks5(tb: Testbed, client: int, server: int, size: int) -> None:
     socks, origin = ends(tb, client, server)
-    before = daemon_stats(tb)["splice_counters"]
+    before, kernel_before = daemon_stats(tb)["splice_counters"], kernel_counters(tb)
     rc, digest = curl_sha256(tb.host("client"), f"{origin}/bytes/{size}", "--socks5", socks)
     assert rc == 0 and digest == pattern_sha256(size)
-    after = daemon_stats(tb)["splice_counters"]
+    after, kernel_after = daemon_stats(tb)["splice_counters"], kernel_counters(tb)
     assert after["spliced"] > before["spliced"], (before, after)
+    if tb.fastpath == "on" and size >= 64 << 20:
+        # The bulk of it crossed in the kernel, in its own family on each side.
+        moved = {k: kernel_after[k] - kernel_before.get(k, 0) for k in kernel_after}
+        assert moved["redirected_bytes"] >= size // 2, moved
+        if client != server:
+            assert moved["redirected_family_changed"] >= moved["redirected_packets"] // 2, moved
+        assert moved["dropped_rewrite_failed"] == 0, moved
 
 
 @pytest.mark.parametrize(("client", "server"), FAMILIES)
@@ -59,6 +80,29 @@ def test_an_upload_is_spliced_intact(tb: Testbed, client: int, server: int) -> N
         "--upload",
     )
     assert len(results) == 1 and results[0]["ok"], results
+
+
+def test_an_ipv4_clients_segments_are_recut_in_the_kernel_for_an_ipv6_server(
+    tb: Testbed,
+) -> None:
+    """The IPv4 client was offered MSS 1460 before anyone knew the server's family; the
+    IPv6 server's MSS is 20 bytes smaller.  The tc program lowers each GSO packet's
+    segment size to it (``gso_recut``) instead of punting it to be cut in Python."""
+    if tb.fastpath != "on":
+        pytest.skip("the kernel fast path's behaviour")
+    socks, origin = ends(tb, 4, 6)
+    before = kernel_counters(tb)
+    results = loadgen(
+        tb.host("client"), "--server", origin.removeprefix("http://"), "--size", "32M",
+        "--socks5", socks, "--upload",
+    )  # fmt: skip
+    assert len(results) == 1 and results[0]["ok"], results
+    after = kernel_counters(tb)
+    moved = {k: after[k] - before.get(k, 0) for k in after}
+    assert moved["gso_recut"] > 0, moved
+    assert moved["redirected_bytes"] >= 16 << 20, moved
+    assert moved["punt_mss"] == 0, moved
+    assert moved["dropped_rewrite_failed"] == 0, moved
 
 
 def test_rounds_of_100_concurrent_ipv6_splices(tb: Testbed) -> None:

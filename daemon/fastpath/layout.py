@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import ctypes
 
+from daemon.splice.family import V6_PLACEHOLDER
 from daemon.splice.state import Iface, SpliceState
 from daemon.splice.translator import Translator, TsMode
 
 __all__ = [
+    "AF_INET",
+    "AF_INET6",
     "MAX_FLOWS_DEFAULT",
     "TS_ABSENT",
     "TS_MAP",
@@ -33,6 +36,7 @@ __all__ = [
     "decode_key",
     "encode",
     "encode_key",
+    "family_of",
     "reverse_key",
     "state_code",
 ]
@@ -41,6 +45,10 @@ MAX_FLOWS_DEFAULT = 131072  # SPLICE_MAX_FLOWS_DEFAULT
 TS_ABSENT = 0
 TS_MAP = 1
 TS_STRIP = 2
+AF_INET = 4  # SPLICE_AF_INET
+AF_INET6 = 6  # SPLICE_AF_INET6
+_FAMILY_OF_LEN = {4: AF_INET, 16: AF_INET6}
+_LEN_OF_FAMILY = {family: n for n, family in _FAMILY_OF_LEN.items()}
 _TS_CODE = {TsMode.ABSENT: TS_ABSENT, TsMode.MAP: TS_MAP, TsMode.STRIP: TS_STRIP}
 _TS_MODE = {code: mode for mode, code in _TS_CODE.items()}
 # side and state (SPLICE_SIDE_*, SPLICE_STATE_*): the daemon's notes for a
@@ -57,13 +65,15 @@ FlowKey = tuple[bytes, int, bytes, int]
 
 
 class SpliceKey(ctypes.Structure):
-    """``struct splice_key``: the incoming packet's 4-tuple, network order."""
+    """``struct splice_key``: the incoming packet's 4-tuple, network order, and family."""
 
     _fields_ = [
-        ("saddr", ctypes.c_uint8 * 4),
-        ("daddr", ctypes.c_uint8 * 4),
+        ("saddr", ctypes.c_uint8 * 16),
+        ("daddr", ctypes.c_uint8 * 16),
         ("sport", ctypes.c_uint8 * 2),
         ("dport", ctypes.c_uint8 * 2),
+        ("family", ctypes.c_uint8),
+        ("_pad", ctypes.c_uint8 * 3),
     ]
 
 
@@ -71,8 +81,8 @@ class SpliceXlate(ctypes.Structure):
     """``struct splice_xlate``: one direction of one splice."""
 
     _fields_ = [
-        ("saddr", ctypes.c_uint8 * 4),
-        ("daddr", ctypes.c_uint8 * 4),
+        ("saddr", ctypes.c_uint8 * 16),
+        ("daddr", ctypes.c_uint8 * 16),
         ("sport", ctypes.c_uint8 * 2),
         ("dport", ctypes.c_uint8 * 2),
         ("seq_delta", ctypes.c_uint32),
@@ -95,7 +105,8 @@ class SpliceXlate(ctypes.Structure):
         ("side", ctypes.c_uint8),
         ("state", ctypes.c_uint8),
         ("ecn", ctypes.c_uint8),
-        ("_pad", ctypes.c_uint8 * 4),
+        ("family", ctypes.c_uint8),
+        ("_pad", ctypes.c_uint8 * 3),
         ("packets", ctypes.c_uint64),
         ("bytes", ctypes.c_uint64),
     ]
@@ -117,6 +128,8 @@ class SpliceStats(ctypes.Structure):
         ("dropped_rewrite_failed", ctypes.c_uint64),
         ("punt_limit", ctypes.c_uint64),
         ("punt_mtu", ctypes.c_uint64),
+        ("redirected_family_changed", ctypes.c_uint64),
+        ("gso_recut", ctypes.c_uint64),
     ]
 
 
@@ -126,17 +139,32 @@ def _port(value: int) -> ctypes.Array[ctypes.c_uint8]:
     return (ctypes.c_uint8 * 2)(value >> 8, value & 0xFF)
 
 
+def family_of(addr: bytes) -> int:
+    """``SPLICE_AF_*`` of an address by its length (4: IPv4, 16: IPv6)."""
+    family = _FAMILY_OF_LEN.get(len(addr))
+    if family is None:
+        raise ValueError(f"an address of {len(addr)} bytes")
+    return family
+
+
 def _addr(value: bytes) -> ctypes.Array[ctypes.c_uint8]:
     # Byte arrays, not c_char: a c_char array stops at the first zero byte.
-    if len(value) != 4:
-        raise ValueError(f"IPv4 address of {len(value)} bytes")
-    return (ctypes.c_uint8 * 4).from_buffer_copy(value)
+    # An IPv4 address fills the first 4 bytes; the rest stay zero.
+    family_of(value)
+    return (ctypes.c_uint8 * 16).from_buffer_copy(value.ljust(16, b"\0"))
+
+
+def _addr_of(field: ctypes.Array[ctypes.c_uint8], family: int) -> bytes:
+    return bytes(field)[: _LEN_OF_FAMILY[family]]
 
 
 def encode_key(key: FlowKey) -> SpliceKey:
     """The map key for packets arriving as ``key`` = (saddr, sport, daddr, dport)."""
     saddr, sport, daddr, dport = key
-    return SpliceKey(_addr(saddr), _addr(daddr), _port(sport), _port(dport))
+    family = family_of(saddr)
+    if family_of(daddr) != family:
+        raise ValueError("a key's addresses of two families")
+    return SpliceKey(_addr(saddr), _addr(daddr), _port(sport), _port(dport), family)
 
 
 def state_code(state: SpliceState) -> int:
@@ -153,6 +181,7 @@ def encode(
     fin_ack: int | None = None,
     side: Iface = Iface.CLIENT,
     state: SpliceState = SpliceState.SPLICED,
+    out: tuple[bytes, bytes] | None = None,
 ) -> SpliceXlate:
     """The map value that makes the program do what ``translate(t, ...)`` does.
 
@@ -167,10 +196,14 @@ def encode(
     """
     if t.ack_delta is None:
         raise ValueError("the reverse direction is not spliced yet (ack_delta is None)")
+    src, dst = out if out is not None else (t.src_addr, t.dst_addr)
+    family = family_of(src)
+    if family_of(dst) != family:
+        raise ValueError("an output connection's addresses of two families")
     floor = t.tsecr_floor_in
     return SpliceXlate(
-        saddr=_addr(t.src_addr),
-        daddr=_addr(t.dst_addr),
+        saddr=_addr(src),
+        daddr=_addr(dst),
         sport=_port(t.src_port),
         dport=_port(t.dst_port),
         seq_delta=t.seq_delta & _M32,
@@ -194,6 +227,7 @@ def encode(
         side=SIDE_CODE[side],
         state=state_code(state),
         ecn=t.ecn,
+        family=family,
     )
 
 
@@ -203,12 +237,26 @@ def _port_of(field: ctypes.Array[ctypes.c_uint8]) -> int:
 
 def decode_key(k: SpliceKey) -> FlowKey:
     """``encode_key`` reversed."""
-    return (bytes(k.saddr), _port_of(k.sport), bytes(k.daddr), _port_of(k.dport))
+    if k.family not in _LEN_OF_FAMILY:
+        raise ValueError(f"key family {k.family}")
+    return (
+        _addr_of(k.saddr, k.family),
+        _port_of(k.sport),
+        _addr_of(k.daddr, k.family),
+        _port_of(k.dport),
+    )
 
 
 def reverse_key(v: SpliceXlate) -> FlowKey:
     """The key of the other direction's entry: ``v``'s output 4-tuple, reversed."""
-    return (bytes(v.daddr), _port_of(v.dport), bytes(v.saddr), _port_of(v.sport))
+    if v.family not in _LEN_OF_FAMILY:
+        raise ValueError(f"entry family {v.family}")
+    return (
+        _addr_of(v.daddr, v.family),
+        _port_of(v.dport),
+        _addr_of(v.saddr, v.family),
+        _port_of(v.sport),
+    )
 
 
 def decode(v: SpliceXlate, offload: bool) -> Translator:
@@ -216,13 +264,18 @@ def decode(v: SpliceXlate, offload: bool) -> Translator:
 
     ``ack_fixed`` is not in the map: an installed direction has an
     ``ack_delta``, and ``translate`` uses ``ack_fixed`` only without one.
-    ``offload`` is the daemon's TUN mode, not the splice's.
+    ``offload`` is the daemon's TUN mode, not the splice's.  An IPv6
+    output connection's addresses become the relay's placeholder (they are
+    in the keys: ``reverse_key``).
     """
     if v.ts_mode not in _TS_MODE:
         raise ValueError(f"ts_mode {v.ts_mode}")
+    if v.family not in _LEN_OF_FAMILY:
+        raise ValueError(f"entry family {v.family}")
+    six = v.family == AF_INET6
     return Translator(
-        src_addr=bytes(v.saddr),
-        dst_addr=bytes(v.daddr),
+        src_addr=V6_PLACEHOLDER if six else _addr_of(v.saddr, v.family),
+        dst_addr=V6_PLACEHOLDER if six else _addr_of(v.daddr, v.family),
         src_port=_port_of(v.sport),
         dst_port=_port_of(v.dport),
         seq_delta=v.seq_delta,

@@ -282,6 +282,7 @@ class FastPath:
         fin_ack: int | None = None,
         side: Iface = Iface.CLIENT,
         state: SpliceState = SpliceState.SPLICED,
+        out: tuple[bytes, bytes] | None = None,
     ) -> None:
         """Offload the direction whose incoming packets carry ``key``; counters restart.
 
@@ -293,8 +294,10 @@ class FastPath:
         waits for (a relayed FIN's, or a bounded splice's last byte's).
         ``side``/``state``: which connection ``key`` is and its Fig. 5.1
         state, kept in the entry for a daemon that adopts it (``encode``).
+        ``out``: the output connection's (source, destination) addresses
+        when ``t`` holds placeholders for them (an IPv6 connection).
         """
-        value = encode(t, egress_ifindex, limit, fin_ack, side, state)
+        value = encode(t, egress_ifindex, limit, fin_ack, side, state, out)
         self._update(key, value, libbpf.BPF_ANY)
 
     def watch_fin_ack(

@@ -20,13 +20,27 @@
  * correct; only the rate of punts is a performance question, so the program
  * accepts just the shapes Linux sends during a bulk transfer:
  *
- *   IPv4, ihl 5, not a fragment, TCP with ACK and none of SYN FIN RST URG,
+ *   IPv4 with ihl 5 and not a fragment, or IPv6 with TCP as the next
+ *   header (no extension headers), TCP with ACK and none of SYN FIN RST URG,
  *   options: none | NOP NOP TS | NOP NOP TS NOP NOP SACK(1-3)
  *            | NOP NOP SACK(1-4)                     (RFC 7323 appendix A),
- *   segment size (payload, or gso_size for GSO packets) <= out_mss.
+ *   a single segment's payload <= out_mss (a GSO packet's gso_size is
+ *   lowered to out_mss when it is larger: the kernel cuts it at that).
  *
  * With fixed layouts every field sits at a constant offset: no option loop
  * (a bounded loop over options hit the verifier's limit in the prototype).
+ * The two families get a copy each of the same code (splice() is inlined
+ * with the family as a constant), so every offset stays constant.
+ *
+ * Families.  An entry says which family its output connection is; a splice
+ * may join an IPv4 connection to an IPv6 one.  Across families the program
+ * rewrites TCP in place as always, then bpf_skb_change_proto() makes room
+ * for the other header (20 bytes more or less in front of TCP, a GSO packet
+ * retyped, its gso_size kept) and the new header is written whole: the
+ * same header the Python relay writes (daemon/splice/family.py: flow label
+ * 0, hop limit or TTL 64, the traffic class as the TOS, DF).  The TCP
+ * checksum only needs the pseudo-header's addresses swapped: its length
+ * and protocol words sum the same in both families (RFC 8200 8.1).
  *
  * Checksums.  On veth most skbs are CHECKSUM_PARTIAL: the TCP checksum field
  * holds only the pseudo-header sum, and the device (or the peer's stack)
@@ -36,7 +50,8 @@
  * flags 0 for the first (a no-op on a partial skb, an RFC 1624 update on a
  * complete one) and BPF_F_PSEUDO_HDR for the second (the kernel knows which
  * of the two an skb needs).  The payload is never read.  The IPv4 header
- * checksum is always complete and is recomputed over the 20 bytes.
+ * checksum is always complete and is recomputed over the 20 bytes; IPv6
+ * has none.
  *
  * Packet pointers die at any helper that may change the skb, so all direct
  * writes come first and the two checksum helpers last.
@@ -45,6 +60,7 @@
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
 #include <linux/tcp.h>
 #include <bpf/bpf_endian.h>
@@ -53,10 +69,9 @@
 #include "splice_map.h"
 
 #define IP_OFF ETH_HLEN		   /* 14: veth ingress, data at the MAC header */
-#define TCP_OFF (IP_OFF + 20)	   /* only ihl 5 is handled */
-#define OPT_OFF (TCP_OFF + 20)
-#define TCP_CSUM_OFF (TCP_OFF + 16)
-#define HDR_MAX (OPT_OFF + 40)
+#define IP4_HLEN 20		   /* only ihl 5 is handled */
+#define IP6_HLEN 40		   /* no extension headers */
+#define HDR_MAX (IP_OFF + IP6_HLEN + 60)
 #define NEED_PULL (-2)		   /* internal: headers not in the linear area */
 
 #define TCPF_FIN 0x01
@@ -134,6 +149,8 @@ static __always_inline int rewrite_sack(__u32 *sack, void *data_end, __u32 n,
 {
 	int i;
 
+	if ((void *)(sack + 1) > data_end)
+		return -1;
 	if (v->sack_map) {
 #pragma unroll
 		for (i = 1; i <= 8; i++) {
@@ -159,51 +176,97 @@ static __always_inline int rewrite_sack(__u32 *sack, void *data_end, __u32 n,
 	return 0;
 }
 
-static __always_inline int splice(struct __sk_buff *skb, int pulled)
+/* The IPv4 header checksum, over its 20 bytes (always complete). */
+static __always_inline __u16 ip4_csum(const __u32 *ip)
 {
+	__u64 sum = 0;
+
+#pragma unroll
+	for (int i = 0; i < 5; i++)
+		sum += ip[i];
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)~sum;
+}
+
+/* An IPv6 extension header that may stand between the header and TCP
+ * (RFC 8200 4.1): such a packet is one the program does not handle. */
+static __always_inline int ipv6_ext_header(__u8 nexthdr)
+{
+	return nexthdr == 0 || nexthdr == 43 || nexthdr == 44 || nexthdr == 60;
+}
+
+/*
+ * One packet of family `fam` (4 or 6, a constant once inlined: each family
+ * gets its own copy with every offset fixed, which is what the verifier
+ * and the fixed-layout design want).
+ */
+static __always_inline int splice(struct __sk_buff *skb, int pulled, const int fam)
+{
+	const __u32 ip_hlen = fam == 4 ? IP4_HLEN : IP6_HLEN;
+	const __u32 tcp_off = IP_OFF + ip_hlen;
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	struct iphdr *ip = data + IP_OFF;
-	struct tcphdr *tcp = data + TCP_OFF;
-	__u8 *tcpb = data + TCP_OFF;
-	__u32 *tcpw = data + TCP_OFF;
-	__u32 *opt = data + OPT_OFF;
+	struct ipv6hdr *ip6 = data + IP_OFF;
+	struct tcphdr *tcp = data + tcp_off;
+	__u8 *tcpb = data + tcp_off;
+	__u32 *tcpw = data + tcp_off;
+	__u32 *opt = data + tcp_off + 20;
 	struct splice_xlate *v;
 	struct splice_stats *st;
-	struct splice_key key;
-	__u32 total, doff, optlen, payload, nsack = 0, w, old, new, mtu_len;
-	__u64 acc = 0, acc_pseudo = 0, ipsum;
-	__u8 flags, vihl;
-	int has_ts = 0;
+	struct splice_key key = {};
+	__u32 ip_total, tcp_len, doff, optlen, payload, nsack = 0, w, old, new, seg, seg_len, mtu;
+	__u64 acc = 0, acc_pseudo = 0;
+	__u8 flags, tos, out_fam;
+	int has_ts = 0, i;
 
-	if ((void *)(eth + 1) > data_end)
-		return TC_ACT_OK;
-	if (eth->h_proto != bpf_htons(ETH_P_IP) || skb->vlan_present)
-		return TC_ACT_OK;
-	if ((void *)(ip + 1) > data_end)
-		goto not_linear;
-	if (ip->protocol != IPPROTO_TCP)
-		return TC_ACT_OK;
-	vihl = *(__u8 *)ip;
-	if (vihl != 0x45 || (ip->frag_off & bpf_htons(FRAG_BITS)))
-		return PUNT(punt_ip_options_or_fragment);
+	if (fam == 4) {
+		if ((void *)(ip + 1) > data_end)
+			goto not_linear;
+		if (ip->protocol != IPPROTO_TCP)
+			return TC_ACT_OK;
+		if (*(__u8 *)ip != 0x45 || (ip->frag_off & bpf_htons(FRAG_BITS)))
+			return PUNT(punt_ip_options_or_fragment);
+		ip_total = bpf_ntohs(ip->tot_len);
+		tos = ip->tos;
+		key.saddr[0] = ip->saddr;
+		key.daddr[0] = ip->daddr;
+		key.family = SPLICE_AF_INET;
+	} else {
+		if ((void *)(ip6 + 1) > data_end)
+			goto not_linear;
+		if (ip6->nexthdr != IPPROTO_TCP)
+			return ipv6_ext_header(ip6->nexthdr) ? PUNT(punt_ip_options_or_fragment)
+							     : TC_ACT_OK;
+		/* A jumbogram's payload length is 0 (RFC 2675): malformed below. */
+		ip_total = IP6_HLEN + bpf_ntohs(ip6->payload_len);
+		/* Traffic class: the low nibble of byte 0, the high one of byte 1. */
+		tos = (((__u8 *)ip6)[0] << 4) | (((__u8 *)ip6)[1] >> 4);
+#pragma unroll
+		for (i = 0; i < 4; i++) {
+			key.saddr[i] = ip6->saddr.in6_u.u6_addr32[i];
+			key.daddr[i] = ip6->daddr.in6_u.u6_addr32[i];
+		}
+		key.family = SPLICE_AF_INET6;
+	}
 	if ((void *)(tcp + 1) > data_end)
 		goto not_linear;
 
-	key.saddr = ip->saddr;
-	key.daddr = ip->daddr;
 	key.sport = tcp->source;
 	key.dport = tcp->dest;
 	v = bpf_map_lookup_elem(&splice_flows, &key);
 	if (!v)
 		return PUNT(punt_no_flow);
+	out_fam = v->family;
 
-	total = bpf_ntohs(ip->tot_len);
 	doff = (tcpb[12] >> 4) * 4;
-	if (doff < 20 || total < 20 + doff || total + ETH_HLEN > skb->len)
+	if (doff < 20 || ip_total < ip_hlen + doff || ip_total + ETH_HLEN > skb->len)
 		return PUNT(punt_malformed);
-	payload = total - 20 - doff;
+	tcp_len = ip_total - ip_hlen;
+	payload = tcp_len - doff;
 
 	flags = tcpb[13];
 	if ((flags & (TCPF_SYN | TCPF_FIN | TCPF_RST | TCPF_URG)) || !(flags & TCPF_ACK))
@@ -238,17 +301,36 @@ static __always_inline int splice(struct __sk_buff *skb, int pulled)
 		}
 	}
 
-	/* 5.4.4: the kernel cuts a GSO packet at gso_size on the way out. */
-	if (skb->gso_size ? skb->gso_size > v->out_mss : payload > v->out_mss)
+	/* 5.4.4: the kernel cuts a GSO packet at gso_size on the way out, so
+	 * a GSO packet only needs its gso_size brought down to out_mss (below,
+	 * once it is sure to be redirected); a single segment over out_mss
+	 * is the daemon's to cut.  An IPv4 header can hold at most 65515
+	 * bytes of TCP (never short of it in practice: GRO stops at 64 KB
+	 * with the headers). */
+	if (!skb->gso_size && payload > v->out_mss)
 		return PUNT(punt_mss);
+	if (out_fam == SPLICE_AF_INET && tcp_len > 0xffff - IP4_HLEN)
+		return PUNT(punt_mss);
+	seg = skb->gso_size;
+	if (!seg)
+		seg = payload;
+	else if (seg > v->out_mss)
+		seg = v->out_mss;
 
-	/* RFC 1191 for spliced flows: a packet the egress link cannot carry
-	 * (a link's MTU shrank after the handshake) goes the daemon's way,
-	 * where the kernel's forwarding answers it with "fragmentation needed"
-	 * and the daemon sends that on to this packet's sender.  Redirected,
-	 * it would be dropped without a word.  (No device: a test run.) */
-	mtu_len = 0;
-	if (bpf_check_mtu(skb, v->egress_ifindex, &mtu_len, 0, BPF_MTU_CHK_SEGS) > 0)
+	/* RFC 1191 / 8201 for spliced flows: a packet the egress link cannot
+	 * carry (a link's MTU shrank after the handshake) goes the daemon's
+	 * way, where the kernel's forwarding answers it with "fragmentation
+	 * needed" or "packet too big" and the daemon sends that on to this
+	 * packet's sender.  Redirected, it would be dropped without a word.
+	 * The length that must fit is one segment's with the output's IP
+	 * header: what leaves after GSO and a change of family.  The helper
+	 * only tells the link's MTU here (asked with an L3 length of 1, which
+	 * always fits); its own verdict would pass any GSO packet unless
+	 * asked per segment, and then in the input's family.  (No such
+	 * device: a test run, never punted.) */
+	seg_len = (out_fam == SPLICE_AF_INET6 ? IP6_HLEN : IP4_HLEN) + doff + seg;
+	mtu = 1;
+	if (bpf_check_mtu(skb, v->egress_ifindex, &mtu, 0, 0) == 0 && seg_len > mtu)
 		return PUNT(punt_mtu);
 
 	/* Only the daemon may decide what acknowledging its relayed FIN means
@@ -265,6 +347,37 @@ static __always_inline int splice(struct __sk_buff *skb, int pulled)
 
 		if (payload ? past >= 0 : past > 0)
 			return PUNT(punt_limit);
+	}
+
+	/* A GSO packet whose segments the output connection cannot take
+	 * (its peer offered a smaller MSS, or it is IPv6 and the input IPv4:
+	 * 20 bytes of header more) gets a smaller gso_size.  No helper sets
+	 * it; growing the room under the IP header by the difference lowers
+	 * gso_size by as much, and taking the same bytes out again with
+	 * FIXED_GSO leaves it there, the packet as it was.  First of all the
+	 * rewrites, so that a refusal leaves the packet to the daemon as it
+	 * came; the packet pointers are found again after it. */
+	if (skb->gso_size > seg) {
+		__u32 cut = skb->gso_size - seg;
+
+		if (bpf_skb_adjust_room(skb, cut, BPF_ADJ_ROOM_NET, BPF_F_ADJ_ROOM_NO_CSUM_RESET))
+			return PUNT(punt_mss);
+		if (bpf_skb_adjust_room(skb, -(__s32)cut, BPF_ADJ_ROOM_NET,
+					BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_NO_CSUM_RESET))
+			goto rewrite_failed;
+		st = stats();
+		if (st)
+			st->gso_recut++;
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+		ip = data + IP_OFF;
+		ip6 = data + IP_OFF;
+		tcp = data + tcp_off;
+		tcpb = data + tcp_off;
+		tcpw = data + tcp_off;
+		opt = data + tcp_off + 20;
+		if ((void *)(tcp + 1) > data_end)
+			goto rewrite_failed;
 	}
 
 	/* Options (5.4.1, 5.4.3), rewritten in place at their own length. */
@@ -320,34 +433,104 @@ static __always_inline int splice(struct __sk_buff *skb, int pulled)
 	tcp->window = bpf_htons(w);
 	acc = csum_step(acc, old, tcpw[3]);
 
-	/* IPv4 (5.2.1): addresses, TTL 64 (an endpoint, not a router), and
-	 * Not-ECT unless both connections negotiated ECN. */
-	acc_pseudo = csum_step(acc_pseudo, ip->saddr, v->saddr);
-	acc_pseudo = csum_step(acc_pseudo, ip->daddr, v->daddr);
-	ip->saddr = v->saddr;
-	ip->daddr = v->daddr;
+	/* The IP header (5.2.1): the output connection's addresses, TTL or hop
+	 * limit 64 (an endpoint, not a router), Not-ECT unless both
+	 * connections negotiated ECN.  The pseudo-header's length and protocol
+	 * words sum the same in both families (RFC 8200 8.1), so across
+	 * families too only the addresses change the TCP checksum. */
 	if (!v->ecn)
-		ip->tos &= 0xfc;
-	ip->ttl = 64;
-	ip->check = 0;
-	ipsum = 0;
+		tos &= 0xfc;
+	if (fam == 4) {
+		acc_pseudo = csum_step(acc_pseudo, ip->saddr, 0);
+		acc_pseudo = csum_step(acc_pseudo, ip->daddr, 0);
+	} else {
 #pragma unroll
-	for (int i = 0; i < 5; i++)
-		ipsum += ((__u32 *)ip)[i];
-	ipsum = (ipsum & 0xffff) + (ipsum >> 16);
-	ipsum = (ipsum & 0xffff) + (ipsum >> 16);
-	ipsum = (ipsum & 0xffff) + (ipsum >> 16);
-	ip->check = (__u16)~ipsum;
+		for (i = 0; i < 4; i++) {
+			acc_pseudo = csum_step(acc_pseudo, ip6->saddr.in6_u.u6_addr32[i], 0);
+			acc_pseudo = csum_step(acc_pseudo, ip6->daddr.in6_u.u6_addr32[i], 0);
+		}
+	}
+	if (out_fam == SPLICE_AF_INET) {
+		acc_pseudo = csum_step(acc_pseudo, 0, v->saddr[0]);
+		acc_pseudo = csum_step(acc_pseudo, 0, v->daddr[0]);
+	} else {
+#pragma unroll
+		for (i = 0; i < 4; i++) {
+			acc_pseudo = csum_step(acc_pseudo, 0, v->saddr[i]);
+			acc_pseudo = csum_step(acc_pseudo, 0, v->daddr[i]);
+		}
+	}
+	if (fam == 4 && out_fam == SPLICE_AF_INET) {
+		ip->saddr = v->saddr[0];
+		ip->daddr = v->daddr[0];
+		ip->tos = tos;
+		ip->ttl = 64;
+		ip->check = 0;
+		ip->check = ip4_csum((__u32 *)ip);
+	} else if (fam == 6 && out_fam == SPLICE_AF_INET6) {
+		/* Version, traffic class, flow label 0 (as the Python relay). */
+		*(__be32 *)ip6 = bpf_htonl(6 << 28 | (__u32)tos << 20);
+		ip6->hop_limit = 64;
+#pragma unroll
+		for (i = 0; i < 4; i++) {
+			ip6->saddr.in6_u.u6_addr32[i] = v->saddr[i];
+			ip6->daddr.in6_u.u6_addr32[i] = v->daddr[i];
+		}
+	}
 
-	/* Helpers last: they invalidate every packet pointer above. */
-	if (bpf_l4_csum_replace(skb, TCP_CSUM_OFF, 0, csum_fold32(acc), 0) < 0 ||
-	    bpf_l4_csum_replace(skb, TCP_CSUM_OFF, 0, csum_fold32(acc_pseudo),
-				BPF_F_PSEUDO_HDR) < 0) {
-		/* Half rewritten: neither path can use it; TCP retransmits. */
+	/* Helpers last: they invalidate every packet pointer above.  The
+	 * checksum field is still where the input family put it. */
+	if (bpf_l4_csum_replace(skb, tcp_off + 16, 0, csum_fold32(acc), 0) < 0 ||
+	    bpf_l4_csum_replace(skb, tcp_off + 16, 0, csum_fold32(acc_pseudo),
+				BPF_F_PSEUDO_HDR) < 0)
+		goto rewrite_failed;
+
+	if ((fam == 4) != (out_fam == SPLICE_AF_INET)) {
+		/* Across families: the kernel makes room for the new header (or
+		 * takes 20 bytes of the old one away) and retypes a GSO packet
+		 * (TCPV4 <-> TCPV6; gso_size, the TCP segment size, stays);
+		 * the header itself is written here, whole. */
+		if (bpf_skb_change_proto(skb, bpf_htons(out_fam == SPLICE_AF_INET6 ? ETH_P_IPV6
+										 : ETH_P_IP),
+					 0) < 0)
+			goto rewrite_failed;
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+		eth = data;
+		if (out_fam == SPLICE_AF_INET6) {
+			ip6 = data + IP_OFF;
+			if ((void *)(ip6 + 1) > data_end)
+				goto rewrite_failed;
+			eth->h_proto = bpf_htons(ETH_P_IPV6);
+			*(__be32 *)ip6 = bpf_htonl(6 << 28 | (__u32)tos << 20);
+			ip6->payload_len = bpf_htons(tcp_len);
+			ip6->nexthdr = IPPROTO_TCP;
+			ip6->hop_limit = 64;
+#pragma unroll
+			for (i = 0; i < 4; i++) {
+				ip6->saddr.in6_u.u6_addr32[i] = v->saddr[i];
+				ip6->daddr.in6_u.u6_addr32[i] = v->daddr[i];
+			}
+		} else {
+			ip = data + IP_OFF;
+			if ((void *)(ip + 1) > data_end)
+				goto rewrite_failed;
+			eth->h_proto = bpf_htons(ETH_P_IP);
+			*(__u8 *)ip = 0x45;
+			ip->tos = tos;
+			ip->tot_len = bpf_htons(IP4_HLEN + tcp_len);
+			ip->id = 0;
+			ip->frag_off = bpf_htons(0x4000); /* DF, as we send everything */
+			ip->ttl = 64;
+			ip->protocol = IPPROTO_TCP;
+			ip->saddr = v->saddr[0];
+			ip->daddr = v->daddr[0];
+			ip->check = 0;
+			ip->check = ip4_csum((__u32 *)ip);
+		}
 		st = stats();
 		if (st)
-			st->dropped_rewrite_failed++;
-		return TC_ACT_SHOT;
+			st->redirected_family_changed++;
 	}
 
 	__sync_fetch_and_add(&v->packets, 1);
@@ -359,16 +542,38 @@ static __always_inline int splice(struct __sk_buff *skb, int pulled)
 	}
 	return bpf_redirect_neigh(v->egress_ifindex, NULL, 0, 0);
 
+rewrite_failed:
+	/* Half rewritten: neither path can use it; TCP retransmits. */
+	st = stats();
+	if (st)
+		st->dropped_rewrite_failed++;
+	return TC_ACT_SHOT;
+
 not_linear:
 	if (pulled)
 		return PUNT(punt_malformed);
 	return NEED_PULL;
 }
 
+static __always_inline int splice_frame(struct __sk_buff *skb, int pulled)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end || skb->vlan_present)
+		return TC_ACT_OK;
+	if (eth->h_proto == bpf_htons(ETH_P_IP))
+		return splice(skb, pulled, 4);
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return splice(skb, pulled, 6);
+	return TC_ACT_OK;
+}
+
 SEC("tc")
 int splice_ingress(struct __sk_buff *skb)
 {
-	int verdict = splice(skb, 0);
+	int verdict = splice_frame(skb, 0);
 	__u32 len;
 
 	if (verdict != NEED_PULL)
@@ -379,7 +584,7 @@ int splice_ingress(struct __sk_buff *skb)
 	len = skb->len < HDR_MAX ? skb->len : HDR_MAX;
 	if (bpf_skb_pull_data(skb, len) < 0)
 		return PUNT(punt_malformed);
-	verdict = splice(skb, 1);
+	verdict = splice_frame(skb, 1);
 	return verdict == NEED_PULL ? TC_ACT_OK : verdict;
 }
 

@@ -35,19 +35,29 @@
 #define SPLICE_STATE_SHUTDOWN 2
 #define SPLICE_STATE_OTHER 255
 
-/* The incoming packet's 4-tuple, all in network byte order. */
+/* family: of a key's packets, or of an entry's output connection.  A
+ * splice may join the two families (thesis 7.1's future work, done here):
+ * each direction's entry then changes the IP header's family on the way. */
+#define SPLICE_AF_INET 4
+#define SPLICE_AF_INET6 6
+
+/* The incoming packet's 4-tuple, all in network byte order.  An IPv4
+ * address fills the first word of its array; the other three are zero. */
 struct splice_key {
-	__be32 saddr;
-	__be32 daddr;
+	__be32 saddr[4];
+	__be32 daddr[4];
 	__be16 sport;
 	__be16 dport;
+	__u8 family;
+	__u8 _pad[3];
 };
 
 /* One direction of one splice. */
 struct splice_xlate {
-	/* The output connection's header fields, network byte order: stored. */
-	__be32 saddr;
-	__be32 daddr;
+	/* The output connection's header fields, network byte order: stored
+	 * (an IPv4 address in the first word, as in the key). */
+	__be32 saddr[4];
+	__be32 daddr[4];
 	__be16 sport;
 	__be16 dport;
 	/* Host byte order, added modulo 2**32 (thesis 5.3, 5.4.1). */
@@ -83,7 +93,10 @@ struct splice_xlate {
 	/* 1: both connections negotiated ECN (RFC 3168): the IP ECN field,
 	 * ECE and CWR pass unchanged; 0: Not-ECT, ECE and CWR cleared. */
 	__u8 ecn;
-	__u8 _pad[4];
+	/* The output connection's family (SPLICE_AF_*): another than the
+	 * packet's makes the program change the IP header's family. */
+	__u8 family;
+	__u8 _pad[3];
 	/* Written by the program only (atomic adds); payload bytes. */
 	__u64 packets;
 	__u64 bytes;
@@ -103,6 +116,8 @@ struct splice_stats {
 	__u64 dropped_rewrite_failed;      /* a checksum helper failed mid-rewrite */
 	__u64 punt_limit;                  /* reaches a bounded splice's limit */
 	__u64 punt_mtu;                    /* too big for the egress link (RFC 1191) */
+	__u64 redirected_family_changed;   /* of the redirected, IPv4 <-> IPv6 */
+	__u64 gso_recut;                   /* GSO packets given gso_size out_mss */
 };
 
 #endif /* SPLICE_MAP_H */

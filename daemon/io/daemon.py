@@ -241,7 +241,7 @@ class Daemon:
                 config.fastpath,
                 config.tun_name,
                 config.fastpath_object,
-                prefix=self.net,
+                prefixes=[n for n in (self.net, self.net6) if n is not None],
                 offload=self.offload,
             )
         except FastPathUnavailable:

@@ -66,8 +66,9 @@ class KernelFastPath:
         fin_ack: int | None = None,
         side: Iface = Iface.CLIENT,
         state: SpliceState = SpliceState.SPLICED,
+        out: tuple[bytes, bytes] | None = None,
     ) -> None:
-        self.fp.install(key, t, egress_ifindex, limit, fin_ack, side, state)
+        self.fp.install(key, t, egress_ifindex, limit, fin_ack, side, state, out)
 
     def watch_fin_ack(
         self, key: RelayKey, fin_ack: int | None, state: SpliceState | None = None
@@ -140,13 +141,13 @@ def start_fast_path(
     obj_path: Path = DEFAULT_OBJECT,
     max_flows: int = 131072,
     *,
-    prefix: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None,
+    prefixes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None,
     offload: bool = True,
 ) -> tuple[KernelFastPath | None, str]:
     """Load and attach the program as ``mode`` says; (None, reason) when it does not run.
 
     A dead daemon's filters on the links are replaced: the splices in its
-    map that belong to ``prefix`` are carried into the new map before the
+    map that belong to ``prefixes`` are carried into the new map before the
     new program runs (``KernelFastPath.inherited``, daemon/fastpath/adopt.py),
     and the old filters are detached once it does.  Raises
     FastPathUnavailable only in mode "on".
@@ -163,7 +164,7 @@ def start_fast_path(
                 stale += find_stale(ifindex)
             except Exception as exc:  # a dump that fails must not keep the daemon down
                 log.warning("could not look for a stale fast path on %s: %s", links[ifindex], exc)
-        inherited = _inherit(stale, links, prefix, offload)
+        inherited = _inherit(stale, links, prefixes or [], offload)
         preload: list[tuple[FlowKey, SpliceXlate]] = []
         for inh in inherited:
             preload += [(inh.client_key, inh.client_value), (inh.server_key, inh.server_value)]
@@ -186,11 +187,11 @@ def start_fast_path(
 def _inherit(
     stale: list[StaleFilter],
     links: dict[int, str],
-    prefix: ipaddress.IPv4Network | ipaddress.IPv6Network | None,
+    prefixes: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
     offload: bool,
 ) -> list[InheritedSplice]:
     """The adoptable splices in the maps of stale filters (one log line on what is not)."""
-    if prefix is None:
+    if not prefixes:
         return []
     entries: dict[FlowKey, SpliceXlate] = {}
     for prog_id in sorted({f.prog_id for f in stale if f.prog_id is not None}):
@@ -202,7 +203,8 @@ def _inherit(
         return []
 
     def ours(addr: bytes) -> bool:
-        return ipaddress.ip_address(addr) in prefix
+        ip = ipaddress.ip_address(addr)
+        return any(ip.version == net.version and ip in net for net in prefixes)
 
     splices, left_out = adoptable(entries.items(), ours=ours, links=set(links), offload=offload)
     log.warning(

@@ -60,6 +60,7 @@ from daemon.splice.state import Iface, SpliceState
 from daemon.splice.translator import Translator
 from daemon.tcp.state import TcpState
 from daemon.wire.icmp import Unreachable
+from daemon.wire.ipv6 import Ipv6Packet
 from daemon.wire.vnet import VnetHeader
 
 if TYPE_CHECKING:
@@ -95,6 +96,7 @@ class FastPathPort(Protocol):
         fin_ack: int | None = None,
         side: Iface = Iface.CLIENT,
         state: SpliceState = SpliceState.SPLICED,
+        out: tuple[bytes, bytes] | None = None,
     ) -> None: ...
 
     def watch_fin_ack(
@@ -569,6 +571,10 @@ class Splicer:
 
     def _wake(self, pkt: memoryview, now: float) -> Splice | None:
         """A dormant splice's relay again, from its map entries, for the segment ``pkt``."""
+        if pkt[0] >> 4 == 6:
+            ip6 = Ipv6Packet(pkt)
+            sport, dport = struct.unpack_from("!HH", ip6.payload)
+            return self._wake_key((ip6.src_addr, sport, ip6.dst_addr, dport), now)
         ihl = (pkt[0] & 0x0F) * 4
         sport, dport = struct.unpack_from("!HH", pkt, ihl)
         return self._wake_key((bytes(pkt[12:16]), sport, bytes(pkt[16:20]), dport), now)
@@ -610,6 +616,7 @@ class Splicer:
         """A relay for a splice whose entries are in the map (woken, or adopted)."""
         relay, actions = Relay.adopt(
             self.d._new_id(),
+            (inh.client_key, inh.server_key),
             inh.c2s,
             inh.s2c,
             inh.states,
@@ -820,12 +827,17 @@ class Splicer:
             return
         pair = sp.relay.pair
         try:
-            for (key, t, fin_ack, limit), iface in zip(a.entries, (CLIENT, SERVER), strict=True):
-                ifindex = self._egress(t.dst_addr)
+            for i, iface in enumerate((CLIENT, SERVER)):
+                key, t, fin_ack, limit = a.entries[i]
+                # The output connection's real addresses (the translator's
+                # are placeholders for an IPv6 one): the other entry's key.
+                partner = a.entries[1 - i][0]
+                out = (partner[2], partner[0])
+                ifindex = self._egress(out[1])
                 if ifindex is None:
-                    raise OSError(f"no route toward {t.dst_addr.hex()}")
+                    raise OSError(f"no route toward {out[1].hex()}")
                 # The watch goes in with the entry: see FastPath.install.
-                fp.install(key, t, ifindex, limit, fin_ack, iface, pair.state(iface))
+                fp.install(key, t, ifindex, limit, fin_ack, iface, pair.state(iface), out)
                 sp.offloaded.append(key)
         except (OSError, ValueError, KeyError) as exc:
             self._fast_path_failed(sp, f"install: {exc}")

@@ -418,6 +418,7 @@ class Relay:
     def adopt(
         cls,
         server_id: int,
+        keys: tuple[FlowKey, FlowKey],
         c2s: Translator,
         s2c: Translator,
         states: tuple[SpliceState, SpliceState],
@@ -433,8 +434,9 @@ class Relay:
         Only a splice whose both sides relay gets there (the map holds
         nothing else), so what the relay keeps of it after ``seal`` is all
         there is: the two translators, the Fig. 5.1 states, and the ACK a
-        FIN_RELAYED side is waiting for.  Each connection's endpoints are
-        the output ones of the translator toward it.  ``states`` (client,
+        FIN_RELAYED side is waiting for.  ``keys``: the 4-tuples of the
+        segments arriving from the client and from the server (the
+        connections' real addresses, either family).  ``states`` (client,
         server): SPLICED,
         FIN_RELAYED or SHUTDOWN; both SHUTDOWN is TIMEWAIT, whose 2MSL starts
         again here (the dead daemon's timer is lost; waiting longer is the
@@ -443,14 +445,14 @@ class Relay:
         c, s = (
             RelaySide(
                 iface,
-                (t.src_addr, t.src_port),
-                (t.dst_addr, t.dst_port),
+                (key[2], key[3]),
+                (key[0], key[1]),
                 None,
                 outbox=_SEALED,
                 queue=_SEALED,
                 fin_ack=fin_ack,
             )
-            for iface, t, fin_ack in zip((CLIENT, SERVER), (s2c, c2s), fin_acks, strict=True)
+            for iface, key, fin_ack in zip((CLIENT, SERVER), keys, fin_acks, strict=True)
         )
         relay = cls(-1, server_id, None, c, msl, offload, counters, server=s)
         relay.c2s, relay.s2c = c2s, s2c
@@ -1134,8 +1136,6 @@ class Relay:
         """Both TCBs are silent and both translations exist: offer the kernel the pair."""
         if self.fast_path or self.c2s is None or self.s2c is None or self.server is None:
             return
-        if len(self.client.local[0]) == 16 or len(self.server.local[0]) == 16:
-            return  # the kernel program rewrites IPv4 headers only: Python relays it
         if self.tap is not None and not self.tap.ended:
             return  # the kernel would not copy for the tap
         if self.pair.client is SpliceState.GONE:
