@@ -18,6 +18,8 @@ class Frame:
     ecn: int  # the IP ECN field (RFC 3168 5)
     payload_len: int  # from the IP length fields, whatever the snaplen kept
     options: bytes  # TCP options, as far as the snaplen kept them
+    seq: int
+    ack: int
 
     @property
     def mss(self) -> int | None:
@@ -55,9 +57,8 @@ def tcp_frames(path: Path) -> list[Frame]:
             continue
         if len(tcp) < 14:
             continue
-        sport, dport = struct.unpack("!HH", tcp[:4])
+        sport, dport, seq, ack = struct.unpack("!HHII", tcp[:12])
         hlen = (tcp[12] >> 4) * 4
-        out.append(
-            Frame(version, src, sport, dst, dport, tcp[13], ecn, ip_payload - hlen, tcp[20:hlen])
-        )
+        fields = (tcp[13], ecn, ip_payload - hlen, tcp[20:hlen], seq, ack)
+        out.append(Frame(version, src, sport, dst, dport, *fields))
     return out

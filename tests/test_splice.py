@@ -33,6 +33,7 @@ from tests.helpers import (
     same_port_twice,
     socks_reply_code,
 )
+from tests.pcap import tcp_frames
 
 pytestmark = pytest.mark.root
 
@@ -291,20 +292,35 @@ def _set_knobs(tb: Testbed, role: str, values: tuple[int, ...], current: dict[st
             current[key] = value
 
 
-def test_every_option_combination_transfers_intact_both_ways(tb: Testbed) -> None:
+# (client family, server family): IPv4 throughout, IPv6 throughout, and a
+# splice across families (tests/test_splice_ipv6.py has the rest of them).
+FAMILY_PAIRS = [
+    pytest.param((4, 4), id="v4"),
+    pytest.param((6, 6), id="v6"),
+    pytest.param((6, 4), id="v6-to-v4"),
+]
+
+
+def ends(tb: Testbed, families: tuple[int, int]) -> list[str]:
+    """The spliced SOCKS5, the origin and the sink for ``_DOWN_AND_UP``, in those families."""
+    client, server = families
+    socks5 = tb.spliced_socks6 if client == 6 else tb.spliced_socks
+    origin = tb.origin6 if server == 6 else tb.origin
+    sink = tb.sink6 if server == 6 else tb.sink
+    return [*map(str, socks5), *map(str, origin), *map(str, sink)]
+
+
+@pytest.mark.parametrize("families", FAMILY_PAIRS)
+def test_every_option_combination_transfers_intact_both_ways(
+    tb: Testbed, families: tuple[int, int]
+) -> None:
     current: dict[str, int] = {}
     failures = []
     try:
         for combo in itertools.product((1, 0), repeat=6):
             _set_knobs(tb, "client", combo[:3], current)
             _set_knobs(tb, "server", combo[3:], current)
-            out = run_py(
-                tb.host("client"),
-                _DOWN_AND_UP,
-                *map(str, tb.spliced_socks),
-                *map(str, tb.origin),
-                *map(str, tb.sink),
-            )
+            out = run_py(tb.host("client"), _DOWN_AND_UP, *ends(tb, families))
             if out.split() != ["ok", "ok"]:
                 failures.append(
                     (
@@ -352,44 +368,35 @@ print("ok" if answer.decode().strip() == hashlib.sha256(up).hexdigest() else "up
 """
 
 
+@pytest.mark.parametrize("families", FAMILY_PAIRS)
 @pytest.mark.parametrize(("client_mtu", "server_mtu"), [(1500, 1280), (9000, 1500)])
 def test_mtu_mismatch_transfers_intact_both_ways(
-    tb: Testbed, client_mtu: int, server_mtu: int
+    tb: Testbed, client_mtu: int, server_mtu: int, families: tuple[int, int]
 ) -> None:
+    # 1280 is IPv6's minimum link MTU (RFC 8200 5).
     cp, ps = tb.link("client-proxy"), tb.link("proxy-server")
     try:
         cp.set_mtu(client_mtu)
         ps.set_mtu(server_mtu)
-        out = run_py(
-            tb.host("client"),
-            _DOWN_AND_UP,
-            *map(str, tb.spliced_socks),
-            *map(str, tb.origin),
-            *map(str, tb.sink),
-        )
+        out = run_py(tb.host("client"), _DOWN_AND_UP, *ends(tb, families))
     finally:
         cp.set_mtu(1500)
         ps.set_mtu(1500)
     assert out.split() == ["ok", "ok"], out
 
 
+@pytest.mark.parametrize("families", FAMILY_PAIRS)
 @pytest.mark.parametrize("link", ["client-proxy", "proxy-server"])
 @pytest.mark.parametrize("impairment", ["loss=2%", "delay=5ms reorder=25%", "duplicate=5%"])
 def test_impaired_links_before_and_after_the_splice_point(
-    tb: Testbed, link: str, impairment: str
+    tb: Testbed, link: str, impairment: str, families: tuple[int, int]
 ) -> None:
     shaped = tb.link(link)
     try:
         # Shaped from the handshakes on: the impairment hits the proxy's
         # own TCP before the splice and the relayed packets after it.
         shaped.shape(impairment + " seed=11")
-        out = run_py(
-            tb.host("client"),
-            _DOWN_AND_UP,
-            *map(str, tb.spliced_socks),
-            *map(str, tb.origin),
-            *map(str, tb.sink),
-        )
+        out = run_py(tb.host("client"), _DOWN_AND_UP, *ends(tb, families))
         # The impairment process writes its counters about once a second.
         deadline = time.monotonic() + 5
         seen = 0
@@ -408,33 +415,10 @@ def test_impaired_links_before_and_after_the_splice_point(
 
 def _read_pcap(path: Path) -> list[tuple[bytes, int, bytes, int, int, int, int, bytes, int]]:
     """(src, sport, dst, dport, flags, seq, ack, options, payload_len) per TCP frame."""
-    data = path.read_bytes()
-    out, off = [], 24
-    while off + 16 <= len(data):
-        incl, _orig = struct.unpack("<II", data[off + 8 : off + 16])
-        frame = data[off + 16 : off + 16 + incl]
-        off += 16 + incl
-        if len(frame) < 54 or frame[12:14] != b"\x08\x00" or frame[23] != 6:
-            continue
-        ihl = (frame[14] & 0x0F) * 4
-        total = struct.unpack("!H", frame[16:18])[0]
-        t = frame[14 + ihl :]
-        sport, dport, seq, ack = struct.unpack("!HHII", t[:12])
-        hlen = (t[12] >> 4) * 4
-        out.append(
-            (
-                frame[26:30],
-                sport,
-                frame[30:34],
-                dport,
-                t[13],
-                seq,
-                ack,
-                bytes(t[20:hlen]),
-                total - ihl - hlen,
-            )
-        )
-    return out
+    return [
+        (f.src, f.sport, f.dst, f.dport, f.flags, f.seq, f.ack, f.options, f.payload_len)
+        for f in tcp_frames(path)
+    ]
 
 
 def _opts(raw: bytes) -> dict[int, bytes]:
@@ -492,8 +476,9 @@ def _check_link(packets: list[Any], a_port: int) -> list[str]:
     return errors[:10]
 
 
+@pytest.mark.parametrize("families", FAMILY_PAIRS)
 def test_capture_numbers_are_consistent_with_each_links_handshake(
-    tb: Testbed, tmp_path: Path
+    tb: Testbed, tmp_path: Path, families: tuple[int, int]
 ) -> None:
     cp_pcap, ps_pcap = tmp_path / "cp.pcap", tmp_path / "ps.pcap"
     shaped = tb.link("client-proxy")
@@ -516,8 +501,7 @@ def test_capture_numbers_are_consistent_with_each_links_handshake(
                     n += len(chunk)
                 print(s.getsockname()[1], n)
                 """,
-                *map(str, tb.spliced_socks),
-                *map(str, tb.origin),
+                *ends(tb, families)[:4],
             )
     finally:
         shaped.clear()
@@ -527,7 +511,8 @@ def test_capture_numbers_are_consistent_with_each_links_handshake(
     ps = _read_pcap(ps_pcap)
     assert _check_link(cp, client_port) == []
     # The server-side connection: the daemon's port toward the origin's :80.
-    server_ports = {p[1] for p in ps if p[3] == tb.origin[1] and p[4] & 0x12 == 0x02}
+    origin_port = int(ends(tb, families)[3])
+    server_ports = {p[1] for p in ps if p[3] == origin_port and p[4] & 0x12 == 0x02}
     assert server_ports, "no SYN toward the origin on the server link"
     errors = [e for port in server_ports for e in _check_link(ps, port)]
     assert errors == []
