@@ -4,9 +4,9 @@ Builds one testbed (its daemon runs the kernel fast path where BPF works)
 and downloads SIZE bytes from the origin with curl, per path and per
 (client family, server family): the router (the proxy host forwarding),
 the plain SOCKS5 (kernel sockets, copying), the endpoint SOCKS5 (the
-daemon's TCP, copying) and the spliced SOCKS5.  IPv4 splices run in the
-kernel fast path; IPv6 and cross-family splices in the daemon's Python
-relay (daemon/splice/family.py).  Rounds interleaved; round 0 checks every
+daemon's TCP, copying) and the spliced SOCKS5, whose steady state runs
+in the kernel fast path in every family pair (the tc program changes the
+header's family across them) where BPF works.  Rounds interleaved; round 0 checks every
 path's body by SHA-256, the timed rounds write to /dev/null and take curl's
 own time_total (a hash in the client would be the bottleneck).  Prints
 median seconds, MB/s and the ratio to the router of the same server family.
