@@ -146,8 +146,12 @@ def run_until_stopped(
 def destinations(host: str, port: int, source: str | None) -> list[tuple[str, int]]:
     """``host`` itself if it is an address literal, else what the name resolves to.
 
-    The daemon takes no names (docs/api.md, "Addresses"). Raises
-    ``socket.gaierror`` for a name that does not resolve.
+    The daemon takes no names (docs/api.md, "Addresses"). Every family is
+    kept: the daemon splices across families, and a connect of the other
+    family than ``--source`` leaves from the daemon's own source of it
+    (``local_for``); ``--source``'s family is tried first, else the
+    resolver's order (RFC 6724). Raises ``socket.gaierror`` for a name that
+    does not resolve.
     """
     try:
         ipaddress.ip_address(host)
@@ -155,15 +159,14 @@ def destinations(host: str, port: int, source: str | None) -> list[tuple[str, in
         pass
     else:
         return [(host, port)]
-    family = socket.AF_UNSPEC
-    if source is not None:
-        # A v4 source cannot reach a v6 destination (nor vice versa): skip those.
-        family = socket.AF_INET if ipaddress.ip_address(source).version == 4 else socket.AF_INET6
     found: list[tuple[str, int]] = []
-    for *_, address in socket.getaddrinfo(host, port, family, socket.SOCK_STREAM):
+    for *_, address in socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM):
         candidate = (str(address[0]), int(address[1]))
         if candidate not in found:
             found.append(candidate)
+    if source is not None:
+        six = ipaddress.ip_address(source).version == 6
+        found.sort(key=lambda a: (":" in a[0]) != six)  # stable: resolver order within
     return found
 
 

@@ -65,6 +65,11 @@ TCP_SYSCTLS = {
 
 ORIGIN_PORT = 80
 SINK_PORT = 9000
+# The testbed's names (RFC 6761 reserves .test): the server host with both
+# addresses, and one name per family, in every host's /etc/hosts view
+# (testbed/netns.py), so proxies resolve names as they would in real use
+# (curl --socks5-hostname, an HTTP request for http://origin.test/).
+SERVER_NAME, SERVER_NAME4, SERVER_NAME6 = "origin.test", "origin4.test", "origin6.test"
 SOCKS_PORT = 1080
 ENDPOINT_SOCKS_PORT = 1082
 HTTP_PROXY_PORT = 3128
@@ -318,6 +323,15 @@ class Testbed:
     def sink(self) -> tuple[str, int]:
         return (self.host("server").addr, SINK_PORT)
 
+    def hosts_file(self) -> str:
+        """The /etc/hosts every host of the testbed sees: localhost and the testbed's names."""
+        server = self.host("server")
+        return (
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+            f"{server.addr}\t{SERVER_NAME} {SERVER_NAME4}\n"
+            f"{server.addr6}\t{SERVER_NAME} {SERVER_NAME6}\n"
+        )
+
     @property
     def origin6(self) -> tuple[str, int]:
         """The origin's HTTP service at its IPv6 address."""
@@ -390,8 +404,10 @@ class Testbed:
             if not netns.exists(name):
                 netns.create(name)
                 done.append(f"namespace {name}")
+        hosts = self.hosts_file()
         for h in self.topology.hosts:
             ns = ns_name(self.prefix, h.role)
+            netns.write_etc(ns, "hosts", hosts)
             # Before any link exists, so that every interface inherits it: no
             # duplicate address detection (addresses usable at once, not after
             # ~2 s of DAD; nothing else is on these links).
@@ -586,6 +602,7 @@ class Testbed:
             if netns.exists(name):
                 netns.remove(name)
                 done.append(f"removed namespace {name}")
+            netns.remove_etc(name)
         if self.run_dir.exists():
             for path in sorted(self.run_dir.rglob("*"), reverse=True):
                 path.rmdir() if path.is_dir() else path.unlink()

@@ -4,10 +4,17 @@ Namespaces are the named kind that `ip netns` also sees (a bind mount under
 /run/netns), created and removed through pyroute2, never by shelling out to
 `ip`.  Programs are started inside a namespace by a setns(2) in the child
 between fork and exec, so no helper binary (nsenter, ip) is needed.
+
+Per-namespace configuration follows `ip netns exec`'s convention: a file in
+/etc/netns/NAME/ (``hosts``, say) is bind-mounted over its namesake in /etc
+for programs started in NAME, inside a mount namespace of their own, so the
+machine's /etc stays as it is.  The testbed gives its hosts names that way
+(testbed/net.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -20,7 +27,12 @@ from typing import Any
 from pyroute2 import netns as _pr_netns
 
 NETNS_RUN_DIR = Path("/run/netns")
+NETNS_ETC_DIR = Path("/etc/netns")
 _CLONE_NEWNET = 0x40000000
+_CLONE_NEWNS = 0x00020000
+_MS_BIND = 0x1000
+_MS_REC = 0x4000
+_MS_SLAVE = 0x80000
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -63,10 +75,47 @@ def _setns(fd: int) -> None:
         raise OSError(err, f"setns: {os.strerror(err)}")
 
 
+def write_etc(name: str, filename: str, text: str) -> Path:
+    """/etc/netns/``name``/``filename``: what programs in ``name`` see as /etc/``filename``."""
+    d = NETNS_ETC_DIR / name
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / filename
+    path.write_text(text)
+    return path
+
+
+def remove_etc(name: str) -> None:
+    """Remove /etc/netns/``name`` (only that namespace's directory).  Idempotent.
+
+    /etc/netns itself goes too once empty (``write_etc`` may have made it);
+    a directory someone else keeps something in stays.
+    """
+    d = NETNS_ETC_DIR / name
+    if d.is_dir():
+        for f in d.iterdir():
+            f.unlink()
+        d.rmdir()
+    with contextlib.suppress(OSError):  # absent, or not empty: not ours to remove
+        NETNS_ETC_DIR.rmdir()
+
+
+def _mount(source: str | None, target: str, flags: int) -> None:
+    src = source.encode() if source is not None else None
+    if _libc.mount(src, target.encode(), None, flags, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {source} on {target}: {os.strerror(err)}")
+
+
 def _preexec(name: str) -> Callable[[], None]:
     path = str(NETNS_RUN_DIR / name)
     if not exists(name):
         raise NamespaceError(f"namespace {name!r} does not exist (is the testbed up?)")
+    etc = NETNS_ETC_DIR / name
+    overlays = [
+        (str(f), f"/etc/{f.name}")
+        for f in (sorted(etc.iterdir()) if etc.is_dir() else [])
+        if f.is_file() and Path("/etc", f.name).exists()
+    ]
 
     def enter() -> None:
         fd = os.open(path, os.O_RDONLY)
@@ -74,6 +123,15 @@ def _preexec(name: str) -> Callable[[], None]:
             _setns(fd)
         finally:
             os.close(fd)
+        if overlays:
+            # A mount namespace of the child's own, whose mounts never
+            # propagate back (slave), as `ip netns exec` makes one.
+            if _libc.unshare(_CLONE_NEWNS) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"unshare(CLONE_NEWNS): {os.strerror(err)}")
+            _mount(None, "/", _MS_SLAVE | _MS_REC)
+            for source, target in overlays:
+                _mount(source, target, _MS_BIND)
         os.setsid()  # own process group: stopping it never signals our caller
 
     return enter

@@ -28,3 +28,20 @@ def test_local_for_keeps_the_source_only_for_its_own_family(
 def test_address_literals_of_either_family_are_taken_as_they_are() -> None:
     assert destinations("2001:db8:5::2", 80, "198.51.100.2") == [("2001:db8:5::2", 80)]
     assert destinations("203.0.113.2", 80, "2001:db8:d::2") == [("203.0.113.2", 80)]
+
+
+def test_a_name_resolves_to_both_families_the_sources_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import socket
+
+    answers = [
+        (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("2001:db8:5::2", 80, 0, 0)),
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("203.0.113.2", 80)),
+        (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("2001:db8:5::3", 80, 0, 0)),
+    ]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: answers)
+    v6_first = [("2001:db8:5::2", 80), ("2001:db8:5::3", 80), ("203.0.113.2", 80)]
+    assert destinations("origin.test", 80, None) == [v6_first[0], v6_first[2], v6_first[1]]
+    assert destinations("origin.test", 80, "2001:db8:d::2") == v6_first
+    assert destinations("origin.test", 80, "198.51.100.2") == [v6_first[2], *v6_first[:2]]

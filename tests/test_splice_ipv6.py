@@ -184,6 +184,49 @@ def test_a_shrinking_server_link_is_told_to_the_client_in_its_own_family(
     assert moved["icmp_frag_needed_relayed"] >= 1
 
 
+@pytest.mark.parametrize(
+    ("client", "name", "family"),
+    [(6, "origin6.test", 6), (6, "origin4.test", 4), (4, "origin6.test", 6)],
+)
+def test_curl_socks5_hostname_resolves_in_the_proxy(
+    tb: Testbed, tmp_path: Path, client: int, name: str, family: int
+) -> None:
+    """``curl --socks5-hostname``: the name goes to the proxy, which resolves it (the
+    testbed's hosts file, testbed/netns.py) and splices to that address's family."""
+    socks = tb.spliced_socks6 if client == 6 else tb.spliced_socks
+    size = 8 << 20
+    ps = tmp_path / "ps.pcap"
+    with tb.link("proxy-server").capture(ps, side="server", snaplen=96):
+        rc, digest = curl_sha256(
+            tb.host("client"),
+            f"http://{name}/bytes/{size}",
+            f"-{client}",
+            "--socks5-hostname",
+            format_host_port(*socks),
+        )
+    assert rc == 0 and digest == pattern_sha256(size)
+    toward_origin = [f for f in tcp_frames(ps) if f.dport == tb.origin[1]]
+    assert toward_origin and {f.version for f in toward_origin} == {family}
+
+
+def test_the_http_proxy_resolves_a_name_of_either_family(tb: Testbed) -> None:
+    host, port = tb.http_proxy
+    for name in ("origin.test", "origin4.test", "origin6.test"):
+        url = f"http://{name}/bytes/{1 << 20}"
+        rc, digest = curl_sha256(tb.host("client"), url, "-x", f"http://{host}:{port}")
+        assert rc == 0 and digest == pattern_sha256(1 << 20), name
+
+
+def test_the_names_are_the_testbeds_own_and_the_machines_hosts_file_is_untouched(
+    tb: Testbed,
+) -> None:
+    out = tb.host("proxy").cmd(["getent", "ahostsv6", "origin6.test"], check=True).stdout
+    assert tb.origin6[0] in out
+    out = tb.host("client").cmd(["getent", "hosts", "origin4.test"], check=True).stdout
+    assert tb.origin[0] in out
+    assert "origin.test" not in Path("/etc/hosts").read_text()
+
+
 def test_curl_socks5_hostname_with_an_ipv6_literal(tb: Testbed) -> None:
     """``curl -6 --socks5-hostname``: the proxy, not curl, takes the host (here a literal)."""
     socks, origin = ends(tb, 6, 6)

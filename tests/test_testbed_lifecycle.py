@@ -41,10 +41,13 @@ def test_up_twice_is_harmless_and_down_removes_everything() -> None:
         assert status["up"] and all(s["alive"] for s in status["services"].values())
         pids = [rec.pid for rec in process.records(tb.run_dir)]
         assert len(pids) == 7  # origin, plain socks5, daemon, 4 daemon proxies
+        etc = [netns.NETNS_ETC_DIR / tb.host(role).ns for role in ("client", "proxy", "server")]
+        assert all((d / "hosts").is_file() for d in etc)
     finally:
         tb.down()
     assert netns.list_names(tb.prefix + "-") == []
     assert not tb.run_dir.exists()
+    assert not any(d.exists() for d in etc)  # the hosts files went with the namespaces
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid)
     assert tb.down() == []  # second down: nothing left to remove
@@ -105,6 +108,7 @@ def test_down_after_a_crash_removes_namespaces_processes_and_files() -> None:
         Testbed(prefix).down()
     assert netns.list_names(prefix + "-") == []
     assert not (Path("/run/tcp-splice") / prefix).exists()
+    assert not list(netns.NETNS_ETC_DIR.glob(prefix + "-*"))
     for pid in [*services, stray]:
         assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid)
 
