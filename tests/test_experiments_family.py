@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 
 from testbed.experiments.family import IPv6View, view
-from testbed.experiments.modes import IPV4_ONLY, resolve
+from testbed.experiments.modes import resolve
 from testbed.experiments.params import UsageError, parse_args
 from testbed.experiments.runner import loadgen_argv
 from testbed.net import Testbed
+from tests.helpers import loadgen
 
 
 def test_family_defaults_to_4_and_takes_6() -> None:
@@ -33,10 +34,27 @@ def test_the_ipv6_view_answers_every_service_with_its_ipv6_address() -> None:
     assert six.prefix == "tfamv" and six.run_dir == tb.run_dir  # the rest passes through
 
 
-def test_modes_set_up_for_ipv4_only_are_skipped_with_the_reason(tmp_path: Path) -> None:
-    found = resolve(view(Testbed("tfamv"), 6), tuple(sorted(IPV4_ONLY)), tmp_path)
-    assert found.modes == [] and set(found.skipped) == IPV4_ONLY
-    assert all("IPv4 only" in why for why in found.skipped.values())
+SELF_CONFIGURED = ("dante", "microsocks", "tinyproxy", "spliced-py", "http11-copy")
+
+
+@pytest.mark.root
+def test_the_modes_the_suite_starts_itself_serve_ipv6(testbed: Testbed, tmp_path: Path) -> None:
+    """dante, microsocks, tinyproxy, the second daemon of spliced-py and http11-copy come
+    up on the IPv6 view's addresses, and a content-checked request crosses each over IPv6."""
+    six = view(testbed, 6)
+    found = resolve(six, SELF_CONFIGURED, tmp_path)
+    try:
+        assert found.skipped == {}, found.skipped
+        assert [m.name for m in found.modes] == list(SELF_CONFIGURED)
+        for mode in found.modes:
+            via = mode.socks or mode.http_proxy
+            assert via is not None and ":" in via[0], (mode.name, via)
+            results = loadgen(
+                testbed.host("client"), *loadgen_argv(six.origin, mode, (1 << 20,), 2, 1, 10.0)[3:]
+            )
+            assert [r["ok"] for r in results] == [True, True], (mode.name, results)
+    finally:
+        found.stop()
 
 
 def test_the_load_client_gets_bracketed_ipv6_addresses() -> None:

@@ -3,9 +3,10 @@
 Every experiment asks the testbed where the origin, the sink and each proxy
 are (``tb.origin``, ``tb.spliced_socks``, ...).  ``IPv6View`` answers with
 the IPv6 addresses of the same services and passes everything else through,
-so the experiments run unchanged over IPv6.  Modes this suite starts
-itself with IPv4 configurations (dante, microsocks, tinyproxy, the second
-daemon of spliced-py, http11-copy) are skipped under it (``modes.resolve``).
+so the experiments run unchanged over IPv6, and the modes this suite
+starts itself (dante, microsocks, tinyproxy, the second daemon of
+spliced-py, http11-copy) are configured with the addresses it gives
+(``modes.resolve``).
 """
 
 from __future__ import annotations

@@ -56,9 +56,11 @@ COPY_EVERY_BODY = 1 << 62  # http11_proxy --splice-min: bodies shorter are copie
 PY_NET = "198.51.100.128/25"
 PY_SERVICE = "198.51.100.129"
 PY_SOURCE = "198.51.100.130"
+# The upper half of the testbed daemon's 2001:db8:d::/64, likewise.
+PY_NET6 = "2001:db8:d:0:8000::/65"
+PY_SERVICE6 = "2001:db8:d:0:8000::1"
+PY_SOURCE6 = "2001:db8:d:0:8000::2"
 PY_PORT = 1080
-# Modes this suite configures itself, with IPv4 addresses only so far.
-IPV4_ONLY = frozenset({"spliced-py", "dante", "microsocks", "tinyproxy", "http11-copy"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +116,14 @@ def dante_config(internal: str, port: int, external: str) -> str:
         client pass {{
             from: 0.0.0.0/0 to: 0.0.0.0/0
         }}
+        client pass {{
+            from: ::/0 to: ::/0
+        }}
         socks pass {{
             from: 0.0.0.0/0 to: 0.0.0.0/0
+        }}
+        socks pass {{
+            from: ::/0 to: ::/0
         }}
         """
     )
@@ -207,12 +215,11 @@ def resolve(tb: Any, wanted: tuple[str, ...], work_dir: Path) -> ModeSet:
     The caller must call `.stop()` on the result (in a finally).
     """
     found = ModeSet()
+    # In the family the suite runs in (testbed/experiments/family.py): the
+    # client-side address to listen on, the server-side one to leave from.
     proxy_addr = tb.socks[0]
     external = tb.host("proxy").addrs[-1]
     for name in wanted:
-        if getattr(tb, "family", 4) == 6 and name in IPV4_ONLY:
-            found.skipped[name] = "its setup here is IPv4 only (--family 6)"
-            continue
         if name == "router":
             found.modes.append(
                 Mode(name, None, (), "kernel forwarding: no process; see machine-wide CPU")
@@ -366,7 +373,7 @@ def _start_http11_copy(tb: Any, found: ModeSet, work_dir: Path) -> None:
         "--source",
         SPLICE_SOURCE,
         "--listen",
-        f"{addr}:{HTTP11_COPY_PORT}",
+        f"[{addr}]:{HTTP11_COPY_PORT}" if ":" in addr else f"{addr}:{HTTP11_COPY_PORT}",
         "--splice-min",
         str(COPY_EVERY_BODY),
         # The daemon's default receive buffering, as a copying proxy wants it
@@ -410,6 +417,10 @@ def _start_spliced_py(tb: Any, found: ModeSet, work_dir: Path) -> None:
         PY_NET,
         "--source",
         PY_SOURCE,
+        "--prefix6",
+        PY_NET6,
+        "--source6",
+        PY_SOURCE6,
         "--socket",
         str(sock),
         "--fastpath",
@@ -434,13 +445,16 @@ def _start_spliced_py(tb: Any, found: ModeSet, work_dir: Path) -> None:
         PY_SOURCE,
         "--listen",
         f"{PY_SERVICE}:{PY_PORT}",
+        "--listen",
+        f"[{PY_SERVICE6}]:{PY_PORT}",
     ]
+    service = PY_SERVICE6 if getattr(tb, "family", 4) == 6 else PY_SERVICE
     plog = work_dir / "spliced-py-proxy.log"
     with open(plog, "wb") as out:
         proxy = tb.host("proxy").popen(
             proxy_argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env
         )
-    why = _wait_port(tb, PY_SERVICE, PY_PORT, proxy, plog)
+    why = _wait_port(tb, service, PY_PORT, proxy, plog)
     if why:
         found.skipped["spliced-py"] = f"spliced SOCKS5 on the second daemon {why}"
         return
@@ -448,7 +462,7 @@ def _start_spliced_py(tb: Any, found: ModeSet, work_dir: Path) -> None:
     found.modes.append(
         Mode(
             "spliced-py",
-            (PY_SERVICE, PY_PORT),
+            (service, PY_PORT),
             (daemon.pid, proxy.pid),
             "daemon (--fastpath off) + spliced SOCKS5",
             SpliceDaemon(daemon.pid, sock),
