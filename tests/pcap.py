@@ -20,6 +20,7 @@ class Frame:
     options: bytes  # TCP options, as far as the snaplen kept them
     seq: int
     ack: int
+    flow_label: int  # IPv6's (RFC 6437); 0 for IPv4
 
     @property
     def mss(self) -> int | None:
@@ -48,10 +49,12 @@ def tcp_frames(path: Path) -> list[Frame]:
             ihl = (frame[14] & 0x0F) * 4
             ip_payload = struct.unpack("!H", frame[16:18])[0] - ihl
             version, ecn, src, dst = 4, frame[15] & 3, frame[26:30], frame[30:34]
+            label = 0
             tcp = frame[14 + ihl :]
         elif frame[12:14] == b"\x86\xdd" and len(frame) >= 54 and frame[20] == 6:
             ip_payload = struct.unpack("!H", frame[18:20])[0]
             version, ecn, src, dst = 6, (frame[15] >> 4) & 3, frame[22:38], frame[38:54]
+            label = struct.unpack("!I", frame[14:18])[0] & 0xFFFFF
             tcp = frame[54:]
         else:
             continue
@@ -59,6 +62,6 @@ def tcp_frames(path: Path) -> list[Frame]:
             continue
         sport, dport, seq, ack = struct.unpack("!HHII", tcp[:12])
         hlen = (tcp[12] >> 4) * 4
-        fields = (tcp[13], ecn, ip_payload - hlen, tcp[20:hlen], seq, ack)
+        fields = (tcp[13], ecn, ip_payload - hlen, tcp[20:hlen], seq, ack, label)
         out.append(Frame(version, src, sport, dst, dport, *fields))
     return out

@@ -28,6 +28,7 @@ from daemon.fastpath.loader import TC_ACT_OK, TC_ACT_REDIRECT
 from daemon.splice.family import V6_PLACEHOLDER, to_ipv6, to_relay_shape
 from daemon.splice.translator import Translator, TsMode, translate
 from daemon.wire.checksum import internet_checksum, pseudo_header_sum
+from daemon.wire.flowlabel import flow_label
 from daemon.wire.tcp import ACK, CWR, ECE, FIN, PSH, SYN
 from tests.test_fastpath import (
     CLIENT,
@@ -109,7 +110,8 @@ def reference(combo: str, t: Translator, packet: bytes) -> bytes:
     assert len(written) == 1, "the reference cut the segment: not a fast-path case"
     result = written[0][1]
     if combo[-1] == "6":
-        result = to_ipv6(None, result, out[0], out[1])[1]
+        label = flow_label(out[0], t.src_port, out[1], t.dst_port)
+        result = to_ipv6(None, result, out[0], out[1], label)[1]
     return bytes(result)
 
 

@@ -106,7 +106,7 @@ def test_the_map_value_has_no_hidden_padding() -> None:
     # Every byte is a named field or the explicit _pad: the daemon writes
     # whole values, so a hole would carry stale bytes into the kernel.
     # The key likewise: a hash map compares every byte of it.
-    for struct, size in ((layout.SpliceXlate, 104), (layout.SpliceKey, 40)):
+    for struct, size in ((layout.SpliceXlate, 112), (layout.SpliceKey, 40)):
         covered = sum(ctypes.sizeof(f[1]) for f in struct._fields_)
         assert covered == ctypes.sizeof(struct) == size
 

@@ -144,6 +144,33 @@ def test_each_link_carries_its_own_family_and_an_mss_that_fits_it(
     assert syn_mss and all(m is not None and m <= 1440 for m in syn_mss), syn_mss
 
 
+def test_every_ipv6_connection_carries_its_own_flow_label(tb: Testbed, tmp_path: Path) -> None:
+    """RFC 6437: the daemon labels each of its IPv6 connections (endpoint and spliced, in
+    Python and in the kernel fast path alike) with one non-zero label for all its segments;
+    two connections get two labels."""
+    socks, origin = ends(tb, 6, 6)
+    cp, ps = tmp_path / "cp.pcap", tmp_path / "ps.pcap"
+    with (
+        tb.link("client-proxy").capture(cp, side="client", snaplen=96),
+        tb.link("proxy-server").capture(ps, side="server", snaplen=96),
+    ):
+        for _ in range(2):
+            rc, digest = curl_sha256(
+                tb.host("client"), f"{origin}/bytes/{8 << 20}", "--socks5", socks
+            )
+            assert rc == 0 and digest == pattern_sha256(8 << 20)
+    daemon_addrs = {bytes.fromhex("20010db8000d" + "0" * 19 + n) for n in ("1", "2")}
+    for path in (cp, ps):
+        by_conn: dict[tuple[bytes, int, bytes, int], set[int]] = {}
+        for f in tcp_frames(path):
+            if f.version == 6 and f.src in daemon_addrs:
+                by_conn.setdefault((f.src, f.sport, f.dst, f.dport), set()).add(f.flow_label)
+        assert len(by_conn) == 2, (path.name, by_conn)
+        labels = [next(iter(s)) for s in by_conn.values()]
+        assert all(len(s) == 1 for s in by_conn.values()), (path.name, by_conn)
+        assert 0 not in labels and labels[0] != labels[1], (path.name, labels)
+
+
 @pytest.mark.parametrize("proxy", ["http_proxy", "http11_proxy"])
 @pytest.mark.parametrize(("client", "server"), FAMILIES)
 @pytest.mark.parametrize("size", [1024, 8 << 20])

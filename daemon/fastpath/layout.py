@@ -20,6 +20,7 @@ import ctypes
 from daemon.splice.family import V6_PLACEHOLDER
 from daemon.splice.state import Iface, SpliceState
 from daemon.splice.translator import Translator, TsMode
+from daemon.wire.flowlabel import flow_label
 
 __all__ = [
     "AF_INET",
@@ -107,6 +108,8 @@ class SpliceXlate(ctypes.Structure):
         ("ecn", ctypes.c_uint8),
         ("family", ctypes.c_uint8),
         ("_pad", ctypes.c_uint8 * 3),
+        ("flow_label", ctypes.c_uint32),
+        ("_pad2", ctypes.c_uint8 * 4),
         ("packets", ctypes.c_uint64),
         ("bytes", ctypes.c_uint64),
     ]
@@ -228,6 +231,7 @@ def encode(
         state=state_code(state),
         ecn=t.ecn,
         family=family,
+        flow_label=flow_label(src, t.src_port, dst, t.dst_port) if family == AF_INET6 else 0,
     )
 
 

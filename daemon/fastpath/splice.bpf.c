@@ -37,8 +37,9 @@
  * rewrites TCP in place as always, then bpf_skb_change_proto() makes room
  * for the other header (20 bytes more or less in front of TCP, a GSO packet
  * retyped, its gso_size kept) and the new header is written whole: the
- * same header the Python relay writes (daemon/splice/family.py: flow label
- * 0, hop limit or TTL 64, the traffic class as the TOS, DF).  The TCP
+ * same header the Python relay writes (daemon/splice/family.py: the output
+ * connection's flow label, hop limit or TTL 64, the traffic class as the
+ * TOS, DF).  The TCP
  * checksum only needs the pseudo-header's addresses swapped: its length
  * and protocol words sum the same in both families (RFC 8200 8.1).
  *
@@ -468,8 +469,8 @@ static __always_inline int splice(struct __sk_buff *skb, int pulled, const int f
 		ip->check = 0;
 		ip->check = ip4_csum((__u32 *)ip);
 	} else if (fam == 6 && out_fam == SPLICE_AF_INET6) {
-		/* Version, traffic class, flow label 0 (as the Python relay). */
-		*(__be32 *)ip6 = bpf_htonl(6 << 28 | (__u32)tos << 20);
+		/* Version, traffic class, the output connection's flow label. */
+		*(__be32 *)ip6 = bpf_htonl(6 << 28 | (__u32)tos << 20 | (v->flow_label & 0xfffff));
 		ip6->hop_limit = 64;
 #pragma unroll
 		for (i = 0; i < 4; i++) {
@@ -502,7 +503,8 @@ static __always_inline int splice(struct __sk_buff *skb, int pulled, const int f
 			if ((void *)(ip6 + 1) > data_end)
 				goto rewrite_failed;
 			eth->h_proto = bpf_htons(ETH_P_IPV6);
-			*(__be32 *)ip6 = bpf_htonl(6 << 28 | (__u32)tos << 20);
+			*(__be32 *)ip6 = bpf_htonl(6 << 28 | (__u32)tos << 20 |
+						   (v->flow_label & 0xfffff));
 			ip6->payload_len = bpf_htons(tcp_len);
 			ip6->nexthdr = IPPROTO_TCP;
 			ip6->hop_limit = 64;

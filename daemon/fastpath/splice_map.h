@@ -97,6 +97,10 @@ struct splice_xlate {
 	 * packet's makes the program change the IP header's family. */
 	__u8 family;
 	__u8 _pad[3];
+	/* An IPv6 output connection's flow label (RFC 6437, the daemon's hash
+	 * of its 4-tuple: daemon/wire/flowlabel.py), host byte order. */
+	__u32 flow_label;
+	__u8 _pad2[4];
 	/* Written by the program only (atomic adds); payload bytes. */
 	__u64 packets;
 	__u64 bytes;

@@ -62,6 +62,7 @@ from daemon.tcp.reset import reset_for_unknown
 from daemon.tcp.state import TcpState
 from daemon.wire.checksum import internet_checksum, pseudo_header_sum
 from daemon.wire.error import WireError
+from daemon.wire.flowlabel import flow_label
 from daemon.wire.icmp import FRAG_NEEDED, Unreachable, parse_unreachable, parse_unreachable6
 from daemon.wire.ipv4 import Ipv4Packet
 from daemon.wire.ipv6 import HEADER_LEN as IPV6_HEADER_LEN
@@ -88,6 +89,22 @@ _FRAG = struct.Struct("!H")
 _VOUCHED = F_NEEDS_CSUM | F_DATA_VALID
 
 FlowKey = tuple[bytes, int, bytes, int]  # local addr, local port, remote addr, remote port
+
+
+def _build(
+    seg: TcpSegment, local: Endpoint, remote: Endpoint, *, partial_checksum: bool
+) -> bytearray:
+    """One segment of the connection local -> remote as an IP packet of its family."""
+    if len(local[0]) == 16:
+        # RFC 6437: every segment of a connection carries its own flow label.
+        label = flow_label(local[0], local[1], remote[0], remote[1])
+        return build_ipv6_tcp(
+            seg, local[0], remote[0], dscp_ecn=seg.ecn, flow_label=label,
+            partial_checksum=partial_checksum,
+        )  # fmt: skip
+    return build_ipv4_tcp(
+        seg, local[0], remote[0], dscp_ecn=seg.ecn, partial_checksum=partial_checksum
+    )
 
 
 @dataclass
@@ -516,10 +533,9 @@ class Daemon:
     def _write_segment(self, local: Endpoint, remote: Endpoint, seg: TcpSegment, mss: int) -> None:
         payload_len = len(seg.payload)
         six = len(local[0]) == 16
-        build = build_ipv6_tcp if six else build_ipv4_tcp
         ip_hlen = IPV6_HEADER_LEN if six else IPV4_HEADER_LEN
         if self.offload:
-            pkt = build(seg, local[0], remote[0], dscp_ecn=seg.ecn, partial_checksum=True)
+            pkt = _build(seg, local, remote, partial_checksum=True)
             tcp_hlen = len(pkt) - ip_hlen - payload_len
             hdr = vnet_header_for_tcp(
                 ip_hlen,
@@ -532,7 +548,7 @@ class Daemon:
             if mss and payload_len > mss:
                 self.counters["gso_out"] += 1
         else:
-            pkt = build(seg, local[0], remote[0], dscp_ecn=seg.ecn)
+            pkt = _build(seg, local, remote, partial_checksum=False)
             hdr = None
         try:
             self.tun.write(hdr, pkt)

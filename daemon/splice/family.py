@@ -7,8 +7,8 @@ arrives on an IPv6 connection is given a 20-byte IPv4-shaped header
 (``to_relay_shape``: placeholder addresses, the traffic class as TOS, the
 hop limit as TTL) and goes through the relay like any other; a relayed
 packet bound for an IPv6 connection gets its IPv6 header back
-(``to_ipv6``: that connection's real addresses, its own hop limit, the ECN
-field kept, flow label 0) and its TCP checksum redone for IPv6's
+(``to_ipv6``: that connection's real addresses and flow label, its own
+hop limit, the ECN field kept) and its TCP checksum redone for IPv6's
 pseudo-header.  The same two functions make a splice across families (an
 IPv4 client, an IPv6 server, or the reverse): each side converts on its
 own.  What the IPv4 shape cannot hold: IPv6 extension headers (dropped, as
@@ -94,9 +94,11 @@ def to_relay_shape(
 
 
 def to_ipv6(
-    hdr: bytes | None, packet: memoryview | bytearray, src: bytes, dst: bytes
+    hdr: bytes | None, packet: memoryview | bytearray, src: bytes, dst: bytes, label: int = 0
 ) -> tuple[bytes | None, bytearray]:
     """A relayed IPv4-shaped packet as the IPv6 packet ``src`` -> ``dst``, and its header.
+
+    ``label``: the output connection's flow label (daemon/wire/flowlabel.py).
 
     The TCP checksum is redone for IPv6's pseudo-header: completely without
     a virtio header (plain mode), else as the pseudo-header sum the kernel
@@ -105,7 +107,7 @@ def to_ipv6(
     tos = packet[1]
     tcp = memoryview(packet)[20 : struct.unpack_from("!H", packet, 2)[0]]
     out = bytearray(40 + len(tcp))
-    _V6_FIXED.pack_into(out, 0, 6 << 28 | tos << 20, len(tcp), 6, _HOP_LIMIT, src, dst)
+    _V6_FIXED.pack_into(out, 0, 6 << 28 | tos << 20 | label, len(tcp), 6, _HOP_LIMIT, src, dst)
     out[40:] = tcp
     csum_at = 40 + TCP_CSUM_OFFSET
     pseudo = pseudo_header_sum(src, dst, 6, len(tcp))

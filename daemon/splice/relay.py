@@ -89,6 +89,7 @@ from daemon.tcp.reassembly import ReassemblyQueue
 from daemon.tcp.seq import seq_ge, seq_gt, seq_lt, seq_sub
 from daemon.tcp.state import TcpState
 from daemon.wire.checksum import internet_checksum, pseudo_header_sum
+from daemon.wire.flowlabel import flow_label
 from daemon.wire.icmp import MIN_IPV6_MTU, frag_needed, packet_too_big
 from daemon.wire.tcp import ACK, FIN, RST, SYN, TcpSegment
 from daemon.wire.tcp_options import find_timestamp
@@ -954,8 +955,9 @@ class Relay:
         """Translated packets out toward ``dst``, in its own family (daemon/splice/family.py)."""
         d = self.side(dst)
         if len(d.local[0]) == 16:
+            label = flow_label(d.local[0], d.local[1], d.remote[0], d.remote[1])
             for hdr, buf in outs:
-                out.append(Write(*to_ipv6(hdr, buf, d.local[0], d.remote[0])))
+                out.append(Write(*to_ipv6(hdr, buf, d.local[0], d.remote[0], label)))
         else:
             for hdr, buf in outs:
                 out.append(Write(hdr, buf))
