@@ -101,12 +101,23 @@ def transfer(w: Wan, upload: bool, socks: bool) -> dict[str, Any]:
     return result
 
 
-def router_and_spliced(w: Wan, link: str, upload: bool) -> tuple[float, float]:
+def router_and_spliced(
+    w: Wan, link: str, upload: bool, bound: float = 2.0, retry: bool = True
+) -> tuple[float, float]:
+    """The router's best of two and the splice's time, over a shaped ``link``.
+
+    The splice gets a second try only if its first is over ``bound`` times the
+    router's: one 32 MB cubic transfer over the (Python) delay line varies from
+    0.7x to 2.1x the router's time from run to run (measured here and in CI),
+    while the traps this test is for make every run slow.  Best of two on
+    both sides is the same rule for both.  No second try where a slow splice
+    is the expected outcome (``retry=False``): it would only cost time."""
     w.bed.link(link).shape(DELAY)
     try:
-        # Best of two for the router, so a slow reference cannot excuse the splice.
         router = min(transfer(w, upload, False)["response_time_s"] for _ in range(2))
         spliced = transfer(w, upload, True)["response_time_s"]
+        if retry and spliced > bound * router:
+            spliced = min(spliced, transfer(w, upload, True)["response_time_s"])
     finally:
         w.bed.link(link).clear()
     return router, spliced
@@ -117,14 +128,14 @@ def router_and_spliced(w: Wan, link: str, upload: bool) -> tuple[float, float]:
 def test_a_spliced_transfer_over_a_10ms_link_keeps_up_with_the_router(
     wan: Wan, link: str, direction: str, request: pytest.FixtureRequest
 ) -> None:
-    if link == "proxy-server" and direction == "upload":
+    expected_slow = link == "proxy-server" and direction == "upload"
+    if expected_slow:
         request.applymarker(
             pytest.mark.xfail(
                 strict=True,
                 reason="the client timed the short proxy link; see --client-ack-delay",
             )
         )
-    router, spliced = router_and_spliced(wan, link, direction == "upload")
     bound = 2.0
     data_crosses_the_delay_first = (link == "client-proxy") == (direction == "upload")
     if data_crosses_the_delay_first and wan.bed.fastpath != "on":
@@ -134,6 +145,9 @@ def test_a_spliced_transfer_over_a_10ms_link_keeps_up_with_the_router(
         # 2x the router's time here (docs/architecture.md).  The fast path is
         # held to 2x; this bound still catches a collapse.
         bound = 3.0
+    router, spliced = router_and_spliced(
+        wan, link, direction == "upload", bound, retry=not expected_slow
+    )
     assert spliced <= bound * router, f"router {router:.2f} s, spliced {spliced:.2f} s"
 
 
