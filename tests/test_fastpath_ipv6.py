@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -94,7 +95,9 @@ def relay_translator(combo: str, **changes: object) -> Translator:
     """The relay's translator toward the output: placeholders for an IPv6 connection."""
     _key, out = addresses(combo)
     if combo[-1] == "6":
-        return translator(src_addr=V6_PLACEHOLDER, dst_addr=V6_PLACEHOLDER, **changes)
+        t = translator(src_addr=V6_PLACEHOLDER, dst_addr=V6_PLACEHOLDER, **changes)
+        # The label session.py gives an IPv6 output connection.
+        return replace(t, flow_label=flow_label(out[0], t.src_port, out[1], t.dst_port))
     return translator(src_addr=out[0], dst_addr=out[1], **changes)
 
 
@@ -110,8 +113,7 @@ def reference(combo: str, t: Translator, packet: bytes) -> bytes:
     assert len(written) == 1, "the reference cut the segment: not a fast-path case"
     result = written[0][1]
     if combo[-1] == "6":
-        label = flow_label(out[0], t.src_port, out[1], t.dst_port)
-        result = to_ipv6(None, result, out[0], out[1], label)[1]
+        result = to_ipv6(None, result, out[0], out[1], t.flow_label)[1]
     return bytes(result)
 
 

@@ -12,17 +12,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from daemon.wire.tcp import FIN
 from testbed.net import Testbed
 from tests.conftest import unique_prefix
 from tests.helpers import curl_sha256, daemon_stats, pattern_sha256
+from tests.pcap import tcp_frames
 
 pytestmark = pytest.mark.root
 
@@ -178,7 +183,7 @@ except OSError as e:
     ],
 )
 def test_spliced_flows_in_the_fast_path_survive_a_daemon_restart(
-    size: int, dead_upto: int, how: signal.Signals, families: tuple[int, int]
+    size: int, dead_upto: int, how: signal.Signals, families: tuple[int, int], tmp_path: Path
 ) -> None:
     """The kernel carries a splice while no daemon runs; the next daemon adopts it.
 
@@ -187,14 +192,21 @@ def test_spliced_flows_in_the_fast_path_survive_a_daemon_restart(
     1 MB receive buffer).  The new daemon reads the dead one's map, adopts
     the splice (stats: ``adopted``), and relays its FINs, so the download
     ends with every byte (content-checked) and a clean EOF, and the splice
-    goes through TIMEWAIT and is forgotten like any other.
+    goes through TIMEWAIT and is forgotten like any other.  An IPv6 client's
+    connection keeps its flow label (RFC 6437) across the restart, in the
+    kernel's segments and the new daemon's (its FIN) alike.
     """
     tb = Testbed(unique_prefix(), msl=1.0)
     client = None
+    capture = contextlib.ExitStack()
+    pcap = tmp_path / "client-link.pcap"
     try:
         tb.up()
         if not daemon_stats(tb)["fast_path"]["running"]:
             pytest.skip("the kernel fast path does not run here: nothing to adopt")
+        if families[0] == 6:
+            link = tb.link("client-proxy")
+            capture.enter_context(link.capture(pcap, side="client", snaplen=96))
         client = tb.host("client").popen(
             [
                 sys.executable,
@@ -240,7 +252,14 @@ def test_spliced_flows_in_the_fast_path_survive_a_daemon_restart(
         # Both FINs went through the new daemon: TIMEWAIT (2 MSL = 2 s), then gone.
         assert _wait(lambda: daemon_stats(tb)["splice_counters"]["torn_down"] >= 1, 10.0)
         assert daemon_stats(tb)["splices"] == []
+        capture.close()
+        if families[0] == 6:
+            proxy_ip = ipaddress.ip_address(tb.spliced_socks6[0]).packed
+            to_client = [f for f in tcp_frames(pcap) if f.version == 6 and f.src == proxy_ip]
+            assert any(f.flags & FIN for f in to_client), "no FIN to the client captured"
+            assert len({f.flow_label for f in to_client}) == 1, {f.flow_label for f in to_client}
     finally:
+        capture.close()
         if client is not None and client.poll() is None:
             client.kill()
             client.wait()

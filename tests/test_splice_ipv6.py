@@ -87,7 +87,10 @@ def test_an_ipv4_clients_segments_are_recut_in_the_kernel_for_an_ipv6_server(
 ) -> None:
     """The IPv4 client was offered MSS 1460 before anyone knew the server's family; the
     IPv6 server's MSS is 20 bytes smaller.  The tc program lowers each GSO packet's
-    segment size to it (``gso_recut``) instead of punting it to be cut in Python."""
+    segment size to it (``gso_recut``) instead of punting it to be cut in Python.  A
+    full-size segment that arrives alone (not GSO: a retransmission, a lone segment
+    at the start) cannot be made GSO at tc (``gso_size`` is read-only there) and is
+    still cut in Python (``punt_mss``): 2-27 per 32 MB here, against ~600 recut."""
     if tb.fastpath != "on":
         pytest.skip("the kernel fast path's behaviour")
     socks, origin = ends(tb, 4, 6)
@@ -101,7 +104,7 @@ def test_an_ipv4_clients_segments_are_recut_in_the_kernel_for_an_ipv6_server(
     moved = {k: after[k] - before.get(k, 0) for k in after}
     assert moved["gso_recut"] > 0, moved
     assert moved["redirected_bytes"] >= 16 << 20, moved
-    assert moved["punt_mss"] == 0, moved
+    assert moved["punt_mss"] * 10 <= moved["gso_recut"], moved
     assert moved["dropped_rewrite_failed"] == 0, moved
 
 

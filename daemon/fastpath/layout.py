@@ -20,7 +20,6 @@ import ctypes
 from daemon.splice.family import V6_PLACEHOLDER
 from daemon.splice.state import Iface, SpliceState
 from daemon.splice.translator import Translator, TsMode
-from daemon.wire.flowlabel import flow_label
 
 __all__ = [
     "AF_INET",
@@ -231,7 +230,7 @@ def encode(
         state=state_code(state),
         ecn=t.ecn,
         family=family,
-        flow_label=flow_label(src, t.src_port, dst, t.dst_port) if family == AF_INET6 else 0,
+        flow_label=t.flow_label if family == AF_INET6 else 0,
     )
 
 
@@ -296,4 +295,5 @@ def decode(v: SpliceXlate, offload: bool) -> Translator:
         tsecr_floor_in=v.tsecr_floor_in if v.has_tsecr_floor else None,
         tsecr_floor_out=v.tsecr_floor_out,
         ecn=bool(v.ecn),
+        flow_label=v.flow_label,
     )

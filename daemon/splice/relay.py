@@ -89,7 +89,6 @@ from daemon.tcp.reassembly import ReassemblyQueue
 from daemon.tcp.seq import seq_ge, seq_gt, seq_lt, seq_sub
 from daemon.tcp.state import TcpState
 from daemon.wire.checksum import internet_checksum, pseudo_header_sum
-from daemon.wire.flowlabel import flow_label
 from daemon.wire.icmp import MIN_IPV6_MTU, frag_needed, packet_too_big
 from daemon.wire.tcp import ACK, FIN, RST, SYN, TcpSegment
 from daemon.wire.tcp_options import find_timestamp
@@ -711,7 +710,7 @@ class Relay:
         if not outs:
             self.counters.relay_malformed += 1
             return
-        self._write(src.other, outs, out)
+        self._write(src.other, t, outs, out)
         self.counters.relayed += 1
         if src is CLIENT:
             self.bytes_c2s += info.payload_len
@@ -949,15 +948,18 @@ class Relay:
     def _write(
         self,
         dst: Iface,
+        t: Translator,
         outs: list[tuple[bytes | None, memoryview | bytearray]],
         out: list[Action],
     ) -> None:
-        """Translated packets out toward ``dst``, in its own family (daemon/splice/family.py)."""
+        """Translated packets (by ``t``) out toward ``dst``, in its own family.
+
+        daemon/splice/family.py; the flow label is the translator's, so an
+        adopted splice keeps the one its connection started with."""
         d = self.side(dst)
         if len(d.local[0]) == 16:
-            label = flow_label(d.local[0], d.local[1], d.remote[0], d.remote[1])
             for hdr, buf in outs:
-                out.append(Write(*to_ipv6(hdr, buf, d.local[0], d.remote[0], label)))
+                out.append(Write(*to_ipv6(hdr, buf, d.local[0], d.remote[0], t.flow_label)))
         else:
             for hdr, buf in outs:
                 out.append(Write(hdr, buf))
@@ -976,7 +978,7 @@ class Relay:
         t = self.c2s if src is CLIENT else self.s2c
         other = self.server if dst is SERVER else self.client
         if t is not None:
-            self._write(dst, translate(t, vnet, pkt, info), out)
+            self._write(dst, t, translate(t, vnet, pkt, info), out)
         elif other is not None and other.tcb is not None:
             # That direction is not spliced yet: its own TCB still speaks for
             # it and resets the peer with its own sequence numbers.

@@ -41,6 +41,7 @@ from daemon.splice.family import V6_PLACEHOLDER
 from daemon.splice.translator import Translator, TsMode
 from daemon.tcp.config import Endpoint
 from daemon.tcp.connection import TcpConnection
+from daemon.wire.flowlabel import flow_label
 
 MASK = 0xFFFFFFFF
 # How far ahead of a TCB's TS clock the relayed TSvals start (ms ticks): the
@@ -145,4 +146,5 @@ def _translator(src: Side, dst: Side, offload: bool) -> Translator:
         # RFC 3168 across the splice: the marks mean something on the other
         # connection only if it negotiated ECN too (see the translator).
         ecn=src.ecn_ok and dst.ecn_ok,
+        flow_label=flow_label(*dst.local, *dst.remote) if six else 0,
     )

@@ -205,6 +205,11 @@ class Translator:
     tsecr_floor_out: int = 0
     # Both connections negotiated ECN: the IP ECN field, ECE and CWR pass.
     ecn: bool = False
+    # An IPv6 output connection's flow label (RFC 6437; 0 for IPv4). Not
+    # used by translate(): the IPv6 header is written after it (family.py,
+    # the fast path's program), but it travels with the translation so that
+    # a splice adopted from the kernel's map keeps its connection's label.
+    flow_label: int = 0
     # Derived once here so that translate() does no per-packet work for them.
     _addrs: bytes = field(init=False, repr=False, compare=False)
     _ip_base: int = field(init=False, repr=False, compare=False)
