@@ -28,15 +28,16 @@ sysdeps:
 
 # The tc eBPF fast path for spliced flows, compiled once here: the daemon
 # loads build/fastpath/splice.bpf.o and never runs a compiler.
-BPF_OBJ := build/fastpath/splice.bpf.o
-BPF_SRC := daemon/fastpath/splice.bpf.c daemon/fastpath/splice_map.h
+# The socket probe (sockprobe.bpf.o) reads what TCP_REPAIR cannot from a
+# kernel socket the daemon takes over; -g keeps the BTF its CO-RE needs.
+BPF_OBJS := build/fastpath/splice.bpf.o build/fastpath/sockprobe.bpf.o
 BPF_ARCH_INC := /usr/include/$(or $(shell gcc -print-multiarch 2>/dev/null),$(shell uname -m)-linux-gnu)
 
-$(BPF_OBJ): $(BPF_SRC) | sysdeps
+build/fastpath/%.bpf.o: daemon/fastpath/%.bpf.c $(wildcard daemon/fastpath/*.h) | sysdeps
 	@mkdir -p $(dir $@)
 	clang -O2 -g -Wall -target bpf -I$(BPF_ARCH_INC) -c $< -o $@
 
-fastpath: $(BPF_OBJ)
+fastpath: $(BPF_OBJS)
 
 testbed: $(STAMP) sysdeps fastpath
 	$(PY) -m testbed $(or $(TESTBED_ARGS),status)

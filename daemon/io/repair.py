@@ -1,0 +1,189 @@
+"""Take a live kernel TCP connection over: read its state with TCP_REPAIR, close it silently.
+
+The thesis's proxy splices two *kernel* sockets; ours splices connections
+the daemon's own TCP terminates, so every handshake and every byte before
+the splice crosses Python, and that is what a spliced connection's set-up
+costs (docs/architecture.md, "Connection setup").  The way out is the
+thesis's own model: the proxy runs on kernel sockets and hands both to the
+daemon at splice time, which takes each connection over as it stands, the
+way CRIU checkpoints one (TCP_REPAIR, Linux 3.5+):
+
+* in repair mode the socket sends nothing of its own (no FIN, no RST on
+  close, no window updates) and answers the queries below;
+* ``TCP_QUEUE_SEQ`` per queue gives ``write_seq`` (the next byte the
+  application would write) and ``rcv_nxt``; ``SIOCOUTQ``/``SIOCINQ`` the
+  queues' lengths, so ``snd_una = write_seq - outq``; a ``MSG_PEEK`` read
+  with a queue selected returns its bytes: what the peer has not
+  acknowledged yet (to be retransmitted by whoever takes over), and what
+  arrived and the application did not read (to be relayed);
+* ``TCP_REPAIR_WINDOW`` the window state (RFC 9293 3.3.1: SND.WND, SND.WL1,
+  RCV.WND and the right edge last advertised), ``TCP_TIMESTAMP`` the
+  socket's timestamp clock (the TSval it would send now), ``TCP_INFO`` the
+  negotiated options (timestamps, SACK, window scale and both shifts, ECN);
+* the peer's newest TSval (``ts_recent``) and the MSS it offered are in no
+  socket option: daemon/fastpath/sockprobe.py reads them with a BPF program.
+
+This module reads; it does not stop the connection's segments from reaching
+the socket meanwhile (the caller does that first, else bytes acknowledged
+by the socket after the read would be lost to the splice), and it
+does not build the daemon's TCB from what it read.
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import ipaddress
+import socket
+import struct
+import termios
+from dataclasses import dataclass
+
+from daemon.fastpath.sockprobe import SockProbe
+from daemon.tcp.config import Endpoint
+
+__all__ = ["KernelTcpState", "RepairError", "close_silently", "take_over"]
+
+# linux/tcp.h
+TCP_REPAIR = 19
+TCP_REPAIR_QUEUE = 20
+TCP_QUEUE_SEQ = 21
+TCP_TIMESTAMP = 24
+TCP_REPAIR_WINDOW = 29
+TCP_RECV_QUEUE, TCP_SEND_QUEUE = 1, 2
+TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE, TCPI_OPT_ECN = 1, 2, 4, 8
+TCP_ESTABLISHED, TCP_CLOSE_WAIT = 1, 8
+
+_TCP_INFO_HEAD = struct.Struct("BBBBBBBB")  # state .. snd/rcv_wscale, then u32s
+
+
+class RepairError(OSError):
+    """The socket cannot be taken over (not TCP, not connected, not in this namespace)."""
+
+
+@dataclass(frozen=True, slots=True)
+class KernelTcpState:
+    """One kernel connection as the socket saw it when read (sequence numbers mod 2**32)."""
+
+    local: Endpoint  # packed address (4 or 16 bytes), port
+    remote: Endpoint
+    snd_una: int
+    snd_nxt: int  # write_seq: every byte before it was written by the application
+    rcv_nxt: int
+    unacked: bytes  # snd_una .. snd_nxt: sent and unacknowledged, or not sent yet
+    unread: bytes  # rcv_nxt - len(unread) .. rcv_nxt: arrived, not read
+    fin_received: bool  # CLOSE_WAIT: rcv_nxt counts the peer's FIN
+    snd_wnd: int  # bytes, unscaled
+    snd_wl1: int
+    rcv_wnd: int  # bytes, what was last advertised
+    rcv_wup: int  # rcv_nxt when it was advertised
+    max_window: int
+    ts_ok: bool
+    ts_now: int  # the socket's timestamp clock: the TSval it would send now
+    ts_recent: int  # the peer's newest TSval (RFC 7323 4.3)
+    sack_ok: bool
+    wscale_ok: bool
+    snd_wscale: int  # the peer's shift: its window fields mean field << snd_wscale
+    rcv_wscale: int  # ours
+    ecn_ok: bool
+    peer_mss: int  # the MSS the peer offered (rx_opt.mss_clamp)
+
+
+def _endpoint(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> Endpoint:
+    ip = ipaddress.ip_address(sockaddr[0].split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a dual-stack socket's IPv4 peer: its segments are IPv4
+    return ip.packed, sockaddr[1]
+
+
+def _u32(sock: socket.socket, opt: int) -> int:
+    value: int = struct.unpack("I", sock.getsockopt(socket.IPPROTO_TCP, opt, 4))[0]
+    return value
+
+
+def _ioctl_int(sock: socket.socket, request: int) -> int:
+    buf = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), request, buf)
+    return buf[0]
+
+
+def _peek_queue(sock: socket.socket, queue: int, length: int) -> bytes:
+    """A repair-mode queue's bytes (MSG_PEEK: they stay; the socket is closed after)."""
+    if length == 0:
+        return b""
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, queue)
+    data = sock.recv(length, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    if len(data) != length:
+        # Never hand over a connection with a hole in what it owes.
+        raise RepairError(0, f"queue {queue}: read {len(data)} of {length} bytes")
+    return data
+
+
+def take_over(sock: socket.socket, probe: SockProbe) -> KernelTcpState:
+    """Put ``sock`` in repair mode and read its connection (this thread's namespace).
+
+    The socket stays in repair mode: closing it now sends nothing
+    (``close_silently``).  Call it from a thread in the socket's network
+    namespace (the probe looks the connection up there); needs CAP_NET_ADMIN.
+    """
+    if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        raise RepairError(0, "not a TCP socket")
+    try:
+        local, remote = _endpoint(sock.getsockname()), _endpoint(sock.getpeername())
+    except OSError as exc:
+        raise RepairError(exc.errno, f"not connected: {exc.strerror}") from None
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    state, _ca, _retr, _probes, _backoff, options, wscales, _flags = _TCP_INFO_HEAD.unpack_from(
+        info
+    )
+    if state not in (TCP_ESTABLISHED, TCP_CLOSE_WAIT):
+        raise RepairError(0, f"connection in TCP state {state}: only ESTABLISHED or CLOSE_WAIT")
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+    outq = _ioctl_int(sock, termios.TIOCOUTQ)
+    inq = _ioctl_int(sock, termios.FIONREAD)
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+    snd_nxt = _u32(sock, TCP_QUEUE_SEQ)
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+    rcv_nxt = _u32(sock, TCP_QUEUE_SEQ)
+    snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup = struct.unpack(
+        "5I", sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, 20)
+    )
+    ts_now = _u32(sock, TCP_TIMESTAMP)
+    unacked = _peek_queue(sock, TCP_SEND_QUEUE, outq)
+    unread = _peek_queue(sock, TCP_RECV_QUEUE, inq)
+    probed = probe.read(local, remote)
+    if probed is None:
+        raise RepairError(0, "the probe found no such connection in this namespace")
+    if (probed.rcv_nxt, probed.write_seq) != (rcv_nxt, snd_nxt):
+        # Both read the same struct: a mismatch means segments still reach the socket.
+        raise RepairError(0, "the connection moved while it was read: is it still live?")
+    return KernelTcpState(
+        local=local,
+        remote=remote,
+        snd_una=(snd_nxt - outq) & 0xFFFFFFFF,
+        snd_nxt=snd_nxt,
+        rcv_nxt=rcv_nxt,
+        unacked=unacked,
+        unread=unread,
+        fin_received=state == TCP_CLOSE_WAIT,
+        snd_wnd=snd_wnd,
+        snd_wl1=snd_wl1,
+        rcv_wnd=rcv_wnd,
+        rcv_wup=rcv_wup,
+        max_window=max_window,
+        ts_ok=bool(options & TCPI_OPT_TIMESTAMPS),
+        ts_now=ts_now,
+        ts_recent=probed.ts_recent,
+        sack_ok=bool(options & TCPI_OPT_SACK),
+        wscale_ok=bool(options & TCPI_OPT_WSCALE),
+        snd_wscale=wscales & 0x0F,
+        rcv_wscale=wscales >> 4,
+        ecn_ok=bool(options & TCPI_OPT_ECN),
+        peer_mss=probed.mss_clamp,
+    )
+
+
+def close_silently(sock: socket.socket) -> None:
+    """Close ``sock`` without a FIN or a RST: its connection lives on elsewhere."""
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+    sock.close()

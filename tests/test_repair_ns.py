@@ -1,0 +1,245 @@
+"""Taking a live kernel connection over (daemon/io/repair.py, daemon/fastpath/sockprobe.py).
+
+Two namespaces joined by a veth pair, the kernel's TCP at both ends; the
+connection is read from the server's end and every number is checked
+against a packet capture of the same connection: sequence numbers, the
+bytes the peer has not acknowledged and those the application did not read,
+the peer's newest TSval, the options of the handshake.  Then the socket is
+closed and the capture must show that it said nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from pyroute2 import NetNS
+
+from daemon.fastpath.loader import FastPathUnavailable
+from daemon.fastpath.sockprobe import SockProbe
+from daemon.io.repair import KernelTcpState, RepairError, close_silently, take_over
+from daemon.wire.tcp import FIN, RST, SYN
+from daemon.wire.tcp_options import parse_options
+from testbed import netns
+from testbed.net import Capture
+from tests.pcap import Frame, tcp_frames
+
+pytestmark = pytest.mark.root
+
+ADDRS = {4: ("192.0.2.1", "192.0.2.2", 24), 6: ("2001:db8:7::1", "2001:db8:7::2", 64)}
+PORT = 9000
+T = TypeVar("T")
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass
+class Pair:
+    a: str  # the client's namespace
+    b: str  # the server's: the connection is taken over here
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[Pair]:
+    prefix = "trp" + secrets.token_hex(3)
+    names = Pair(f"{prefix}-a", f"{prefix}-b")
+    created: list[str] = []
+    try:
+        for name in (names.a, names.b):
+            netns.create(name)
+            created.append(name)
+        with NetNS(names.a, flags=0) as a:
+            a.link("add", ifname="eth0", kind="veth", peer={"ifname": "eth0", "net_ns_fd": names.b})
+        for name, i in ((names.a, 0), (names.b, 1)):
+            # No duplicate address detection: the IPv6 addresses are usable at once;
+            # and they stay while a test takes the link down.
+            netns.write_sysctl(name, "net/ipv6/conf/eth0/accept_dad", 0)
+            netns.write_sysctl(name, "net/ipv6/conf/eth0/keep_addr_on_down", 1)
+            with NetNS(name, flags=0) as ns:
+                eth = ns.link_lookup(ifname="eth0")[0]
+                for fam in (4, 6):
+                    ns.addr("add", index=eth, address=ADDRS[fam][i], prefixlen=ADDRS[fam][2])
+                ns.link("set", index=eth, state="up")
+                ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+        yield names
+    finally:
+        for name in created:
+            netns.remove(name)
+
+
+def in_ns(ns: str, fn: Callable[[], T]) -> T:
+    """``fn()`` on a thread that entered namespace ``ns`` (sockets, the probe's lookup)."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+            try:
+                if _libc.setns(fd, 0x40000000) != 0:
+                    raise OSError(ctypes.get_errno(), "setns")
+            finally:
+                os.close(fd)
+            result.append(fn())
+        except BaseException as exc:
+            error.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+@pytest.fixture(scope="module")
+def probe() -> Iterator[SockProbe]:
+    try:
+        p = SockProbe.load()
+    except FastPathUnavailable as exc:
+        pytest.fail(f"the socket probe does not load: {exc}")
+    with p:
+        yield p
+
+
+def _connected(pair: Pair, family: int) -> tuple[socket.socket, socket.socket]:
+    """(client in a, server's accepted socket in b), with Nagle off on both."""
+    af = socket.AF_INET if family == 4 else socket.AF_INET6
+    ca, sa, _ = ADDRS[family]
+
+    def listen() -> socket.socket:
+        s = socket.socket(af, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((sa, PORT))
+        s.listen(1)
+        return s
+
+    lsock = in_ns(pair.b, listen)
+    try:
+        client = in_ns(pair.a, lambda: socket.create_connection((sa, PORT), timeout=5))
+        server, _ = lsock.accept()
+    finally:
+        lsock.close()
+    for s in (client, server):
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    assert client.getsockname()[0] == ca
+    return client, server
+
+
+def _ts(f: Frame) -> int:
+    ts = parse_options(f.options).timestamp
+    assert ts is not None, f
+    return ts[0]
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_what_take_over_reads_is_what_the_wire_carried(
+    pair: Pair, probe: SockProbe, family: int, tmp_path: Path
+) -> None:
+    pcap = tmp_path / "b.pcap"
+    with Capture.start(pair.b, "eth0", pcap, snaplen=256):
+        client, server = _connected(pair, family)
+        try:
+            client.sendall(b"request")
+            assert server.recv(100) == b"request"
+            server.sendall(b"reply")
+            assert client.recv(100) == b"reply"
+            time.sleep(0.05)
+            client.sendall(b"not read by the server")  # stays in its receive queue
+            time.sleep(0.1)
+            # The client's link goes down: what the server sends now stays unacknowledged.
+            netns.run(pair.a, ["ip", "link", "set", "eth0", "down"], check=True)
+            server.sendall(b"unacknowledged")
+            time.sleep(0.1)
+            state = in_ns(pair.b, lambda: take_over(server, probe))
+            close_silently(server)
+            netns.run(pair.a, ["ip", "link", "set", "eth0", "up"], check=True)
+            time.sleep(0.5)
+            # The server's kernel has no socket for it any more: it answers with a RST.
+            client.sendall(b"after")
+            time.sleep(0.3)
+        finally:
+            netns.run(pair.a, ["ip", "link", "set", "eth0", "up"], check=True)
+            client.close()
+    frames = tcp_frames(pcap)
+    ca = ipaddress.ip_address(ADDRS[family][0]).packed
+    after = next(i for i, f in enumerate(frames) if f.src == ca and f.payload_len == len("after"))
+    from_client = [f for f in frames[:after] if f.src == ca]
+    from_server = [f for f in frames[:after] if f.src != ca]
+    syn = next(f for f in from_client if f.flags & SYN)
+    syn_ack = next(f for f in from_server if f.flags & SYN)
+    last = from_client[-1]
+    assert state.local == (ipaddress.ip_address(ADDRS[family][1]).packed, PORT)
+    assert state.remote == (ca, syn.sport)
+    assert state.rcv_nxt == (last.seq + last.payload_len) & 0xFFFFFFFF
+    assert state.unread == b"not read by the server"
+    assert state.snd_una == max(f.ack for f in from_client if not f.flags & SYN)
+    assert state.unacked == b"unacknowledged"
+    assert state.snd_nxt == (state.snd_una + len(b"unacknowledged")) & 0xFFFFFFFF
+    assert state.ts_ok and state.ts_recent == _ts(last)
+    # The socket's clock is at or past every TSval it sent.
+    assert all((state.ts_now - _ts(f)) & 0xFFFFFFFF < 1 << 31 for f in from_server)
+    syn_opts, syn_ack_opts = parse_options(syn.options), parse_options(syn_ack.options)
+    assert state.sack_ok and syn_opts.sack_permitted and syn_ack_opts.sack_permitted
+    assert state.wscale_ok
+    assert (state.snd_wscale, state.rcv_wscale) == (syn_opts.wscale, syn_ack_opts.wscale)
+    assert state.peer_mss == syn_opts.mss
+    assert state.fin_received is False
+    # Closed in repair mode: no FIN, no RST, nothing from the server until the
+    # client's next segment, which no socket owns any more.
+    assert not [f for f in from_server if f.flags & (FIN | RST)], from_server[-3:]
+    answers = [f for f in frames[after:] if f.src != ca]
+    assert answers and answers[0].flags & RST, answers[:3]
+
+
+def test_the_connection_can_be_read_in_close_wait(pair: Pair, probe: SockProbe) -> None:
+    client, server = _connected(pair, 4)
+    try:
+        client.sendall(b"last words")
+        client.shutdown(socket.SHUT_WR)
+        time.sleep(0.1)
+        state: KernelTcpState = in_ns(pair.b, lambda: take_over(server, probe))
+        close_silently(server)
+    finally:
+        client.close()
+    assert state.fin_received and state.unread == b"last words"
+
+
+def test_a_socket_that_is_not_a_connection_is_refused(pair: Pair, probe: SockProbe) -> None:
+    def listener() -> socket.socket:
+        s = socket.socket()
+        s.bind((ADDRS[4][1], 0))
+        s.listen(1)
+        return s
+
+    for make in (listener, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM)):
+        s = in_ns(pair.b, make)
+        try:
+            with pytest.raises(RepairError):
+                in_ns(pair.b, lambda s=s: take_over(s, probe))  # type: ignore[misc]
+        finally:
+            s.close()
+
+
+def test_the_probe_finds_only_connections_of_its_own_namespace(
+    pair: Pair, probe: SockProbe
+) -> None:
+    client, server = _connected(pair, 4)
+    try:
+        local = (ipaddress.ip_address(ADDRS[4][1]).packed, PORT)
+        remote = (ipaddress.ip_address(ADDRS[4][0]).packed, client.getsockname()[1])
+        assert in_ns(pair.b, lambda: probe.read(local, remote)) is not None
+        assert in_ns(pair.a, lambda: probe.read(local, remote)) is None
+        assert in_ns(pair.b, lambda: probe.read(local, (remote[0], remote[1] ^ 1))) is None
+    finally:
+        client.close()
+        server.close()
