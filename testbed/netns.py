@@ -20,9 +20,10 @@ import ctypes.util
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pyroute2 import netns as _pr_netns
 
@@ -35,6 +36,7 @@ _MS_REC = 0x4000
 _MS_SLAVE = 0x80000
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+T = TypeVar("T")
 
 
 class NamespaceError(RuntimeError):
@@ -197,3 +199,33 @@ def pids_in(name: str) -> list[int]:
         except OSError:
             continue  # the process exited while we looked
     return found
+
+
+def call_in(name: str, fn: Callable[[], T]) -> T:
+    """``fn()`` on a thread that entered namespace ``name``; its result, or its exception.
+
+    What a thread creates there stays there (a socket is of the namespace it
+    was made in), and what looks up "the current namespace" (a BPF program
+    run with BPF_PROG_TEST_RUN, /proc/sys/net opened) sees ``name``; the
+    calling thread's namespace does not change.
+    """
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fd = os.open(NETNS_RUN_DIR / name, os.O_RDONLY)
+            try:
+                _setns(fd)
+            finally:
+                os.close(fd)
+            result.append(fn())
+        except BaseException as exc:
+            error.append(exc)
+
+    thread = threading.Thread(target=run, name=f"in-{name}")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]

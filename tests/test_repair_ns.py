@@ -10,17 +10,13 @@ closed and the capture must show that it said nothing.
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
-import os
 import secrets
 import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 from pyroute2 import NetNS
@@ -38,8 +34,6 @@ pytestmark = pytest.mark.root
 
 ADDRS = {4: ("192.0.2.1", "192.0.2.2", 24), 6: ("2001:db8:7::1", "2001:db8:7::2", 64)}
 PORT = 9000
-T = TypeVar("T")
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass
@@ -76,31 +70,6 @@ def pair() -> Iterator[Pair]:
             netns.remove(name)
 
 
-def in_ns(ns: str, fn: Callable[[], T]) -> T:
-    """``fn()`` on a thread that entered namespace ``ns`` (sockets, the probe's lookup)."""
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-            try:
-                if _libc.setns(fd, 0x40000000) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-            finally:
-                os.close(fd)
-            result.append(fn())
-        except BaseException as exc:
-            error.append(exc)
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if error:
-        raise error[0]
-    return result[0]
-
-
 @pytest.fixture(scope="module")
 def probe() -> Iterator[SockProbe]:
     try:
@@ -123,9 +92,9 @@ def _connected(pair: Pair, family: int) -> tuple[socket.socket, socket.socket]:
         s.listen(1)
         return s
 
-    lsock = in_ns(pair.b, listen)
+    lsock = netns.call_in(pair.b, listen)
     try:
-        client = in_ns(pair.a, lambda: socket.create_connection((sa, PORT), timeout=5))
+        client = netns.call_in(pair.a, lambda: socket.create_connection((sa, PORT), timeout=5))
         server, _ = lsock.accept()
     finally:
         lsock.close()
@@ -160,7 +129,7 @@ def test_what_take_over_reads_is_what_the_wire_carried(
             netns.run(pair.a, ["ip", "link", "set", "eth0", "down"], check=True)
             server.sendall(b"unacknowledged")
             time.sleep(0.1)
-            state = in_ns(pair.b, lambda: take_over(server, probe))
+            state = netns.call_in(pair.b, lambda: take_over(server, probe))
             close_silently(server)
             netns.run(pair.a, ["ip", "link", "set", "eth0", "up"], check=True)
             time.sleep(0.5)
@@ -207,7 +176,7 @@ def test_the_connection_can_be_read_in_close_wait(pair: Pair, probe: SockProbe) 
         client.sendall(b"last words")
         client.shutdown(socket.SHUT_WR)
         time.sleep(0.1)
-        state: KernelTcpState = in_ns(pair.b, lambda: take_over(server, probe))
+        state: KernelTcpState = netns.call_in(pair.b, lambda: take_over(server, probe))
         close_silently(server)
     finally:
         client.close()
@@ -222,10 +191,10 @@ def test_a_socket_that_is_not_a_connection_is_refused(pair: Pair, probe: SockPro
         return s
 
     for make in (listener, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM)):
-        s = in_ns(pair.b, make)
+        s = netns.call_in(pair.b, make)
         try:
             with pytest.raises(RepairError):
-                in_ns(pair.b, lambda s=s: take_over(s, probe))  # type: ignore[misc]
+                netns.call_in(pair.b, lambda s=s: take_over(s, probe))  # type: ignore[misc]
         finally:
             s.close()
 
@@ -237,9 +206,9 @@ def test_the_probe_finds_only_connections_of_its_own_namespace(
     try:
         local = (ipaddress.ip_address(ADDRS[4][1]).packed, PORT)
         remote = (ipaddress.ip_address(ADDRS[4][0]).packed, client.getsockname()[1])
-        assert in_ns(pair.b, lambda: probe.read(local, remote)) is not None
-        assert in_ns(pair.a, lambda: probe.read(local, remote)) is None
-        assert in_ns(pair.b, lambda: probe.read(local, (remote[0], remote[1] ^ 1))) is None
+        assert netns.call_in(pair.b, lambda: probe.read(local, remote)) is not None
+        assert netns.call_in(pair.a, lambda: probe.read(local, remote)) is None
+        assert netns.call_in(pair.b, lambda: probe.read(local, (remote[0], remote[1] ^ 1))) is None
     finally:
         client.close()
         server.close()
