@@ -524,6 +524,53 @@ def test_counters_move_by_exactly_what_was_redirected(fp: FastPath) -> None:
     assert fp.test_run(frame(ip_tcp()))[0] == TC_ACT_OK  # no flow any more
 
 
+# --- held entries, punts to the daemon's interface --------------------------------
+
+# BPF_PROG_TEST_RUN reports a redirect without checking its target: any ifindex will do.
+PUNT_TO = 1
+# What the program punts before it has looked the flow up: no entry can send these anywhere.
+PUNTED_BEFORE_THE_LOOKUP = {"IP options", "first fragment", "later fragment", "unknown flow"}
+
+
+def test_a_held_entry_sends_every_segment_to_its_interface_untouched(fp: FastPath) -> None:
+    fp.hold(KEY, PUNT_TO)
+    packets = [ip_tcp(payload=b"d" * 100, options=ts_option(1, 2)), ip_tcp(flags=FIN | ACK)]
+    before = fp.global_stats()
+    for packet in packets:
+        assert fp.test_run(frame(packet)) == (TC_ACT_REDIRECT, frame(packet))
+    after = fp.global_stats()
+    moved = {name: after[name] - before[name] for name in after if after[name] != before[name]}
+    assert moved == {"held": 2, "punt_redirected": 2}
+    assert fp.counters(KEY) == (0, 0)
+    # The real translation replaces it: relayed, and what it punts still goes there.
+    t = translator()
+    fp.install(KEY, t, EGRESS, punt_ifindex=PUNT_TO)
+    packet = ip_tcp(options=ts_option(1, 2))
+    verdict, out = fp.test_run(frame(packet))
+    assert verdict == TC_ACT_REDIRECT and out[14:] == reference(t, packet)
+    assert fp.global_stats()["punt_redirected"] == after["punt_redirected"]
+
+
+@pytest.mark.parametrize("case", list(PUNTS))
+def test_an_entry_with_a_punt_interface_sends_what_it_punts_there(fp: FastPath, case: str) -> None:
+    packet, counter = PUNTS[case]
+    fp.install(KEY, translator(out_mss=1448), EGRESS, punt_ifindex=PUNT_TO)
+    before = fp.global_stats()
+    verdict, out = fp.test_run(frame(packet))
+    after = fp.global_stats()
+    assert out == frame(packet)
+    moved = {name: after[name] - before[name] for name in after if after[name] != before[name]}
+    if case in PUNTED_BEFORE_THE_LOOKUP:
+        assert (verdict, moved) == (TC_ACT_OK, {counter: 1})
+    else:
+        assert (verdict, moved) == (TC_ACT_REDIRECT, {counter: 1, "punt_redirected": 1})
+
+
+def test_a_held_entry_is_refused_without_an_interface(fp: FastPath) -> None:
+    with pytest.raises(ValueError, match="interface"):
+        fp.hold(KEY, 0)
+
+
 def test_install_refuses_a_direction_that_is_not_fully_spliced(fp: FastPath) -> None:
     with pytest.raises(ValueError, match="ack_delta"):
         fp.install(KEY, translator(ack_delta=None), EGRESS)

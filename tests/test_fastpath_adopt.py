@@ -223,6 +223,7 @@ def _mutated(m: Map, key_index: int, **fields: int) -> list[tuple[FlowKey, Splic
         (1, {"egress_ifindex": LINK + 1}, "an egress the new program is not on"),
         (1, {"side": 0}, "two client entries (an older daemon: no side/state notes)"),
         (0, {"sport": (ctypes.c_uint8 * 2)(0, 81)}, "entries that are not each other's reverse"),
+        (1, {"hold": 1}, "a kernel connection's take-over that never finished"),
     ],
 )
 def test_entries_that_do_not_make_a_sound_splice_are_left_out(

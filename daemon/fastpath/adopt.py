@@ -69,6 +69,7 @@ def _usable(value: SpliceXlate, links: set[int] | None) -> bool:
         state is not None
         and value.side in SIDE_OF_CODE
         and not value.has_limit
+        and not value.hold  # a take-over the dead daemon never finished
         and bool(value.fin_watch) == (state is SpliceState.FIN_RELAYED)
         and (links is None or value.egress_ifindex in links)
     )

@@ -37,6 +37,7 @@ __all__ = [
     "encode",
     "encode_key",
     "family_of",
+    "hold_entry",
     "reverse_key",
     "state_code",
 ]
@@ -106,9 +107,10 @@ class SpliceXlate(ctypes.Structure):
         ("state", ctypes.c_uint8),
         ("ecn", ctypes.c_uint8),
         ("family", ctypes.c_uint8),
-        ("_pad", ctypes.c_uint8 * 3),
+        ("hold", ctypes.c_uint8),
+        ("_pad", ctypes.c_uint8 * 2),
         ("flow_label", ctypes.c_uint32),
-        ("_pad2", ctypes.c_uint8 * 4),
+        ("punt_ifindex", ctypes.c_uint32),
         ("packets", ctypes.c_uint64),
         ("bytes", ctypes.c_uint64),
     ]
@@ -132,6 +134,8 @@ class SpliceStats(ctypes.Structure):
         ("punt_mtu", ctypes.c_uint64),
         ("redirected_family_changed", ctypes.c_uint64),
         ("gso_recut", ctypes.c_uint64),
+        ("held", ctypes.c_uint64),
+        ("punt_redirected", ctypes.c_uint64),
     ]
 
 
@@ -184,6 +188,7 @@ def encode(
     side: Iface = Iface.CLIENT,
     state: SpliceState = SpliceState.SPLICED,
     out: tuple[bytes, bytes] | None = None,
+    punt_ifindex: int = 0,
 ) -> SpliceXlate:
     """The map value that makes the program do what ``translate(t, ...)`` does.
 
@@ -195,6 +200,8 @@ def encode(
     to pass up from the start (``FastPath.watch_fin_ack``); ``side`` and
     ``state``: the connection these segments arrive on and its Fig. 5.1
     state, for adoption after a restart (the program ignores them).
+    ``punt_ifindex``: where what the entry punts goes instead of the
+    kernel (``hold_entry``); 0: the kernel.
     """
     if t.ack_delta is None:
         raise ValueError("the reverse direction is not spliced yet (ack_delta is None)")
@@ -231,7 +238,22 @@ def encode(
         ecn=t.ecn,
         family=family,
         flow_label=t.flow_label if family == AF_INET6 else 0,
+        punt_ifindex=punt_ifindex,
     )
+
+
+def hold_entry(family: int, punt_ifindex: int) -> SpliceXlate:
+    """An entry that relays nothing and sends every segment to ``punt_ifindex``.
+
+    For a kernel connection being taken over (daemon/io/repair.py): from
+    the moment it is in the map until its real translation replaces it,
+    its segments reach the daemon's TUN, not the socket being read.
+    """
+    if family not in _LEN_OF_FAMILY:
+        raise ValueError(f"family {family}")
+    if punt_ifindex <= 0:
+        raise ValueError("a held entry needs an interface to send its segments to")
+    return SpliceXlate(family=family, hold=1, punt_ifindex=punt_ifindex)
 
 
 def _port_of(field: ctypes.Array[ctypes.c_uint8]) -> int:

@@ -46,6 +46,8 @@ from daemon.fastpath.layout import (
     decode_key,
     encode,
     encode_key,
+    family_of,
+    hold_entry,
     state_code,
 )
 from daemon.splice.state import Iface, SpliceState
@@ -283,6 +285,7 @@ class FastPath:
         side: Iface = Iface.CLIENT,
         state: SpliceState = SpliceState.SPLICED,
         out: tuple[bytes, bytes] | None = None,
+        punt_ifindex: int = 0,
     ) -> None:
         """Offload the direction whose incoming packets carry ``key``; counters restart.
 
@@ -296,9 +299,14 @@ class FastPath:
         state, kept in the entry for a daemon that adopts it (``encode``).
         ``out``: the output connection's (source, destination) addresses
         when ``t`` holds placeholders for them (an IPv6 connection).
+        ``punt_ifindex``: what the entry punts goes there, not to the kernel.
         """
-        value = encode(t, egress_ifindex, limit, fin_ack, side, state, out)
+        value = encode(t, egress_ifindex, limit, fin_ack, side, state, out, punt_ifindex)
         self._update(key, value, libbpf.BPF_ANY)
+
+    def hold(self, key: FlowKey, punt_ifindex: int) -> None:
+        """Send every segment carrying ``key`` to ``punt_ifindex`` untouched (``hold_entry``)."""
+        self._update(key, hold_entry(family_of(key[0]), punt_ifindex), libbpf.BPF_ANY)
 
     def watch_fin_ack(
         self, key: FlowKey, fin_ack: int | None, state: SpliceState | None = None

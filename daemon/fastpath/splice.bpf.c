@@ -203,7 +203,8 @@ static __always_inline int ipv6_ext_header(__u8 nexthdr)
  * gets its own copy with every offset fixed, which is what the verifier
  * and the fixed-layout design want).
  */
-static __always_inline int splice(struct __sk_buff *skb, int pulled, const int fam)
+static __always_inline int splice(struct __sk_buff *skb, int pulled, const int fam,
+				  __u32 *punt_to)
 {
 	const __u32 ip_hlen = fam == 4 ? IP4_HLEN : IP6_HLEN;
 	const __u32 tcp_off = IP_OFF + ip_hlen;
@@ -261,6 +262,10 @@ static __always_inline int splice(struct __sk_buff *skb, int pulled, const int f
 	v = bpf_map_lookup_elem(&splice_flows, &key);
 	if (!v)
 		return PUNT(punt_no_flow);
+	/* From here on, every punt of this entry goes where the entry says. */
+	*punt_to = v->punt_ifindex;
+	if (v->hold)
+		return PUNT(held);
 	out_fam = v->family;
 
 	doff = (tcpb[12] >> 4) * 4;
@@ -557,7 +562,7 @@ not_linear:
 	return NEED_PULL;
 }
 
-static __always_inline int splice_frame(struct __sk_buff *skb, int pulled)
+static __always_inline int splice_frame(struct __sk_buff *skb, int pulled, __u32 *punt_to)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
@@ -566,28 +571,42 @@ static __always_inline int splice_frame(struct __sk_buff *skb, int pulled)
 	if ((void *)(eth + 1) > data_end || skb->vlan_present)
 		return TC_ACT_OK;
 	if (eth->h_proto == bpf_htons(ETH_P_IP))
-		return splice(skb, pulled, 4);
+		return splice(skb, pulled, 4, punt_to);
 	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
-		return splice(skb, pulled, 6);
+		return splice(skb, pulled, 6, punt_to);
 	return TC_ACT_OK;
+}
+
+/* A punt (TC_ACT_OK) of an entry with a punt_ifindex goes there instead. */
+static __always_inline int punt_via(int verdict, __u32 punt_to)
+{
+	struct splice_stats *s;
+
+	if (verdict != TC_ACT_OK || !punt_to)
+		return verdict;
+	s = stats();
+	if (s)
+		s->punt_redirected++;
+	return bpf_redirect(punt_to, 0);
 }
 
 SEC("tc")
 int splice_ingress(struct __sk_buff *skb)
 {
-	int verdict = splice_frame(skb, 0);
+	__u32 punt_to = 0;
+	int verdict = splice_frame(skb, 0, &punt_to);
 	__u32 len;
 
 	if (verdict != NEED_PULL)
-		return verdict;
+		return punt_via(verdict, punt_to);
 	/* Headers outside the linear area: rare on veth (the sender's stack
 	 * builds them linear), so one pull and a second pass rather than a
 	 * per-access check. */
 	len = skb->len < HDR_MAX ? skb->len : HDR_MAX;
 	if (bpf_skb_pull_data(skb, len) < 0)
-		return PUNT(punt_malformed);
-	verdict = splice_frame(skb, 1);
-	return verdict == NEED_PULL ? TC_ACT_OK : verdict;
+		return punt_via(PUNT(punt_malformed), punt_to);
+	verdict = splice_frame(skb, 1, &punt_to);
+	return punt_via(verdict == NEED_PULL ? TC_ACT_OK : verdict, punt_to);
 }
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";

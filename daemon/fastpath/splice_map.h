@@ -96,11 +96,21 @@ struct splice_xlate {
 	/* The output connection's family (SPLICE_AF_*): another than the
 	 * packet's makes the program change the IP header's family. */
 	__u8 family;
-	__u8 _pad[3];
+	/* 1: relay nothing yet, send every segment to punt_ifindex as it is.
+	 * A kernel connection the daemon is taking over (daemon/io/repair.py)
+	 * is held this way while its state is read: none of its segments may
+	 * reach the socket meanwhile, or the socket would acknowledge bytes
+	 * the splice never sees. */
+	__u8 hold;
+	__u8 _pad[2];
 	/* An IPv6 output connection's flow label (RFC 6437, the daemon's hash
 	 * of its 4-tuple: daemon/wire/flowlabel.py), host byte order. */
 	__u32 flow_label;
-	__u8 _pad2[4];
+	/* Non-zero: what this entry punts is redirected to this interface (the
+	 * daemon's TUN) instead of left to the kernel.  A taken-over kernel
+	 * connection's addresses are the host's own: left to the kernel, its
+	 * segments would find no socket and be answered with a RST. */
+	__u32 punt_ifindex;
 	/* Written by the program only (atomic adds); payload bytes. */
 	__u64 packets;
 	__u64 bytes;
@@ -122,6 +132,8 @@ struct splice_stats {
 	__u64 punt_mtu;                    /* too big for the egress link (RFC 1191) */
 	__u64 redirected_family_changed;   /* of the redirected, IPv4 <-> IPv6 */
 	__u64 gso_recut;                   /* GSO packets given gso_size out_mss */
+	__u64 held;                        /* of the punted: of a held entry */
+	__u64 punt_redirected;             /* punts sent to an entry's punt_ifindex */
 };
 
 #endif /* SPLICE_MAP_H */
