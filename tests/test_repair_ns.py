@@ -23,8 +23,11 @@ from pyroute2 import NetNS
 
 from daemon.fastpath.loader import FastPathUnavailable
 from daemon.fastpath.sockprobe import SockProbe
-from daemon.io.repair import KernelTcpState, RepairError, close_silently, take_over
-from daemon.wire.tcp import FIN, RST, SYN
+from daemon.io.repair import RepairError, close_silently, take_over
+from daemon.tcp.config import TcpConfig
+from daemon.tcp.connection import TcpConnection
+from daemon.tcp.kernel_state import KernelTcpState
+from daemon.wire.tcp import FIN, RST, SYN, build_ipv4_tcp, build_ipv6_tcp
 from daemon.wire.tcp_options import parse_options
 from testbed import netns
 from testbed.net import Capture
@@ -168,6 +171,44 @@ def test_what_take_over_reads_is_what_the_wire_carried(
     assert not [f for f in from_server if f.flags & (FIN | RST)], from_server[-3:]
     answers = [f for f in frames[after:] if f.src != ca]
     assert answers and answers[0].flags & RST, answers[:3]
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_tcb_restored_from_it_carries_the_connection_on(
+    pair: Pair, probe: SockProbe, family: int, tmp_path: Path
+) -> None:
+    """The daemon's TCB made from the state (TcpConnection.restore) resends what the peer
+    never acknowledged; Linux accepts it (in window, in sequence, past PAWS) and ACKs it."""
+    pcap = tmp_path / "b.pcap"
+    af = socket.AF_INET if family == 4 else socket.AF_INET6
+    with Capture.start(pair.b, "eth0", pcap, snaplen=256):
+        client, server = _connected(pair, family)
+        try:
+            client.sendall(b"request")
+            assert server.recv(100) == b"request"
+            netns.run(pair.a, ["ip", "link", "set", "eth0", "down"], check=True)
+            server.sendall(b"lost with the link")
+            time.sleep(0.1)
+            state = netns.call_in(pair.b, lambda: take_over(server, probe))
+            close_silently(server)
+            netns.run(pair.a, ["ip", "link", "set", "eth0", "up"], check=True)
+            time.sleep(0.2)
+            tcb = TcpConnection.restore(TcpConfig(), state, time.monotonic())
+            (seg,) = tcb.poll_output(time.monotonic())
+            build = build_ipv4_tcp if family == 4 else build_ipv6_tcp
+            packet = bytes(build(seg, state.local[0], state.remote[0]))
+            raw = netns.call_in(
+                pair.b, lambda: socket.socket(af, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            )
+            with raw:
+                raw.sendto(packet, (ADDRS[family][0], 0))
+            time.sleep(0.3)
+        finally:
+            netns.run(pair.a, ["ip", "link", "set", "eth0", "up"], check=True)
+            client.close()
+    ca = ipaddress.ip_address(ADDRS[family][0]).packed
+    acks = [f.ack for f in tcp_frames(pcap) if f.src == ca]
+    assert (state.snd_una + len(b"lost with the link")) & 0xFFFFFFFF in acks, acks[-4:]
 
 
 def test_the_connection_can_be_read_in_close_wait(pair: Pair, probe: SockProbe) -> None:

@@ -37,10 +37,10 @@ import ipaddress
 import socket
 import struct
 import termios
-from dataclasses import dataclass
 
 from daemon.fastpath.sockprobe import SockProbe
 from daemon.tcp.config import Endpoint
+from daemon.tcp.kernel_state import KernelTcpState
 
 __all__ = ["KernelTcpState", "RepairError", "close_silently", "take_over"]
 
@@ -59,34 +59,6 @@ _TCP_INFO_HEAD = struct.Struct("BBBBBBBB")  # state .. snd/rcv_wscale, then u32s
 
 class RepairError(OSError):
     """The socket cannot be taken over (not TCP, not connected, not in this namespace)."""
-
-
-@dataclass(frozen=True, slots=True)
-class KernelTcpState:
-    """One kernel connection as the socket saw it when read (sequence numbers mod 2**32)."""
-
-    local: Endpoint  # packed address (4 or 16 bytes), port
-    remote: Endpoint
-    snd_una: int
-    snd_nxt: int  # write_seq: every byte before it was written by the application
-    rcv_nxt: int
-    unacked: bytes  # snd_una .. snd_nxt: sent and unacknowledged, or not sent yet
-    unread: bytes  # rcv_nxt - len(unread) .. rcv_nxt: arrived, not read
-    fin_received: bool  # CLOSE_WAIT: rcv_nxt counts the peer's FIN
-    snd_wnd: int  # bytes, unscaled
-    snd_wl1: int
-    rcv_wnd: int  # bytes, what was last advertised
-    rcv_wup: int  # rcv_nxt when it was advertised
-    max_window: int
-    ts_ok: bool
-    ts_now: int  # the socket's timestamp clock: the TSval it would send now
-    ts_recent: int  # the peer's newest TSval (RFC 7323 4.3)
-    sack_ok: bool
-    wscale_ok: bool
-    snd_wscale: int  # the peer's shift: its window fields mean field << snd_wscale
-    rcv_wscale: int  # ours
-    ecn_ok: bool
-    peer_mss: int  # the MSS the peer offered (rx_opt.mss_clamp)
 
 
 def _endpoint(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> Endpoint:

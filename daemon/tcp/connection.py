@@ -75,7 +75,7 @@ import hashlib
 import secrets
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from daemon.tcp.buffers import RecvBuffer, SendBuffer
 from daemon.tcp.config import Endpoint, TcpConfig
@@ -90,6 +90,9 @@ from daemon.tcp.state import TcpState
 from daemon.wire.icmp import MIN_IPV6_MTU
 from daemon.wire.ipv4 import ECN_CE, ECN_ECT0
 from daemon.wire.tcp import ACK, CWR, ECE, FIN, PSH, RST, SYN, TcpOptions, TcpSegment
+
+if TYPE_CHECKING:
+    from daemon.tcp.kernel_state import KernelTcpState
 
 CLOSED = TcpState.CLOSED
 SYN_SENT = TcpState.SYN_SENT
@@ -334,6 +337,66 @@ class TcpConnection:
         conn._mark_rx(now)
         conn.state = SYN_RECEIVED
         conn.stats.opened_at = now
+        return conn
+
+    @classmethod
+    def restore(cls, config: TcpConfig, k: KernelTcpState, now: float) -> TcpConnection:
+        """An ESTABLISHED TCB that carries on a kernel connection read by daemon/io/repair.py.
+
+        What the kernel's socket knew becomes this TCB's: the sequence
+        spaces, the options the handshake negotiated (window scale shifts,
+        SACK, timestamps, ECN; not this daemon's config), the peer's MSS and
+        window, ``ts_recent``, and a timestamp clock that goes on from the
+        socket's (RFC 7323 5.4: the peer's PAWS check, 5.3, must never see
+        it step back).  The bytes the peer has not acknowledged are queued
+        as not sent yet, so the first ``poll_output`` sends them again (a
+        duplicate costs the peer an ACK; a loss nobody would repair costs
+        the stream); the bytes the application did not read are readable.
+        IRS and ISS are placed just before those queues, so a splice's base
+        points (daemon/splice/session.py) put the unread bytes first on the
+        other connection.  The congestion state starts afresh (initial
+        window, RFC 5681 3.1), as after an idle period.  A connection whose
+        peer has closed (CLOSE_WAIT) is not taken: ValueError.
+        """
+        if k.fin_received:
+            raise ValueError("the peer has closed this connection (CLOSE_WAIT)")
+        if len(k.unread) > config.rcv_buf or len(k.unacked) > config.snd_buf:
+            raise ValueError("the kernel's queues do not fit this TCB's buffers")
+        conn = cls(config, k.local, k.remote)
+        conn.iss = (k.snd_una - 1) & MASK
+        conn.snd_una = conn.snd_nxt = conn.snd_max = k.snd_una
+        conn.send_buf.seq = k.snd_una
+        conn.send_buf.write(k.unacked)
+        conn.irs = (k.rcv_nxt - len(k.unread) - 1) & MASK
+        conn.rcv_nxt = conn.last_ack_sent = k.rcv_nxt
+        conn.recv_buf.append(k.unread)
+        conn.wscale_ok = k.wscale_ok
+        conn.snd_wscale, conn.rcv_wscale = (k.snd_wscale, k.rcv_wscale) if k.wscale_ok else (0, 0)
+        # What the socket advertised stays open to the peer (RFC 9293
+        # 3.8.6.2.2: do not shrink the window); our own buffer from now on.
+        free = min(conn.recv_buf.free(), 0xFFFF << conn.rcv_wscale)
+        conn.rcv_adv = (k.rcv_nxt + free) & MASK
+        edge = (k.rcv_wup + k.rcv_wnd) & MASK
+        if seq_gt(edge, conn.rcv_adv):
+            conn.rcv_accept = edge
+        conn.sack_ok, conn.ts_ok, conn.ecn_ok = k.sack_ok, k.ts_ok, k.ecn_ok
+        conn.snd_wnd = k.snd_wnd
+        conn.max_snd_wnd = max(k.max_window, k.snd_wnd)
+        conn.snd_wl1, conn.snd_wl2 = k.snd_wl1, k.snd_una
+        conn.peer_mss = k.peer_mss or DEFAULT_MSS
+        ts_len = _TS_OPTION_LEN if conn.ts_ok else 0
+        conn.snd_mss = max(min(conn.peer_mss, config.mss) - ts_len, 64)
+        conn.cc = NewReno.create(
+            conn.snd_mss, config.initial_cwnd_segments, config.abc_limit_segments, k.snd_una
+        )
+        if conn.ts_ok:
+            conn.ts_recent = k.ts_recent
+            # ts_now(now) == the socket's clock now, and never below what it sent.
+            conn.ts_offset = (k.ts_now - int(now * 1000)) & MASK
+            conn._ts_sent = (k.ts_now - 1) & MASK
+        conn.state = ESTABLISHED
+        conn.stats.opened_at = now
+        conn._mark_rx(now)
         return conn
 
     def syn_ack_sent_as_cookie(self, now: float) -> None:

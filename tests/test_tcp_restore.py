@@ -1,0 +1,109 @@
+"""TcpConnection.restore: a TCB that carries on a kernel connection (daemon/tcp/kernel_state.py).
+
+Pure: a KernelTcpState as daemon/io/repair.py reads one, the TCB made
+from it, and the segments it sends and accepts.  tests/test_repair_ns.py
+shows a restored TCB's segment accepted by Linux's TCP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from daemon.tcp.config import TcpConfig
+from daemon.tcp.connection import TcpConnection
+from daemon.tcp.kernel_state import KernelTcpState
+from daemon.tcp.state import TcpState
+from daemon.wire.tcp import ACK, TcpOptions, TcpSegment
+
+NOW = 1000.0
+LOCAL = (bytes([192, 0, 2, 2]), 9000)
+REMOTE = (bytes([192, 0, 2, 1]), 40000)
+STATE = KernelTcpState(
+    local=LOCAL,
+    remote=REMOTE,
+    snd_una=0xFFFFFFF0,  # the send space wraps inside the unacknowledged bytes
+    snd_nxt=(0xFFFFFFF0 + 14) & 0xFFFFFFFF,
+    rcv_nxt=5000,
+    unacked=b"unacknowledged",
+    unread=b"not read",
+    fin_received=False,
+    snd_wnd=64512,
+    snd_wl1=4990,
+    rcv_wnd=65536,
+    rcv_wup=5000,
+    max_window=64512,
+    ts_ok=True,
+    ts_now=123456789,
+    ts_recent=987654321,
+    sack_ok=True,
+    wscale_ok=True,
+    snd_wscale=10,
+    rcv_wscale=7,
+    ecn_ok=False,
+    peer_mss=1460,
+)
+
+
+def restored(**changes: object) -> TcpConnection:
+    return TcpConnection.restore(TcpConfig(), replace(STATE, **changes), NOW)  # type: ignore[arg-type]
+
+
+def test_the_tcb_takes_the_connections_spaces_and_options() -> None:
+    tcb = restored()
+    assert tcb.state is TcpState.ESTABLISHED
+    assert (tcb.snd_una, tcb.snd_nxt, tcb.rcv_nxt) == (STATE.snd_una, STATE.snd_una, 5000)
+    assert (tcb.snd_wscale, tcb.rcv_wscale) == (10, 7)  # the kernel's, not the config's 7/7
+    assert tcb.sack_ok and tcb.ts_ok and not tcb.ecn_ok
+    assert tcb.snd_mss == 1460 - 12 and tcb.snd_wnd == 64512
+    assert tcb.ts_now(NOW) == STATE.ts_now and tcb.ts_recent == STATE.ts_recent
+    # IRS and ISS just before the queues: the unread bytes are the first the splice relays.
+    assert tcb.irs == 5000 - len(b"not read") - 1
+    assert tcb.readable() == len(b"not read") and tcb.recv(100) == b"not read"
+
+
+def test_the_unacknowledged_bytes_go_out_again_first_in_the_sockets_clock() -> None:
+    tcb = restored()
+    (seg,) = tcb.poll_output(NOW + 0.002)
+    assert (seg.seq, seg.ack, bytes(seg.payload)) == (STATE.snd_una, 5000, b"unacknowledged")
+    assert seg.flags & ACK
+    assert seg.options.timestamp == (STATE.ts_now + 2, STATE.ts_recent)
+    # The window it advertises covers at least what the socket had offered.
+    assert (seg.window << 7) + 5000 >= STATE.rcv_wup + STATE.rcv_wnd - (1 << 7)
+
+
+def test_the_peers_ack_of_them_completes_the_hand_over() -> None:
+    tcb = restored()
+    (seg,) = tcb.poll_output(NOW)
+    ack = TcpSegment(
+        REMOTE[1],
+        LOCAL[1],
+        5000,
+        (STATE.snd_una + 14) & 0xFFFFFFFF,
+        ACK,
+        63,
+        TcpOptions(timestamp=(STATE.ts_recent + 5, seg.options.timestamp[0])),  # type: ignore[index]
+    )
+    tcb.on_segment(ack, NOW + 0.001)
+    assert tcb.all_acked() and tcb.state is TcpState.ESTABLISHED
+    assert tcb.ts_recent == STATE.ts_recent + 5
+
+
+def test_no_options_means_none_are_used() -> None:
+    tcb = restored(ts_ok=False, sack_ok=False, wscale_ok=False, snd_wscale=0, rcv_wscale=0)
+    (seg,) = tcb.poll_output(NOW)
+    assert seg.options.timestamp is None and tcb.snd_mss == 1460
+    assert (tcb.snd_wscale, tcb.rcv_wscale) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("changes", "why"),
+    [
+        ({"fin_received": True}, "CLOSE_WAIT"),
+        ({"unread": bytes(1 << 20)}, "do not fit"),
+    ],
+)
+def test_what_the_tcb_cannot_carry_on_is_refused(changes: dict[str, object], why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        restored(**changes)
