@@ -71,6 +71,7 @@ SINK_PORT = 9000
 # (curl --socks5-hostname, an HTTP request for http://origin.test/).
 SERVER_NAME, SERVER_NAME4, SERVER_NAME6 = "origin.test", "origin4.test", "origin6.test"
 SOCKS_PORT = 1080
+KERNEL_SOCKS_PORT = 1081
 ENDPOINT_SOCKS_PORT = 1082
 HTTP_PROXY_PORT = 3128
 HTTP11_PROXY_PORT = 3129
@@ -352,6 +353,15 @@ class Testbed:
         return (self.topology.gateways6["client"], SOCKS_PORT)
 
     @property
+    def kernel_socks(self) -> tuple[str, int]:
+        """SOCKS5 on kernel sockets that hands each pair to the daemon (splice_sockets)."""
+        return (self.topology.gateways["client"], KERNEL_SOCKS_PORT)
+
+    @property
+    def kernel_socks6(self) -> tuple[str, int]:
+        return (self.topology.gateways6["client"], KERNEL_SOCKS_PORT)
+
+    @property
     def spliced_socks(self) -> tuple[str, int]:
         """The spliced SOCKS5 proxy (thesis Fig. 4.2): the daemon relays after the reply."""
         return (SPLICE_SERVICE, SOCKS_PORT)
@@ -571,6 +581,21 @@ class Testbed:
             if name in ("socks5-spliced", "http-proxy", "http11-proxy"):
                 argv += ["--listen", f"[{SPLICE_SERVICE6}]:{port}"]
             wanted[name] = (proxy_ns, argv)
+        # On the proxy host's own addresses: kernel sockets, taken over at splice time.
+        wanted["socks5-kernel"] = (
+            proxy_ns,
+            [
+                sys.executable,
+                "-m",
+                "proxies.socks5_kernel",
+                "--daemon",
+                str(self.daemon_socket),
+                "--listen",
+                "{}:{}".format(*self.kernel_socks),
+                "--listen",
+                "[{}]:{}".format(*self.kernel_socks6),
+            ],
+        )
         for name, (ns, argv) in wanted.items():
             rec = process.load(self.run_dir, name)
             if rec is not None and rec.alive():
@@ -685,6 +710,9 @@ class Testbed:
             f"  splice daemon    TUN {tun_name(self.prefix)}, API {self.daemon_socket}",
             f"  spliced SOCKS5   {self.spliced_socks[0]}:{self.spliced_socks[1]}"
             "  (thesis Fig. 4.2: the daemon relays after the reply)",
+            f"  kernel SOCKS5    {self.kernel_socks[0]}:{self.kernel_socks[1]},"
+            f" [{self.kernel_socks6[0]}]:{self.kernel_socks6[1]}"
+            "  (kernel sockets; each pair handed to the daemon: splice_sockets)",
             f"  spliced HTTP     {self.http_proxy[0]}:{self.http_proxy[1]}"
             "  (HTTP/1.0 proxy with a cache, thesis Fig. 4.3)",
             f"  spliced HTTP/1.1 {self.http11_proxy[0]}:{self.http11_proxy[1]}"

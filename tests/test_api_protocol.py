@@ -225,6 +225,7 @@ def test_every_op_has_a_parser() -> None:
         "intend_splice",
         "splice",
         "connect_splice",
+        "splice_sockets",
     }
 
 

@@ -40,7 +40,7 @@ def test_up_twice_is_harmless_and_down_removes_everything() -> None:
         status = tb.status()
         assert status["up"] and all(s["alive"] for s in status["services"].values())
         pids = [rec.pid for rec in process.records(tb.run_dir)]
-        assert len(pids) == 7  # origin, plain socks5, daemon, 4 daemon proxies
+        assert len(pids) == 8  # origin, plain socks5, daemon, 5 daemon proxies
         etc = [netns.NETNS_ETC_DIR / tb.host(role).ns for role in ("client", "proxy", "server")]
         assert all((d / "hosts").is_file() for d in etc)
     finally:
@@ -103,7 +103,7 @@ def test_down_after_a_crash_removes_namespaces_processes_and_files() -> None:
         stray = int(res.stdout.split()[0])
         tb = Testbed(prefix)
         services = [rec.pid for rec in process.records(tb.run_dir)]
-        assert len(services) == 7 and Path(f"/proc/{stray}").exists()
+        assert len(services) == 8 and Path(f"/proc/{stray}").exists()
     finally:
         Testbed(prefix).down()
     assert netns.list_names(prefix + "-") == []

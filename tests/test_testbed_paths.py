@@ -200,7 +200,7 @@ def test_socks5_connect_timeout_maps_to_0x06(testbed: Testbed) -> None:
             "-m",
             "proxies.socks5",
             "--listen",
-            "192.0.2.1:1081",
+            "192.0.2.1:1083",
             "--connect-timeout",
             "1",
         ],
@@ -210,7 +210,7 @@ def test_socks5_connect_timeout_maps_to_0x06(testbed: Testbed) -> None:
     try:
         assert quick.stdout is not None and quick.stdout.readline().strip() == b"ready"
         code = socks_reply_code(
-            testbed.host("client"), ("192.0.2.1", 1081), connect_request(testbed.origin[0], 82)
+            testbed.host("client"), ("192.0.2.1", 1083), connect_request(testbed.origin[0], 82)
         )
         assert code == 0x06
     finally:

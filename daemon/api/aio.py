@@ -40,7 +40,7 @@ import json
 import logging
 import socket
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Self
 
@@ -72,6 +72,7 @@ __all__ = [
     "AsyncSpliceClient",
     "DaemonGone",
     "SpliceError",
+    "wait_readable",
 ]
 
 log = logging.getLogger("daemon.api.aio")
@@ -202,6 +203,19 @@ class AsyncSpliceClient:
             len=length,
             unread=base64.b64encode(unread).decode("ascii"),
         )
+
+    async def splice_sockets(
+        self, client: socket.socket, server: socket.socket
+    ) -> dict[str, object]:
+        """Splice two of the proxy's own kernel TCP connections (docs/api.md).
+
+        The proxy accepted ``client`` and connected ``server`` itself, spoke its
+        protocol and wrote its reply; the daemon takes both connections over as
+        they stand (the sockets' descriptors go with the request).  On success
+        close both sockets: they are closed without a FIN or RST, the daemon
+        carries the connections.  On a SpliceError they are yours as before.
+        """
+        return await self._call("splice_sockets", (client.fileno(), server.fileno()))
 
     async def splice_bounded(
         self,
@@ -385,7 +399,7 @@ class AsyncSpliceClient:
 
     # -- requests and replies --------------------------------------------------
 
-    def _start(self, op: str, **args: object) -> asyncio.Future[Reply]:
+    def _start(self, op: str, fds: Sequence[int] = (), /, **args: object) -> asyncio.Future[Reply]:
         """Send one request; the future gets (reply, fd) or the error."""
         if self._gone is not None:
             raise self._gone
@@ -393,12 +407,36 @@ class AsyncSpliceClient:
         future: asyncio.Future[Reply] = self._loop.create_future()
         self._pending[rid] = future
         line = json.dumps({"id": rid, "op": op, **args}, separators=(",", ":")) + "\n"
-        self._send(line.encode())
+        data = line.encode()
+        if fds:
+            data = self._send_fds(data, fds)
+        self._send(data)
         if self._gone is not None:  # the send found the connection dead
             raise self._gone
         return future
 
+    def _send_fds(self, data: bytes, fds: Sequence[int]) -> bytes:
+        """Send ``fds`` (SCM_RIGHTS) with the first byte of ``data``; the rest to send.
+
+        Nothing may be queued ahead (the caller waited for ``_out`` to drain):
+        the descriptors belong to this request.  A full socket buffer, rare on
+        a line this short, is waited out blocking, the descriptors cannot wait
+        in ``_out``.
+        """
+        assert not self._out, "descriptors must go with their own request"
+        self._sock.setblocking(True)
+        try:
+            sent = socket.send_fds(self._sock, [data], list(fds), socket.MSG_NOSIGNAL)
+        except OSError as exc:
+            self._disconnect(DaemonGone(f"sending a request failed: {exc}"))
+            return b""
+        finally:
+            self._sock.setblocking(False)
+        return data[sent:]
+
     def _send(self, data: bytes) -> None:
+        if not data:
+            return
         if self._out:  # keep request order: behind what is already waiting
             self._out += data
             return
@@ -425,16 +463,18 @@ class AsyncSpliceClient:
         if not self._out:
             self._loop.remove_writer(self._sock.fileno())
 
-    async def _request(self, op: str, **args: object) -> Reply:
+    async def _request(self, op: str, fds: Sequence[int] = (), /, **args: object) -> Reply:
         """The reply and its fd.
 
         Cancelling the caller cancels the future; a reply that comes later
         with a new connection finds it done and releases it (``_on_line``).
         """
-        return await self._start(op, **args)
+        while fds and self._out:  # the descriptors go with this request's first byte
+            await asyncio.sleep(0.001)
+        return await self._start(op, fds, **args)
 
-    async def _call(self, op: str, **args: object) -> dict[str, object]:
-        reply, fd = await self._request(op, **args)
+    async def _call(self, op: str, fds: Sequence[int] = (), /, **args: object) -> dict[str, object]:
+        reply, fd = await self._request(op, fds, **args)
         if fd is not None:
             socket.close(fd)
         return reply
@@ -650,6 +690,18 @@ class AsyncListener:
         await self.close()
 
 
+async def wait_readable(sock: socket.socket) -> None:
+    """Until ``sock`` is readable, in the running loop (for recv with flags)."""
+    loop = asyncio.get_running_loop()
+    fileno = sock.fileno()
+    ready = loop.create_future()
+    loop.add_reader(fileno, ready.set_result, None)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fileno)
+
+
 class AsyncConnection:
     """A TCP connection terminated by the daemon, driven by the event loop.
 
@@ -723,14 +775,7 @@ class AsyncConnection:
     # -- socket-like coroutines ----------------------------------------------
 
     async def _readable(self) -> None:
-        loop = asyncio.get_running_loop()
-        fileno = self.sock.fileno()
-        ready = loop.create_future()
-        loop.add_reader(fileno, ready.set_result, None)
-        try:
-            await ready
-        finally:
-            loop.remove_reader(fileno)
+        await wait_readable(self.sock)
 
     async def recv(self, bufsize: int, flags: int = 0) -> bytes:
         """Like ``socket.recv`` (flags included), waiting in the loop."""

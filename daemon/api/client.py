@@ -34,7 +34,7 @@ import queue
 import socket
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
@@ -188,6 +188,17 @@ class SpliceClient:
             unread=base64.b64encode(unread).decode("ascii"),
         )
 
+    def splice_sockets(self, client: socket.socket, server: socket.socket) -> dict[str, object]:
+        """Splice two of the proxy's own kernel TCP connections (docs/api.md).
+
+        The proxy accepted ``client`` and connected ``server`` itself, spoke its
+        protocol and wrote its reply; the daemon takes both connections over as
+        they stand (the sockets' descriptors go with the request).  On success
+        close both sockets: they are closed without a FIN or RST, the daemon
+        carries the connections.  On a SpliceError they are yours as before.
+        """
+        return self._call("splice_sockets", (client.fileno(), server.fileno()))
+
     def connect_splice(
         self,
         client: Connection,
@@ -264,7 +275,7 @@ class SpliceClient:
 
     # -- requests and replies --------------------------------------------------
 
-    def _start(self, op: str, **args: object) -> _Call:
+    def _start(self, op: str, fds: Sequence[int] = (), /, **args: object) -> _Call:
         call = _Call()
         with self._lock:
             if self._gone is not None:
@@ -274,7 +285,11 @@ class SpliceClient:
         line = json.dumps({"id": rid, "op": op, **args}, separators=(",", ":")) + "\n"
         try:
             with self._send_lock:
-                self._sock.sendall(line.encode(), socket.MSG_NOSIGNAL)
+                data = line.encode()
+                if fds:  # SCM_RIGHTS, with the line's first byte
+                    sent = socket.send_fds(self._sock, [data], list(fds), socket.MSG_NOSIGNAL)
+                    data = data[sent:]
+                self._sock.sendall(data, socket.MSG_NOSIGNAL)
         except OSError as exc:
             with self._lock:
                 self._pending.pop(rid, None)
@@ -293,14 +308,16 @@ class SpliceClient:
         call.fd = None
         return call.reply, sock
 
-    def _call(self, op: str, **args: object) -> dict[str, object]:
-        reply, sock = self._call_fd(op, **args)
+    def _call(self, op: str, fds: Sequence[int] = (), /, **args: object) -> dict[str, object]:
+        reply, sock = self._call_fd(op, fds, **args)
         if sock is not None:
             sock.close()
         return reply
 
-    def _call_fd(self, op: str, **args: object) -> tuple[dict[str, object], socket.socket | None]:
-        call = self._start(op, **args)
+    def _call_fd(
+        self, op: str, fds: Sequence[int] = (), /, **args: object
+    ) -> tuple[dict[str, object], socket.socket | None]:
+        call = self._start(op, fds, **args)
         call.done.wait()
         return self._finish(call)
 

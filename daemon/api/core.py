@@ -150,6 +150,14 @@ class Core(Protocol):
         true`` and no socket.
         """
 
+    def splice_sockets(self, owner: int, client: socket.socket, server: socket.socket) -> Result:
+        """Take two kernel TCP connections over and splice them (daemon/io/repair.py).
+
+        On success the connections are the daemon's and the sockets are closed
+        without a sound (whoever closes the last descriptor); on an error
+        they are as they were, the proxy's.
+        """
+
     def client_gone(self, owner: int) -> None:
         """The API client disconnected.
 

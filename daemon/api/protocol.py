@@ -68,6 +68,7 @@ class ErrorCode(StrEnum):
     ECONNRESET = "ECONNRESET"  # the connection was reset before the op completed
     ECANCELED = "ECANCELED"  # the object the op waited on was closed meanwhile
     ELIMIT = "ELIMIT"  # a daemon limit (clients, connections, pending ops) was hit
+    EOPNOTSUPP = "EOPNOTSUPP"  # this daemon cannot do the op here (splice_sockets: no fast path)
     EINTERNAL = "EINTERNAL"  # a daemon bug; it was logged and the daemon carries on
 
 
@@ -210,6 +211,20 @@ class ConnectSplice:
     inline: Inline | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class SpliceSockets:
+    """Splice two of the proxy's own kernel TCP connections (passed with SCM_RIGHTS).
+
+    The thesis's splice on kernel sockets: the proxy accepted the client and
+    connected to the server itself, spoke its protocol, wrote its reply, and
+    hands both connections over as they stand (daemon/io/repair.py).  Two
+    descriptors travel with the request line: the client's, then the
+    server's.  No ``len``: what the proxy wrote is in the sockets already.
+    """
+
+    id: int
+
+
 # In an inline reply, the bound local address is written as SOCKS5 puts it
 # (RFC 1928 s.6 BND.ADDR + BND.PORT): 4 address bytes and a 2-byte port, in
 # network order (an IPv6 address would take 16 + 2).
@@ -247,6 +262,7 @@ Request = (
     | IntendSplice
     | Splice
     | ConnectSplice
+    | SpliceSockets
 )
 
 
@@ -502,6 +518,10 @@ def _parse_connect_splice(rid: int, obj: Mapping[str, object]) -> Request:
     )
 
 
+def _parse_splice_sockets(rid: int, obj: Mapping[str, object]) -> Request:
+    return SpliceSockets(rid)
+
+
 _PARSERS = {
     "hello": _parse_hello,
     "listen": _parse_listen,
@@ -516,6 +536,7 @@ _PARSERS = {
     "intend_splice": _parse_intend_splice,
     "splice": _parse_splice,
     "connect_splice": _parse_connect_splice,
+    "splice_sockets": _parse_splice_sockets,
 }
 
 OPS: tuple[str, ...] = tuple(_PARSERS)

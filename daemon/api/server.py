@@ -72,6 +72,7 @@ from daemon.api.protocol import (
     Request,
     Shutdown,
     Splice,
+    SpliceSockets,
     Stats,
 )
 
@@ -79,6 +80,9 @@ log = logging.getLogger("daemon.api")
 
 DAEMON_NAME = "tcp-splice/0.1"
 RECV_SIZE = 64 * 1024
+# Descriptors a client may have sent ahead of the requests that take them
+# (splice_sockets takes two); more and it is dropped.
+MAX_FDS_IN = 16
 ACCEPTS_PER_EVENT = 64  # bound the work one readiness event can cause
 
 Handler = Callable[[int], None]
@@ -112,6 +116,8 @@ class ApiClient:
     closed: bool = False
     # (kind, id) -> what list reports about it
     objects: dict[tuple[ObjectKind, int], dict[str, object]] = field(default_factory=dict)
+    # Descriptors received (SCM_RIGHTS) and not yet taken by a request, in order.
+    fds_in: deque[socket.socket] = field(default_factory=deque)
 
 
 class ApiServer:
@@ -240,11 +246,18 @@ class ApiServer:
 
     def _read(self, client: ApiClient) -> None:
         try:
-            data = client.sock.recv(RECV_SIZE)
+            data, fds, msg_flags, _addr = socket.recv_fds(client.sock, RECV_SIZE, MAX_FDS_IN)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._drop(client, f"recv failed: {exc}")
+            return
+        for fd in fds:
+            # Whatever was sent, the daemon holds it as a socket object, so that
+            # it is closed exactly once (by the request that takes it, or _drop).
+            client.fds_in.append(socket.socket(fileno=fd))
+        if msg_flags & socket.MSG_CTRUNC or len(client.fds_in) > MAX_FDS_IN:
+            self._drop(client, f"more than {MAX_FDS_IN} descriptors sent ahead of their requests")
             return
         if not data:
             self._drop(client, "disconnected")
@@ -321,6 +334,8 @@ class ApiServer:
             if item.fd_sock is not None:
                 item.fd_sock.close()
         client.out.clear()
+        while client.fds_in:
+            client.fds_in.popleft().close()
         for key in client.objects:
             self._owners.pop(key, None)
         client.objects.clear()
@@ -422,6 +437,19 @@ class ApiServer:
                         done,
                         req.inline,
                     )
+            case SpliceSockets():
+                if len(client.fds_in) < 2:
+                    raise ApiError(
+                        ErrorCode.EBADREQ,
+                        "splice_sockets: pass the client's and the server's socket"
+                        " with the request (SCM_RIGHTS)",
+                    )
+                socks = (client.fds_in.popleft(), client.fds_in.popleft())
+                try:
+                    self._reply(client, req.id, self.core.splice_sockets(owner, *socks))
+                finally:
+                    for s in socks:
+                        s.close()  # the daemon's copies; the core took what it needed
             case Splice():
                 self._check(client, conn, req.client)
                 self._check(client, conn, req.server)

@@ -48,7 +48,9 @@ from daemon.api.core import ApiError, Done, ObjectKind, Result
 from daemon.api.protocol import Address, ErrorCode, Inline
 from daemon.api.server import ApiServer
 from daemon.fastpath import DEFAULT_OBJECT, FastPathUnavailable
+from daemon.fastpath.sockprobe import SockProbe
 from daemon.io.fastpath import FastPathMode, start_fast_path
+from daemon.io.repair import RepairError, close_silently, endpoints, give_back, take_over
 from daemon.io.splicer import Splice, Splicer
 from daemon.io.timers import Timer, TimerHeap
 from daemon.io.tun import TunDevice, new_read_buffer
@@ -226,6 +228,7 @@ class Daemon:
         self._addresses: dict[bytes, bytes] = {}  # see _intern
         self._next_id = 1
         self._buf = new_read_buffer()
+        self._sock_probe: SockProbe | None = None  # splice_sockets: loaded on first use
         self.counters: dict[str, int] = {
             "packets_in": 0,
             "packets_out": 0,
@@ -1259,6 +1262,81 @@ class Daemon:
         inline: Inline | None = None,
     ) -> None:
         self.splicer.connect_splice(owner, client, remote, local, timeout, length, done, inline)
+
+    def splice_sockets(self, owner: int, client: socket.socket, server: socket.socket) -> Result:
+        """Take the proxy's two kernel connections over and splice them (docs/api.md).
+
+        First the fast path holds both connections' segments (they come to
+        the TUN from now on, never to the sockets being read), then each
+        socket is read in repair mode (daemon/io/repair.py) and closed
+        without a sound, and TCBs restored from what was read carry the
+        connections on into an ordinary splice.  Any failure before the
+        sockets are closed undoes the holds and leaves repair mode: the
+        connections are the proxy's as before.
+        """
+        fp = self.splicer.fast_path
+        if fp is None:
+            raise ApiError(
+                ErrorCode.EOPNOTSUPP, "splice_sockets needs the kernel fast path (it is off here)"
+            )
+        probe = self._probe()
+        tun_index = socket.if_nametoindex(self.tun.name)
+        try:
+            sides = [endpoints(sock) for sock in (client, server)]
+        except RepairError as exc:
+            raise ApiError(ErrorCode.ESTATE, f"splice_sockets: {exc}") from None
+        for local, remote in sides:
+            key = (local[0], local[1], remote[0], remote[1])
+            if key in self.flows or key in self.splicer.flows:
+                raise ApiError(ErrorCode.EADDRINUSE, "the daemon has that 4-tuple already")
+        held: list[FlowKey] = []
+        try:
+            for local, remote in sides:
+                incoming = (remote[0], remote[1], local[0], local[1])
+                fp.hold(incoming, tun_index)
+                held.append(incoming)
+            states = [take_over(sock, probe) for sock in (client, server)]
+            now = time.monotonic()
+            tcbs = [
+                TcpConnection.restore(
+                    self.tcp_config6 if len(k.local[0]) == 16 else self.tcp_config, k, now
+                )
+                for k in states
+            ]
+        except (RepairError, ValueError, OSError) as exc:
+            for key in held:
+                with contextlib.suppress(OSError, KeyError):
+                    fp.remove(key)
+            for sock in (client, server):
+                give_back(sock)
+            raise ApiError(ErrorCode.ESTATE, f"splice_sockets: {exc}") from None
+        for sock in (client, server):
+            close_silently(sock)
+        c, s = (Conn(tcb, owner, want_fd=False) for tcb in tcbs)
+        for conn in (c, s):
+            self.dirty.add(conn)  # their first segments: what the peers have not acknowledged
+        self.splicer.splice_sockets(owner, c, s, tun_index, held)
+        return {
+            "client": {"local": _addr_text(c.tcp.local), "peer": _addr_text(c.tcp.remote)},
+            "server": {"local": _addr_text(s.tcp.local), "peer": _addr_text(s.tcp.remote)},
+        }
+
+    def _probe(self) -> SockProbe:
+        """The socket probe, loaded on first use (and IPv4's accept_local on the TUN)."""
+        if self._sock_probe is None:
+            try:
+                self._sock_probe = SockProbe.load()
+            except FastPathUnavailable as exc:
+                raise ApiError(ErrorCode.EOPNOTSUPP, f"splice_sockets: {exc}") from None
+            # The taken-over connections' segments leave through the TUN with the
+            # host's own addresses as source: IPv4 drops those as martians unless
+            # told (IPv6 forwards them).
+            path = Path(f"/proc/sys/net/ipv4/conf/{self.tun.name}/accept_local")
+            try:
+                path.write_text("1")
+            except OSError as exc:
+                log.warning("cannot set %s: %s (IPv4 splice_sockets will not flow)", path, exc)
+        return self._sock_probe
 
     def client_gone(self, owner: int) -> None:
         self.splicer.client_gone(owner)

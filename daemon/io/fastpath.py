@@ -67,8 +67,12 @@ class KernelFastPath:
         side: Iface = Iface.CLIENT,
         state: SpliceState = SpliceState.SPLICED,
         out: tuple[bytes, bytes] | None = None,
+        punt_ifindex: int = 0,
     ) -> None:
-        self.fp.install(key, t, egress_ifindex, limit, fin_ack, side, state, out)
+        self.fp.install(key, t, egress_ifindex, limit, fin_ack, side, state, out, punt_ifindex)
+
+    def hold(self, key: RelayKey, punt_ifindex: int) -> None:
+        self.fp.hold(key, punt_ifindex)
 
     def watch_fin_ack(
         self, key: RelayKey, fin_ack: int | None, state: SpliceState | None = None

@@ -32,6 +32,7 @@ does not build the daemon's TCB from what it read.
 from __future__ import annotations
 
 import array
+import contextlib
 import fcntl
 import ipaddress
 import socket
@@ -42,7 +43,14 @@ from daemon.fastpath.sockprobe import SockProbe
 from daemon.tcp.config import Endpoint
 from daemon.tcp.kernel_state import KernelTcpState
 
-__all__ = ["KernelTcpState", "RepairError", "close_silently", "take_over"]
+__all__ = [
+    "KernelTcpState",
+    "RepairError",
+    "close_silently",
+    "endpoints",
+    "give_back",
+    "take_over",
+]
 
 # linux/tcp.h
 TCP_REPAIR = 19
@@ -98,12 +106,7 @@ def take_over(sock: socket.socket, probe: SockProbe) -> KernelTcpState:
     (``close_silently``).  Call it from a thread in the socket's network
     namespace (the probe looks the connection up there); needs CAP_NET_ADMIN.
     """
-    if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        raise RepairError(0, "not a TCP socket")
-    try:
-        local, remote = _endpoint(sock.getsockname()), _endpoint(sock.getpeername())
-    except OSError as exc:
-        raise RepairError(exc.errno, f"not connected: {exc.strerror}") from None
+    local, remote = endpoints(sock)
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
     state, _ca, _retr, _probes, _backoff, options, wscales, _flags = _TCP_INFO_HEAD.unpack_from(
         info
@@ -153,6 +156,22 @@ def take_over(sock: socket.socket, probe: SockProbe) -> KernelTcpState:
         ecn_ok=bool(options & TCPI_OPT_ECN),
         peer_mss=probed.mss_clamp,
     )
+
+
+def endpoints(sock: socket.socket) -> tuple[Endpoint, Endpoint]:
+    """(local, remote) of a connected TCP socket, addresses packed (IPv4-mapped: IPv4)."""
+    if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        raise RepairError(0, "not a TCP socket")
+    try:
+        return _endpoint(sock.getsockname()), _endpoint(sock.getpeername())
+    except OSError as exc:
+        raise RepairError(exc.errno, f"not connected: {exc.strerror}") from None
+
+
+def give_back(sock: socket.socket) -> None:
+    """Leave repair mode: the socket is an ordinary one again (a take-over that failed)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 0)
 
 
 def close_silently(sock: socket.socket) -> None:

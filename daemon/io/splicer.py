@@ -97,7 +97,10 @@ class FastPathPort(Protocol):
         side: Iface = Iface.CLIENT,
         state: SpliceState = SpliceState.SPLICED,
         out: tuple[bytes, bytes] | None = None,
+        punt_ifindex: int = 0,
     ) -> None: ...
+
+    def hold(self, key: RelayKey, punt_ifindex: int) -> None: ...
 
     def watch_fin_ack(
         self, key: RelayKey, fin_ack: int | None, state: SpliceState | None = None
@@ -148,6 +151,10 @@ class Splice:
     # Fast path entries installed for this splice (keys of arriving segments).
     offloaded: list[RelayKey] = field(default_factory=list)
     tap: TapPipe | None = None
+    # A splice of two kernel connections (``splice_sockets``): their addresses
+    # are the host's own, so what the fast path punts must come to this
+    # interface (the TUN), never to the kernel, which has no socket for them.
+    punt_ifindex: int = 0
 
     def conn(self, iface: Iface) -> Conn | None:
         return self.client if iface is CLIENT else self.server
@@ -430,6 +437,44 @@ class Splicer:
             result["server_limit"], result["client_limit"] = limits
         return result
 
+    def splice_sockets(
+        self, owner: int, c: Conn, s: Conn, punt_ifindex: int, held: list[RelayKey]
+    ) -> None:
+        """Splice two kernel connections the daemon has taken over (Daemon.splice_sockets).
+
+        ``c`` and ``s`` hold their TCBs as restored (no descriptor); ``held`` the
+        fast path's hold entries that send their segments to the TUN until
+        the translation replaces them.  From here on it is the thesis's
+        splice of two established connections with nothing more to come
+        from the proxy (len 0), released at once as if the proxy had closed
+        both descriptors: the TCBs send what the peers have not
+        acknowledged, the client's unread bytes go to the server first, and
+        the relay moves each side to SPLICED and into the kernel.
+        """
+        now = time.monotonic()
+        relay = Relay.intend(
+            owner,
+            c.tcp,
+            self.d._new_id(),
+            self.d.connect_config,
+            msl=self.d.tcp_config.msl,
+            offload=self.d.offload,
+            counters=self.counters,
+        )
+        relay.server_config = None  # connected already
+        sp = Splice(relay, c, s, offloaded=list(held), punt_ifindex=punt_ifindex)
+        c.is_client, s.is_client = True, False
+        relay.server_connected(s.tcp)
+        self.splices.add(sp)
+        for conn, iface in ((c, CLIENT), (s, SERVER)):
+            conn.splice = sp
+            conn.hold_rx = conn.frozen = True
+            self.flows[conn.key] = (sp, iface)
+        self.counters.kernel_sockets += 1
+        self.execute(sp, relay.splice(0, b"", now, None, b"", False))
+        for conn in (c, s):
+            self.d._close_conn(conn)  # released: no descriptor, no id, as if closed
+
     def client_gone(self, owner: int) -> None:
         """Unspliced intents die with their proxy; spliced pairs keep flowing."""
         for sp in list(self.splices):
@@ -626,7 +671,13 @@ class Splicer:
             counters=self.counters,
             now=now,
         )
-        sp = Splice(relay, None, None, offloaded=[inh.client_key, inh.server_key])
+        sp = Splice(
+            relay,
+            None,
+            None,
+            offloaded=[inh.client_key, inh.server_key],
+            punt_ifindex=inh.client_value.punt_ifindex,
+        )
         self.splices.add(sp)
         for side in (relay.client, relay.server):
             assert side is not None
@@ -837,8 +888,11 @@ class Splicer:
                 if ifindex is None:
                     raise OSError(f"no route toward {out[1].hex()}")
                 # The watch goes in with the entry: see FastPath.install.
-                fp.install(key, t, ifindex, limit, fin_ack, iface, pair.state(iface), out)
-                sp.offloaded.append(key)
+                fp.install(
+                    key, t, ifindex, limit, fin_ack, iface, pair.state(iface), out, sp.punt_ifindex
+                )
+                if key not in sp.offloaded:  # a held key is there from the start
+                    sp.offloaded.append(key)
         except (OSError, ValueError, KeyError) as exc:
             self._fast_path_failed(sp, f"install: {exc}")
 

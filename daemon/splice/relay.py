@@ -253,6 +253,7 @@ class RelayCounters:
     held_segments: int = 0  # segments beyond a limit, kept for the resuming TCB
     tapped: int = 0  # splices with a TCP tap
     tapped_bytes: int = 0  # bytes given to taps
+    kernel_sockets: int = 0  # splices of two kernel connections taken over (splice_sockets)
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}

@@ -1,0 +1,155 @@
+"""splice_sockets: a proxy on kernel sockets hands each pair to the daemon (proxies/socks5_kernel).
+
+The testbed's kernel SOCKS5 (192.0.2.1:1081, [2001:db8:c::1]:1081) accepts
+and connects with the kernel's TCP, writes its reply and passes both
+sockets to the daemon, which takes the connections over as they stand
+(daemon/io/repair.py: TCP_REPAIR and the socket probe), restores them as
+its own TCBs (TcpConnection.restore) and splices them; the fast path
+holds their segments meanwhile and sends what it punts to the TUN, since
+the closed sockets would answer a RST.  Checked against Linux peers:
+content by hash in both directions and families, rounds of 100 concurrent
+transfers, captures without a RST, and the daemon refusing cleanly (the
+proxy then copies; without the fast path it always does).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from daemon.wire.tcp import RST
+from servers.address import format_host_port
+from testbed.net import Testbed
+from tests.helpers import curl_sha256, daemon_stats, loadgen, pattern_sha256, run_py
+from tests.pcap import tcp_frames
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture(scope="module")
+def tb(spliced_tb: Testbed) -> Testbed:
+    """With the kernel fast path (splices), and without (the daemon refuses: the proxy copies)."""
+    return spliced_tb
+
+
+def ends(tb: Testbed, family: int) -> tuple[str, str]:
+    socks = tb.kernel_socks6 if family == 6 else tb.kernel_socks
+    origin = tb.origin6 if family == 6 else tb.origin
+    return format_host_port(*socks), f"http://{format_host_port(*origin)}"
+
+
+def counters(tb: Testbed) -> dict[str, int]:
+    stats = daemon_stats(tb)
+    out: dict[str, int] = dict(stats["splice_counters"])
+    for name, value in stats.get("fast_path", {}).get("counters", {}).items():
+        out["kernel_" + name] = value
+    return out
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("size", [1024, 1 << 20, 64 << 20])
+def test_curl_through_the_kernel_socks5(tb: Testbed, family: int, size: int) -> None:
+    socks, origin = ends(tb, family)
+    before = counters(tb)
+    rc, digest = curl_sha256(tb.host("client"), f"{origin}/bytes/{size}", "--socks5", socks)
+    assert rc == 0 and digest == pattern_sha256(size)
+    after = counters(tb)
+    moved = {k: after[k] - before.get(k, 0) for k in after}
+    if tb.fastpath == "on":
+        assert moved["kernel_sockets"] == 1, moved
+        assert moved["kernel_held"] >= 1, moved  # the connections' segments came to the daemon
+        if size >= 64 << 20:
+            assert moved["kernel_redirected_bytes"] >= size // 2, moved
+    else:
+        assert moved["kernel_sockets"] == 0, moved  # refused: the proxy copied
+
+
+def test_by_name_and_uploads_are_intact(tb: Testbed) -> None:
+    socks, _origin = ends(tb, 4)
+    rc, digest = curl_sha256(
+        tb.host("client"), "http://origin.test/bytes/4194304", "--socks5-hostname", socks
+    )
+    assert rc == 0 and digest == pattern_sha256(4 << 20)
+    for family in (4, 6):
+        socks, origin = ends(tb, family)
+        results = loadgen(
+            tb.host("client"),
+            "--server",
+            origin.removeprefix("http://"),
+            "--size",
+            "8M",
+            "--socks5",
+            socks,
+            "--upload",
+        )
+        assert len(results) == 1 and results[0]["ok"], results
+
+
+def test_rounds_of_100_concurrent_transfers(tb: Testbed) -> None:
+    socks, origin = ends(tb, 4)
+    for _ in range(3):
+        results = loadgen(
+            tb.host("client"),
+            "--server",
+            origin.removeprefix("http://"),
+            "--size",
+            "64K",
+            "--socks5",
+            socks,
+            "--concurrency",
+            "100",
+        )
+        failed = [r for r in results if not r["ok"]]
+        assert len(results) == 100 and failed == [], failed[:3]
+
+
+def test_neither_link_sees_a_reset(tb: Testbed, tmp_path: Path) -> None:
+    """A taken-over connection's socket is closed in repair mode and its segments never
+    reach the kernel's stack again: no RST on either link, from anyone, all the way
+    through both FINs."""
+    socks, origin = ends(tb, 4)
+    cp, ps = tmp_path / "cp.pcap", tmp_path / "ps.pcap"
+    with (
+        tb.link("client-proxy").capture(cp, side="client", snaplen=96),
+        tb.link("proxy-server").capture(ps, side="server", snaplen=96),
+    ):
+        for size in (1024, 8 << 20):
+            rc, digest = curl_sha256(tb.host("client"), f"{origin}/bytes/{size}", "--socks5", socks)
+            assert rc == 0 and digest == pattern_sha256(size)
+    proxy = ipaddress.ip_address(tb.kernel_socks[0]).packed
+    for path in (cp, ps):
+        frames = tcp_frames(path)
+        assert frames, path.name
+        assert not [f for f in frames if f.flags & RST], path.name
+    assert any(f.src == proxy for f in tcp_frames(cp))
+
+
+def test_bad_requests_get_clear_errors_and_leave_the_sockets_alone(tb: Testbed) -> None:
+    """No descriptors: EBADREQ.  Two descriptors that are not TCP connections: ESTATE
+    (EOPNOTSUPP from a daemon without the fast path, which checks that first), and they
+    are the caller's as before."""
+    out = run_py(
+        tb.host("proxy"),
+        """
+        import socket, sys
+        from daemon.api.client import SpliceClient, SpliceError
+        with SpliceClient(sys.argv[1]) as api:
+            try:
+                api._call("splice_sockets")
+            except SpliceError as exc:
+                print(exc.code)
+            a, b = socket.socketpair()
+            try:
+                api.splice_sockets(a, b)
+            except SpliceError as exc:
+                print(exc.code)
+            a.sendall(b"still mine")
+            print(b.recv(100).decode())
+            print(api.stats()["ok"])
+        """,
+        str(tb.daemon_socket),
+    )
+    refused = "ESTATE" if tb.fastpath == "on" else "EOPNOTSUPP"
+    assert out.split("\n")[:4] == ["EBADREQ", refused, "still mine", "True"], out
