@@ -54,6 +54,10 @@ class IPv6View:
         return self._tb.endpoint_socks6
 
     @property
+    def kernel_socks(self) -> tuple[str, int]:
+        return self._tb.kernel_socks6
+
+    @property
     def http11_proxy(self) -> tuple[str, int]:
         return (SPLICE_SERVICE6, self._tb.http11_proxy[1])
 

@@ -5,6 +5,9 @@
 * ``endpoint``: SOCKS5 whose TCP connections the splice daemon terminates (copying).
 * ``spliced``: the spliced SOCKS5 (the thesis's subject), when the testbed has it;
   its daemon runs the kernel fast path where BPF works (``auto``).
+* ``spliced-kernel``: the testbed's kernel SOCKS5 (``socks5-kernel``): set-up on
+  kernel sockets, then each pair handed to the same daemon
+  (``splice_sockets``: taken over with TCP_REPAIR and spliced).
 * ``spliced-py``: the same proxy on a second daemon started here with
   ``--fastpath off`` (every spliced packet relayed in Python), on its own TUN
   and the upper half of the splice network (198.51.100.128/25, more specific
@@ -257,6 +260,16 @@ def resolve(tb: Any, wanted: tuple[str, ...], work_dir: Path) -> ModeSet:
                         "daemon + " + ", ".join(names[1:]),
                         SpliceDaemon(pids[0], tb.daemon_socket),  # "daemon" comes first
                     )
+                )
+        elif name == "spliced-kernel":
+            # Kernel sockets, each pair handed to the same daemon (splice_sockets).
+            # Not in experiment 8: that daemon's memory is measured with "spliced".
+            pids, missing = _record_pids(tb.run_dir, ["daemon", "socks5-kernel"])
+            if missing:
+                found.skipped[name] = f"testbed service(s) not running: {', '.join(missing)}"
+            else:
+                found.modes.append(
+                    Mode(name, tuple(tb.kernel_socks), pids, "daemon + socks5-kernel")
                 )
         elif name == "spliced-py":
             _start_spliced_py(tb, found, work_dir)

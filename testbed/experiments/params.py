@@ -22,7 +22,15 @@ from clients.loadgen import parse_size
 from testbed.impair import LinkShape
 from testbed.topology import DEFAULT_PREFIX, check_prefix
 
-SOCKS_MODES = ("plain", "endpoint", "spliced", "spliced-py", "dante", "microsocks")
+SOCKS_MODES = (
+    "plain",
+    "endpoint",
+    "spliced",
+    "spliced-kernel",
+    "spliced-py",
+    "dante",
+    "microsocks",
+)
 HTTP_MODES = ("tinyproxy", "http11", "http11-copy")  # HTTP forward proxies: experiment 9 only
 MODES = ("router", *SOCKS_MODES, *HTTP_MODES)
 

@@ -45,6 +45,7 @@ MARKERS = {
     "endpoint": "^",
     "spliced": "D",
     "spliced-py": "d",
+    "spliced-kernel": "h",
     "dante": "v",
     "tinyproxy": "P",
     "http11": "*",
