@@ -15,14 +15,22 @@ proxy then copies; without the fast path it always does).
 from __future__ import annotations
 
 import ipaddress
+import time
 from pathlib import Path
 
 import pytest
 
-from daemon.wire.tcp import RST
+from daemon.wire.tcp import ACK, RST, SYN
 from servers.address import format_host_port
 from testbed.net import Testbed
-from tests.helpers import curl_sha256, daemon_stats, loadgen, pattern_sha256, run_py
+from tests.helpers import (
+    curl_sha256,
+    daemon_stats,
+    loadgen,
+    pattern_sha256,
+    run_py,
+    same_port_twice,
+)
 from tests.pcap import tcp_frames
 
 pytestmark = pytest.mark.root
@@ -103,6 +111,47 @@ def test_rounds_of_100_concurrent_transfers(tb: Testbed) -> None:
         )
         failed = [r for r in results if not r["ok"]]
         assert len(results) == 100 and failed == [], failed[:3]
+
+
+def test_a_client_that_reuses_its_port_at_once_gets_through(tb: Testbed, tmp_path: Path) -> None:
+    """RFC 6191: the client closed passively and connects again from the same port while the
+    daemon holds the old splice in TIMEWAIT.  The daemon's listener is not the one to answer:
+    the SYN goes back to the kernel (through the TUN, its virtio header with it) and the
+    kernel proxy takes it at once: one SYN per connection, none retransmitted."""
+    before = counters(tb)
+    pcap = tmp_path / "cp.pcap"
+    with tb.link("client-proxy").capture(pcap, side="client", snaplen=96):
+        assert same_port_twice(tb.host("client"), tb.kernel_socks, tb.origin) == "20000 20000"
+    syns = [f for f in tcp_frames(pcap) if f.flags & (SYN | ACK) == SYN and f.sport == 40123]
+    assert len(syns) == 2, [(f.seq, f.options.hex()) for f in syns]
+    after = counters(tb)
+    if tb.fastpath == "on":
+        assert after["timewait_reopened"] - before["timewait_reopened"] == 1, (before, after)
+        assert after["kernel_sockets"] - before["kernel_sockets"] == 2
+
+
+def test_the_server_sides_port_stays_taken_while_the_splice_lives(tb: Testbed) -> None:
+    """The kernel may not give a taken-over connection's local port to a new connect()
+    while the daemon still maps its 4-tuple (its TIMEWAIT, say): the daemon keeps that
+    socket open, silent, until the splice is forgotten (2 MSL, 2 s here), and only then."""
+    if tb.fastpath != "on":
+        pytest.skip("only spliced pairs hold ports")
+    socks, origin = ends(tb, 4)
+
+    def held() -> tuple[int, set[str]]:
+        stats = daemon_stats(tb)
+        out = tb.host("proxy").cmd(["ss", "-Htn", "src", "203.0.113.1", "dst", "203.0.113.2"])
+        ports = {line.split()[3].rsplit(":", 1)[1] for line in out.stdout.splitlines() if line}
+        return stats["splice_counters"]["port_holds"], ports
+
+    time.sleep(2.5)  # earlier tests' splices are forgotten
+    assert held() == (0, set())
+    rc, digest = curl_sha256(tb.host("client"), f"{origin}/bytes/1024", "--socks5", socks)
+    assert rc == 0 and digest == pattern_sha256(1024)
+    holds, ports = held()
+    assert holds == 1 and len(ports) == 1, (holds, ports)
+    time.sleep(2.5)
+    assert held() == (0, set())
 
 
 def test_neither_link_sees_a_reset(tb: Testbed, tmp_path: Path) -> None:

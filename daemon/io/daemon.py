@@ -1177,7 +1177,7 @@ class Daemon:
                 "listeners": len(self.listeners),
                 "counters": dict(self.counters) | self._listener_counters(),
                 "splice_counters": self.splicer.counters.as_dict()
-                | {"dormant": self.splicer.dormant()},
+                | {"dormant": self.splicer.dormant(), "port_holds": len(self.splicer.port_holds)},
                 "fast_path": self._fast_path_status(),
                 "splices": self.splicer.stats(),
             }
@@ -1310,12 +1310,19 @@ class Daemon:
             for sock in (client, server):
                 give_back(sock)
             raise ApiError(ErrorCode.ESTATE, f"splice_sockets: {exc}") from None
+        try:
+            # The server side's socket stays open (silent, in repair mode) so that
+            # its port stays taken while the splice lives (Splicer.port_holds).
+            port_hold: socket.socket | None = server.dup()
+        except OSError as exc:  # out of descriptors: the splice works, the port is not held
+            log.warning("splice_sockets: cannot hold the server side's port: %s", exc)
+            port_hold = None
         for sock in (client, server):
             close_silently(sock)
         c, s = (Conn(tcb, owner, want_fd=False) for tcb in tcbs)
         for conn in (c, s):
             self.dirty.add(conn)  # their first segments: what the peers have not acknowledged
-        self.splicer.splice_sockets(owner, c, s, tun_index, held)
+        self.splicer.splice_sockets(owner, c, s, tun_index, held, port_hold)
         return {
             "client": {"local": _addr_text(c.tcp.local), "peer": _addr_text(c.tcp.remote)},
             "server": {"local": _addr_text(s.tcp.local), "peer": _addr_text(s.tcp.remote)},

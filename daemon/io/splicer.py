@@ -177,6 +177,14 @@ class Splicer:
         self.fast_path = fast_path
         self._egress = egress  # destination address -> ifindex toward it
         self.fast_path_errors = 0
+        # splice_sockets: the server side's kernel socket, kept open (in repair
+        # mode, silent) until the splice is forgotten, keyed by the daemon's
+        # 4-tuple of it.  Closed, its local port would be the kernel's to give
+        # to the next connect() while the daemon still maps the 4-tuple (in
+        # TIMEWAIT, say): the new connection's SYN-ACK would be taken for the
+        # old splice's.  The client side needs none: a SYN reusing its 4-tuple
+        # is handed back to the kernel (``on_packet``).
+        self.port_holds: dict[LocalKey, socket.socket] = {}
 
     # ----------------------------------------------------------- API ops
 
@@ -438,7 +446,13 @@ class Splicer:
         return result
 
     def splice_sockets(
-        self, owner: int, c: Conn, s: Conn, punt_ifindex: int, held: list[RelayKey]
+        self,
+        owner: int,
+        c: Conn,
+        s: Conn,
+        punt_ifindex: int,
+        held: list[RelayKey],
+        port_hold: socket.socket | None,
     ) -> None:
         """Splice two kernel connections the daemon has taken over (Daemon.splice_sockets).
 
@@ -471,6 +485,8 @@ class Splicer:
             conn.hold_rx = conn.frozen = True
             self.flows[conn.key] = (sp, iface)
         self.counters.kernel_sockets += 1
+        if port_hold is not None:
+            self.port_holds[s.key] = port_hold
         self.execute(sp, relay.splice(0, b"", now, None, b"", False))
         for conn in (c, s):
             self.d._close_conn(conn)  # released: no descriptor, no id, as if closed
@@ -742,6 +758,15 @@ class Splicer:
             if sp is None:
                 return False  # its entries are gone: an unknown 4-tuple (a RST)
         keep = self.execute(sp, sp.relay.on_packet(iface, vnet, pkt, now))
+        if not keep and sp.punt_ifindex:
+            # RFC 6191 on a taken-over connection's 4-tuple (the old splice is
+            # gone now, entries and all): the new connection is the kernel's,
+            # its listener is the proxy's, so the SYN goes back in through the
+            # TUN instead of to the daemon's listeners, which would refuse it.
+            # Its virtio header goes with it: a SYN from a veth peer may carry a
+            # partial checksum (NEEDS_CSUM) that the kernel must not verify.
+            self.d.tun_write(None if vnet is None else vnet.to_bytes(), pkt)
+            return True
         self._sleep_again(sp, now)
         return keep
 
@@ -1043,6 +1068,9 @@ class Splicer:
                 key = (side.local[0], side.local[1], side.remote[0], side.remote[1])
                 if self.flows.get(key, (None,))[0] is sp:
                     del self.flows[key]
+                hold = self.port_holds.pop(key, None)
+                if hold is not None:
+                    hold.close()  # in repair mode: silent; the port is the kernel's again
         for conn in (sp.client, sp.server):
             if conn is not None:
                 if sp.relay.bounded and conn.id is not None:
@@ -1104,6 +1132,9 @@ class Splicer:
                 self._tear_down(sp)
         if handover:
             log.info("leaving %d splice(s) in the kernel for the next daemon", kept)
+        for hold in self.port_holds.values():
+            hold.close()
+        self.port_holds.clear()
 
 
 def _unread_in(sock: socket.socket | None) -> bool:
