@@ -93,14 +93,16 @@ def test_a_killed_daemon_is_noticed_and_up_repairs_it() -> None:
         assert client.stdout.readline().strip() == "negotiated"
 
         os.kill(tb.status()["services"]["daemon"]["pid"], signal.SIGKILL)
-        proxies = ("socks5-spliced", "socks5-endpoint", "http-proxy")
+        proxies = ("socks5-spliced", "socks5-endpoint", "http-proxy", "socks5-kernel")
         assert _wait(lambda: not any(_alive(tb, p) for p in proxies), 5.0), tb.status()
         assert not _alive(tb, "daemon")
-        log = (tb.run_dir / "socks5-spliced.log").read_text()
-        assert "the splice daemon went away" in log, log[-2000:]
+        for name in ("socks5-spliced", "socks5-kernel"):
+            log = (tb.run_dir / f"{name}.log").read_text()
+            assert "the splice daemon went away" in log, log[-2000:]
 
         done = tb.up()
         assert "service daemon" in done and "service socks5-spliced" in done, done
+        assert "service socks5-kernel" in done, done
         assert all(_alive(tb, p) for p in ("daemon", *proxies))
 
         client.stdin.write("go\n")
@@ -108,10 +110,12 @@ def test_a_killed_daemon_is_noticed_and_up_repairs_it() -> None:
         assert client.stdout.readline().strip() == "reset"
         client.wait(timeout=10)
 
+        kernel_proxy = "{}:{}".format(*tb.kernel_socks)
         for size in (1024, 1 << 20):
             url = "http://{}:{}/bytes/{}".format(*tb.origin, size)
-            rc, digest = curl_sha256(tb.host("client"), url, "--socks5", proxy)
-            assert rc == 0 and digest == pattern_sha256(size)
+            for via in (proxy, kernel_proxy):
+                rc, digest = curl_sha256(tb.host("client"), url, "--socks5", via)
+                assert rc == 0 and digest == pattern_sha256(size), via
     finally:
         if client is not None and client.poll() is None:
             client.kill()
