@@ -98,6 +98,10 @@ class AsyncSpliceClient:
         self._framer = LineFramer(REPLY_LIMIT)
         self._fds: deque[int] = deque()
         self._out = bytearray()  # request bytes the socket did not take yet
+        # Descriptors (SCM_RIGHTS) that go with the next bytes the socket takes:
+        # never later than the first byte of the request they belong to.
+        self._out_fds: list[int] = []
+        self._writing = False  # _flush is registered as the socket's writer
         self._last_unmatched_error = ""
         self._events: asyncio.Queue[dict[str, object] | None] = asyncio.Queue(max_events)
         self.events_dropped = 0
@@ -407,60 +411,41 @@ class AsyncSpliceClient:
         future: asyncio.Future[Reply] = self._loop.create_future()
         self._pending[rid] = future
         line = json.dumps({"id": rid, "op": op, **args}, separators=(",", ":")) + "\n"
-        data = line.encode()
-        if fds:
-            data = self._send_fds(data, fds)
-        self._send(data)
+        self._send(line.encode(), fds)
         if self._gone is not None:  # the send found the connection dead
             raise self._gone
         return future
 
-    def _send_fds(self, data: bytes, fds: Sequence[int]) -> bytes:
-        """Send ``fds`` (SCM_RIGHTS) with the first byte of ``data``; the rest to send.
+    def _send(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Queue a request behind what is waiting, and send as much as the socket takes.
 
-        Nothing may be queued ahead (the caller waited for ``_out`` to drain):
-        the descriptors belong to this request.  A full socket buffer, rare on
-        a line this short, is waited out blocking, the descriptors cannot wait
-        in ``_out``.
+        ``fds`` go with the first byte sent next: the bytes queued ahead, if
+        any, else this request's own, so they never reach the daemon after
+        the line that takes them (docs/api.md, "File descriptors").
         """
-        assert not self._out, "descriptors must go with their own request"
-        self._sock.setblocking(True)
-        try:
-            sent = socket.send_fds(self._sock, [data], list(fds), socket.MSG_NOSIGNAL)
-        except OSError as exc:
-            self._disconnect(DaemonGone(f"sending a request failed: {exc}"))
-            return b""
-        finally:
-            self._sock.setblocking(False)
-        return data[sent:]
+        self._out += data
+        self._out_fds += fds
+        if len(self._out) == len(data):  # nothing was waiting: no writer registered yet
+            self._flush()
 
-    def _send(self, data: bytes) -> None:
-        if not data:
-            return
-        if self._out:  # keep request order: behind what is already waiting
-            self._out += data
-            return
+    def _flush(self) -> None:
         try:
-            sent = self._sock.send(data, socket.MSG_NOSIGNAL)
+            if self._out_fds:
+                sent = socket.send_fds(self._sock, [self._out], self._out_fds, socket.MSG_NOSIGNAL)
+                self._out_fds = []
+            else:
+                sent = self._sock.send(self._out, socket.MSG_NOSIGNAL)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
             self._disconnect(DaemonGone(f"sending a request failed: {exc}"))
             return
-        if sent < len(data):
-            self._out += data[sent:]
-            self._loop.add_writer(self._sock.fileno(), self._on_writable)
-
-    def _on_writable(self) -> None:
-        try:
-            sent = self._sock.send(self._out, socket.MSG_NOSIGNAL)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._disconnect(DaemonGone(f"sending a request failed: {exc}"))
-            return
         del self._out[:sent]
-        if not self._out:
+        if self._out and not self._writing:
+            self._writing = True
+            self._loop.add_writer(self._sock.fileno(), self._flush)
+        elif not self._out and self._writing:
+            self._writing = False
             self._loop.remove_writer(self._sock.fileno())
 
     async def _request(self, op: str, fds: Sequence[int] = (), /, **args: object) -> Reply:
@@ -469,8 +454,6 @@ class AsyncSpliceClient:
         Cancelling the caller cancels the future; a reply that comes later
         with a new connection finds it done and releases it (``_on_line``).
         """
-        while fds and self._out:  # the descriptors go with this request's first byte
-            await asyncio.sleep(0.001)
         return await self._start(op, fds, **args)
 
     async def _call(self, op: str, fds: Sequence[int] = (), /, **args: object) -> dict[str, object]:
@@ -596,7 +579,7 @@ class AsyncSpliceClient:
         fileno = self._sock.fileno()
         if fileno >= 0:
             self._loop.remove_reader(fileno)
-            if self._out:
+            if self._writing:
                 self._loop.remove_writer(fileno)
         self._sock.close()
         while self._fds:
