@@ -243,6 +243,7 @@ class Daemon:
             "fragments": 0,
             "not_tcp": 0,
             "not_ours": 0,
+            "to_kernel": 0,  # segments of the host's own addresses handed back to the kernel
             "resets_sent": 0,
             "icmp_unreachable": 0,
             "pmtu_updates": 0,  # connections whose segment size ICMP lowered (RFC 1191)
@@ -492,6 +493,16 @@ class Daemon:
                 self.flows[c.key] = c
                 self.counters["connections_opened"] += 1
                 self.dirty.add(c)
+            return
+        if not self._serves(dst):
+            # The host's own address, not the daemon's: a taken-over kernel
+            # connection's segment that the fast path sent here (its splice is
+            # gone, or it is a SYN reusing the 4-tuple of one in TIMEWAIT, RFC
+            # 6191).  It is the kernel's, whose listener or RST answers it: back
+            # in through the TUN, virtio header and all (a veth SYN may carry a
+            # partial checksum the kernel must not verify).
+            self.counters["to_kernel"] += 1
+            self.tun_write(None if vnet is None else vnet.to_bytes(), pkt)
             return
         self.counters["not_ours"] += 1
         reply = reset_for_unknown(seg)
@@ -1327,6 +1338,11 @@ class Daemon:
             "client": {"local": _addr_text(c.tcp.local), "peer": _addr_text(c.tcp.remote)},
             "server": {"local": _addr_text(s.tcp.local), "peer": _addr_text(s.tcp.remote)},
         }
+
+    def _serves(self, addr: bytes) -> bool:
+        """Is ``addr`` in the daemon's prefixes (not the host's own addresses)?"""
+        net = self.net if len(addr) == 4 else self.net6
+        return net is not None and ipaddress.ip_address(addr) in net
 
     def _probe(self) -> SockProbe:
         """The socket probe, loaded on first use (and IPv4's accept_local on the TUN)."""

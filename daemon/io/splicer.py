@@ -183,7 +183,7 @@ class Splicer:
         # to the next connect() while the daemon still maps the 4-tuple (in
         # TIMEWAIT, say): the new connection's SYN-ACK would be taken for the
         # old splice's.  The client side needs none: a SYN reusing its 4-tuple
-        # is handed back to the kernel (``on_packet``).
+        # ends the old splice and goes back to the kernel (``Daemon._tcp_input``).
         self.port_holds: dict[LocalKey, socket.socket] = {}
 
     # ----------------------------------------------------------- API ops
@@ -239,6 +239,14 @@ class Splicer:
         self._check_spliceable(s, server_id)
         if s.connect_done is not None or s.listener is not None or s.sock is None:
             raise ApiError(ErrorCode.ESTATE, f"conn {server_id} is not an established conn")
+        sp = self._pair(owner, c, s, server_id)
+        sp.relay.reclaimed = bytes(c.pending) if c.pending is not None else b""
+        sp.relay.reclaimed_server = bytes(s.pending) if s.pending is not None else b""
+        c.pending = s.pending = None
+        return {"conn": server_id, "delivered": {"client": c.to_proxy, "server": s.to_proxy}}
+
+    def _pair(self, owner: int, c: Conn, s: Conn, server_id: int, punt_ifindex: int = 0) -> Splice:
+        """An intent over two established conns (``_intend_pair``, ``splice_sockets``)."""
         relay = Relay.intend(
             owner,
             c.tcp,
@@ -249,17 +257,14 @@ class Splicer:
             counters=self.counters,
         )
         relay.server_config = None  # nothing to connect
-        sp = Splice(relay, c, s)
+        sp = Splice(relay, c, s, punt_ifindex=punt_ifindex)
         for conn in (c, s):
             conn.splice = sp
             conn.hold_rx = True
         c.is_client, s.is_client = True, False  # either may have been the other before
-        relay.reclaimed = bytes(c.pending) if c.pending is not None else b""
-        relay.reclaimed_server = bytes(s.pending) if s.pending is not None else b""
-        c.pending = s.pending = None
         relay.server_connected(s.tcp)
         self.splices.add(sp)
-        return {"conn": server_id, "delivered": {"client": c.to_proxy, "server": s.to_proxy}}
+        return sp
 
     def connect(
         self,
@@ -465,29 +470,15 @@ class Splicer:
         acknowledged, the client's unread bytes go to the server first, and
         the relay moves each side to SPLICED and into the kernel.
         """
-        now = time.monotonic()
-        relay = Relay.intend(
-            owner,
-            c.tcp,
-            self.d._new_id(),
-            self.d.connect_config,
-            msl=self.d.tcp_config.msl,
-            offload=self.d.offload,
-            counters=self.counters,
-        )
-        relay.server_config = None  # connected already
-        sp = Splice(relay, c, s, offloaded=list(held), punt_ifindex=punt_ifindex)
-        c.is_client, s.is_client = True, False
-        relay.server_connected(s.tcp)
-        self.splices.add(sp)
+        sp = self._pair(owner, c, s, self.d._new_id(), punt_ifindex)
+        sp.offloaded.extend(held)
         for conn, iface in ((c, CLIENT), (s, SERVER)):
-            conn.splice = sp
-            conn.hold_rx = conn.frozen = True
+            conn.frozen = True
             self.flows[conn.key] = (sp, iface)
         self.counters.kernel_sockets += 1
         if port_hold is not None:
             self.port_holds[s.key] = port_hold
-        self.execute(sp, relay.splice(0, b"", now, None, b"", False))
+        self.execute(sp, sp.relay.splice(0, b"", time.monotonic(), None, b"", False))
         for conn in (c, s):
             self.d._close_conn(conn)  # released: no descriptor, no id, as if closed
 
@@ -758,15 +749,6 @@ class Splicer:
             if sp is None:
                 return False  # its entries are gone: an unknown 4-tuple (a RST)
         keep = self.execute(sp, sp.relay.on_packet(iface, vnet, pkt, now))
-        if not keep and sp.punt_ifindex:
-            # RFC 6191 on a taken-over connection's 4-tuple (the old splice is
-            # gone now, entries and all): the new connection is the kernel's,
-            # its listener is the proxy's, so the SYN goes back in through the
-            # TUN instead of to the daemon's listeners, which would refuse it.
-            # Its virtio header goes with it: a SYN from a veth peer may carry a
-            # partial checksum (NEEDS_CSUM) that the kernel must not verify.
-            self.d.tun_write(None if vnet is None else vnet.to_bytes(), pkt)
-            return True
         self._sleep_again(sp, now)
         return keep
 
