@@ -29,7 +29,7 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,35 +132,20 @@ class FastPath:
         cls, *, obj_path: Path = DEFAULT_OBJECT, max_flows: int = MAX_FLOWS_DEFAULT
     ) -> FastPath:
         """Load the program and its maps without attaching (BPF_PROG_TEST_RUN, tests)."""
-        if not obj_path.is_file():
-            raise FastPathUnavailable(f"{obj_path} is missing: run `make fastpath`")
-        try:
+
+        def size_the_map(obj: int) -> None:
             lb = libbpf.lib()
-        except libbpf.LibbpfMissing as e:
-            raise FastPathUnavailable(str(e)) from None
-        with lb.capture_log() as messages:
-            obj = lb.object_open_file(str(obj_path).encode(), None)
-            if not obj:
-                err = ctypes.get_errno()
-                raise FastPathUnavailable(f"cannot open {obj_path}: {os.strerror(err)}")
-            try:
-                flows = lb.find_map_by_name(obj, FLOWS_MAP)
-                stats = lb.find_map_by_name(obj, STATS_MAP)
-                if not flows or not stats:
-                    raise FastPathUnavailable(f"{obj_path} has no {FLOWS_MAP.decode()} map")
-                ret = lb.map_set_max_entries(flows, max_flows)
-                if ret < 0:
-                    raise FastPathUnavailable(f"max_flows={max_flows}: {libbpf.strerror(ret)}")
-                ret = lb.object_load(obj)
-                if ret < 0:
-                    raise FastPathUnavailable(_load_failure(obj_path, ret, list(messages)))
-                prog = lb.find_program_by_name(obj, PROGRAM)
-                if not prog:
-                    raise FastPathUnavailable(f"{obj_path} has no {PROGRAM.decode()} program")
-                return cls(obj, lb.program_fd(prog), lb.map_fd(flows), lb.map_fd(stats))
-            except BaseException:
-                lb.object_close(obj)
-                raise
+            flows = lb.find_map_by_name(obj, FLOWS_MAP)
+            if not flows or not lb.find_map_by_name(obj, STATS_MAP):
+                raise FastPathUnavailable(f"{obj_path} has no {FLOWS_MAP.decode()} map")
+            ret = lb.map_set_max_entries(flows, max_flows)
+            if ret < 0:
+                raise FastPathUnavailable(f"max_flows={max_flows}: {libbpf.strerror(ret)}")
+
+        obj, prog_fd = load_object(obj_path, PROGRAM, size_the_map)
+        lb = libbpf.lib()
+        flows_fd = lb.map_fd(lb.find_map_by_name(obj, FLOWS_MAP))
+        return cls(obj, prog_fd, flows_fd, lb.map_fd(lb.find_map_by_name(obj, STATS_MAP)))
 
     @classmethod
     def open(
@@ -701,6 +686,41 @@ def _privilege_hint(ret: int) -> str:
     if libbpf.errno_of(ret) == errno.EPERM:
         return " (needs root, or CAP_BPF and CAP_NET_ADMIN)"
     return ""
+
+
+def load_object(
+    obj_path: Path, program: bytes, configure: Callable[[int], None] | None = None
+) -> tuple[int, int]:
+    """Open and load a BPF object that `make fastpath` built: (the object, ``program``'s fd).
+
+    ``configure`` gets the opened object before it is loaded (map sizes).
+    Any failure is FastPathUnavailable with a one-line reason (the
+    verifier's last words, a missing privilege), and nothing stays open.
+    """
+    if not obj_path.is_file():
+        raise FastPathUnavailable(f"{obj_path} is missing: run `make fastpath`")
+    try:
+        lb = libbpf.lib()
+    except libbpf.LibbpfMissing as e:
+        raise FastPathUnavailable(str(e)) from None
+    with lb.capture_log() as messages:
+        obj = lb.object_open_file(str(obj_path).encode(), None)
+        if not obj:
+            err = ctypes.get_errno()
+            raise FastPathUnavailable(f"cannot open {obj_path}: {os.strerror(err)}")
+        try:
+            if configure is not None:
+                configure(obj)
+            ret = lb.object_load(obj)
+            if ret < 0:
+                raise FastPathUnavailable(_load_failure(obj_path, ret, list(messages)))
+            prog = lb.find_program_by_name(obj, program)
+            if not prog:
+                raise FastPathUnavailable(f"{obj_path} has no {program.decode()} program")
+            return obj, lb.program_fd(prog)
+        except BaseException:
+            lb.object_close(obj)
+            raise
 
 
 def _load_failure(obj_path: Path, ret: int, messages: list[str]) -> str:

@@ -20,14 +20,13 @@ BTF pointers), one capability more than the splice program.
 from __future__ import annotations
 
 import ctypes
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from daemon.fastpath import libbpf
-from daemon.fastpath.loader import FastPathUnavailable
+from daemon.fastpath.loader import load_object
 
 __all__ = ["DEFAULT_PROBE_OBJECT", "ProbedSocket", "SockProbe", "probe_frame"]
 
@@ -96,29 +95,8 @@ class SockProbe:
 
     @classmethod
     def load(cls, obj_path: Path = DEFAULT_PROBE_OBJECT) -> SockProbe:
-        if not obj_path.is_file():
-            raise FastPathUnavailable(f"{obj_path} is missing: run `make fastpath`")
-        try:
-            lb = libbpf.lib()
-        except libbpf.LibbpfMissing as e:
-            raise FastPathUnavailable(str(e)) from None
-        with lb.capture_log() as messages:
-            obj = lb.object_open_file(str(obj_path).encode(), None)
-            if not obj:
-                err = ctypes.get_errno()
-                raise FastPathUnavailable(f"cannot open {obj_path}: {os.strerror(err)}")
-            ret = lb.object_load(obj)
-            if ret < 0:
-                lb.object_close(obj)
-                tail = "; ".join(list(messages)[-4:])
-                raise FastPathUnavailable(
-                    f"cannot load {obj_path}: {libbpf.strerror(ret)} ({tail})"
-                )
-            prog = lb.find_program_by_name(obj, PROGRAM)
-            if not prog:
-                lb.object_close(obj)
-                raise FastPathUnavailable(f"{obj_path} has no {PROGRAM.decode()} program")
-            return cls(obj, lb.program_fd(prog))
+        """Load the probe (FastPathUnavailable with the reason if it cannot be)."""
+        return cls(*load_object(obj_path, PROGRAM))
 
     def read(self, local: tuple[bytes, int], remote: tuple[bytes, int]) -> ProbedSocket | None:
         """The connection local <-> remote in this thread's namespace; None if there is none."""

@@ -129,13 +129,14 @@ def take_over(sock: socket.socket, probe: SockProbe) -> KernelTcpState:
     probed = probe.read(local, remote)
     if probed is None:
         raise RepairError(0, "the probe found no such connection in this namespace")
-    if (probed.rcv_nxt, probed.write_seq) != (rcv_nxt, snd_nxt):
+    snd_una = (snd_nxt - outq) & 0xFFFFFFFF
+    if (probed.rcv_nxt, probed.snd_una, probed.write_seq) != (rcv_nxt, snd_una, snd_nxt):
         # Both read the same struct: a mismatch means segments still reach the socket.
         raise RepairError(0, "the connection moved while it was read: is it still live?")
     return KernelTcpState(
         local=local,
         remote=remote,
-        snd_una=(snd_nxt - outq) & 0xFFFFFFFF,
+        snd_una=snd_una,
         snd_nxt=snd_nxt,
         rcv_nxt=rcv_nxt,
         unacked=unacked,
