@@ -19,34 +19,24 @@ this proxy copies the connection itself: the client never notices.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import signal
 import socket
 import sys
-from dataclasses import dataclass
 
 from daemon.api.aio import AsyncSpliceClient, DaemonGone, SpliceError, wait_readable
 from proxies.aio_shell import close_gently, destinations_async
-from proxies.daemon_shell import check_source, local_for
-from proxies.socks5 import HANDSHAKE_TIMEOUT, add_listen_option, open_listener
-from proxies.socks5_protocol import Credentials, Reply, build_reply, reply_for_errno
-from proxies.socks5_spliced import read_request
+from proxies.daemon_shell import local_for
+from proxies.socks5 import open_listener
+from proxies.socks5_protocol import Reply, build_reply, reply_for_errno
+from proxies.socks5_spliced import SplicedConfig, negotiate, parse_args
 
 log = logging.getLogger("proxies.socks5_kernel")
 
 PROG = "socks5_kernel"
 COPY_CHUNK = 64 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class KernelConfig:
-    credentials: Credentials | None = None
-    connect_timeout: float = 10.0
-    source: str | None = None  # the address outgoing connections leave from
-    handshake_timeout: float = HANDSHAKE_TIMEOUT
 
 
 class KernelConnection:
@@ -106,18 +96,11 @@ async def copy(src: socket.socket, dst: socket.socket) -> None:
         dst.shutdown(socket.SHUT_WR)
 
 
-async def serve_client(api: AsyncSpliceClient, sock: socket.socket, config: KernelConfig) -> None:
+async def serve_client(api: AsyncSpliceClient, sock: socket.socket, config: SplicedConfig) -> None:
     client = KernelConnection(sock)
     peer = sock.getpeername()
-    try:
-        async with asyncio.timeout(config.handshake_timeout):
-            request = await read_request(client, peer, config.credentials)
-    except (OSError, TimeoutError) as exc:
-        log.info("client %s dropped during negotiation: %s", peer, exc or "timeout")
-        client.release()
-        return
+    request = await negotiate(client, peer, config)
     if request is None:
-        client.release()
         return
     try:
         remotes = await destinations_async(request.host, request.port, config.source)
@@ -146,7 +129,7 @@ async def serve_client(api: AsyncSpliceClient, sock: socket.socket, config: Kern
         server.close()
 
 
-async def _serve(path: str, listen: list[tuple[str, int]], config: KernelConfig) -> int:
+async def _serve(path: str, listen: list[tuple[str, int]], config: SplicedConfig) -> int:
     try:
         api = await AsyncSpliceClient.open(path)
     except (OSError, SpliceError) as exc:
@@ -196,26 +179,12 @@ async def _serve(path: str, listen: list[tuple[str, int]], config: KernelConfig)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    args, config = parse_args(
+        argv,
         prog="python -m proxies.socks5_kernel",
         description="SOCKS5 proxy (CONNECT) on kernel sockets; the splice daemon relays the data.",
+        addresses="an address of this host",
     )
-    parser.add_argument("--daemon", required=True, metavar="SOCKET_PATH")
-    add_listen_option(parser, " (an address of this host)")
-    parser.add_argument("--source", metavar="ADDR", help="address to connect from")
-    parser.add_argument("--user", help="require RFC 1929 username/password")
-    parser.add_argument("--password")
-    parser.add_argument("--connect-timeout", type=float, default=10.0, metavar="S")
-    parser.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT, metavar="S")
-    parser.add_argument("--log-level", default="WARNING", metavar="L")
-    args = parser.parse_args(argv)
-    if (args.user is None) != (args.password is None):
-        parser.error("--user and --password go together")
-    check_source(parser, args.source)
-    credentials = None
-    if args.user is not None:
-        credentials = Credentials(args.user.encode(), args.password.encode())
-    config = KernelConfig(credentials, args.connect_timeout, args.source, args.handshake_timeout)
     logging.basicConfig(
         level=args.log_level.upper(), format=f"%(asctime)s {PROG} %(levelname)s %(message)s"
     )

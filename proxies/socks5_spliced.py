@@ -149,20 +149,26 @@ async def read_request(
                 return event.request
 
 
+async def negotiate(conn: StreamConn, peer: object, config: SplicedConfig) -> Request | None:
+    """``read_request`` within the handshake timeout; None (``conn`` released) if none came."""
+    try:
+        async with asyncio.timeout(config.handshake_timeout):
+            request = await read_request(conn, peer, config.credentials)
+    except (OSError, TimeoutError) as exc:
+        log.info("client %s dropped during negotiation: %s", peer, exc or "timeout")
+        request = None
+    if request is None:
+        conn.release()
+    return request
+
+
 async def serve_client(
     api: AsyncSpliceClient, client: AsyncConnection, config: SplicedConfig
 ) -> None:
     """One client, from accept to splice (its own task)."""
     peer = client.peer
-    try:
-        async with asyncio.timeout(config.handshake_timeout):
-            request = await read_request(client, peer, config.credentials)
-    except (OSError, TimeoutError) as exc:
-        log.info("client %s dropped during negotiation: %s", peer, exc or "timeout")
-        client.release()
-        return
+    request = await negotiate(client, peer, config)
     if request is None:
-        client.release()
         return
     try:
         remotes = await destinations_async(request.host, request.port, config.source)
@@ -245,14 +251,18 @@ async def connect_and_splice(
     raise first_error or SpliceError("EHOSTUNREACH", "no address")
 
 
-def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, SplicedConfig]:
-    parser = argparse.ArgumentParser(
-        prog="python -m proxies.socks5_spliced",
-        description="SOCKS5 proxy (CONNECT) whose data phase is spliced by the splice daemon.",
-    )
+def parse_args(
+    argv: list[str] | None,
+    *,
+    prog: str = "python -m proxies.socks5_spliced",
+    description: str = "SOCKS5 proxy (CONNECT) whose data phase is spliced by the splice daemon.",
+    addresses: str = "a daemon address",
+) -> tuple[argparse.Namespace, SplicedConfig]:
+    """The command line of a SOCKS5 proxy attached to the daemon (this one, socks5_kernel)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--daemon", required=True, metavar="SOCKET_PATH")
-    add_listen_option(parser, " (a daemon address)")
-    parser.add_argument("--source", metavar="ADDR", help="daemon address to connect from")
+    add_listen_option(parser, f" ({addresses})")
+    parser.add_argument("--source", metavar="ADDR", help=f"{addresses} to connect from")
     parser.add_argument("--user", help="require RFC 1929 username/password")
     parser.add_argument("--password")
     parser.add_argument("--connect-timeout", type=float, default=10.0, metavar="S")
@@ -279,7 +289,7 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, SplicedConf
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, config = _parse_args(argv)
+    args, config = parse_args(argv)
     return run_proxy(
         PROG,
         daemon=args.daemon,
