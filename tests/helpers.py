@@ -50,6 +50,20 @@ def loadgen(host: Any, *args: str, timeout: float = 300) -> list[dict[str, Any]]
     return lines
 
 
+def concurrent_rounds(
+    host: Any, server: str, socks: str, size: str, rounds: int = 3, clients: int = 100
+) -> None:
+    """``rounds`` rounds of ``clients`` concurrent content-checked downloads through
+    SOCKS5 proxy ``socks`` (host:port texts); every one must succeed."""
+    for _ in range(rounds):
+        results = loadgen(
+            host, "--server", server, "--size", size, "--socks5", socks,
+            "--concurrency", str(clients),
+        )  # fmt: skip
+        failed = [r for r in results if not r["ok"]]
+        assert len(results) == clients and failed == [], failed[:3]
+
+
 def socks_reply_code(host: Any, proxy: tuple[str, int], request: bytes) -> int | None:
     """Send a raw SOCKS5 greeting + `request`; return the reply code (None: closed)."""
     code = """

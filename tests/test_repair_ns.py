@@ -10,9 +10,12 @@ closed and the capture must show that it said nothing.
 
 from __future__ import annotations
 
+import array
+import fcntl
 import ipaddress
 import secrets
 import socket
+import termios
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,11 +35,13 @@ from daemon.wire.tcp_options import parse_options
 from testbed import netns
 from testbed.net import Capture
 from tests.pcap import Frame, tcp_frames
+from tests.sockutil import wait_until
 
 pytestmark = pytest.mark.root
 
 ADDRS = {4: ("192.0.2.1", "192.0.2.2", 24), 6: ("2001:db8:7::1", "2001:db8:7::2", 64)}
 PORT = 9000
+TCP_CLOSE_WAIT, TCP_CLOSE = 8, 7  # linux/tcp_states.h
 
 
 @dataclass
@@ -107,6 +112,40 @@ def _connected(pair: Pair, family: int) -> tuple[socket.socket, socket.socket]:
     return client, server
 
 
+def _queued(sock: socket.socket, request: int) -> int:
+    buf = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), request, buf)
+    return buf[0]
+
+
+def unread(sock: socket.socket) -> int:
+    return _queued(sock, termios.FIONREAD)
+
+
+def unacked(sock: socket.socket) -> int:
+    return _queued(sock, termios.TIOCOUTQ)
+
+
+def tcp_state(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]  # TCP_ESTABLISHED 1, ...
+
+
+def take_over_unreachable(
+    pair: Pair, probe: SockProbe, server: socket.socket, data: bytes
+) -> KernelTcpState:
+    """The client's link down, ``data`` written by the server (so it stays unacknowledged),
+    the server's socket taken over and closed silently, the link up again."""
+    netns.run(pair.a, ["ip", "link", "set", "eth0", "down"], check=True)
+    try:
+        server.sendall(data)
+        assert wait_until(lambda: unacked(server) == len(data))
+        state: KernelTcpState = netns.call_in(pair.b, lambda: take_over(server, probe))
+        close_silently(server)
+    finally:
+        netns.run(pair.a, ["ip", "link", "set", "eth0", "up"], check=True)
+    return state
+
+
 def _ts(f: Frame) -> int:
     ts = parse_options(f.options).timestamp
     assert ts is not None, f
@@ -125,22 +164,15 @@ def test_what_take_over_reads_is_what_the_wire_carried(
             assert server.recv(100) == b"request"
             server.sendall(b"reply")
             assert client.recv(100) == b"reply"
-            time.sleep(0.05)
             client.sendall(b"not read by the server")  # stays in its receive queue
-            time.sleep(0.1)
-            # The client's link goes down: what the server sends now stays unacknowledged.
-            netns.run(pair.a, ["ip", "link", "set", "eth0", "down"], check=True)
-            server.sendall(b"unacknowledged")
-            time.sleep(0.1)
-            state = netns.call_in(pair.b, lambda: take_over(server, probe))
-            close_silently(server)
-            netns.run(pair.a, ["ip", "link", "set", "eth0", "up"], check=True)
-            time.sleep(0.5)
+            assert wait_until(lambda: unread(server) == 22 and unacked(client) == 0)
+            state = take_over_unreachable(pair, probe, server, b"unacknowledged")
             # The server's kernel has no socket for it any more: it answers with a RST.
             client.sendall(b"after")
-            time.sleep(0.3)
+            assert wait_until(lambda: tcp_state(client) == TCP_CLOSE)
+            # ... and the capture has it, written out before tcpdump stops.
+            assert wait_until(lambda: any(f.flags & RST for f in tcp_frames(pcap)))
         finally:
-            netns.run(pair.a, ["ip", "link", "set", "eth0", "up"], check=True)
             client.close()
     frames = tcp_frames(pcap)
     ca = ipaddress.ip_address(ADDRS[family][0]).packed
@@ -186,13 +218,7 @@ def test_a_tcb_restored_from_it_carries_the_connection_on(
         try:
             client.sendall(b"request")
             assert server.recv(100) == b"request"
-            netns.run(pair.a, ["ip", "link", "set", "eth0", "down"], check=True)
-            server.sendall(b"lost with the link")
-            time.sleep(0.1)
-            state = netns.call_in(pair.b, lambda: take_over(server, probe))
-            close_silently(server)
-            netns.run(pair.a, ["ip", "link", "set", "eth0", "up"], check=True)
-            time.sleep(0.2)
+            state = take_over_unreachable(pair, probe, server, b"lost with the link")
             tcb = TcpConnection.restore(TcpConfig(), state, time.monotonic())
             (seg,) = tcb.poll_output(time.monotonic())
             build = build_ipv4_tcp if family == 4 else build_ipv6_tcp
@@ -202,13 +228,18 @@ def test_a_tcb_restored_from_it_carries_the_connection_on(
             )
             with raw:
                 raw.sendto(packet, (ADDRS[family][0], 0))
-            time.sleep(0.3)
+            # Linux took the bytes: in sequence, in window, past PAWS.
+            assert wait_until(lambda: unread(client) == 18)
+            assert client.recv(100, socket.MSG_PEEK) == b"lost with the link"
+            ca = ipaddress.ip_address(ADDRS[family][0]).packed
+            acked = (state.snd_una + len(b"lost with the link")) & 0xFFFFFFFF
+
+            def acks() -> list[int]:
+                return [f.ack for f in tcp_frames(pcap) if f.src == ca]
+
+            assert wait_until(lambda: acked in acks()), acks()[-4:]
         finally:
-            netns.run(pair.a, ["ip", "link", "set", "eth0", "up"], check=True)
             client.close()
-    ca = ipaddress.ip_address(ADDRS[family][0]).packed
-    acks = [f.ack for f in tcp_frames(pcap) if f.src == ca]
-    assert (state.snd_una + len(b"lost with the link")) & 0xFFFFFFFF in acks, acks[-4:]
 
 
 def test_the_connection_can_be_read_in_close_wait(pair: Pair, probe: SockProbe) -> None:
@@ -216,7 +247,7 @@ def test_the_connection_can_be_read_in_close_wait(pair: Pair, probe: SockProbe) 
     try:
         client.sendall(b"last words")
         client.shutdown(socket.SHUT_WR)
-        time.sleep(0.1)
+        assert wait_until(lambda: tcp_state(server) == TCP_CLOSE_WAIT)
         state: KernelTcpState = netns.call_in(pair.b, lambda: take_over(server, probe))
         close_silently(server)
     finally:

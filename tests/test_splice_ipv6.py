@@ -20,7 +20,7 @@ import pytest
 
 from servers.address import format_host_port
 from testbed.net import Testbed
-from tests.helpers import curl_sha256, daemon_stats, loadgen, pattern_sha256
+from tests.helpers import concurrent_rounds, curl_sha256, daemon_stats, loadgen, pattern_sha256
 from tests.pcap import tcp_frames
 from tests.test_pmtu_ns import UPLOAD, run_shrinking
 
@@ -110,20 +110,7 @@ def test_an_ipv4_clients_segments_are_recut_in_the_kernel_for_an_ipv6_server(
 
 def test_rounds_of_100_concurrent_ipv6_splices(tb: Testbed) -> None:
     socks, origin = ends(tb, 6, 6)
-    for _ in range(3):
-        results = loadgen(
-            tb.host("client"),
-            "--server",
-            origin.removeprefix("http://"),
-            "--size",
-            "64K",
-            "--socks5",
-            socks,
-            "--concurrency",
-            "100",
-        )
-        failed = [r for r in results if not r["ok"]]
-        assert len(results) == 100 and failed == [], failed[:3]
+    concurrent_rounds(tb.host("client"), origin.removeprefix("http://"), socks, "64K")
 
 
 def test_each_link_carries_its_own_family_and_an_mss_that_fits_it(
