@@ -298,6 +298,7 @@ class LoopThread:
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         self._calls: deque[tuple[Callable[[], object], Future[object]]] = deque()
         self._stopping = False
+        self.after_pass: Callable[[], None] | None = None  # the daemon flushes replies here
         self._thread = threading.Thread(target=self._run, name="api-test-loop", daemon=True)
 
     def start(self) -> None:
@@ -307,6 +308,8 @@ class LoopThread:
         while not self._stopping:
             for key, mask in self.selector.select(1.0):
                 key.data(mask)
+            if self.after_pass is not None:
+                self.after_pass()
 
     def _on_wake(self, mask: int) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -569,6 +572,33 @@ def test_pipelined_requests_get_replies_matched_by_id(clients: Callable[[], RawC
         13: None,
         14: "EUNKNOWNOP",
     }
+
+
+def test_deferred_replies_wait_for_the_loops_flush(daemon: Daemon) -> None:
+    """``defer_flush``: replies of a pass go out at ``flush()``, in order, none lost."""
+
+    def defer() -> None:
+        daemon.server.defer_flush = True
+
+    daemon.loop.call(defer)
+    raw = RawClient(daemon.path)
+    try:
+        raw.sock.settimeout(0.3)
+        rid = raw.start("hello", version=1)
+        with pytest.raises(TimeoutError):
+            raw.read_line()  # queued, not sent: no flush yet
+        daemon.loop.call(daemon.server.flush)
+        raw.sock.settimeout(5)
+        assert raw.reply(rid)[0]["ok"] is True
+        # With the flush after every pass (what Daemon.run_once does), pipelined
+        # requests, replies carrying an fd included, all arrive.
+        daemon.loop.after_pass = daemon.server.flush
+        ids = [raw.start("stats") for _ in range(50)]
+        _reply, fd_sock = raw.request_fd("connect", remote=list(ECHO))
+        fd_sock.close()
+        assert all(raw.reply(i)[0]["ok"] is True for i in ids)
+    finally:
+        raw.close()
 
 
 def test_another_clients_objects_are_eperm_and_unknown_ids_enoent(

@@ -25,6 +25,13 @@ queue is bounded in bytes and in fds: an API client that does not read its
 replies is disconnected rather than letting it grow the daemon's memory or
 stall the loop.
 
+With ``defer_flush`` (the daemon sets it) replies queued during one pass of
+the loop go out when the loop calls ``flush()`` at the end of the pass, not
+as each is made: a reply wakes its proxy, which may then run on the
+daemon's CPU (a Unix socket send is a synchronous wakeup) before the daemon
+has written the packets that pass made, e.g. the first segment of a
+connection ``splice_sockets`` just took over.
+
 Ownership: every listener / conn id the server hands out is recorded with
 the API client it went to; a request naming an id gets ENOENT if no one owns
 it and EPERM if someone else does (DESIGN.md: touching another client's
@@ -145,6 +152,8 @@ class ApiServer:
         self.max_queued_fds = max_queued_fds
         self.max_pending = max_pending
         self._clients: dict[int, ApiClient] = {}
+        self.defer_flush = False
+        self._unflushed: dict[int, ApiClient] = {}  # defer_flush: queued since the last flush()
         self._owners: dict[tuple[ObjectKind, int], int] = {}
         self._next_client = 1
         self._selector: selectors.BaseSelector | None = None
@@ -285,7 +294,18 @@ class ApiServer:
             self._drop(client, "not reading its replies (output queue full)")
             return
         if len(client.out) == 1:
-            self._flush(client)  # the common case: the socket has room, skip a select round
+            # The common case: the socket has room, skip a select round.
+            if self.defer_flush:
+                self._unflushed[client.id] = client
+            else:
+                self._flush(client)
+
+    def flush(self) -> None:
+        """Send what was queued since the last call (``defer_flush``; module docstring)."""
+        while self._unflushed:
+            _cid, client = self._unflushed.popitem()
+            if not client.closed:
+                self._flush(client)
 
     def _flush(self, client: ApiClient) -> None:
         while client.out:

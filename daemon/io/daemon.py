@@ -256,6 +256,7 @@ class Daemon:
         self.api = ApiServer(
             config.socket_path, self, mode=config.socket_mode, group=config.socket_group
         )
+        self.api.defer_flush = True  # run_once flushes after the pass's packets
         self.api.register(self.sel)
         try:
             self.fast_path, self.fast_path_reason = start_fast_path(
@@ -298,6 +299,7 @@ class Daemon:
         now = time.monotonic()
         self.timers.run_due(now)
         self._service_dirty(now)
+        self.api.flush()  # replies last: the packets of this pass are out (ApiServer.defer_flush)
 
     def terminate(self, handover: bool = False) -> None:
         """Abort every connection (RST to the peers), close the API, the TUN.
