@@ -203,7 +203,7 @@ def _connect(host: str, port: int, timeout: float) -> socket.socket:
     raise last_error if last_error is not None else OSError(errno.EHOSTUNREACH, "no address")
 
 
-def _reset(sock: socket.socket) -> None:
+def reset(sock: socket.socket) -> None:
     """Close with RST (SO_LINGER 0) rather than FIN."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
@@ -284,11 +284,11 @@ def serve_client(client: socket.socket, peer: object, config: ProxyConfig) -> No
             if connect.early_data:
                 server.sendall(connect.early_data)
         except OSError:
-            _reset(server)  # the client is gone: mirror that to the server as a reset
+            reset(server)  # the client is gone: mirror that to the server as a reset
             raise
     except OSError as exc:
         log.info("client %s dropped during negotiation: %s", peer, exc)
-        _reset(client)
+        reset(client)
         return
     log.debug("relaying %s <-> %s:%d", peer, request.host, request.port)
     relay(client, server, config.copy)
@@ -337,8 +337,14 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise _Stop
 
 
-def serve(listeners: list[socket.socket], config: ProxyConfig, wake: socket.socket) -> None:
-    """Accept on every listener until a signal handler raises; each client gets its own thread.
+def serve(
+    listeners: list[socket.socket],
+    handle: Callable[[socket.socket, object], None],
+    wake: socket.socket,
+    name: str = "socks5-client",
+) -> None:
+    """Accept on every listener until a signal handler raises; ``handle(client, peer)``
+    runs in a thread of its own per client.
 
     `wake` is the read end of the signal wakeup fd (signal.set_wakeup_fd): a
     SIGTERM the kernel gives to a client's thread, or one that lands just
@@ -366,12 +372,7 @@ def serve(listeners: list[socket.socket], config: ProxyConfig, wake: socket.sock
                     continue
                 client.setblocking(True)
                 log.debug("accepted %s", peer)
-                threading.Thread(
-                    target=serve_client,
-                    args=(client, peer, config),
-                    name="socks5-client",
-                    daemon=True,
-                ).start()
+                threading.Thread(target=handle, args=(client, peer), name=name, daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -404,12 +405,29 @@ def main(argv: list[str] | None = None) -> int:
         copy = CopyStrategy.BUFFER
     config = ProxyConfig(credentials, args.connect_timeout, copy)
 
+    log.info("copy=%s", config.copy.value)
+    return run_listeners(
+        "socks5", args.listen, lambda client, peer: serve_client(client, peer, config)
+    )
+
+
+def run_listeners(
+    prog: str,
+    listen: list[tuple[str, int]],
+    handle: Callable[[socket.socket, object], None],
+    on_ready: Callable[[], None] | None = None,
+) -> int:
+    """Listen, print "ready", serve (``serve``) until SIGTERM; the exit status.
+
+    ``on_ready`` runs once the SIGTERM handler is in place (a watcher that
+    may send the process SIGTERM starts there).
+    """
     listeners: list[socket.socket] = []
-    for host, port in args.listen:
+    for host, port in listen:
         try:
             listeners.append(open_listener((host, port)))
         except OSError as exc:
-            print(f"socks5: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+            print(f"{prog}: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
             for listener in listeners:
                 listener.close()
             return 1
@@ -420,10 +438,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.set_wakeup_fd(woken.fileno(), warn_on_full_buffer=False)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:  # from here on a SIGTERM may land anywhere, so everything is inside the try
+        if on_ready is not None:
+            on_ready()
         print("ready", flush=True)
-        where = ", ".join(f"{h}:{p}" for h, p in args.listen)
-        log.info("listening on %s, copy=%s", where, config.copy.value)
-        serve(listeners, config, wake)
+        log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in listen))
+        serve(listeners, handle, wake, f"{prog}-client")
     except (_Stop, KeyboardInterrupt):
         log.info("stopping")
     finally:

@@ -10,172 +10,111 @@ stand (TCP_REPAIR, daemon/io/repair.py) and relays from then on, in the
 kernel's fast path.  Set-up is the kernel's, as for a copying proxy; only
 the hand-over is the daemon's.
 
-As in ``socks5_spliced`` the handshake is read with ``MSG_PEEK`` and
-consumed no further than the request, so bytes a client pipelines behind it
-stay in the socket, where the daemon finds them (they go to the server
-first).  If the daemon refuses the pair (no fast path, an unusual state),
-this proxy copies the connection itself: the client never notices.
+The I/O is the plain proxy's (proxies/socks5.py): a thread per client,
+blocking sockets, which is what makes a copying proxy's set-up fast here (an
+asyncio version of this proxy answered the SOCKS5 request ~0.5 ms later).
+Bytes a client pipelines behind its request are read with it; the proxy
+writes them to the server socket itself before the hand-over, where the
+daemon finds them as bytes the server has not acknowledged.  If the daemon
+refuses the pair (no fast path, an unusual state) or is gone, this proxy
+copies the connection itself: the client never notices.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
+import threading
 
-from daemon.api.aio import AsyncSpliceClient, DaemonGone, SpliceError, wait_readable
-from proxies.aio_shell import close_gently, destinations_async
-from proxies.daemon_shell import local_for
-from proxies.socks5 import open_listener
-from proxies.socks5_protocol import Reply, build_reply, reply_for_errno
-from proxies.socks5_spliced import SplicedConfig, negotiate, parse_args
+from daemon.api.client import DaemonGone, SpliceClient, SpliceError
+from proxies.daemon_shell import destinations, local_for
+from proxies.socks5 import (
+    close_gently,
+    default_copy_strategy,
+    negotiate,
+    relay,
+    reset,
+    run_listeners,
+)
+from proxies.socks5_protocol import Reply, build_reply, reply_for_connect_error
+from proxies.socks5_spliced import SplicedConfig, parse_args
 
 log = logging.getLogger("proxies.socks5_kernel")
 
 PROG = "socks5_kernel"
-COPY_CHUNK = 64 * 1024
 
 
-class KernelConnection:
-    """A kernel socket as the handshake code reads it (``aio_shell.StreamConn``)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
-        self.sock = sock
-
-    async def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        while True:
-            try:
-                return self.sock.recv(bufsize, flags)
-            except (BlockingIOError, InterruptedError):
-                await wait_readable(self.sock)
-
-    async def sendall(self, data: bytes | bytearray | memoryview) -> None:
-        await asyncio.get_running_loop().sock_sendall(self.sock, data)
-
-    def shutdown(self, how: int = socket.SHUT_WR) -> None:
-        self.sock.shutdown(how)
-
-    def release(self) -> None:
-        self.sock.close()
-
-
-async def connect_first(
-    remotes: list[tuple[str, int]], source: str | None, timeout: float
-) -> socket.socket:
-    """A kernel connection to the first address that answers; the first failure if none."""
-    loop = asyncio.get_running_loop()
+def connect_first(host: str, port: int, source: str | None, timeout: float) -> socket.socket:
+    """A kernel connection to the first address of ``host`` that answers; else the first error."""
     first_error: OSError | None = None
-    for remote in remotes:
+    for remote in destinations(host, port, source):
         family = socket.AF_INET6 if ":" in remote[0] else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setblocking(False)
+        sock.settimeout(timeout)
         try:
             local = local_for(source, remote)
             if local is not None:
                 sock.bind(local)
-            async with asyncio.timeout(timeout):
-                await loop.sock_connect(sock, remote)
-            return sock
-        except (OSError, TimeoutError) as exc:
+            sock.connect(remote)
+        except OSError as exc:
             sock.close()
-            err = exc if isinstance(exc, OSError) else TimeoutError(110, "connect timed out")
-            first_error = first_error or err
+            first_error = first_error or exc
+            continue
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
     raise first_error or OSError(113, "no address")
 
 
-async def copy(src: socket.socket, dst: socket.socket) -> None:
-    """One direction of the fallback copy, then FIN."""
-    loop = asyncio.get_running_loop()
-    with contextlib.suppress(OSError):
-        while data := await loop.sock_recv(src, COPY_CHUNK):
-            await loop.sock_sendall(dst, data)
-        dst.shutdown(socket.SHUT_WR)
-
-
-async def serve_client(api: AsyncSpliceClient, sock: socket.socket, config: SplicedConfig) -> None:
-    client = KernelConnection(sock)
-    peer = sock.getpeername()
-    request = await negotiate(client, peer, config)
-    if request is None:
-        return
+def serve_client(
+    api: SpliceClient, client: socket.socket, peer: object, config: SplicedConfig
+) -> None:
+    """One client, from its greeting to the hand-over (its own thread)."""
     try:
-        remotes = await destinations_async(request.host, request.port, config.source)
-        server = await connect_first(remotes, config.source, config.connect_timeout)
+        client.settimeout(config.handshake_timeout)
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connect = negotiate(client, peer, config.credentials)
+        if connect is None:
+            client.close()
+            return
+        request = connect.request
+        try:
+            server = connect_first(
+                request.host, request.port, config.source, config.connect_timeout
+            )
+        except OSError as exc:
+            code = reply_for_connect_error(exc)
+            log.info("connect %s:%d failed: %s -> %s", request.host, request.port, exc, code.name)
+            client.sendall(build_reply(code))
+            close_gently(client)
+            return
+        try:
+            bound = server.getsockname()
+            client.sendall(build_reply(Reply.SUCCEEDED, (bound[0], bound[1])))
+            client.settimeout(None)
+            if connect.early_data:
+                server.sendall(connect.early_data)
+        except OSError:
+            reset(server)  # the client is gone: mirror that to the server as a reset
+            raise
     except OSError as exc:
-        code = Reply.HOST_UNREACHABLE if isinstance(exc, socket.gaierror) else None
-        code = code or reply_for_errno(exc.errno or 0)
-        log.info("connect %s:%d failed: %s -> %s", request.host, request.port, exc, code.name)
-        with contextlib.suppress(OSError):
-            await client.sendall(build_reply(code))
-        await close_gently(client)
+        log.info("client %s dropped during negotiation: %s", peer, exc)
+        reset(client)
         return
     try:
-        await client.sendall(build_reply(Reply.SUCCEEDED, server.getsockname()[:2]))
-        await api.splice_sockets(sock, server)
-    except SpliceError as exc:
+        api.splice_sockets(client, server)
+    except (SpliceError, DaemonGone) as exc:
         # The pair is still ours: copy it, the client sees no difference.
         log.warning("the daemon did not splice %s: %s; copying", peer, exc)
-        await asyncio.gather(copy(sock, server), copy(server, sock))
-    except OSError as exc:
-        log.info("client %s gone before its reply: %s", peer, exc)
-    finally:
-        # Spliced: these are closed without a sound (repair mode), the daemon
-        # carries the connections on.
-        sock.close()
-        server.close()
-
-
-async def _serve(path: str, listen: list[tuple[str, int]], config: SplicedConfig) -> int:
-    try:
-        api = await AsyncSpliceClient.open(path)
-    except (OSError, SpliceError) as exc:
-        print(f"{PROG}: cannot attach to the splice daemon at {path}: {exc}", file=sys.stderr)
-        return 1
-    listeners = [open_listener(address) for address in listen]
-    loop = asyncio.get_running_loop()
-    stop: asyncio.Future[str] = loop.create_future()
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def accept_loop(listener: socket.socket) -> None:
-        listener.setblocking(False)
-        while True:
-            sock, _addr = await loop.sock_accept(listener)
-            task = asyncio.create_task(serve_client(api, sock, config))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-
-    async def watch_daemon() -> None:
-        # The daemon going away ends the proxy (the other proxies do the same).
-        with contextlib.suppress(DaemonGone):
-            async for _event in api.events():
-                pass
-        if not stop.done():
-            stop.set_result("the splice daemon went away")
-
-    def on_signal() -> None:
-        if not stop.done():
-            stop.set_result("")
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal)
-    running = [asyncio.create_task(accept_loop(lst)) for lst in listeners]
-    running.append(asyncio.create_task(watch_daemon()))
-    log.info("%s listening on %s, splicing via %s", PROG, listen, path)
-    print("ready", flush=True)
-    reason = await stop
-    for task in running:
-        task.cancel()
-    for lst in listeners:
-        lst.close()
-    api.close()
-    if reason:
-        print(f"{PROG}: {reason}", file=sys.stderr)
-        return 1
-    return 0
+        relay(client, server, default_copy_strategy())
+        return
+    # Spliced: closed without a sound (repair mode), the daemon carries them on.
+    client.close()
+    server.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,7 +127,36 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format=f"%(asctime)s {PROG} %(levelname)s %(message)s"
     )
-    return asyncio.run(_serve(args.daemon, args.listen, config))
+    try:
+        api = SpliceClient(args.daemon)
+    except (OSError, SpliceError) as exc:
+        where = args.daemon
+        print(f"{PROG}: cannot attach to the splice daemon at {where}: {exc}", file=sys.stderr)
+        return 1
+    gone = threading.Event()
+
+    def watch_daemon() -> None:
+        # The daemon going away ends the proxy (the other proxies do the same).
+        with contextlib.suppress(DaemonGone):
+            for _event in api.events():
+                pass
+        gone.set()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def start_watching() -> None:
+        threading.Thread(target=watch_daemon, name=f"{PROG}-watch", daemon=True).start()
+
+    with api:
+        status = run_listeners(
+            PROG,
+            args.listen,
+            lambda client, peer: serve_client(api, client, peer, config),
+            start_watching,
+        )
+    if gone.is_set():
+        print(f"{PROG}: the splice daemon went away", file=sys.stderr)
+        return 1
+    return status
 
 
 if __name__ == "__main__":
