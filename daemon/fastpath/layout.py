@@ -16,6 +16,7 @@ number in host order (the program does arithmetic on them).
 from __future__ import annotations
 
 import ctypes
+import struct
 
 from daemon.splice.family import V6_PLACEHOLDER
 from daemon.splice.state import Iface, SpliceState
@@ -164,13 +165,20 @@ def _addr_of(field: ctypes.Array[ctypes.c_uint8], family: int) -> bytes:
     return bytes(field)[: _LEN_OF_FAMILY[family]]
 
 
+# struct splice_key packed in one step (encode_key runs several times per splice).
+_KEY = struct.Struct("!16s16sHHB3x")
+
+
 def encode_key(key: FlowKey) -> SpliceKey:
     """The map key for packets arriving as ``key`` = (saddr, sport, daddr, dport)."""
     saddr, sport, daddr, dport = key
     family = family_of(saddr)
     if family_of(daddr) != family:
         raise ValueError("a key's addresses of two families")
-    return SpliceKey(_addr(saddr), _addr(daddr), _port(sport), _port(dport), family)
+    if not (0 <= sport <= 0xFFFF and 0 <= dport <= 0xFFFF):
+        raise ValueError(f"ports {sport}, {dport}")
+    # "16s" zero-fills: an IPv4 address fills the first 4 bytes, as in _addr.
+    return SpliceKey.from_buffer_copy(_KEY.pack(saddr, daddr, sport, dport, family))
 
 
 def state_code(state: SpliceState) -> int:
