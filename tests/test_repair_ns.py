@@ -153,6 +153,32 @@ def _ts(f: Frame) -> int:
 
 
 @pytest.mark.parametrize("family", [4, 6])
+def test_bytes_the_socket_transmitted_are_read_as_in_flight(
+    pair: Pair, probe: SockProbe, family: int, tmp_path: Path
+) -> None:
+    """The probe's snd_nxt: bytes on the wire (the capture has them) are ``sent``."""
+    pcap = tmp_path / "f.pcap"
+    client, server = _connected(pair, family)
+    try:
+        # The client's side drops what arrives: the server's bytes leave, no ACK returns.
+        tables = "iptables" if family == 4 else "ip6tables"
+        rule = ["INPUT", "-p", "tcp", "-j", "DROP"]
+        netns.run(pair.a, [tables, "-A", *rule], check=True)
+        try:
+            with Capture.start(pair.b, "eth0", pcap, snaplen=256):
+                server.sendall(b"in flight")
+                assert wait_until(lambda: unacked(server) == len(b"in flight"))
+                assert wait_until(lambda: any(f.payload_len == 9 for f in tcp_frames(pcap)))
+                state = netns.call_in(pair.b, lambda: take_over(server, probe))
+                close_silently(server)
+        finally:
+            netns.run(pair.a, [tables, "-D", *rule], check=True)
+    finally:
+        client.close()
+    assert state.unacked == b"in flight" and state.sent == len(b"in flight")
+
+
+@pytest.mark.parametrize("family", [4, 6])
 def test_what_take_over_reads_is_what_the_wire_carried(
     pair: Pair, probe: SockProbe, family: int, tmp_path: Path
 ) -> None:
@@ -189,6 +215,9 @@ def test_what_take_over_reads_is_what_the_wire_carried(
     assert state.snd_una == max(f.ack for f in from_client if not f.flags & SYN)
     assert state.unacked == b"unacknowledged"
     assert state.snd_nxt == (state.snd_una + len(b"unacknowledged")) & 0xFFFFFFFF
+    # The link had no carrier: the device refused them, the socket never sent them.
+    assert state.sent == 0
+    assert state.srtt is not None and 0 < state.srtt < 0.5  # tcpi_rtt of a veth pair
     assert state.ts_ok and state.ts_recent == _ts(last)
     # The socket's clock is at or past every TSval it sent before the take-over (its
     # retransmission timer may still resend the unacknowledged bytes, later, while

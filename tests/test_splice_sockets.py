@@ -14,6 +14,7 @@ proxy then copies; without the fast path it always does).
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 from pathlib import Path
 
@@ -122,26 +123,48 @@ def test_a_client_that_reuses_its_port_at_once_gets_through(tb: Testbed, tmp_pat
         assert after["kernel_sockets"] - before["kernel_sockets"] == 2
 
 
+# connect() to the origin from the proxy host; the local port, or the errno.
+CONNECT_ORIGIN = """
+import socket, sys
+s = socket.socket()
+try:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    print("port", s.getsockname()[1])
+except OSError as exc:
+    print("errno", exc.errno)
+"""
+
+
 def test_the_server_sides_port_stays_taken_while_the_splice_lives(tb: Testbed) -> None:
     """The kernel may not give a taken-over connection's local port to a new connect()
-    while the daemon still maps its 4-tuple (its TIMEWAIT, say): the daemon keeps that
-    socket open, silent, until the splice is forgotten (2 MSL, 2 s here), and only then."""
+    while the daemon still maps its 4-tuple (its TIMEWAIT, say): the daemon binds a
+    socket to that port (repair.hold_port) until the splice is forgotten (2 MSL, 2 s
+    here), and only then.  With one ephemeral port, a connect() from the proxy host
+    finds none free while the hold lives, and gets that port after."""
     if tb.fastpath != "on":
         pytest.skip("only spliced pairs hold ports")
     socks, origin = ends(tb, 4)
+    proxy = tb.host("proxy")
 
-    def held() -> tuple[int, set[str]]:
-        stats = daemon_stats(tb)
-        out = tb.host("proxy").cmd(["ss", "-Htn", "src", "203.0.113.1", "dst", "203.0.113.2"])
-        ports = {line.split()[3].rsplit(":", 1)[1] for line in out.stdout.splitlines() if line}
-        return stats["splice_counters"]["port_holds"], ports
+    def holds() -> int:
+        return int(daemon_stats(tb)["splice_counters"]["port_holds"])
 
-    assert wait_until(lambda: held() == (0, set())), held()  # earlier tests' splices forgotten
-    rc, digest = curl_sha256(tb.host("client"), f"{origin}/bytes/1024", "--socks5", socks)
-    assert rc == 0 and digest == pattern_sha256(1024)
-    holds, ports = held()
-    assert holds == 1 and len(ports) == 1, (holds, ports)
-    assert wait_until(lambda: held() == (0, set())), held()
+    def connect() -> str:
+        return run_py(proxy, CONNECT_ORIGIN, *map(str, tb.origin)).strip()
+
+    assert wait_until(lambda: holds() == 0), holds()  # earlier tests' splices forgotten
+    key = "net.ipv4.ip_local_port_range"
+    old = proxy.cmd(["sysctl", "-n", key], check=True).stdout.split()
+    proxy.cmd(["sysctl", "-w", f"{key}=40000 40000"], check=True)
+    try:
+        rc, digest = curl_sha256(tb.host("client"), f"{origin}/bytes/1024", "--socks5", socks)
+        assert rc == 0 and digest == pattern_sha256(1024)
+        assert holds() == 1
+        assert connect() == f"errno {errno.EADDRNOTAVAIL}"
+        assert wait_until(lambda: holds() == 0), holds()
+        assert connect() == "port 40000"
+    finally:
+        proxy.cmd(["sysctl", "-w", f"{key}={old[0]} {old[1]}"], check=True)
 
 
 def test_neither_link_sees_a_reset(tb: Testbed, tmp_path: Path) -> None:
@@ -163,6 +186,22 @@ def test_neither_link_sees_a_reset(tb: Testbed, tmp_path: Path) -> None:
         assert frames, path.name
         assert not [f for f in frames if f.flags & RST], path.name
     assert any(f.src == proxy for f in tcp_frames(cp))
+
+
+def test_the_first_request_crosses_once(tb: Testbed, tmp_path: Path) -> None:
+    """curl sends its GET the moment it has the SOCKS5 reply, so it waits in the client
+    socket when the daemon takes over: the server socket sends it before the take-over
+    (repair.forward_unread), and the restored TCB, which finds it unacknowledged, waits
+    for its ACK instead of sending it again.  One transmission on the server's link."""
+    socks, origin = ends(tb, 4)
+    ps = tmp_path / "ps.pcap"
+    with tb.link("proxy-server").capture(ps, side="server", snaplen=96):
+        for _ in range(5):
+            rc, digest = curl_sha256(tb.host("client"), f"{origin}/bytes/1024", "--socks5", socks)
+            assert rc == 0 and digest == pattern_sha256(1024)
+    server = ipaddress.ip_address(tb.origin[0]).packed
+    requests = [f for f in tcp_frames(ps) if f.dst == server and f.payload_len]
+    assert len(requests) == 5, [(f.sport, f.seq, f.payload_len) for f in requests]
 
 
 def test_bad_requests_get_clear_errors_and_leave_the_sockets_alone(tb: Testbed) -> None:

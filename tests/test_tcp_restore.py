@@ -107,3 +107,22 @@ def test_no_options_means_none_are_used() -> None:
 def test_what_the_tcb_cannot_carry_on_is_refused(changes: dict[str, object], why: str) -> None:
     with pytest.raises(ValueError, match=why):
         restored(**changes)
+
+
+def test_bytes_the_socket_sent_wait_for_their_ack_under_its_rtt_estimate() -> None:
+    """Sent bytes are in flight, not resent at once; the RTO (from tcpi_rtt) repairs a loss."""
+    tcb = restored(sent=14, srtt=0.004, rttvar=0.002)
+    assert (tcb.snd_nxt, tcb.snd_max) == ((STATE.snd_una + 14) & 0xFFFFFFFF,) * 2
+    assert not [s for s in tcb.poll_output(NOW) if s.payload]
+    assert tcb.rto.srtt == 0.004 and tcb.rto.rttvar == 0.002
+    deadline = tcb.next_deadline()
+    assert deadline == NOW + tcb.rto.current()
+    tcb.on_timer(deadline)
+    (seg,) = [s for s in tcb.poll_output(deadline) if s.payload]
+    assert (seg.seq, bytes(seg.payload)) == (STATE.snd_una, b"unacknowledged")
+
+
+def test_only_what_the_socket_had_not_sent_goes_out_at_once() -> None:
+    tcb = restored(sent=4)
+    (seg,) = tcb.poll_output(NOW)
+    assert (seg.seq, bytes(seg.payload)) == ((STATE.snd_una + 4) & 0xFFFFFFFF, b"knowledged")

@@ -39,6 +39,7 @@ struct tcp_sock {
 	struct tcp_options_received rx_opt;
 	__u32 rcv_nxt;
 	__u32 snd_una;
+	__u32 snd_nxt;
 	__u32 write_seq;
 } __attribute__((preserve_access_index));
 
@@ -104,6 +105,7 @@ int sock_probe(struct __sk_buff *skb)
 	out.rcv_nxt = tp->rcv_nxt;
 	out.snd_una = tp->snd_una;
 	out.write_seq = tp->write_seq;
+	out.snd_nxt = tp->snd_nxt;
 	bpf_sk_release(sk);
 	bpf_skb_store_bytes(skb, (void *)(th + 1) - data, &out, sizeof(out), 0);
 	return SOCK_PROBE_FOUND;

@@ -17,6 +17,7 @@ struct sock_probe {
 	__u32 rcv_nxt;
 	__u32 snd_una;
 	__u32 write_seq; /* the next byte the socket's user writes */
+	__u32 snd_nxt;   /* the next byte the socket sends */
 	__u16 mss_clamp; /* the MSS the peer offered (or the user's clamp) */
 	__u16 _pad;
 };

@@ -51,6 +51,7 @@ class _SockProbeOut(ctypes.Structure):
         ("rcv_nxt", ctypes.c_uint32),
         ("snd_una", ctypes.c_uint32),
         ("write_seq", ctypes.c_uint32),
+        ("snd_nxt", ctypes.c_uint32),
         ("mss_clamp", ctypes.c_uint16),
         ("_pad", ctypes.c_uint16),
     ]
@@ -66,6 +67,7 @@ class ProbedSocket:
     rcv_nxt: int
     snd_una: int
     write_seq: int
+    snd_nxt: int
 
 
 def probe_frame(local: tuple[bytes, int], remote: tuple[bytes, int]) -> bytes:
@@ -121,7 +123,13 @@ class SockProbe:
         at = len(frame) - ctypes.sizeof(_SockProbeOut)
         out = _SockProbeOut.from_buffer_copy(data_out.raw[at : at + ctypes.sizeof(_SockProbeOut)])
         return ProbedSocket(
-            out.state, out.ts_recent, out.mss_clamp, out.rcv_nxt, out.snd_una, out.write_seq
+            out.state,
+            out.ts_recent,
+            out.mss_clamp,
+            out.rcv_nxt,
+            out.snd_una,
+            out.write_seq,
+            out.snd_nxt,
         )
 
     def close(self) -> None:

@@ -50,7 +50,15 @@ from daemon.api.server import ApiServer
 from daemon.fastpath import DEFAULT_OBJECT, FastPathUnavailable
 from daemon.fastpath.sockprobe import SockProbe
 from daemon.io.fastpath import FastPathMode, start_fast_path
-from daemon.io.repair import RepairError, close_silently, endpoints, give_back, take_over
+from daemon.io.repair import (
+    RepairError,
+    close_silently,
+    endpoints,
+    forward_unread,
+    give_back,
+    hold_port,
+    take_over,
+)
 from daemon.io.splicer import Splice, Splicer
 from daemon.io.timers import Timer, TimerHeap
 from daemon.io.tun import TunDevice, new_read_buffer
@@ -1280,12 +1288,15 @@ class Daemon:
         """Take the proxy's two kernel connections over and splice them (docs/api.md).
 
         First the fast path holds both connections' segments (they come to
-        the TUN from now on, never to the sockets being read), then each
-        socket is read in repair mode (daemon/io/repair.py) and closed
-        without a sound, and TCBs restored from what was read carry the
-        connections on into an ordinary splice.  Any failure before the
-        sockets are closed undoes the holds and leaves repair mode: the
-        connections are the proxy's as before.
+        the TUN from now on, never to the sockets being read), then what the
+        client sent and the proxy did not read goes to the server by the
+        server socket's own send (``forward_unread``: the kernel transmits
+        the first request at once), then each socket is read in repair mode
+        (daemon/io/repair.py) and closed without a sound, and TCBs restored
+        from what was read carry the connections on into an ordinary
+        splice.  Any failure before the sockets are closed undoes the holds
+        and leaves repair mode: the connections are the proxy's as before,
+        except that bytes may have been forwarded as a copying proxy would.
         """
         fp = self.splicer.fast_path
         if fp is None:
@@ -1308,6 +1319,7 @@ class Daemon:
                 incoming = (remote[0], remote[1], local[0], local[1])
                 fp.hold(incoming, tun_index)
                 held.append(incoming)
+            forward_unread(client, server)
             states = [take_over(sock, probe) for sock in (client, server)]
             now = time.monotonic()
             tcbs = [
@@ -1323,18 +1335,18 @@ class Daemon:
             for sock in (client, server):
                 give_back(sock)
             raise ApiError(ErrorCode.ESTATE, f"splice_sockets: {exc}") from None
+        # The server side's local port stays taken while the splice lives
+        # (Splicer.port_holds), by a socket bound to it (repair.hold_port).
         try:
-            # The server side's socket stays open (silent, in repair mode) so that
-            # its port stays taken while the splice lives (Splicer.port_holds).
-            port_hold: socket.socket | None = server.dup()
-        except OSError as exc:  # out of descriptors: the splice works, the port is not held
+            port_hold: socket.socket | None = hold_port(server)
+        except OSError as exc:  # out of descriptors, say: the splice works, the port is free
             log.warning("splice_sockets: cannot hold the server side's port: %s", exc)
             port_hold = None
         for sock in (client, server):
             close_silently(sock)
         c, s = (Conn(tcb, owner, want_fd=False) for tcb in tcbs)
         for conn in (c, s):
-            self.dirty.add(conn)  # their first segments: what the peers have not acknowledged
+            self.dirty.add(conn)  # their first segments: what the sockets had not sent yet
         self.splicer.splice_sockets(owner, c, s, tun_index, held, port_hold)
         return {
             "client": {"local": _addr_text(c.tcp.local), "peer": _addr_text(c.tcp.remote)},

@@ -23,6 +23,13 @@ way CRIU checkpoints one (TCP_REPAIR, Linux 3.5+):
 * the peer's newest TSval (``ts_recent``) and the MSS it offered are in no
   socket option: daemon/fastpath/sockprobe.py reads them with a BPF program.
 
+One thing is written before the read (``forward_unread``): what the client
+connection received and the proxy never read (typically the client's first
+request, sent the moment it had the proxy's reply) is handed to the server
+socket with an ordinary send, so the kernel transmits it at once instead of
+a restored TCB in Python after the whole take-over; the server socket's
+take-over then finds it among the bytes the server has not acknowledged.
+
 This module reads; it does not stop the connection's segments from reaching
 the socket meanwhile (the caller does that first, else bytes acknowledged
 by the socket after the read would be lost to the splice), and it
@@ -34,7 +41,6 @@ from __future__ import annotations
 import array
 import contextlib
 import fcntl
-import ipaddress
 import socket
 import struct
 import termios
@@ -48,7 +54,9 @@ __all__ = [
     "RepairError",
     "close_silently",
     "endpoints",
+    "forward_unread",
     "give_back",
+    "hold_port",
     "take_over",
 ]
 
@@ -58,22 +66,30 @@ TCP_REPAIR_QUEUE = 20
 TCP_QUEUE_SEQ = 21
 TCP_TIMESTAMP = 24
 TCP_REPAIR_WINDOW = 29
+FORWARD_CHUNK = 256 * 1024
 TCP_RECV_QUEUE, TCP_SEND_QUEUE = 1, 2
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE, TCPI_OPT_ECN = 1, 2, 4, 8
 TCP_ESTABLISHED, TCP_CLOSE_WAIT = 1, 8
 
 _TCP_INFO_HEAD = struct.Struct("BBBBBBBB")  # state .. snd/rcv_wscale, then u32s
+_TCP_INFO_RTT = struct.Struct("II")  # tcpi_rtt, tcpi_rttvar (us): the 16th and 17th u32
+_TCP_INFO_RTT_AT = 8 + 15 * 4
 
 
 class RepairError(OSError):
     """The socket cannot be taken over (not TCP, not connected, not in this namespace)."""
 
 
+_V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96 (RFC 4291 2.5.5.2)
+
+
 def _endpoint(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> Endpoint:
-    ip = ipaddress.ip_address(sockaddr[0].split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # a dual-stack socket's IPv4 peer: its segments are IPv4
-    return ip.packed, sockaddr[1]
+    if len(sockaddr) == 2:
+        return socket.inet_pton(socket.AF_INET, sockaddr[0]), sockaddr[1]
+    packed = socket.inet_pton(socket.AF_INET6, sockaddr[0].split("%")[0])
+    if packed[:12] == _V4_MAPPED:
+        packed = packed[12:]  # a dual-stack socket's IPv4 peer: its segments are IPv4
+    return packed, sockaddr[1]
 
 
 def _u32(sock: socket.socket, opt: int) -> int:
@@ -113,6 +129,7 @@ def take_over(sock: socket.socket, probe: SockProbe) -> KernelTcpState:
     )
     if state not in (TCP_ESTABLISHED, TCP_CLOSE_WAIT):
         raise RepairError(0, f"connection in TCP state {state}: only ESTABLISHED or CLOSE_WAIT")
+    rtt_us, rttvar_us = _TCP_INFO_RTT.unpack_from(info, _TCP_INFO_RTT_AT)
     sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
     outq = _ioctl_int(sock, termios.TIOCOUTQ)
     inq = _ioctl_int(sock, termios.FIONREAD)
@@ -156,6 +173,9 @@ def take_over(sock: socket.socket, probe: SockProbe) -> KernelTcpState:
         rcv_wscale=wscales >> 4,
         ecn_ok=bool(options & TCPI_OPT_ECN),
         peer_mss=probed.mss_clamp,
+        sent=min((probed.snd_nxt - snd_una) & 0xFFFFFFFF, outq),
+        srtt=rtt_us / 1e6 if rtt_us else None,
+        rttvar=rttvar_us / 1e6,
     )
 
 
@@ -167,6 +187,61 @@ def endpoints(sock: socket.socket) -> tuple[Endpoint, Endpoint]:
         return _endpoint(sock.getsockname()), _endpoint(sock.getpeername())
     except OSError as exc:
         raise RepairError(exc.errno, f"not connected: {exc.strerror}") from None
+
+
+def forward_unread(client: socket.socket, server: socket.socket) -> int:
+    """Send what ``client`` received and nobody read on through ``server``; bytes moved.
+
+    Only once the client's segments are held (its receive queue is final).
+    Each chunk is peeked, sent, and consumed only as far as the server socket
+    took it, so a send that fails or is short loses nothing: the rest stays
+    in the client's queue, where ``take_over`` finds it.  A FIN stays too.
+    """
+    # The proxy may have left Nagle on; these bytes must not wait for an ACK.
+    server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    moved = 0
+    while True:
+        try:
+            data = client.recv(FORWARD_CHUNK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return moved
+        if not data:
+            return moved  # end of stream: the take-over reads CLOSE_WAIT
+        try:
+            sent = server.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            return moved
+        taken = client.recv(sent, socket.MSG_DONTWAIT)
+        if len(taken) != sent:  # cannot happen: the bytes were peeked from this queue
+            raise RepairError(0, f"consumed {len(taken)} of {sent} forwarded bytes")
+        moved += sent
+        if sent < len(data):
+            return moved
+
+
+def hold_port(sock: socket.socket) -> socket.socket:
+    """A socket bound to ``sock``'s local address and port, so connect() picks other ports.
+
+    Linux's ephemeral port choice (``__inet_hash_connect``) skips a port
+    whose bind bucket a bind() made reusable-checked (``fastreuse >= 0``);
+    a bucket made by connect() is not, so once ``sock`` is gone its port
+    would be the next connect()'s to take.  ``sock`` itself cannot be the
+    hold: a repair-mode socket kept open still retransmits what it had in
+    flight when its RTO fires.  Binding beside the live ``sock`` takes
+    SO_REUSEPORT on both (same user); the hold's own bind, without
+    SO_REUSEADDR, sets the bucket's ``fastreuse`` to 0, which outlives
+    ``sock``.
+    """
+    local = sock.getsockname()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    hold = socket.socket(sock.family, socket.SOCK_STREAM)
+    try:
+        hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        hold.bind(local)
+    except OSError:
+        hold.close()
+        raise
+    return hold
 
 
 def give_back(sock: socket.socket) -> None:

@@ -1052,7 +1052,7 @@ class Splicer:
                     del self.flows[key]
                 hold = self.port_holds.pop(key, None)
                 if hold is not None:
-                    hold.close()  # in repair mode: silent; the port is the kernel's again
+                    hold.close()  # the port is the kernel's to give again
         for conn in (sp.client, sp.server):
             if conn is not None:
                 if sp.relay.bounded and conn.id is not None:

@@ -348,10 +348,13 @@ class TcpConnection:
         SACK, timestamps, ECN; not this daemon's config), the peer's MSS and
         window, ``ts_recent``, and a timestamp clock that goes on from the
         socket's (RFC 7323 5.4: the peer's PAWS check, 5.3, must never see
-        it step back).  The bytes the peer has not acknowledged are queued
-        as not sent yet, so the first ``poll_output`` sends them again (a
-        duplicate costs the peer an ACK; a loss nobody would repair costs
-        the stream); the bytes the application did not read are readable.
+        it step back).  The bytes the peer has not acknowledged stay as the
+        socket left them: what it had transmitted counts as sent, with the
+        retransmission timer armed from the socket's own RTT estimate (its
+        ACK is likely already on its way: a resend would cost the peer a
+        duplicate, and a loss is repaired like any other), and what it had
+        not transmitted yet goes out with the first ``poll_output``; the
+        bytes the application did not read are readable.
         IRS and ISS are placed just before those queues, so a splice's base
         points (daemon/splice/session.py) put the unread bytes first on the
         other connection.  The congestion state starts afresh (initial
@@ -364,9 +367,15 @@ class TcpConnection:
             raise ValueError("the kernel's queues do not fit this TCB's buffers")
         conn = cls(config, k.local, k.remote)
         conn.iss = (k.snd_una - 1) & MASK
-        conn.snd_una = conn.snd_nxt = conn.snd_max = k.snd_una
+        conn.snd_una = k.snd_una
+        conn.snd_nxt = conn.snd_max = (k.snd_una + min(k.sent, len(k.unacked))) & MASK
         conn.send_buf.seq = k.snd_una
         conn.send_buf.write(k.unacked)
+        if k.srtt is not None:
+            conn.rto.seed(k.srtt, k.rttvar)
+        if conn.snd_max != conn.snd_una:
+            conn.rto_deadline = now + conn.rto.current()  # RFC 6298 5.1, for what is in flight
+            conn._tlp_ref = now  # RFC 8985 7.2: its last transmission is no later than now
         conn.irs = (k.rcv_nxt - len(k.unread) - 1) & MASK
         conn.rcv_nxt = conn.last_ack_sent = k.rcv_nxt
         conn.recv_buf.append(k.unread)

@@ -39,3 +39,8 @@ class KernelTcpState:
     rcv_wscale: int  # ours
     ecn_ok: bool
     peer_mss: int  # the MSS the peer offered (rx_opt.mss_clamp)
+    # How much of ``unacked`` the socket had transmitted (snd_nxt - snd_una);
+    # the rest it had not sent yet (window- or congestion-limited).
+    sent: int = 0
+    srtt: float | None = None  # the socket's RTT estimate (tcpi_rtt), seconds
+    rttvar: float = 0.0

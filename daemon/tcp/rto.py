@@ -40,11 +40,23 @@ class RtoEstimator:
             # RFC 6298 2.3: RTTVAR is updated with the old SRTT.
             self.rttvar = (1 - _BETA) * self.rttvar + _BETA * abs(self.srtt - rtt)
             self.srtt = (1 - _ALPHA) * self.srtt + _ALPHA * rtt
+        self._set_rto()
+        # RFC 6298 5.7 lets a fresh sample end the backoff.
+        self.backoff = 0
+
+    def seed(self, srtt: float, rttvar: float) -> None:
+        """Carry on another stack's estimate (a connection taken over from the kernel)."""
+        if srtt <= 0:
+            return
+        self.srtt, self.rttvar = srtt, max(rttvar, 0.0)
+        self.min_rtt = srtt if self.min_rtt is None else min(self.min_rtt, srtt)
+        self._set_rto()
+
+    def _set_rto(self) -> None:
+        assert self.srtt is not None
         rto = self.srtt + max(_GRANULARITY, _K * self.rttvar)
         # RFC 6298 2.4/2.5: clamp to [min, max].
         self.rto = min(self.max_rto, max(self.min_rto, rto))
-        # RFC 6298 5.7 lets a fresh sample end the backoff.
-        self.backoff = 0
 
     def current(self) -> float:
         """The timeout to arm now, backoff included (RFC 6298 5.5, capped 2.5)."""
