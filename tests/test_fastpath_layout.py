@@ -27,6 +27,7 @@ HEADER_DIR = Path(layout.__file__).resolve().parent
 MIRRORS: dict[str, tuple[type[ctypes.Structure], bool]] = {
     "struct splice_key": (layout.SpliceKey, True),
     "struct splice_xlate": (layout.SpliceXlate, True),
+    "struct splice_count": (layout.SpliceCount, True),
     "struct splice_stats": (layout.SpliceStats, True),
     "struct bpf_tc_hook": (libbpf.TcHook, True),
     "struct bpf_tc_opts": (libbpf.TcOpts, True),

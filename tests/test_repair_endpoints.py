@@ -50,9 +50,13 @@ def test_endpoints_are_packed_as_on_the_wire(
 
 
 def test_an_unconnected_or_non_tcp_socket_is_refused() -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        with pytest.raises(RepairError, match="not connected"):
-            endpoints(sock)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        with pytest.raises(RepairError, match="not a TCP socket"):
-            endpoints(sock)
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock,
+        pytest.raises(RepairError, match="not connected"),
+    ):
+        endpoints(sock)
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock,
+        pytest.raises(RepairError, match="not a TCP socket"),
+    ):
+        endpoints(sock)

@@ -86,7 +86,11 @@ def _wait(tb: Testbed, cond: Callable[[dict[str, Any]], bool], seconds: float) -
         if cond(st):
             return st
         if time.monotonic() > deadline:
-            raise AssertionError(f"not reached in {seconds} s: {st['splice_counters']}")
+            rows = st["splices"]
+            fast = st.get("fast_path", {}).get("counters")
+            raise AssertionError(
+                f"not reached in {seconds} s: {st['splice_counters']}; splices {rows}; fast {fast}"
+            )
         time.sleep(0.1)
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "TS_MAP",
     "TS_STRIP",
     "FlowKey",
+    "SpliceCount",
     "SpliceKey",
     "SpliceStats",
     "SpliceXlate",
@@ -112,6 +113,15 @@ class SpliceXlate(ctypes.Structure):
         ("_pad", ctypes.c_uint8 * 2),
         ("flow_label", ctypes.c_uint32),
         ("punt_ifindex", ctypes.c_uint32),
+        ("relay_packets", ctypes.c_uint64),
+        ("relay_bytes", ctypes.c_uint64),
+    ]
+
+
+class SpliceCount(ctypes.Structure):
+    """``struct splice_count``: what the program redirected for one entry (its own map)."""
+
+    _fields_ = [
         ("packets", ctypes.c_uint64),
         ("bytes", ctypes.c_uint64),
     ]
@@ -202,7 +212,7 @@ def encode(
 
     Only a fully spliced direction can be offloaded: with ``ack_delta`` None
     every segment carries the daemon's fixed ACK (thesis Fig. 5.1,
-    PRE_SPLICED), which is the daemon's business.  Counters start at zero.
+    PRE_SPLICED), which is the daemon's business.  The relay's share starts at zero.
     ``limit``: a bounded splice's limit in the input sequence space (the
     program relays only what lies wholly before it); ``fin_ack``: the ACK
     to pass up from the start (``FastPath.watch_fin_ack``); ``side`` and

@@ -14,6 +14,16 @@ never reach the TUN.  Everything else, and every segment the daemon must
 see (SYN/FIN/RST, options it does not know, the ACK of a FIN it relayed:
 ``watch_fin_ack``), is punted into the normal path.
 
+Counters.  What the program redirects it counts per entry in a map of its
+own, ``splice_counts`` (same key), which the daemon creates zero with the
+entry, reads, and deletes with it, but never rewrites: a hash map's update
+replaces the whole value, so a count kept in the entry itself lost what
+the program counted between each update's lookup and its write (a FIN
+watch, the relay's share added at dormancy; a bulk transfer's GSO packets
+are tens of KB each).  The entry keeps only the daemon's own share
+(``relay_packets``, ``relay_bytes``: ``add_counters``); ``counters`` and
+``remove`` sum both.
+
 Ownership.  ``close`` removes exactly what ``open`` made: its own filters
 (by handle and priority, which the kernel picked, so two instances never
 collide) and a clsact qdisc only where this instance created it and no other
@@ -40,6 +50,7 @@ from daemon.fastpath import libbpf
 from daemon.fastpath.layout import (
     MAX_FLOWS_DEFAULT,
     FlowKey,
+    SpliceCount,
     SpliceKey,
     SpliceStats,
     SpliceXlate,
@@ -77,6 +88,7 @@ log = logging.getLogger("daemon.fastpath")
 DEFAULT_OBJECT = Path(__file__).resolve().parents[2] / "build" / "fastpath" / "splice.bpf.o"
 PROGRAM = b"splice_ingress"
 FLOWS_MAP = b"splice_flows"
+COUNTS_MAP = b"splice_counts"
 STATS_MAP = b"splice_stats"
 
 TC_ACT_OK = 0
@@ -115,12 +127,15 @@ _created_lock = threading.Lock()
 class FastPath:
     """A loaded splice program, its flow map, and the filters that run it."""
 
-    def __init__(self, obj: int, prog_fd: int, flows_fd: int, stats_fd: int) -> None:
+    def __init__(
+        self, obj: int, prog_fd: int, flows_fd: int, stats_fd: int, counts_fd: int
+    ) -> None:
         """Use ``open`` or ``load_only``."""
         self._obj: int | None = obj
         self._prog_fd = prog_fd
         self._flows_fd = flows_fd
         self._stats_fd = stats_fd
+        self._counts_fd = counts_fd
         self._filters: list[_Filter] = []
         self._netns_fd: int | None = None
         self._lock = threading.Lock()
@@ -135,17 +150,18 @@ class FastPath:
 
         def size_the_map(obj: int) -> None:
             lb = libbpf.lib()
-            flows = lb.find_map_by_name(obj, FLOWS_MAP)
-            if not flows or not lb.find_map_by_name(obj, STATS_MAP):
-                raise FastPathUnavailable(f"{obj_path} has no {FLOWS_MAP.decode()} map")
-            ret = lb.map_set_max_entries(flows, max_flows)
-            if ret < 0:
-                raise FastPathUnavailable(f"max_flows={max_flows}: {libbpf.strerror(ret)}")
+            for name in (FLOWS_MAP, STATS_MAP, COUNTS_MAP):
+                if not lb.find_map_by_name(obj, name):
+                    raise FastPathUnavailable(f"{obj_path} has no {name.decode()} map")
+            for name in (FLOWS_MAP, COUNTS_MAP):  # one count per entry
+                ret = lb.map_set_max_entries(lb.find_map_by_name(obj, name), max_flows)
+                if ret < 0:
+                    raise FastPathUnavailable(f"max_flows={max_flows}: {libbpf.strerror(ret)}")
 
         obj, prog_fd = load_object(obj_path, PROGRAM, size_the_map)
         lb = libbpf.lib()
-        flows_fd = lb.map_fd(lb.find_map_by_name(obj, FLOWS_MAP))
-        return cls(obj, prog_fd, flows_fd, lb.map_fd(lb.find_map_by_name(obj, STATS_MAP)))
+        fds = [lb.map_fd(lb.find_map_by_name(obj, n)) for n in (FLOWS_MAP, STATS_MAP, COUNTS_MAP)]
+        return cls(obj, prog_fd, *fds)
 
     @classmethod
     def open(
@@ -169,7 +185,7 @@ class FastPath:
         try:
             for key, value in preload:
                 try:
-                    fp._update(key, value, libbpf.BPF_NOEXIST)
+                    fp._put(key, value, libbpf.BPF_NOEXIST)
                 except OSError as exc:  # e.g. a smaller max_flows: relayed in Python
                     log.warning("could not carry a flow over into the new map: %s", exc)
             fp._netns_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -287,7 +303,7 @@ class FastPath:
         ``punt_ifindex``: what the entry punts goes there, not to the kernel.
         """
         value = encode(t, egress_ifindex, limit, fin_ack, side, state, out, punt_ifindex)
-        self._update(key, value, libbpf.BPF_ANY)
+        self._put(key, value, libbpf.BPF_ANY)
 
     def hold(self, key: FlowKey, punt_ifindex: int) -> None:
         """Send every segment carrying ``key`` to ``punt_ifindex`` untouched (``hold_entry``)."""
@@ -302,9 +318,9 @@ class FastPath:
         it closes.  ``None`` ends the watch once that ACK was seen (a
         half-closed splice keeps carrying the other direction in the
         kernel).  Raises KeyError if ``key`` is not installed.  The value
-        is replaced whole (hash maps have no partial update), carrying the
-        counters read just before: packets counted by the program in
-        between, a syscall's worth at most, are lost from the statistics.
+        is replaced whole (hash maps have no partial update); the program
+        never writes it (its counts are in ``splice_counts``), so nothing
+        of it is lost in between.
         ``state``: the side's Fig. 5.1 state after the change, if it moved.
         """
         value = self._lookup(key)
@@ -317,45 +333,46 @@ class FastPath:
         self._update(key, value, libbpf.BPF_EXIST)
 
     def remove(self, key: FlowKey) -> tuple[int, int]:
-        """Stop offloading ``key``; its final (packets, payload bytes), (0, 0) if absent."""
-        lb = libbpf.lib()
+        """Stop offloading ``key``; its final (packets, payload bytes), (0, 0) if absent.
+
+        The entry goes first, its count after it: the program counts no
+        packet once the entry is gone, so the count read then is final.
+        """
         k = encode_key(key)
         value = SpliceXlate()
-        ret = lb.map_lookup_and_delete_elem(self._flows_fd, ctypes.byref(k), ctypes.byref(value))
-        if ret < 0 and libbpf.errno_of(ret) in (errno.EINVAL, errno.EOPNOTSUPP, _ENOTSUPP):
-            # Kernels before 5.14 cannot look up and delete a hash entry at once.
-            found = self._lookup(key)
-            if found is None:
-                return (0, 0)
-            lb.map_delete_elem(self._flows_fd, ctypes.byref(k))
-            return (found.packets, found.bytes)
-        if ret < 0:
-            if libbpf.errno_of(ret) == errno.ENOENT:
-                return (0, 0)
-            raise _os_error(ret, "remove")
-        return (value.packets, value.bytes)
+        found = _take(self._flows_fd, k, value, "remove")
+        count = SpliceCount()
+        counted = _take(self._counts_fd, k, count, "remove the count")
+        packets = (value.relay_packets if found else 0) + (count.packets if counted else 0)
+        nbytes = (value.relay_bytes if found else 0) + (count.bytes if counted else 0)
+        return (packets, nbytes)
 
     def entry(self, key: FlowKey) -> SpliceXlate | None:
         """The entry of ``key`` as the kernel holds it now, or None."""
         return self._lookup(key)
 
     def add_counters(self, key: FlowKey, packets: int, nbytes: int) -> None:
-        """Add to an entry's counters (what the daemon relayed itself, kept with the kernel's).
+        """Add to an entry's relay share (what the daemon relayed itself, kept with the kernel's).
 
-        Replaces the value whole, like ``watch_fin_ack``: packets the program
-        counts in between are lost from the statistics.  KeyError if absent.
+        Replaces the entry whole, like ``watch_fin_ack``, and like it loses
+        nothing: the program's own count is not in the entry.  KeyError if
+        absent.
         """
         value = self._lookup(key)
         if value is None:
             raise KeyError(key)
-        value.packets += packets
-        value.bytes += nbytes
+        value.relay_packets += packets
+        value.relay_bytes += nbytes
         self._update(key, value, libbpf.BPF_EXIST)
 
     def counters(self, key: FlowKey) -> tuple[int, int]:
-        """(packets, payload bytes) redirected for ``key`` so far; (0, 0) if absent."""
+        """(packets, payload bytes) of ``key`` so far: the program's count plus the relay
+        share; (0, 0) if absent."""
         value = self._lookup(key)
-        return (0, 0) if value is None else (value.packets, value.bytes)
+        if value is None:
+            return (0, 0)
+        packets, nbytes = self._count(key)
+        return (value.relay_packets + packets, value.relay_bytes + nbytes)
 
     def global_stats(self) -> dict[str, int]:
         """The program's global counters summed over CPUs, by their splice_map.h names."""
@@ -380,6 +397,33 @@ class FastPath:
                 return None
             raise _os_error(ret, "lookup")
         return value
+
+    def _count(self, key: FlowKey) -> tuple[int, int]:
+        """The program's (packets, payload bytes) for ``key``; (0, 0) if it has no count."""
+        k = encode_key(key)
+        count = SpliceCount()
+        ret = libbpf.lib().map_lookup_elem(self._counts_fd, ctypes.byref(k), ctypes.byref(count))
+        if ret < 0:
+            if libbpf.errno_of(ret) == errno.ENOENT:
+                return (0, 0)
+            raise _os_error(ret, "count lookup")
+        return (count.packets, count.bytes)
+
+    def _put(self, key: FlowKey, value: SpliceXlate, flags: int) -> None:
+        """A new entry for ``key`` with its count at zero (the count first: no
+        packet the entry redirects goes uncounted)."""
+        lb = libbpf.lib()
+        k = encode_key(key)
+        zero = ctypes.byref(SpliceCount())
+        ret = lb.map_update_elem(self._counts_fd, ctypes.byref(k), zero, libbpf.BPF_ANY)
+        if ret < 0:
+            raise _os_error(ret, "count update")
+        try:
+            self._update(key, value, flags)
+        except BaseException:
+            if self._lookup(key) is None:  # no entry: no count either
+                lb.map_delete_elem(self._counts_fd, ctypes.byref(k))
+            raise
 
     def _update(self, key: FlowKey, value: SpliceXlate, flags: int) -> None:
         k = encode_key(key)
@@ -504,6 +548,22 @@ def detach(f: StaleFilter) -> None:
     _detach(_Filter(f.ifindex, f.handle, f.priority, None))
 
 
+def _take(map_fd: int, k: SpliceKey, value: ctypes.Structure, what: str) -> bool:
+    """Look ``k`` up in ``map_fd`` into ``value`` and delete it; False if absent."""
+    lb = libbpf.lib()
+    ret = lb.map_lookup_and_delete_elem(map_fd, ctypes.byref(k), ctypes.byref(value))
+    if ret < 0 and libbpf.errno_of(ret) in (errno.EINVAL, errno.EOPNOTSUPP, _ENOTSUPP):
+        # Kernels before 5.14 cannot look up and delete a hash entry at once.
+        ret = lb.map_lookup_elem(map_fd, ctypes.byref(k), ctypes.byref(value))
+        if ret == 0:
+            lb.map_delete_elem(map_fd, ctypes.byref(k))
+    if ret < 0:
+        if libbpf.errno_of(ret) == errno.ENOENT:
+            return False
+        raise _os_error(ret, what)
+    return True
+
+
 def detach_stale(ifindex: int) -> int:
     """Detach our program's filters left on a link by a daemon that died; how many."""
     stale = find_stale(ifindex)
@@ -521,18 +581,45 @@ def read_flows_of(prog_id: int) -> list[tuple[FlowKey, SpliceXlate]]:
     named ``splice_flows``.  Raises OSError if it cannot be read, and
     ValueError if that map's key or value size is not this daemon's
     layout (another version wrote it: nothing of it can be trusted).
+    What the program counted (its ``splice_counts``) is added to each
+    entry's relay share: the new map's entries start their counts at zero.
     """
     fd = flows_map_of(prog_id)
     try:
-        return read_flows(fd)
+        flows = read_flows(fd)
     finally:
         os.close(fd)
+    counts_fd = _map_of(prog_id, COUNTS_MAP, ctypes.sizeof(SpliceCount))
+    if counts_fd is None:  # a program that kept its counts in the entries
+        return flows
+    try:
+        lb = libbpf.lib()
+        for key, value in flows:
+            count = SpliceCount()
+            k = encode_key(key)
+            if lb.map_lookup_elem(counts_fd, ctypes.byref(k), ctypes.byref(count)) == 0:
+                value.relay_packets += count.packets
+                value.relay_bytes += count.bytes
+    finally:
+        os.close(counts_fd)
+    return flows
 
 
 def flows_map_of(prog_id: int) -> int:
     """A new fd of the ``splice_flows`` map of program ``prog_id`` (the caller closes it).
 
     Raises as ``read_flows_of``.
+    """
+    fd = _map_of(prog_id, FLOWS_MAP, ctypes.sizeof(SpliceXlate))
+    if fd is None:
+        raise ValueError(f"program {prog_id} has no {FLOWS_MAP.decode()} map")
+    return fd
+
+
+def _map_of(prog_id: int, name: bytes, value_size: int) -> int | None:
+    """A new fd of program ``prog_id``'s map ``name`` (splice_key keys); None if it has none.
+
+    Raises OSError if it cannot be read, ValueError if its sizes are not ours.
     """
     lb = libbpf.lib()
     prog_fd = lb.prog_get_fd_by_id(prog_id)
@@ -555,19 +642,19 @@ def flows_map_of(prog_id: int) -> int:
         minfo = libbpf.MapInfo()
         size = ctypes.c_uint32(ctypes.sizeof(minfo))
         ret = lb.obj_get_info_by_fd(map_fd, ctypes.byref(minfo), ctypes.byref(size))
-        want = (ctypes.sizeof(SpliceKey), ctypes.sizeof(SpliceXlate))
-        if ret < 0 or minfo.name != FLOWS_MAP or (minfo.key_size, minfo.value_size) != want:
+        want = (ctypes.sizeof(SpliceKey), value_size)
+        if ret < 0 or minfo.name != name or (minfo.key_size, minfo.value_size) != want:
             os.close(map_fd)
             if ret < 0:
                 raise _os_error(ret, f"map {map_id} info")
-            if minfo.name == FLOWS_MAP:
+            if minfo.name == name:
                 raise ValueError(
                     f"map {map_id}: key/value of {minfo.key_size}/{minfo.value_size} bytes,"
                     f" this daemon's are {want[0]}/{want[1]}"
                 )
             continue
         return int(map_fd)
-    raise ValueError(f"program {prog_id} has no {FLOWS_MAP.decode()} map")
+    return None
 
 
 def read_flows(map_fd: int) -> list[tuple[FlowKey, SpliceXlate]]:

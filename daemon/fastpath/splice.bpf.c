@@ -94,6 +94,16 @@ struct {
 	__type(value, struct splice_xlate);
 } splice_flows SEC(".maps");
 
+/* Per entry of splice_flows, same key: what the program redirected
+ * (splice_map.h: why not in the entry itself). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, SPLICE_MAX_FLOWS_DEFAULT);
+	__type(key, struct splice_key);
+	__type(value, struct splice_count);
+} splice_counts SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
@@ -218,6 +228,7 @@ static __always_inline int splice(struct __sk_buff *skb, int pulled, const int f
 	__u32 *tcpw = data + tcp_off;
 	__u32 *opt = data + tcp_off + 20;
 	struct splice_xlate *v;
+	struct splice_count *cnt;
 	struct splice_stats *st;
 	struct splice_key key = {};
 	__u32 ip_total, tcp_len, doff, optlen, payload, nsack = 0, w, old, new, seg, seg_len, mtu;
@@ -540,8 +551,11 @@ static __always_inline int splice(struct __sk_buff *skb, int pulled, const int f
 			st->redirected_family_changed++;
 	}
 
-	__sync_fetch_and_add(&v->packets, 1);
-	__sync_fetch_and_add(&v->bytes, payload);
+	cnt = bpf_map_lookup_elem(&splice_counts, &key);
+	if (cnt) {
+		__sync_fetch_and_add(&cnt->packets, 1);
+		__sync_fetch_and_add(&cnt->bytes, payload);
+	}
 	st = stats();
 	if (st) {
 		st->redirected_packets++;

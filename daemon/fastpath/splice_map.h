@@ -111,9 +111,27 @@ struct splice_xlate {
 	 * connection's addresses are the host's own: left to the kernel, its
 	 * segments would find no socket and be answered with a RST. */
 	__u32 punt_ifindex;
-	/* Written by the program only (atomic adds); payload bytes. */
+	/* Written by the daemon only: what its own relay carried of this
+	 * direction (added when the splice goes dormant, or carried over from
+	 * a dead daemon's map); payload bytes.  What the program redirects it
+	 * counts in the entry's struct splice_count, never here (below). */
+	__u64 relay_packets;
+	__u64 relay_bytes;
+};
+
+/*
+ * The program's count of one entry's redirected packets, in a map of its
+ * own (splice_counts, the same key).  Written by the program only (atomic
+ * adds); the daemon creates it zero with the entry and deletes it with it,
+ * and never rewrites it in between.  It cannot live in struct
+ * splice_xlate: a hash map's update replaces the whole value, so every
+ * update of an entry (a FIN watch, the relay's share added at dormancy)
+ * would lose whatever the program counted between the daemon's lookup and
+ * its update -- during a bulk transfer, tens of KB per GSO packet.
+ */
+struct splice_count {
 	__u64 packets;
-	__u64 bytes;
+	__u64 bytes; /* payload bytes */
 };
 
 /* The per-CPU global counters (one element); layout.py reads the names. */

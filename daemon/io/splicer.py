@@ -598,9 +598,12 @@ class Splicer:
         4-tuples map to a shared marker: ~3 KB of Python objects per idle
         splice become the two flow-table keys.  The first segment the
         kernel punts (a FIN, a RST, an unusual option) wakes it (``_wake``).
-        What the relay itself relayed is added to the entries' counters,
-        so ``stats`` still sums both.  TIMEWAIT (a timer) and anything
-        bounded or tapped stay awake.
+        What the relay itself relayed is added to the entries' relay share,
+        so ``stats`` still sums both.  The kernel keeps its own count apart
+        from the entries (splice_map.h ``struct splice_count``): a splice
+        may fall asleep in the middle of a bulk transfer the kernel carries,
+        and rewriting its entries then loses none of it.  TIMEWAIT (a timer)
+        and anything bounded or tapped stay awake.
         """
         fp = self.fast_path
         r = sp.relay
@@ -638,6 +641,7 @@ class Splicer:
         v = fp.entry(key) if fp is not None else None
         found: list[InheritedSplice] = []
         gone = [local]
+        partner: RelayKey | None = None
         if fp is not None and v is not None:
             partner = reverse_key(v)
             gone.append((partner[2], partner[3], partner[0], partner[1]))
@@ -654,8 +658,10 @@ class Splicer:
             # 4-tuples are unknown from now on (a RST), never mistranslated.
             log.warning("dormant splice of %s has no sound map entries; forgotten", key)
             if fp is not None and v is not None:
-                with contextlib.suppress(OSError):
-                    fp.remove(key)  # the direction left alone must not run on
+                for k in (key, partner):  # neither direction may run on, nor its count stay
+                    if k is not None:
+                        with contextlib.suppress(OSError):
+                            fp.remove(k)
             for k in gone:
                 hit = self.flows.get(k)
                 if hit is not None and hit[0] is None:
@@ -706,22 +712,26 @@ class Splicer:
         v = fp.entry(key) if fp is not None else None
         if fp is None or v is None:
             return None
-        w = fp.entry(reverse_key(v))
+        partner = reverse_key(v)
+        w = fp.entry(partner)
         if w is None:
             return None
         states = [STATE_OF_CODE.get(x.state) for x in (v, w)]
+        # The kernel's count plus the share the relay relayed (``_sleep``).
+        packets_c2s, bytes_c2s = fp.counters(key)
+        packets_s2c, bytes_s2c = fp.counters(partner)
         return {
             "client_state": states[0].name if states[0] is not None else None,
             "server_state": states[1].name if states[1] is not None else None,
-            "bytes_c2s": v.bytes,
-            "bytes_s2c": w.bytes,
-            "packets_c2s": v.packets,
-            "packets_s2c": w.packets,
+            "bytes_c2s": bytes_c2s,
+            "bytes_s2c": bytes_s2c,
+            "packets_c2s": packets_c2s,
+            "packets_s2c": packets_s2c,
             "queued": 0,
             "queue_drops": 0,
             "len_remaining": 0,
             "fast_path": True,
-            "fast_path_packets": v.packets + w.packets,
+            "fast_path_packets": packets_c2s + packets_s2c,
             "bounded": False,
             "tapped": None,
             "dormant": True,
