@@ -204,6 +204,21 @@ def test_the_first_request_crosses_once(tb: Testbed, tmp_path: Path) -> None:
     assert len(requests) == 5, [(f.sport, f.seq, f.payload_len) for f in requests]
 
 
+def test_a_short_connection_ends_without_sleeping(tb: Testbed) -> None:
+    """A compact splice sleeps only after FIRST_NAP_AFTER (0.5 s) without punts: a 1 KB
+    request's FINs come long before, so it is never put to sleep and woken again."""
+    if tb.fastpath != "on":
+        pytest.skip("only the fast path's splices sleep")
+    socks, origin = ends(tb, 4)
+    before = counters(tb)
+    for _ in range(5):
+        rc, digest = curl_sha256(tb.host("client"), f"{origin}/bytes/1024", "--socks5", socks)
+        assert rc == 0 and digest == pattern_sha256(1024)
+    after = counters(tb)
+    assert after["kernel_sockets"] - before["kernel_sockets"] == 5
+    assert (after["slept"], after["woken"]) == (before["slept"], before["woken"]), after
+
+
 def test_bad_requests_get_clear_errors_and_leave_the_sockets_alone(tb: Testbed) -> None:
     """No descriptors: EBADREQ.  Two descriptors that are not TCP connections: ESTATE
     (EOPNOTSUPP from a daemon without the fast path, which checks that first), and they

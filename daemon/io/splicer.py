@@ -117,6 +117,10 @@ class FastPathPort(Protocol):
 
 # A woken splice goes back to sleep after this long without a punted segment.
 NAP_AFTER = 1.0
+# A splice that just became compact sleeps only after this long without a
+# punted segment: most connections end (FINs, punted) within it, and a sleep
+# and a wake cost four map syscalls and a relay rebuilt per connection.
+FIRST_NAP_AFTER = 0.5
 # Tap bytes the daemon keeps for a reader that is behind, beyond what the
 # socket itself holds; past this the tap overflows (docs/api.md).
 TAP_BACKLOG = 4 << 20
@@ -144,10 +148,10 @@ class Splice:
     client: Conn | None
     server: Conn | None = None
     timewait: Timer = field(default_factory=Timer)
-    # A woken splice sleeps again once punts have stopped for NAP_AFTER
-    # (``_sleep_again``); ``last_punt`` is when the latest one came.
+    # A compact splice sleeps once punts have stopped for a while
+    # (``_sleep_again``); ``sleep_at`` is when, as of the latest one.
     nap: Timer = field(default_factory=Timer)
-    last_punt: float = 0.0
+    sleep_at: float = 0.0
     # Fast path entries installed for this splice (keys of arriving segments).
     offloaded: list[RelayKey] = field(default_factory=list)
     tap: TapPipe | None = None
@@ -585,7 +589,7 @@ class Splicer:
             self.d.dirty.discard(conn)
         sp.client = sp.server = None
         self.counters.compacted += 1
-        self._sleep(sp)
+        self._sleep_again(sp, time.monotonic(), FIRST_NAP_AFTER)
 
     # ------------------------------------------------------- dormancy
 
@@ -772,10 +776,11 @@ class Splicer:
             and sp in self.splices
         )
 
-    def _sleep_again(self, sp: Splice, now: float) -> None:
+    def _sleep_again(self, sp: Splice, now: float, after: float = NAP_AFTER) -> None:
         """A compact splice that punted segments did not move sleeps again, once they stop.
 
-        (A retransmitted SYN-ACK, an unusual option, an ICMP.)  Not at once:
+        (A retransmitted SYN-ACK, an unusual option, an ICMP; and the first
+        sleep of a splice that just became compact, ``FIRST_NAP_AFTER``.)  Not at once:
         a peer whose every segment the kernel punts (IP options, a packet
         too big for a shrunk link) would otherwise cost a wake and a sleep,
         four map syscalls and a relay rebuilt, per packet.  One that is
@@ -783,18 +788,16 @@ class Splicer:
         """
         if not self._may_sleep(sp):
             return
-        sp.last_punt = now
+        sp.sleep_at = now + after
         if sp.nap.deadline is None:
-            self.d.timers.schedule(sp.nap, now + NAP_AFTER, partial(self._nap, sp))
+            self.d.timers.schedule(sp.nap, now + after, partial(self._nap, sp))
 
     def _nap(self, sp: Splice) -> None:
         sp.nap = Timer()  # the fired entry is spent
         if not self._may_sleep(sp):
             return
-        now = time.monotonic()
-        quiet_at = sp.last_punt + NAP_AFTER
-        if now < quiet_at:
-            self.d.timers.schedule(sp.nap, quiet_at, partial(self._nap, sp))
+        if time.monotonic() < sp.sleep_at:
+            self.d.timers.schedule(sp.nap, sp.sleep_at, partial(self._nap, sp))
             return
         self._sleep(sp)
 
