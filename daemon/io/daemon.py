@@ -209,6 +209,7 @@ class Daemon:
         self.net = ipaddress.ip_network(config.prefix)
         self.net6 = ipaddress.ip_network(config.prefix6) if config.prefix6 else None
         self.tun = tun if tun is not None else TunDevice(config.tun_name, offload=config.offload)
+        self._tun_index: int | None = None  # if_nametoindex costs a socket and an ioctl
         self.offload = self.tun.mode == "offload"
         tcp_cfg = config.tcp
         if not self.offload:
@@ -1304,7 +1305,9 @@ class Daemon:
                 ErrorCode.EOPNOTSUPP, "splice_sockets needs the kernel fast path (it is off here)"
             )
         probe = self._probe()
-        tun_index = socket.if_nametoindex(self.tun.name)
+        if self._tun_index is None:
+            self._tun_index = socket.if_nametoindex(self.tun.name)
+        tun_index = self._tun_index
         try:
             sides = [endpoints(sock) for sock in (client, server)]
         except RepairError as exc:
@@ -1320,7 +1323,8 @@ class Daemon:
                 fp.hold(incoming, tun_index)
                 held.append(incoming)
             forward_unread(client, server)
-            states = [take_over(sock, probe) for sock in (client, server)]
+            pairs = zip((client, server), sides, strict=True)
+            states = [take_over(sock, probe, ends) for sock, ends in pairs]
             now = time.monotonic()
             tcbs = [
                 TcpConnection.restore(

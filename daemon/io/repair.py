@@ -115,14 +115,17 @@ def _peek_queue(sock: socket.socket, queue: int, length: int) -> bytes:
     return data
 
 
-def take_over(sock: socket.socket, probe: SockProbe) -> KernelTcpState:
+def take_over(
+    sock: socket.socket, probe: SockProbe, ends: tuple[Endpoint, Endpoint] | None = None
+) -> KernelTcpState:
     """Put ``sock`` in repair mode and read its connection (this thread's namespace).
 
     The socket stays in repair mode: closing it now sends nothing
     (``close_silently``).  Call it from a thread in the socket's network
     namespace (the probe looks the connection up there); needs CAP_NET_ADMIN.
+    ``ends``: ``endpoints(sock)`` if the caller has it already.
     """
-    local, remote = endpoints(sock)
+    local, remote = ends if ends is not None else endpoints(sock)
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
     state, _ca, _retr, _probes, _backoff, options, wscales, _flags = _TCP_INFO_HEAD.unpack_from(
         info
