@@ -342,9 +342,11 @@ def serve(
     handle: Callable[[socket.socket, object], None],
     wake: socket.socket,
     name: str = "socks5-client",
+    ready: Callable[[], None] | None = None,
 ) -> None:
     """Accept on every listener until a signal handler raises; ``handle(client, peer)``
-    runs in a thread of its own per client.
+    runs in a thread of its own per client.  ``ready`` runs once the loop's own
+    descriptors exist (a test counting the proxy's fds takes its baseline then).
 
     `wake` is the read end of the signal wakeup fd (signal.set_wakeup_fd): a
     SIGTERM the kernel gives to a client's thread, or one that lands just
@@ -356,6 +358,8 @@ def serve(
             listener.setblocking(False)
             selector.register(listener, selectors.EVENT_READ)
         selector.register(wake, selectors.EVENT_READ)
+        if ready is not None:
+            ready()
         while True:
             for key, _ in selector.select():
                 if key.fileobj is wake:
@@ -364,10 +368,10 @@ def serve(
                     with contextlib.suppress(BlockingIOError):
                         wake.recv(4096)
                     continue
-                ready = key.fileobj
-                assert isinstance(ready, socket.socket)
+                listener = key.fileobj
+                assert isinstance(listener, socket.socket)
                 try:
-                    client, peer = ready.accept()
+                    client, peer = listener.accept()
                 except (BlockingIOError, ConnectionAbortedError):
                     continue
                 client.setblocking(True)
@@ -438,11 +442,14 @@ def run_listeners(
     signal.set_wakeup_fd(woken.fileno(), warn_on_full_buffer=False)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:  # from here on a SIGTERM may land anywhere, so everything is inside the try
-        if on_ready is not None:
-            on_ready()
-        print("ready", flush=True)
-        log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in listen))
-        serve(listeners, handle, wake, f"{prog}-client")
+
+        def announce() -> None:
+            if on_ready is not None:
+                on_ready()
+            print("ready", flush=True)
+            log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in listen))
+
+        serve(listeners, handle, wake, f"{prog}-client", announce)
     except (_Stop, KeyboardInterrupt):
         log.info("stopping")
     finally:
