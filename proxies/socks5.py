@@ -368,10 +368,10 @@ def serve(
                     with contextlib.suppress(BlockingIOError):
                         wake.recv(4096)
                     continue
-                listener = key.fileobj
-                assert isinstance(listener, socket.socket)
+                readable = key.fileobj
+                assert isinstance(readable, socket.socket)
                 try:
-                    client, peer = listener.accept()
+                    client, peer = readable.accept()
                 except (BlockingIOError, ConnectionAbortedError):
                     continue
                 client.setblocking(True)
