@@ -203,7 +203,7 @@ def _connect(host: str, port: int, timeout: float) -> socket.socket:
     raise last_error if last_error is not None else OSError(errno.EHOSTUNREACH, "no address")
 
 
-def reset(sock: socket.socket) -> None:
+def _reset(sock: socket.socket) -> None:
     """Close with RST (SO_LINGER 0) rather than FIN."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
@@ -256,42 +256,62 @@ def negotiate(
                 return event
 
 
-def serve_client(client: socket.socket, peer: object, config: ProxyConfig) -> None:
-    """One client connection, start to end (its own thread).
+def open_pair(
+    client: socket.socket,
+    peer: object,
+    credentials: Credentials | None,
+    handshake_timeout: float,
+    connect: Callable[[str, int], socket.socket],
+) -> socket.socket | None:
+    """Handshake, ``connect(host, port)``, reply; the server socket, or None once handled.
 
-    ``peer`` comes from accept(): getpeername() fails once the client has reset.
+    Bytes the client pipelined behind its request go to the server before
+    this returns.  None: the client went away, was rejected or refused (its
+    reply sent), and its socket is closed.  ``peer`` comes from accept():
+    getpeername() fails once the client has reset.
     """
     try:
-        client.settimeout(HANDSHAKE_TIMEOUT)
+        client.settimeout(handshake_timeout)
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        connect = negotiate(client, peer, config.credentials)
-        if connect is None:
+        negotiated = negotiate(client, peer, credentials)
+        if negotiated is None:
             client.close()
-            return
-        request = connect.request
+            return None
+        request = negotiated.request
         try:
-            server = _connect(request.host, request.port, config.connect_timeout)
+            server = connect(request.host, request.port)
         except OSError as exc:
             code = reply_for_connect_error(exc)
             log.info("connect %s:%d failed: %s -> %s", request.host, request.port, exc, code.name)
             client.sendall(build_reply(code))
             close_gently(client)
-            return
+            return None
         try:
             bound = server.getsockname()
             client.sendall(build_reply(Reply.SUCCEEDED, (bound[0], bound[1])))
             client.settimeout(None)
-            if connect.early_data:
-                server.sendall(connect.early_data)
+            if negotiated.early_data:
+                server.sendall(negotiated.early_data)
         except OSError:
-            reset(server)  # the client is gone: mirror that to the server as a reset
+            _reset(server)  # the client is gone: mirror that to the server as a reset
             raise
     except OSError as exc:
         log.info("client %s dropped during negotiation: %s", peer, exc)
-        reset(client)
-        return
-    log.debug("relaying %s <-> %s:%d", peer, request.host, request.port)
-    relay(client, server, config.copy)
+        _reset(client)
+        return None
+    log.debug("%s <-> %s:%d", peer, request.host, request.port)
+    return server
+
+
+def serve_client(client: socket.socket, peer: object, config: ProxyConfig) -> None:
+    """One client connection, start to end (its own thread)."""
+
+    def connect(host: str, port: int) -> socket.socket:
+        return _connect(host, port, config.connect_timeout)
+
+    server = open_pair(client, peer, config.credentials, HANDSHAKE_TIMEOUT, connect)
+    if server is not None:
+        relay(client, server, config.copy)
 
 
 def parse_listen(text: str) -> tuple[str, int]:

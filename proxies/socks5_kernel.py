@@ -23,6 +23,7 @@ copies the connection itself: the client never notices.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -32,15 +33,7 @@ import threading
 
 from daemon.api.client import DaemonGone, SpliceClient, SpliceError
 from proxies.daemon_shell import destinations, local_for
-from proxies.socks5 import (
-    close_gently,
-    default_copy_strategy,
-    negotiate,
-    relay,
-    reset,
-    run_listeners,
-)
-from proxies.socks5_protocol import Reply, build_reply, reply_for_connect_error
+from proxies.socks5 import default_copy_strategy, open_pair, relay, run_listeners
 from proxies.socks5_spliced import SplicedConfig, parse_args
 
 log = logging.getLogger("proxies.socks5_kernel")
@@ -67,43 +60,19 @@ def connect_first(host: str, port: int, source: str | None, timeout: float) -> s
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
-    raise first_error or OSError(113, "no address")
+    raise first_error or OSError(errno.EHOSTUNREACH, "no address")
 
 
 def serve_client(
     api: SpliceClient, client: socket.socket, peer: object, config: SplicedConfig
 ) -> None:
     """One client, from its greeting to the hand-over (its own thread)."""
-    try:
-        client.settimeout(config.handshake_timeout)
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        connect = negotiate(client, peer, config.credentials)
-        if connect is None:
-            client.close()
-            return
-        request = connect.request
-        try:
-            server = connect_first(
-                request.host, request.port, config.source, config.connect_timeout
-            )
-        except OSError as exc:
-            code = reply_for_connect_error(exc)
-            log.info("connect %s:%d failed: %s -> %s", request.host, request.port, exc, code.name)
-            client.sendall(build_reply(code))
-            close_gently(client)
-            return
-        try:
-            bound = server.getsockname()
-            client.sendall(build_reply(Reply.SUCCEEDED, (bound[0], bound[1])))
-            client.settimeout(None)
-            if connect.early_data:
-                server.sendall(connect.early_data)
-        except OSError:
-            reset(server)  # the client is gone: mirror that to the server as a reset
-            raise
-    except OSError as exc:
-        log.info("client %s dropped during negotiation: %s", peer, exc)
-        reset(client)
+
+    def connect(host: str, port: int) -> socket.socket:
+        return connect_first(host, port, config.source, config.connect_timeout)
+
+    server = open_pair(client, peer, config.credentials, config.handshake_timeout, connect)
+    if server is None:
         return
     try:
         api.splice_sockets(client, server)
