@@ -18,7 +18,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from daemon.api.aio import (
     AsyncConnection,
@@ -39,19 +39,7 @@ ACCEPTS_IN_FLIGHT = 4
 ServeClient = Callable[[AsyncSpliceClient, AsyncConnection], Coroutine[Any, Any, None]]
 
 
-class StreamConn(Protocol):
-    """What the handshake code needs of a client connection: the daemon's or a kernel socket."""
-
-    async def recv(self, bufsize: int, flags: int = 0) -> bytes: ...
-
-    async def sendall(self, data: bytes | bytearray | memoryview) -> None: ...
-
-    def shutdown(self, how: int = socket.SHUT_WR) -> None: ...
-
-    def release(self) -> None: ...
-
-
-async def close_gently(conn: StreamConn) -> None:
+async def close_gently(conn: AsyncConnection) -> None:
     """FIN after a reply, drain what the client still sends, close (no RST).
 
     Unread input at close() would make the daemon answer with RST (RFC 9293

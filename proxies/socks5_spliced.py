@@ -52,13 +52,7 @@ import sys
 from dataclasses import dataclass
 
 from daemon.api.aio import AsyncConnection, AsyncSpliceClient, DaemonGone, SpliceError
-from proxies.aio_shell import (
-    StreamConn,
-    close_gently,
-    destinations_async,
-    refuse_intended,
-    run_proxy,
-)
+from proxies.aio_shell import close_gently, destinations_async, refuse_intended, run_proxy
 from proxies.daemon_shell import check_source, local_for
 from proxies.socks5 import HANDSHAKE_TIMEOUT, add_listen_option
 from proxies.socks5_protocol import (
@@ -112,7 +106,7 @@ def feed_exactly(negotiation: Negotiation, data: bytes) -> tuple[int, list[Event
 # -- the I/O shell -------------------------------------------------------------------
 
 
-async def _recv_exactly(conn: StreamConn, count: int) -> None:
+async def _recv_exactly(conn: AsyncConnection, count: int) -> None:
     """Consume ``count`` bytes that MSG_PEEK already showed us."""
     while count:
         chunk = await conn.recv(count)
@@ -122,7 +116,7 @@ async def _recv_exactly(conn: StreamConn, count: int) -> None:
 
 
 async def read_request(
-    conn: StreamConn, peer: object, credentials: Credentials | None
+    conn: AsyncConnection, peer: object, credentials: Credentials | None
 ) -> Request | None:
     """Run the handshake on ``conn`` without reading past the request.
 
@@ -149,7 +143,7 @@ async def read_request(
                 return event.request
 
 
-async def negotiate(conn: StreamConn, peer: object, config: SplicedConfig) -> Request | None:
+async def negotiate(conn: AsyncConnection, peer: object, config: SplicedConfig) -> Request | None:
     """``read_request`` within the handshake timeout; None (``conn`` released) if none came."""
     try:
         async with asyncio.timeout(config.handshake_timeout):

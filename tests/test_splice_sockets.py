@@ -222,11 +222,13 @@ def test_a_short_connection_ends_without_sleeping(tb: Testbed) -> None:
 def test_bad_requests_get_clear_errors_and_leave_the_sockets_alone(tb: Testbed) -> None:
     """No descriptors: EBADREQ.  Two descriptors that are not TCP connections: ESTATE
     (EOPNOTSUPP from a daemon without the fast path, which checks that first), and they
-    are the caller's as before."""
+    are the caller's as before.  The asyncio client's descriptors travel with its
+    request too (without them the answer would be EBADREQ)."""
     out = run_py(
         tb.host("proxy"),
         """
-        import socket, sys
+        import asyncio, socket, sys
+        from daemon.api.aio import AsyncSpliceClient
         from daemon.api.client import SpliceClient, SpliceError
         with SpliceClient(sys.argv[1]) as api:
             try:
@@ -241,8 +243,22 @@ def test_bad_requests_get_clear_errors_and_leave_the_sockets_alone(tb: Testbed) 
             a.sendall(b"still mine")
             print(b.recv(100).decode())
             print(api.stats()["ok"])
+
+        async def aio() -> None:
+            api = await AsyncSpliceClient.open(sys.argv[1])
+            a, b = socket.socketpair()
+            try:
+                await api.splice_sockets(a, b)
+            except SpliceError as exc:
+                print(exc.code)
+            a.sendall(b"mine too")
+            print(b.recv(100).decode())
+            api.close()
+
+        asyncio.run(aio())
         """,
         str(tb.daemon_socket),
     )
     refused = "ESTATE" if tb.fastpath == "on" else "EOPNOTSUPP"
-    assert out.split("\n")[:4] == ["EBADREQ", refused, "still mine", "True"], out
+    want = ["EBADREQ", refused, "still mine", "True", refused, "mine too"]
+    assert out.split("\n")[:6] == want, out

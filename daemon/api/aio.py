@@ -72,7 +72,6 @@ __all__ = [
     "AsyncSpliceClient",
     "DaemonGone",
     "SpliceError",
-    "wait_readable",
 ]
 
 log = logging.getLogger("daemon.api.aio")
@@ -673,18 +672,6 @@ class AsyncListener:
         await self.close()
 
 
-async def wait_readable(sock: socket.socket) -> None:
-    """Until ``sock`` is readable, in the running loop (for recv with flags)."""
-    loop = asyncio.get_running_loop()
-    fileno = sock.fileno()
-    ready = loop.create_future()
-    loop.add_reader(fileno, ready.set_result, None)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fileno)
-
-
 class AsyncConnection:
     """A TCP connection terminated by the daemon, driven by the event loop.
 
@@ -758,7 +745,14 @@ class AsyncConnection:
     # -- socket-like coroutines ----------------------------------------------
 
     async def _readable(self) -> None:
-        await wait_readable(self.sock)
+        loop = asyncio.get_running_loop()
+        fileno = self.sock.fileno()
+        ready = loop.create_future()
+        loop.add_reader(fileno, ready.set_result, None)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(fileno)
 
     async def recv(self, bufsize: int, flags: int = 0) -> bytes:
         """Like ``socket.recv`` (flags included), waiting in the loop."""
