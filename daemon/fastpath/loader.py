@@ -368,11 +368,12 @@ class FastPath:
     def counters(self, key: FlowKey) -> tuple[int, int]:
         """(packets, payload bytes) of ``key`` so far: the program's count plus the relay
         share; (0, 0) if absent."""
-        value = self._lookup(key)
-        if value is None:
+        k = encode_key(key)
+        value, count = SpliceXlate(), SpliceCount()
+        if not _get(self._flows_fd, k, value, "lookup"):
             return (0, 0)
-        packets, nbytes = self._count(key)
-        return (value.relay_packets + packets, value.relay_bytes + nbytes)
+        _get(self._counts_fd, k, count, "count lookup")  # none: zero
+        return (value.relay_packets + count.packets, value.relay_bytes + count.bytes)
 
     def global_stats(self) -> dict[str, int]:
         """The program's global counters summed over CPUs, by their splice_map.h names."""
@@ -389,25 +390,8 @@ class FastPath:
         return {name: sum(getattr(cpu, name) for cpu in per_cpu) for name in names}
 
     def _lookup(self, key: FlowKey) -> SpliceXlate | None:
-        k = encode_key(key)
         value = SpliceXlate()
-        ret = libbpf.lib().map_lookup_elem(self._flows_fd, ctypes.byref(k), ctypes.byref(value))
-        if ret < 0:
-            if libbpf.errno_of(ret) == errno.ENOENT:
-                return None
-            raise _os_error(ret, "lookup")
-        return value
-
-    def _count(self, key: FlowKey) -> tuple[int, int]:
-        """The program's (packets, payload bytes) for ``key``; (0, 0) if it has no count."""
-        k = encode_key(key)
-        count = SpliceCount()
-        ret = libbpf.lib().map_lookup_elem(self._counts_fd, ctypes.byref(k), ctypes.byref(count))
-        if ret < 0:
-            if libbpf.errno_of(ret) == errno.ENOENT:
-                return (0, 0)
-            raise _os_error(ret, "count lookup")
-        return (count.packets, count.bytes)
+        return value if _get(self._flows_fd, encode_key(key), value, "lookup") else None
 
     def _put(self, key: FlowKey, value: SpliceXlate, flags: int) -> None:
         """A new entry for ``key`` with its count at zero (the count first: no
@@ -548,6 +532,16 @@ def detach(f: StaleFilter) -> None:
     _detach(_Filter(f.ifindex, f.handle, f.priority, None))
 
 
+def _get(map_fd: int, k: SpliceKey, value: ctypes.Structure, what: str) -> bool:
+    """Look ``k`` up in ``map_fd`` into ``value``; False if absent."""
+    ret = libbpf.lib().map_lookup_elem(map_fd, ctypes.byref(k), ctypes.byref(value))
+    if ret < 0:
+        if libbpf.errno_of(ret) == errno.ENOENT:
+            return False
+        raise _os_error(ret, what)
+    return True
+
+
 def _take(map_fd: int, k: SpliceKey, value: ctypes.Structure, what: str) -> bool:
     """Look ``k`` up in ``map_fd`` into ``value`` and delete it; False if absent."""
     lb = libbpf.lib()
@@ -593,11 +587,9 @@ def read_flows_of(prog_id: int) -> list[tuple[FlowKey, SpliceXlate]]:
     if counts_fd is None:  # a program that kept its counts in the entries
         return flows
     try:
-        lb = libbpf.lib()
         for key, value in flows:
             count = SpliceCount()
-            k = encode_key(key)
-            if lb.map_lookup_elem(counts_fd, ctypes.byref(k), ctypes.byref(count)) == 0:
+            if _get(counts_fd, encode_key(key), count, "count lookup"):
                 value.relay_packets += count.packets
                 value.relay_bytes += count.bytes
     finally:
