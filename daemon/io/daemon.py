@@ -1349,8 +1349,6 @@ class Daemon:
         for sock in (client, server):
             close_silently(sock)
         c, s = (Conn(tcb, owner, want_fd=False) for tcb in tcbs)
-        for conn in (c, s):
-            self.dirty.add(conn)  # their first segments: what the sockets had not sent yet
         self.splicer.splice_sockets(owner, c, s, tun_index, held, port_hold)
         return {
             "client": {"local": _addr_text(c.tcp.local), "peer": _addr_text(c.tcp.remote)},

@@ -181,9 +181,9 @@ class Splicer:
         self.fast_path = fast_path
         self._egress = egress  # destination address -> ifindex toward it
         self.fast_path_errors = 0
-        # splice_sockets: the server side's kernel socket, kept open (in repair
-        # mode, silent) until the splice is forgotten, keyed by the daemon's
-        # 4-tuple of it.  Closed, its local port would be the kernel's to give
+        # splice_sockets: a socket bound to the server side's local port
+        # (repair.hold_port) until the splice is forgotten, keyed by the
+        # daemon's 4-tuple of it.  Free, the port would be the kernel's to give
         # to the next connect() while the daemon still maps the 4-tuple (in
         # TIMEWAIT, say): the new connection's SYN-ACK would be taken for the
         # old splice's.  The client side needs none: a SYN reusing its 4-tuple
