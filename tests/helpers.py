@@ -50,6 +50,13 @@ def loadgen(host: Any, *args: str, timeout: float = 300) -> list[dict[str, Any]]
     return lines
 
 
+def upload_intact(host: Any, server: str, socks: str, size: str = "8M") -> None:
+    """One POST of ``size`` bytes to the origin's sink through SOCKS5 ``socks``; the
+    load client checks the sink's digest of what arrived."""
+    results = loadgen(host, "--server", server, "--size", size, "--socks5", socks, "--upload")
+    assert len(results) == 1 and results[0]["ok"], results
+
+
 def concurrent_rounds(
     host: Any, server: str, socks: str, size: str, rounds: int = 3, clients: int = 100
 ) -> None:

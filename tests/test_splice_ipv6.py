@@ -20,7 +20,14 @@ import pytest
 
 from servers.address import format_host_port
 from testbed.net import Testbed
-from tests.helpers import concurrent_rounds, curl_sha256, daemon_stats, loadgen, pattern_sha256
+from tests.helpers import (
+    concurrent_rounds,
+    curl_sha256,
+    daemon_stats,
+    loadgen,
+    pattern_sha256,
+    upload_intact,
+)
 from tests.pcap import tcp_frames
 from tests.test_pmtu_ns import UPLOAD, run_shrinking
 
@@ -69,17 +76,7 @@ def test_curl_through_the_spliced_socks5(tb: Testbed, client: int, server: int, 
 @pytest.mark.parametrize(("client", "server"), FAMILIES)
 def test_an_upload_is_spliced_intact(tb: Testbed, client: int, server: int) -> None:
     socks, origin = ends(tb, client, server)
-    results = loadgen(
-        tb.host("client"),
-        "--server",
-        origin.removeprefix("http://"),
-        "--size",
-        "8M",
-        "--socks5",
-        socks,
-        "--upload",
-    )
-    assert len(results) == 1 and results[0]["ok"], results
+    upload_intact(tb.host("client"), origin.removeprefix("http://"), socks)
 
 
 def test_an_ipv4_clients_segments_are_recut_in_the_kernel_for_an_ipv6_server(

@@ -27,10 +27,10 @@ from tests.helpers import (
     concurrent_rounds,
     curl_sha256,
     daemon_stats,
-    loadgen,
     pattern_sha256,
     run_py,
     same_port_twice,
+    upload_intact,
 )
 from tests.pcap import tcp_frames
 from tests.sockutil import wait_until
@@ -87,17 +87,7 @@ def test_by_name_and_uploads_are_intact(tb: Testbed) -> None:
     assert rc == 0 and digest == pattern_sha256(4 << 20)
     for family in (4, 6):
         socks, origin = ends(tb, family)
-        results = loadgen(
-            tb.host("client"),
-            "--server",
-            origin.removeprefix("http://"),
-            "--size",
-            "8M",
-            "--socks5",
-            socks,
-            "--upload",
-        )
-        assert len(results) == 1 and results[0]["ok"], results
+        upload_intact(tb.host("client"), origin.removeprefix("http://"), socks)
 
 
 def test_rounds_of_100_concurrent_transfers(tb: Testbed) -> None:

@@ -194,6 +194,22 @@ def _wait_port(tb: Any, addr: str, port: int, proc: subprocess.Popen[Any], log: 
     return f"did not accept on {addr}:{port}" + (f" ({tail[0]})" if tail else "")
 
 
+def _service_mode(
+    tb: Any,
+    found: ModeSet,
+    name: str,
+    services: list[str],
+    socks: tuple[str, int],
+    note: str,
+) -> None:
+    """Mode ``name``, measured through ``socks``, if the testbed runs all of ``services``."""
+    pids, missing = _record_pids(tb.run_dir, services)
+    if missing:
+        found.skipped[name] = f"testbed service(s) not running: {', '.join(missing)}"
+    else:
+        found.modes.append(Mode(name, (socks[0], socks[1]), pids, note))
+
+
 def _record_pids(run_dir: Path, names: list[str]) -> tuple[tuple[int, ...], list[str]]:
     pids, missing = [], []
     for name in names:
@@ -234,13 +250,8 @@ def resolve(tb: Any, wanted: tuple[str, ...], work_dir: Path) -> ModeSet:
             else:
                 found.modes.append(Mode(name, tuple(tb.socks), pids))
         elif name == "endpoint":
-            pids, missing = _record_pids(tb.run_dir, ["daemon", "socks5-endpoint"])
-            if missing:
-                found.skipped[name] = f"testbed service(s) not running: {', '.join(missing)}"
-            else:
-                found.modes.append(
-                    Mode(name, tuple(tb.endpoint_socks), pids, "daemon + endpoint SOCKS5")
-                )
+            services = ["daemon", "socks5-endpoint"]
+            _service_mode(tb, found, name, services, tb.endpoint_socks, "daemon + endpoint SOCKS5")
         elif name == "spliced":
             if not hasattr(tb, "spliced_socks"):
                 found.skipped[name] = (
@@ -264,13 +275,8 @@ def resolve(tb: Any, wanted: tuple[str, ...], work_dir: Path) -> ModeSet:
         elif name == "spliced-kernel":
             # Kernel sockets, each pair handed to the same daemon (splice_sockets).
             # Not in experiment 8: that daemon's memory is measured with "spliced".
-            pids, missing = _record_pids(tb.run_dir, ["daemon", "socks5-kernel"])
-            if missing:
-                found.skipped[name] = f"testbed service(s) not running: {', '.join(missing)}"
-            else:
-                found.modes.append(
-                    Mode(name, tuple(tb.kernel_socks), pids, "daemon + socks5-kernel")
-                )
+            services = ["daemon", "socks5-kernel"]
+            _service_mode(tb, found, name, services, tb.kernel_socks, "daemon + socks5-kernel")
         elif name == "spliced-py":
             _start_spliced_py(tb, found, work_dir)
         elif name == "dante":
