@@ -308,6 +308,7 @@ class Daemon:
         now = time.monotonic()
         self.timers.run_due(now)
         self._service_dirty(now)
+        self.splicer.run_installs()  # before the replies wake the proxies
         self.api.flush()  # replies last: the packets of this pass are out (ApiServer.defer_flush)
 
     def terminate(self, handover: bool = False) -> None:
@@ -352,13 +353,14 @@ class Daemon:
 
     # ------------------------------------------------------------ TUN input
 
-    def _on_tun(self, mask: int) -> None:
+    def _on_tun(self, mask: int) -> bool:
+        """Read and handle up to TUN_BATCH packets; True if the queue ran dry."""
         now = time.monotonic()
         for _ in range(TUN_BATCH):
             try:
                 vnet, pkt = self.tun.read(self._buf)
             except BlockingIOError:
-                return
+                return True
             except WireError:
                 self.counters["malformed"] += 1
                 continue
@@ -375,6 +377,13 @@ class Daemon:
                 # daemon and every connection it carries.
                 self.counters["internal_errors"] += 1
                 log.exception("internal error on an incoming packet")
+        return False
+
+    def drain_tun(self, limit: int = 4 * TUN_BATCH) -> None:
+        """Handle what the TUN holds now (bounded: other fds wait meanwhile)."""
+        for _ in range(0, limit, TUN_BATCH):
+            if self._on_tun(selectors.EVENT_READ):
+                return
 
     def _input(self, vnet: VnetHeader | None, pkt: memoryview, now: float) -> None:
         # Fast path for a spliced flow: a plain 20-byte IPv4 header, TCP, not

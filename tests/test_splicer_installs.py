@@ -1,0 +1,79 @@
+"""When the splicer puts a splice into the kernel fast path: after what the TUN holds.
+
+A segment the kernel punted before its entry existed can wait in the TUN's
+queue; installed at once, the entry lets the flow's next segment overtake
+it (a capture of test_splice_bounded_ns showed it: the server's 8 KB
+segment on the client link after the 14 KB one it sent next).  The splicer
+therefore installs at the end of the loop pass, after reading the TUN dry.
+These tests drive daemon/io/splicer.py with a real relay and recording
+fakes for the daemon and the fast path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from daemon.io.splicer import Splice, Splicer
+from daemon.splice.relay import InstallFastPath, TearDown, WatchFinAck
+from tests.test_splice_bounded import bounded
+from tests.test_splice_relay import of
+
+
+class Recorder:
+    """The daemon's and the fast path's side of the splicer, as one call log."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[Any, ...]] = []
+
+    # the daemon
+    def drain_tun(self) -> None:
+        self.log.append(("drain",))
+
+    # the fast path
+    def install(self, key: Any, t: Any, ifindex: int, limit: Any, fin_ack: Any, *rest: Any) -> None:
+        self.log.append(("install", key, fin_ack, limit))
+
+    def remove(self, key: Any) -> tuple[int, int]:
+        self.log.append(("remove", key))
+        return 0, 0
+
+
+def _splicer() -> tuple[Splicer, Recorder, Splice, InstallFastPath]:
+    bed, actions = bounded(300)
+    (install,) = of(actions, InstallFastPath)
+    assert isinstance(install, InstallFastPath)
+    rec = Recorder()
+    splicer = Splicer(rec, rec, lambda addr: 7)  # type: ignore[arg-type]
+    sp = Splice(bed.relay, None)
+    splicer.splices.add(sp)
+    return splicer, rec, sp, install
+
+
+def test_an_install_waits_for_the_end_of_the_pass_and_reads_the_tun_first() -> None:
+    splicer, rec, sp, install = _splicer()
+    splicer.execute(sp, [install])
+    assert rec.log == []  # not in the middle of the pass that asked for it
+    splicer.run_installs()
+    assert [e[0] for e in rec.log] == ["drain", "install", "install"]
+    assert [e[1] for e in rec.log[1:]] == [install.entries[0][0], install.entries[1][0]]
+    assert sp.offloaded == [install.entries[0][0], install.entries[1][0]]
+    rec.log.clear()
+    splicer.run_installs()  # nothing left to do: no TUN read either
+    assert rec.log == []
+
+
+def test_a_watch_asked_for_after_the_install_goes_in_with_the_entry() -> None:
+    splicer, rec, sp, install = _splicer()
+    key = install.entries[0][0]
+    splicer.execute(sp, [install, WatchFinAck(key, 12345)])
+    splicer.run_installs()
+    installed = {e[1]: e[2] for e in rec.log if e[0] == "install"}
+    assert installed == {key: 12345, install.entries[1][0]: install.entries[1][2]}
+
+
+def test_a_splice_torn_down_before_the_end_of_the_pass_is_never_installed() -> None:
+    splicer, rec, sp, install = _splicer()
+    splicer.execute(sp, [install, TearDown()])
+    splicer.run_installs()
+    assert not any(e[0] == "install" for e in rec.log)
+    assert sp not in splicer.splices and splicer.installs == {}
