@@ -336,7 +336,15 @@ def _stream_errors(packets: list[Any], port: int) -> list[str]:
             o = _opts(p[7])
             if 8 in o and len(o[8]) == 8:
                 tsval = struct.unpack("!I", o[8][:4])[0]
-                if last is not None and (tsval - last) % (1 << 32) >= 1 << 31:
+                back = (last - tsval) % (1 << 32) if last is not None else 0
+                # One tick back on a pure ACK is the peer's clock, not ours:
+                # its ACKs relayed in the order they reached the proxy, which
+                # the wire had changed (seen: the client's ACK with TSval T
+                # behind its ACK with T+1 on the client link; Linux's PAWS
+                # lets one tick pass, TCP_PAWS_WINDOW).  Data one tick back
+                # is the relay reordering a stream (Splicer.run_installs);
+                # more than one tick, a clock that went back.
+                if 0 < back < 1 << 31 and (back > 1 or p[8]):
                     errors.append(f"{side}: TSval {tsval} after {last}")
                 last = tsval
     return errors[:10]
