@@ -32,6 +32,7 @@ import sys
 import threading
 
 from daemon.api.client import DaemonGone, SpliceClient, SpliceError
+from daemon.api.protocol import ErrorCode
 from proxies.daemon_shell import destinations, local_for
 from proxies.socks5 import default_copy_strategy, open_pair, relay, run_listeners
 from proxies.socks5_spliced import SplicedConfig, parse_args
@@ -77,6 +78,13 @@ def serve_client(
     try:
         api.splice_sockets(client, server)
     except (SpliceError, DaemonGone) as exc:
+        if isinstance(exc, SpliceError) and exc.code == ErrorCode.ECONNRESET:
+            # Taken over, then failed (docs/api.md): the sockets transmit
+            # nothing any more and the daemon reset both peers.
+            log.error("the daemon took %s over and failed: %s", peer, exc)
+            client.close()
+            server.close()
+            return
         # The pair is still ours: copy it, the client sees no difference.
         log.warning("the daemon did not splice %s: %s; copying", peer, exc)
         relay(client, server, default_copy_strategy())

@@ -13,8 +13,10 @@ from __future__ import annotations
 import array
 import fcntl
 import ipaddress
+import os
 import secrets
 import socket
+import struct
 import termios
 import time
 from collections.abc import Iterator
@@ -24,8 +26,11 @@ from pathlib import Path
 import pytest
 from pyroute2 import NetNS
 
+from daemon.api.core import ApiError
+from daemon.api.protocol import ErrorCode
 from daemon.fastpath.loader import FastPathUnavailable
 from daemon.fastpath.sockprobe import SockProbe
+from daemon.io.daemon import Daemon, DaemonConfig
 from daemon.io.repair import RepairError, close_silently, take_over
 from daemon.tcp.config import TcpConfig
 from daemon.tcp.connection import TcpConnection
@@ -316,3 +321,92 @@ def test_the_probe_finds_only_connections_of_its_own_namespace(
     finally:
         client.close()
         server.close()
+
+
+class _RecordingTun:
+    """The daemon's TUN as a list of what it wrote (plain mode: whole IP packets)."""
+
+    mode = "plain"
+    name = "tsp-none"
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe()
+        self.written: list[bytes] = []
+
+    def fileno(self) -> int:
+        return self._r
+
+    def read(self, buf: bytearray) -> object:
+        raise BlockingIOError
+
+    def write(self, hdr: bytes | None, pkt: bytes) -> None:
+        self.written.append(bytes(pkt))
+
+    def close(self) -> None:
+        os.close(self._r)
+        os.close(self._w)
+
+
+class _RecordingFastPath:
+    def __init__(self) -> None:
+        self.log: list[tuple[str, tuple[bytes, int, bytes, int]]] = []
+
+    def hold(self, key: tuple[bytes, int, bytes, int], punt_ifindex: int) -> None:
+        self.log.append(("hold", key))
+
+    def remove(self, key: tuple[bytes, int, bytes, int]) -> tuple[int, int]:
+        self.log.append(("remove", key))
+        return 0, 0
+
+
+def test_a_bug_after_the_sockets_are_closed_resets_both_peers(
+    pair: Pair, probe: SockProbe, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Daemon.splice_sockets past its point of no return: the sockets are closed in repair
+    mode, so the proxy cannot copy on; both peers get a RST Linux accepts, the proxy
+    ECONNRESET, and the holds are undone."""
+    tun = _RecordingTun()
+    d = Daemon(DaemonConfig(socket_path=str(tmp_path / "api.sock"), fastpath="off"), tun=tun)  # type: ignore[arg-type]
+    try:
+        fp = _RecordingFastPath()
+        d.splicer.fast_path = fp  # type: ignore[assignment]
+        d._tun_index = 1
+        d._sock_probe = probe
+
+        def bug(*args: object) -> None:
+            raise RuntimeError("a bug in the splicer")
+
+        monkeypatch.setattr(d.splicer, "splice_sockets", bug)
+        (peer_c, client), (peer_s, server) = _connected(pair, 4), _connected(pair, 4)
+        ports = [peer.getsockname()[1] for peer in (peer_c, peer_s)]
+        client.sendall(b"reply")
+        assert peer_c.recv(100) == b"reply"
+        with pytest.raises(ApiError) as err:
+            netns.call_in(pair.b, lambda: d.splice_sockets(1, client, server))
+        assert err.value.code is ErrorCode.ECONNRESET
+        assert d.counters["internal_errors"] == 1
+        held = [key for op, key in fp.log if op == "hold"]
+        assert len(held) == 2 and fp.log == [("hold", k) for k in held] + [
+            ("remove", k) for k in held
+        ]
+        # One RST per connection, each from the proxy host's end to its peer.
+        rsts = [p for p in tun.written if p[33] & RST]
+        sa, ca = (ipaddress.ip_address(a).packed for a in (ADDRS[4][1], ADDRS[4][0]))
+        assert sorted(
+            (p[12:16], *struct.unpack("!H", p[20:22]), p[16:20], *struct.unpack("!H", p[22:24]))
+            for p in rsts
+        ) == sorted((sa, PORT, ca, port) for port in ports)
+        raw = netns.call_in(
+            pair.b, lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        )
+        with raw:
+            for p in rsts:
+                raw.sendto(p, (ADDRS[4][0], 0))
+        # Linux took them (in window): both peers see their connection reset.
+        for peer in (peer_c, peer_s):
+            peer.settimeout(5)
+            with pytest.raises(ConnectionResetError):
+                peer.recv(100)
+            peer.close()
+    finally:
+        d.terminate()

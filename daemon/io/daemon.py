@@ -1355,14 +1355,52 @@ class Daemon:
         except OSError as exc:  # out of descriptors, say: the splice works, the port is free
             log.warning("splice_sockets: cannot hold the server side's port: %s", exc)
             port_hold = None
-        for sock in (client, server):
-            close_silently(sock)
-        c, s = (Conn(tcb, owner, want_fd=False) for tcb in tcbs)
-        self.splicer.splice_sockets(owner, c, s, tun_index, held, port_hold)
+        try:
+            for sock in (client, server):
+                close_silently(sock)
+            c, s = (Conn(tcb, owner, want_fd=False) for tcb in tcbs)
+            self.splicer.splice_sockets(owner, c, s, tun_index, held, port_hold)
+        except Exception:
+            # Past the point of no return: the sockets are in repair mode
+            # (they transmit nothing), so the proxy cannot go on copying
+            # through them, and no splice carries the connections.  Both
+            # peers get a RST (RFC 9293 3.10.5, as for an ABORT) rather
+            # than a connection that hangs, and the proxy a distinct error.
+            self.counters["internal_errors"] += 1
+            log.exception("splice_sockets failed after the take-over; resetting both connections")
+            self._reset_taken_over(tcbs, held, port_hold)
+            raise ApiError(
+                ErrorCode.ECONNRESET,
+                "splice_sockets failed after the take-over (a daemon bug, logged): "
+                "both connections were reset; close the sockets",
+            ) from None
         return {
             "client": {"local": _addr_text(c.tcp.local), "peer": _addr_text(c.tcp.remote)},
             "server": {"local": _addr_text(s.tcp.local), "peer": _addr_text(s.tcp.remote)},
         }
+
+    def _reset_taken_over(
+        self, tcbs: list[TcpConnection], held: list[FlowKey], port_hold: socket.socket | None
+    ) -> None:
+        """Undo a take-over that failed after the sockets were closed: RST, forget, free."""
+        now = time.monotonic()
+        if not self.splicer.reset_pair(tcbs, now):
+            for tcb in tcbs:
+                tcb.abort()
+                for seg in tcb.poll_output(now):
+                    self._write_segment(tcb.local, tcb.remote, seg, tcb.snd_mss)
+        fp = self.splicer.fast_path
+        for key in held:  # their segments go to the kernel again, which has no socket: RST
+            with contextlib.suppress(OSError, KeyError):
+                if fp is not None:
+                    fp.remove(key)
+        if port_hold is not None:
+            port_hold.close()
+        for tcb in tcbs:
+            key = (tcb.local[0], tcb.local[1], tcb.remote[0], tcb.remote[1])
+            conn = self.flows.get(key)
+            if conn is not None and conn.tcp is tcb:
+                self._free(conn)
 
     def _serves(self, addr: bytes) -> bool:
         """Is ``addr`` in the daemon's prefixes (not the host's own addresses)?"""

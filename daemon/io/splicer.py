@@ -65,6 +65,7 @@ from daemon.wire.vnet import VnetHeader
 
 if TYPE_CHECKING:
     from daemon.io.daemon import Conn, Daemon
+    from daemon.tcp.connection import TcpConnection
 
 log = logging.getLogger("daemon.splice")
 
@@ -487,6 +488,20 @@ class Splicer:
         self.execute(sp, sp.relay.splice(0, b"", time.monotonic(), None, b"", False))
         for conn in (c, s):
             self.d._close_conn(conn)  # released: no descriptor, no id, as if closed
+
+    def reset_pair(self, tcbs: list[TcpConnection], now: float) -> bool:
+        """Abort and forget the splice of these TCBs; False if it sent no RST (or was none)."""
+        for tcb in tcbs:
+            hit = self.flows.get((tcb.local[0], tcb.local[1], tcb.remote[0], tcb.remote[1]))
+            sp = hit[0] if hit is not None else None
+            if sp is not None:
+                aborted = sp.relay.spliced
+                if aborted:
+                    self.execute(sp, sp.relay.abort(now))
+                if sp in self.splices:
+                    self._tear_down(sp)
+                return aborted
+        return False
 
     def client_gone(self, owner: int) -> None:
         """Unspliced intents die with their proxy; spliced pairs keep flowing."""
