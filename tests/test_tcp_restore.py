@@ -126,3 +126,22 @@ def test_only_what_the_socket_had_not_sent_goes_out_at_once() -> None:
     tcb = restored(sent=4)
     (seg,) = tcb.poll_output(NOW)
     assert (seg.seq, bytes(seg.payload)) == ((STATE.snd_una + 4) & 0xFFFFFFFF, b"knowledged")
+
+
+def test_an_ack_of_bytes_the_socket_sent_after_the_read_is_taken() -> None:
+    """Until the proxy closes it, the socket may transmit queued bytes the read saw as unsent
+    (its loss probe did, in a capture); the peer's ACK of them is an ACK of ours, not one
+    of data never sent (which RFC 9293 3.10.7.4 drops: the TCB would stall for good)."""
+    tcb = restored(sent=4, srtt=0.004, rttvar=0.002)
+    ack = TcpSegment(
+        REMOTE[1],
+        LOCAL[1],
+        5000,
+        (STATE.snd_una + 14) & 0xFFFFFFFF,
+        ACK,
+        63,
+        TcpOptions(timestamp=(STATE.ts_recent + 5, STATE.ts_now)),
+    )
+    tcb.on_segment(ack, NOW)
+    assert tcb.all_acked()
+    assert not [s for s in tcb.poll_output(NOW) if s.payload]  # nothing left to send

@@ -146,6 +146,10 @@ def take_over(
     ts_now = _u32(sock, TCP_TIMESTAMP)
     unacked = _peek_queue(sock, TCP_SEND_QUEUE, outq)
     unread = _peek_queue(sock, TCP_RECV_QUEUE, inq)
+    # Until it is closed, the socket's own timers still run: with the send
+    # queue selected, what a loss probe would transmit as new data is only
+    # marked sent (tcp_write_xmit skips the wire in repair mode then).
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
     probed = probe.read(local, remote)
     if probed is None:
         raise RepairError(0, "the probe found no such connection in this namespace")

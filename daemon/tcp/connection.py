@@ -368,12 +368,21 @@ class TcpConnection:
         conn = cls(config, k.local, k.remote)
         conn.iss = (k.snd_una - 1) & MASK
         conn.snd_una = k.snd_una
-        conn.snd_nxt = conn.snd_max = (k.snd_una + min(k.sent, len(k.unacked))) & MASK
+        conn.snd_nxt = (k.snd_una + min(k.sent, len(k.unacked))) & MASK
+        # Every queued byte may reach the peer from the socket itself: until
+        # the proxy closes it, a socket in repair mode still answers its own
+        # timers (a loss probe sent the next unsent segment in a capture,
+        # after the read), and an ACK of bytes "not yet sent" would be
+        # dropped (RFC 9293 3.10.7.4) while this TCB, its window full of
+        # them, waited for it: a stall for good.  SND.NXT < SND.MAX is the
+        # go-back-N state (module docstring): we send from SND.NXT, the peer
+        # may acknowledge up to SND.MAX.
+        conn.snd_max = (k.snd_una + len(k.unacked)) & MASK
         conn.send_buf.seq = k.snd_una
         conn.send_buf.write(k.unacked)
         if k.srtt is not None:
             conn.rto.seed(k.srtt, k.rttvar)
-        if conn.snd_max != conn.snd_una:
+        if conn.snd_nxt != conn.snd_una:
             conn.rto_deadline = now + conn.rto.current()  # RFC 6298 5.1, for what is in flight
             conn._tlp_ref = now  # RFC 8985 7.2: its last transmission is no later than now
         conn.irs = (k.rcv_nxt - len(k.unread) - 1) & MASK
