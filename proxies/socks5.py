@@ -203,7 +203,7 @@ def _connect(host: str, port: int, timeout: float) -> socket.socket:
     raise last_error if last_error is not None else OSError(errno.EHOSTUNREACH, "no address")
 
 
-def _reset(sock: socket.socket) -> None:
+def reset(sock: socket.socket) -> None:
     """Close with RST (SO_LINGER 0) rather than FIN."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
@@ -293,11 +293,11 @@ def open_pair(
             if negotiated.early_data:
                 server.sendall(negotiated.early_data)
         except OSError:
-            _reset(server)  # the client is gone: mirror that to the server as a reset
+            reset(server)  # the client is gone: mirror that to the server as a reset
             raise
     except OSError as exc:
         log.info("client %s dropped during negotiation: %s", peer, exc)
-        _reset(client)
+        reset(client)
         return None
     log.debug("%s <-> %s:%d", peer, request.host, request.port)
     return server

@@ -18,14 +18,24 @@ writes them to the server socket itself before the hand-over, where the
 daemon finds them as bytes the server has not acknowledged.  If the daemon
 refuses the pair (no fast path, an unusual state) or is gone, this proxy
 copies the connection itself: the client never notices.
+
+``--splice-after BYTES`` copies each connection first, as the plain proxy
+does, and hands it over only once that many bytes have crossed (HAProxy's
+``splice-auto`` makes the same bet: splice the fast streamers).  A take-over
+costs the daemon ~0.75 ms and sits in the path of the first response
+(docs/architecture.md, "Connection setup"); a connection that ends within a
+few round trips never earns it back.  0 (the default) hands every pair over
+at once, the thesis's model.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -34,7 +44,15 @@ import threading
 from daemon.api.client import DaemonGone, SpliceClient, SpliceError
 from daemon.api.protocol import ErrorCode
 from proxies.daemon_shell import destinations, local_for
-from proxies.socks5 import default_copy_strategy, open_pair, relay, run_listeners
+from proxies.http_proxy import byte_count
+from proxies.socks5 import (
+    COPY_BUFFER_SIZE,
+    default_copy_strategy,
+    open_pair,
+    relay,
+    reset,
+    run_listeners,
+)
 from proxies.socks5_spliced import SplicedConfig, parse_args
 
 log = logging.getLogger("proxies.socks5_kernel")
@@ -64,8 +82,58 @@ def connect_first(host: str, port: int, source: str | None, timeout: float) -> s
     raise first_error or OSError(errno.EHOSTUNREACH, "no address")
 
 
+def copy_until(client: socket.socket, server: socket.socket, budget: int) -> bool:
+    """Copy both ways until ``budget`` bytes have crossed; True: hand the pair over now.
+
+    False: the connection was finished here, or failed and both sides were
+    reset; the sockets are closed either way.  A direction that ends (EOF)
+    before the budget is spent is carried across with shutdown(SHUT_WR) and
+    the other one is copied to its end here: the daemon takes over only
+    connections that are ESTABLISHED both ways (docs/api.md).  One thread
+    for both directions: within the budget a blocking send waits for the
+    network, never for the other direction (the peer's kernel takes up to its
+    receive buffer, larger than the budget, whatever its application does);
+    past it, only one direction is left.
+    """
+    if budget <= 0:
+        return True
+    ends = {client.fileno(): (client, server), server.fileno(): (server, client)}
+    poller = select.poll()
+    for fd in ends:
+        poller.register(fd, select.POLLIN)
+    buffer = bytearray(COPY_BUFFER_SIZE)
+    view = memoryview(buffer)
+    moved = 0
+    try:
+        while ends:
+            for fd, _events in poller.poll():
+                source, sink = ends[fd]
+                count = source.recv_into(buffer)
+                if count == 0:
+                    sink.shutdown(socket.SHUT_WR)  # the FIN across; the other way stays open
+                    poller.unregister(fd)
+                    del ends[fd]
+                    continue
+                sink.sendall(view[:count])
+                moved += count
+            if moved >= budget and len(ends) == 2:
+                return True
+    except OSError as exc:
+        log.debug("copy error %s, resetting both sides", exc)
+        reset(client)
+        reset(server)
+        return False
+    client.close()
+    server.close()
+    return False
+
+
 def serve_client(
-    api: SpliceClient, client: socket.socket, peer: object, config: SplicedConfig
+    api: SpliceClient,
+    client: socket.socket,
+    peer: object,
+    config: SplicedConfig,
+    splice_after: int = 0,
 ) -> None:
     """One client, from its greeting to the hand-over (its own thread)."""
 
@@ -74,6 +142,8 @@ def serve_client(
 
     server = open_pair(client, peer, config.credentials, config.handshake_timeout, connect)
     if server is None:
+        return
+    if not copy_until(client, server, splice_after):
         return
     try:
         api.splice_sockets(client, server)
@@ -95,11 +165,22 @@ def serve_client(
 
 
 def main(argv: list[str] | None = None) -> int:
+    def splice_after_option(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--splice-after",
+            type=byte_count,
+            default=0,
+            metavar="BYTES",
+            help="copy each connection until this many bytes have crossed, then hand it "
+            "to the daemon (default 0: hand every pair over at once)",
+        )
+
     args, config = parse_args(
         argv,
         prog="python -m proxies.socks5_kernel",
         description="SOCKS5 proxy (CONNECT) on kernel sockets; the splice daemon relays the data.",
         addresses="an address of this host",
+        extra=splice_after_option,
     )
     logging.basicConfig(
         level=args.log_level.upper(), format=f"%(asctime)s {PROG} %(levelname)s %(message)s"
@@ -127,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         status = run_listeners(
             PROG,
             args.listen,
-            lambda client, peer: serve_client(api, client, peer, config),
+            lambda client, peer: serve_client(api, client, peer, config, args.splice_after),
             start_watching,
         )
     if gone.is_set():

@@ -49,6 +49,7 @@ import contextlib
 import logging
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from daemon.api.aio import AsyncConnection, AsyncSpliceClient, DaemonGone, SpliceError
@@ -251,8 +252,12 @@ def parse_args(
     prog: str = "python -m proxies.socks5_spliced",
     description: str = "SOCKS5 proxy (CONNECT) whose data phase is spliced by the splice daemon.",
     addresses: str = "a daemon address",
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> tuple[argparse.Namespace, SplicedConfig]:
-    """The command line of a SOCKS5 proxy attached to the daemon (this one, socks5_kernel)."""
+    """The command line of a SOCKS5 proxy attached to the daemon (this one, socks5_kernel).
+
+    ``extra`` adds a proxy's own options (their values are in the namespace).
+    """
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--daemon", required=True, metavar="SOCKET_PATH")
     add_listen_option(parser, f" ({addresses})")
@@ -268,6 +273,8 @@ def parse_args(
         help="drop a client that has not sent its request by then",
     )
     parser.add_argument("--log-level", default="WARNING", metavar="L")
+    if extra is not None:
+        extra(parser)
     args = parser.parse_args(argv)
     if not args.handshake_timeout > 0:
         parser.error("--handshake-timeout must be positive")

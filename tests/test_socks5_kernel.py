@@ -1,16 +1,21 @@
-"""proxies/socks5_kernel.serve_client when splice_sockets fails: copy, or close on ECONNRESET.
+"""proxies/socks5_kernel.serve_client around the hand-over: when, and what if it fails.
 
 No root, no daemon: loopback sockets and a stand-in for the API client.
 Most errors leave the sockets the proxy's (docs/api.md): it copies and the
 client sees no difference.  ECONNRESET means the daemon took them over and
-then failed: they transmit nothing, so the proxy closes them.
+then failed: they transmit nothing, so the proxy closes them.  With
+``--splice-after`` the proxy copies first and offers the pair only once
+that many bytes have crossed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
+import time
+from collections.abc import Iterator
 
 from daemon.api.replies import SpliceError
 from proxies.socks5_kernel import serve_client
@@ -27,38 +32,55 @@ class RefusingApi:
         raise SpliceError(self.code, "refused by the test")
 
 
-def _through_proxy(code: str) -> tuple[bytes, bytes, RefusingApi]:
-    """A SOCKS5 CONNECT to a loopback origin, then b"ping" each way; what each end read."""
+@contextlib.contextmanager
+def _socks_pair(
+    api: RefusingApi, splice_after: int = 0
+) -> Iterator[tuple[socket.socket, socket.socket, threading.Thread]]:
+    """A client connected through serve_client to a loopback origin: (client, origin's end)."""
     origin = socket.create_server(("127.0.0.1", 0))
     front = socket.create_server(("127.0.0.1", 0))
-    api = RefusingApi(code)
     with origin, front:
         client = socket.create_connection(front.getsockname(), timeout=5)
         accepted, peer = front.accept()
         proxy = threading.Thread(
-            target=serve_client, args=(api, accepted, peer, SplicedConfig()), daemon=True
+            target=serve_client,
+            args=(api, accepted, peer, SplicedConfig(), splice_after),
+            daemon=True,
         )
         proxy.start()
         with client:
             port = origin.getsockname()[1]
             client.sendall(b"\x05\x01\x00")
             assert client.recv(2) == b"\x05\x00"
-            client.sendall(
-                b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", port)
-            )
-            reply = b""
-            while len(reply) < 10:
-                reply += client.recv(10 - len(reply))
-            assert reply[:2] == b"\x05\x00"
+            target = socket.inet_aton("127.0.0.1") + struct.pack("!H", port)
+            client.sendall(b"\x05\x01\x00\x01" + target)
+            assert _read(client, 10)[:2] == b"\x05\x00"
             server, _ = origin.accept()
             with server:
                 server.settimeout(5)
-                server.sendall(b"ping")
-                client.sendall(b"ping")
-                at_client = client.recv(100)
-                at_server = server.recv(100)
+                yield client, server, proxy
         proxy.join(timeout=5)
         assert not proxy.is_alive()
+
+
+def _read(sock: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _through_proxy(code: str) -> tuple[bytes, bytes, RefusingApi]:
+    """b"ping" each way once the pair was offered to the daemon; what each end read."""
+    api = RefusingApi(code)
+    with _socks_pair(api) as (client, server, _proxy):
+        server.sendall(b"ping")
+        client.sendall(b"ping")
+        at_client = client.recv(100)
+        at_server = server.recv(100)
     return at_client, at_server, api
 
 
@@ -73,3 +95,33 @@ def test_a_take_over_that_failed_after_the_point_of_no_return_is_closed() -> Non
     assert api.calls == 1
     # Closed, not copied: both ends read EOF (the daemon would have reset them).
     assert (at_client, at_server) == (b"", b"")
+
+
+def test_a_connection_that_ends_within_the_budget_is_copied_and_never_offered() -> None:
+    api = RefusingApi("ESTATE")
+    with _socks_pair(api, splice_after=1 << 20) as (client, server, _proxy):
+        body = bytes(range(256)) * 64
+        client.sendall(b"request")
+        assert _read(server, 7) == b"request"
+        server.sendall(body)
+        server.shutdown(socket.SHUT_WR)  # the response's end, then the client's
+        assert _read(client, len(body) + 1) == body
+        client.shutdown(socket.SHUT_WR)
+        assert server.recv(1) == b""
+    assert api.calls == 0
+
+
+def test_a_connection_past_the_budget_is_offered_after_what_crossed() -> None:
+    api = RefusingApi("ESTATE")  # refused: the proxy copies on, nothing lost
+    with _socks_pair(api, splice_after=1000) as (client, server, _proxy):
+        server.sendall(b"a" * 999)
+        assert _read(client, 999) == b"a" * 999
+        assert api.calls == 0  # 999 bytes: still within the budget
+        server.sendall(b"b" * 2)
+        assert _read(client, 2) == b"bb"
+        deadline = time.monotonic() + 5
+        while api.calls == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert api.calls == 1
+        server.sendall(b"after")
+        assert _read(client, 5) == b"after"
