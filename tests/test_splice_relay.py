@@ -29,6 +29,7 @@ from daemon.splice.relay import (
     WatchFinAck,
     Write,
 )
+from daemon.splice.session import TS_MARGIN
 from daemon.splice.state import Iface, SpliceState
 from daemon.tcp.config import TcpConfig
 from daemon.tcp.connection import TcpConnection
@@ -382,6 +383,22 @@ def test_a_draining_tcb_retransmits_on_its_timer() -> None:
     later = bed.client.rto_deadline + 0.001
     again = emitted(bed.relay.on_timer(CLIENT, later), CLIENT)
     assert [bytes(s.payload) for s in again] == [b"0123456789"]
+
+
+def test_a_draining_tcbs_ts_clock_stops_where_the_relayed_ones_begin() -> None:
+    """Its retransmission seconds later carries a TSval short of the splice's plus
+    TS_MARGIN, so the TSvals the relay maps in its name stay the newest the peer has seen
+    (PAWS), and the margin can stay small (daemon/splice/session.py: port reuse)."""
+    bed, _ = spliced(10)
+    at_splice = bed.client.ts_now(T0)
+    assert bed.relay.client.base is not None
+    assert bed.relay.client.base.ts_sent == (at_splice + TS_MARGIN) & 0xFFFFFFFF
+    bed.relay.on_proxy_data(CLIENT, b"0123456789", T0)
+    later = T0 + 5.0
+    again = emitted(bed.relay.on_timer(CLIENT, later), CLIENT)
+    assert again and all(seg.options.timestamp is not None for seg in again)
+    stopped = (at_splice + TS_MARGIN - 1) & 0xFFFFFFFF
+    assert {seg.options.timestamp[0] for seg in again} == {stopped}  # type: ignore[index]
 
 
 def test_a_tcb_giving_up_while_draining_resets_both_sides() -> None:

@@ -236,6 +236,10 @@ class TcpConnection:
     ts_recent: int = 0
     ts_offset: int = 0
     _ts_sent: int | None = field(init=False, default=None)  # the newest TSval sent
+    # Once spliced: the TSval this TCB never goes past, so that every TSval
+    # the relay maps in its name is newer (daemon/splice/session.py,
+    # TS_MARGIN); cleared when the TCB resumes (``thaw``).
+    ts_cap: int | None = None
     # RFC 5961 7: challenge ACKs sent in the current one-second budget.
     challenge_since: float = -1.0
     challenge_sent: int = 0
@@ -626,6 +630,7 @@ class TcpConnection:
             self.snd_wnd = field_ << self.snd_wscale
             self.max_snd_wnd = max(self.max_snd_wnd, self.snd_wnd)
             self.snd_wl1, self.snd_wl2 = wl1, wl2
+        self.ts_cap = None
         if self.ts_ok:
             if ts_recent is not None:
                 self.ts_recent = ts_recent
@@ -1679,6 +1684,9 @@ class TcpConnection:
         step back.
         """
         t = self.ts_now(now)
+        cap = self.ts_cap
+        if cap is not None and seq_gt(t, cap):
+            t = cap  # RFC 7323 5.4 asks only that the clock never go back
         last = self._ts_sent
         if last is not None and seq_lt(t, last):
             return last
