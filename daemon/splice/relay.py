@@ -79,7 +79,7 @@ from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from daemon.splice.family import to_ipv6, to_relay_shape
-from daemon.splice.session import TS_MARGIN, Side, translators
+from daemon.splice.session import Side, translators
 from daemon.splice.state import QUEUEING_STATES, Event, Iface, SplicePair, SpliceState
 from daemon.splice.translator import SegmentInfo, Translator, TsMode, peek, translate
 from daemon.tcp.config import Endpoint, TcpConfig
@@ -519,11 +519,12 @@ class Relay:
         self.reclaimed = self.reclaimed_server = b""
         self.client.base = Side.of(ct, now)
         self.server.base = Side.of(st, now)
-        # Their clocks stop just short of where the relay's TSvals start
-        # (TS_MARGIN ahead): still running for the first second, as a taken-over
-        # kernel socket's own retransmissions until the proxy closes it do.
-        ct.ts_cap = (ct.ts_now(now) + TS_MARGIN - 1) & MASK
-        st.ts_cap = (st.ts_now(now) + TS_MARGIN - 1) & MASK
+        # Their clocks stop just short of where the relay's TSvals start (the
+        # bases' ts_sent, TS_MARGIN ahead): still running for the first
+        # second, as a taken-over kernel socket's own retransmissions do
+        # until the proxy closes it.
+        ct.ts_cap = (self.client.base.ts_sent - 1) & MASK
+        st.ts_cap = (self.server.base.ts_sent - 1) & MASK
         self.spliced_at = now
         event = Event.SPLICE
         if limits is not None:

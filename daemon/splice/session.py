@@ -25,8 +25,9 @@ received), which is exactly what that TCB itself was acknowledging.
 
 Timestamps (5.4.1) are glued the same way with the TS clock of each TCB,
 taken at splice() and pushed ``TS_MARGIN`` ahead; the TCB's own clock stops
-there (``TcpConnection.ts_cap``), so no TSval it still sends during
-PRE_SPLICED can exceed a mapped one (the peer's PAWS check would drop it).
+just short of there (``TcpConnection.ts_cap``), so no TSval it still sends
+during PRE_SPLICED can exceed a mapped one (the peer's PAWS check would
+drop it).
 Windows (5.4.2): the server side was offered the client's own scale, so
 client windows pass unchanged when the server accepted scaling, and are
 unscaled (and clamped at 65535) when it did not; server windows are
@@ -45,16 +46,18 @@ from daemon.tcp.connection import TcpConnection
 from daemon.wire.flowlabel import flow_label
 
 MASK = 0xFFFFFFFF
-# How far ahead of a TCB's TS clock the relayed TSvals start (ms ticks).  The
-# TCB's own clock stops at splice() (its ``ts_cap``), so any margin keeps its
-# PRE_SPLICED segments older than the relayed ones; this one also keeps a
-# segment of the peer's that was up to a second older than the newest it had
-# sent (reordered around the splice) newer than the TCB's.  It must stay well
-# under 2 MSL: once a splice is forgotten its 4-tuple is free again, and a new
-# connection on it starts from the host's own clock, which a peer still in
-# TIME-WAIT compares with the last, relayed, TSval it saw (RFC 6191, PAWS).
-# With 60 s it answered such SYNs with an ACK, the proxy host with a RST,
-# and the SYN went again a second later.
+# How far ahead of a TCB's TS clock the relayed TSvals start (ms ticks). The
+# TCB's own clock stops one tick short of them (its ``ts_cap``), so its
+# PRE_SPLICED segments stay older than the relayed ones whatever the margin;
+# the margin is how long that clock may still run, which a taken-over kernel
+# socket needs: its own retransmissions, until the proxy closes it, carry the
+# kernel's clock, and a TCB segment older than those the client's PAWS drops
+# (stopped at the splice instant, 1 in 50 mid-transfer hand-overs stalled). It
+# must stay well under 2 MSL: once a splice is forgotten its 4-tuple is free
+# again, and a new connection on it starts from the host's own clock, which a
+# peer still in TIME-WAIT compares with the last, relayed, TSval it saw (RFC
+# 6191, PAWS). With 60 s it answered such SYNs with an ACK, the proxy host
+# with a RST, and the SYN went again a second later.
 TS_MARGIN = 1_000
 
 
