@@ -1382,25 +1382,20 @@ class Daemon:
     def _reset_taken_over(
         self, tcbs: list[TcpConnection], held: list[FlowKey], port_hold: socket.socket | None
     ) -> None:
-        """Undo a take-over that failed after the sockets were closed: RST, forget, free."""
+        """Undo a take-over that failed after the sockets were closed: RST both, forget them."""
         now = time.monotonic()
-        if not self.splicer.reset_pair(tcbs, now):
+        if not self.splicer.reset_pair(tcbs, now):  # no splice yet: the TCBs say it themselves
             for tcb in tcbs:
                 tcb.abort()
                 for seg in tcb.poll_output(now):
                     self._write_segment(tcb.local, tcb.remote, seg, tcb.snd_mss)
         fp = self.splicer.fast_path
-        for key in held:  # their segments go to the kernel again, which has no socket: RST
+        assert fp is not None  # splice_sockets refuses to start without it
+        for key in held:  # gone already if the splice was torn down
             with contextlib.suppress(OSError, KeyError):
-                if fp is not None:
-                    fp.remove(key)
+                fp.remove(key)
         if port_hold is not None:
             port_hold.close()
-        for tcb in tcbs:
-            key = (tcb.local[0], tcb.local[1], tcb.remote[0], tcb.remote[1])
-            conn = self.flows.get(key)
-            if conn is not None and conn.tcp is tcb:
-                self._free(conn)
 
     def _serves(self, addr: bytes) -> bool:
         """Is ``addr`` in the daemon's prefixes (not the host's own addresses)?"""
