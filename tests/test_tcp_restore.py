@@ -73,19 +73,17 @@ def test_the_unacknowledged_bytes_go_out_again_first_in_the_sockets_clock() -> N
     assert (seg.window << 7) + 5000 >= STATE.rcv_wup + STATE.rcv_wnd - (1 << 7)
 
 
+def ack_of_all(tsecr: int) -> TcpSegment:
+    """The peer's ACK of every unacknowledged byte, its TSval 5 past ``ts_recent``."""
+    ack = (STATE.snd_una + len(STATE.unacked)) & 0xFFFFFFFF
+    opts = TcpOptions(timestamp=(STATE.ts_recent + 5, tsecr))
+    return TcpSegment(REMOTE[1], LOCAL[1], 5000, ack, ACK, 63, opts)
+
+
 def test_the_peers_ack_of_them_completes_the_hand_over() -> None:
     tcb = restored()
     (seg,) = tcb.poll_output(NOW)
-    ack = TcpSegment(
-        REMOTE[1],
-        LOCAL[1],
-        5000,
-        (STATE.snd_una + 14) & 0xFFFFFFFF,
-        ACK,
-        63,
-        TcpOptions(timestamp=(STATE.ts_recent + 5, seg.options.timestamp[0])),  # type: ignore[index]
-    )
-    tcb.on_segment(ack, NOW + 0.001)
+    tcb.on_segment(ack_of_all(seg.options.timestamp[0]), NOW + 0.001)  # type: ignore[index]
     assert tcb.all_acked() and tcb.state is TcpState.ESTABLISHED
     assert tcb.ts_recent == STATE.ts_recent + 5
 
@@ -133,15 +131,6 @@ def test_an_ack_of_bytes_the_socket_sent_after_the_read_is_taken() -> None:
     (its loss probe did, in a capture); the peer's ACK of them is an ACK of ours, not one
     of data never sent (which RFC 9293 3.10.7.4 drops: the TCB would stall for good)."""
     tcb = restored(sent=4, srtt=0.004, rttvar=0.002)
-    ack = TcpSegment(
-        REMOTE[1],
-        LOCAL[1],
-        5000,
-        (STATE.snd_una + 14) & 0xFFFFFFFF,
-        ACK,
-        63,
-        TcpOptions(timestamp=(STATE.ts_recent + 5, STATE.ts_now)),
-    )
-    tcb.on_segment(ack, NOW)
+    tcb.on_segment(ack_of_all(STATE.ts_now), NOW)
     assert tcb.all_acked()
     assert not [s for s in tcb.poll_output(NOW) if s.payload]  # nothing left to send
