@@ -88,8 +88,8 @@ def copy_until(client: socket.socket, server: socket.socket, budget: int) -> boo
     False: the connection was finished here, or failed and both sides were
     reset; the sockets are closed either way.  A direction that ends (EOF)
     before the budget is spent is carried across with shutdown(SHUT_WR) and
-    the other one is copied to its end here: the daemon takes over only
-    connections that are ESTABLISHED both ways (docs/api.md).  One thread
+    the other one is copied to its end here: the daemon takes over no
+    connection the proxy has shut down for writing (docs/api.md).  One thread
     for both directions: within the budget a blocking send waits for the
     network, never for the other direction (the peer's kernel takes up to its
     receive buffer, larger than the budget, whatever its application does);

@@ -35,6 +35,7 @@ from daemon.io.repair import RepairError, close_silently, take_over
 from daemon.tcp.config import TcpConfig
 from daemon.tcp.connection import TcpConnection
 from daemon.tcp.kernel_state import KernelTcpState
+from daemon.tcp.state import TcpState
 from daemon.wire.tcp import FIN, RST, SYN, build_ipv4_tcp, build_ipv6_tcp
 from daemon.wire.tcp_options import parse_options
 from testbed import netns
@@ -279,7 +280,11 @@ def test_a_tcb_restored_from_it_carries_the_connection_on(
             client.close()
 
 
-def test_the_connection_can_be_read_in_close_wait(pair: Pair, probe: SockProbe) -> None:
+def test_a_connection_in_close_wait_is_read_and_carried_on(pair: Pair, probe: SockProbe) -> None:
+    """The peer sent its last words and closed; the TCB restored from the socket holds
+    them before the end of stream, and what it sends Linux (half-closed, FIN_WAIT_2)
+    takes: its sequence number is right and its ACK covers the FIN.  The socket sent
+    nothing, so its congestion window is still the initial one (10, no ssthresh)."""
     client, server = _connected(pair, 4)
     try:
         client.sendall(b"last words")
@@ -287,9 +292,26 @@ def test_the_connection_can_be_read_in_close_wait(pair: Pair, probe: SockProbe) 
         assert wait_until(lambda: tcp_state(server) == TCP_CLOSE_WAIT)
         state: KernelTcpState = netns.call_in(pair.b, lambda: take_over(server, probe))
         close_silently(server)
+        assert state.fin_received and state.unread == b"last words"
+        assert (state.snd_cwnd, state.snd_ssthresh) == (10, None)
+        tcb = TcpConnection.restore(TcpConfig(), state, time.monotonic())
+        assert tcb.state is TcpState.CLOSE_WAIT
+        assert tcb.recv(100) == b"last words" and tcb.recv(100) == b""
+        tcb.send(b"the answer")
+        tcb.shutdown_write()
+        segs = tcb.poll_output(time.monotonic())
+        raw = netns.call_in(
+            pair.b, lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        )
+        with raw:
+            for seg in segs:
+                raw.sendto(
+                    bytes(build_ipv4_tcp(seg, state.local[0], state.remote[0])), (ADDRS[4][0], 0)
+                )
+        client.settimeout(5)
+        assert client.recv(100) == b"the answer" and client.recv(100) == b""
     finally:
         client.close()
-    assert state.fin_received and state.unread == b"last words"
 
 
 def test_a_socket_that_is_not_a_connection_is_refused(pair: Pair, probe: SockProbe) -> None:

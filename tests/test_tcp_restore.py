@@ -15,7 +15,7 @@ from daemon.tcp.config import TcpConfig
 from daemon.tcp.connection import TcpConnection
 from daemon.tcp.kernel_state import KernelTcpState
 from daemon.tcp.state import TcpState
-from daemon.wire.tcp import ACK, TcpOptions, TcpSegment
+from daemon.wire.tcp import ACK, FIN, TcpOptions, TcpSegment
 
 NOW = 1000.0
 LOCAL = (bytes([192, 0, 2, 2]), 9000)
@@ -98,13 +98,50 @@ def test_no_options_means_none_are_used() -> None:
 @pytest.mark.parametrize(
     ("changes", "why"),
     [
-        ({"fin_received": True}, "CLOSE_WAIT"),
         ({"unread": bytes(1 << 20)}, "do not fit"),
+        ({"unacked": bytes(1 << 20)}, "do not fit"),
     ],
 )
 def test_what_the_tcb_cannot_carry_on_is_refused(changes: dict[str, object], why: str) -> None:
     with pytest.raises(ValueError, match=why):
         restored(**changes)
+
+
+def test_a_connection_whose_peer_closed_comes_back_in_close_wait() -> None:
+    """RCV.NXT counts the FIN (as the socket's did), behind the unread bytes: IRS is one
+    further back, the bytes read come before the end of stream, and the peer's FIN sent
+    again is answered with an ACK of it (RFC 9293 3.10.7.4), not taken for new data."""
+    tcb = restored(fin_received=True, rcv_nxt=5001)
+    assert tcb.state is TcpState.CLOSE_WAIT and tcb.peer_closed
+    assert tcb.irs == 5001 - 1 - len(b"not read") - 1
+    assert tcb.recv(100) == b"not read" and tcb.recv(100) == b""
+    tcb.poll_output(NOW)  # the unacknowledged bytes, resent
+    again = TcpSegment(REMOTE[1], LOCAL[1], 5000, STATE.snd_una, ACK | FIN, 63,
+                       TcpOptions(timestamp=(STATE.ts_recent + 1, STATE.ts_now)))  # fmt: skip
+    tcb.on_segment(again, NOW + 0.001)
+    (ack,) = tcb.poll_output(NOW + 0.001)
+    assert ack.ack == 5001 and not ack.payload
+    assert tcb.state is TcpState.CLOSE_WAIT and tcb.recv(100) == b""
+    tcb.shutdown_write()  # our FIN after what is queued: LAST_ACK
+    assert tcb.state is TcpState.LAST_ACK
+
+
+def test_the_congestion_state_is_the_sockets() -> None:
+    """A pair handed over mid-transfer drains at the window the kernel had reached (in
+    segments, tcpi_snd_cwnd), not from a new initial window; unknown: the initial one."""
+    tcb = restored(snd_cwnd=80, snd_ssthresh=40)
+    assert (tcb.cc.cwnd, tcb.cc.ssthresh) == (80 * tcb.snd_mss, 40 * tcb.snd_mss)
+    fresh = restored()
+    assert fresh.cc.cwnd == TcpConfig().initial_cwnd_segments * fresh.snd_mss
+    assert fresh.cc.ssthresh == restored(snd_cwnd=80).cc.ssthresh  # never set: arbitrarily high
+    big = restored(
+        snd_cwnd=40,
+        unacked=bytes(100_000),
+        snd_nxt=(STATE.snd_una + 100_000) & 0xFFFFFFFF,
+        snd_wnd=1 << 20,
+    )
+    sent = sum(len(seg.payload) for seg in big.poll_output(NOW))
+    assert sent == 40 * big.snd_mss  # what the window allows at once, not 10 segments
 
 
 def test_bytes_the_socket_sent_wait_for_their_ack_under_its_rtt_estimate() -> None:

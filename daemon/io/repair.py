@@ -72,8 +72,11 @@ TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE, TCPI_OPT_ECN = 1, 2, 4, 8
 TCP_ESTABLISHED, TCP_CLOSE_WAIT = 1, 8
 
 _TCP_INFO_HEAD = struct.Struct("BBBBBBBB")  # state .. snd/rcv_wscale, then u32s
-_TCP_INFO_RTT = struct.Struct("II")  # tcpi_rtt, tcpi_rttvar (us): the 16th and 17th u32
-_TCP_INFO_RTT_AT = 8 + 15 * 4
+# tcpi_rtt, tcpi_rttvar (us), tcpi_snd_ssthresh, tcpi_snd_cwnd (segments):
+# the 16th to 19th u32 of struct tcp_info (linux/tcp.h).
+_TCP_INFO_METRICS = struct.Struct("IIII")
+_TCP_INFO_METRICS_AT = 8 + 15 * 4
+TCP_INFINITE_SSTHRESH = 0x7FFFFFFF
 
 
 class RepairError(OSError):
@@ -132,7 +135,7 @@ def take_over(
     )
     if state not in (TCP_ESTABLISHED, TCP_CLOSE_WAIT):
         raise RepairError(0, f"connection in TCP state {state}: only ESTABLISHED or CLOSE_WAIT")
-    rtt_us, rttvar_us = _TCP_INFO_RTT.unpack_from(info, _TCP_INFO_RTT_AT)
+    rtt_us, rttvar_us, ssthresh, cwnd = _TCP_INFO_METRICS.unpack_from(info, _TCP_INFO_METRICS_AT)
     sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
     outq = _ioctl_int(sock, termios.TIOCOUTQ)
     inq = _ioctl_int(sock, termios.FIONREAD)
@@ -183,6 +186,8 @@ def take_over(
         sent=min((probed.snd_nxt - snd_una) & 0xFFFFFFFF, outq),
         srtt=rtt_us / 1e6 if rtt_us else None,
         rttvar=rttvar_us / 1e6,
+        snd_cwnd=cwnd,
+        snd_ssthresh=None if ssthresh >= TCP_INFINITE_SSTHRESH else ssthresh,
     )
 
 

@@ -361,12 +361,14 @@ class TcpConnection:
         bytes the application did not read are readable.
         IRS and ISS are placed just before those queues, so a splice's base
         points (daemon/splice/session.py) put the unread bytes first on the
-        other connection.  The congestion state starts afresh (initial
-        window, RFC 5681 3.1), as after an idle period.  A connection whose
-        peer has closed (CLOSE_WAIT) is not taken: ValueError.
+        other connection.  The congestion window and slow-start threshold
+        are the socket's (same connection, same path: a pair handed over in
+        the middle of a transfer drains its queues at the rate the kernel had
+        reached, not in a new slow start); unknown, they start afresh
+        (initial window, RFC 5681 3.1).  A connection whose peer has closed
+        comes back in CLOSE_WAIT: its FIN is behind the unread bytes, counted
+        in RCV.NXT as the socket counted it, and acknowledged already.
         """
-        if k.fin_received:
-            raise ValueError("the peer has closed this connection (CLOSE_WAIT)")
         if len(k.unread) > config.rcv_buf or len(k.unacked) > config.snd_buf:
             raise ValueError("the kernel's queues do not fit this TCB's buffers")
         conn = cls(config, k.local, k.remote)
@@ -389,7 +391,8 @@ class TcpConnection:
         if conn.snd_nxt != conn.snd_una:
             conn.rto_deadline = now + conn.rto.current()  # RFC 6298 5.1, for what is in flight
             conn._tlp_ref = now  # RFC 8985 7.2: its last transmission is no later than now
-        conn.irs = (k.rcv_nxt - len(k.unread) - 1) & MASK
+        fin = 1 if k.fin_received else 0
+        conn.irs = (k.rcv_nxt - fin - len(k.unread) - 1) & MASK
         conn.rcv_nxt = conn.last_ack_sent = k.rcv_nxt
         conn.recv_buf.append(k.unread)
         conn.wscale_ok = k.wscale_ok
@@ -411,12 +414,16 @@ class TcpConnection:
         conn.cc = NewReno.create(
             conn.snd_mss, config.initial_cwnd_segments, config.abc_limit_segments, k.snd_una
         )
+        if k.snd_cwnd > 0:
+            conn.cc.cwnd = k.snd_cwnd * conn.snd_mss
+        if k.snd_ssthresh is not None:
+            conn.cc.ssthresh = max(k.snd_ssthresh, 2) * conn.snd_mss  # RFC 5681 (4): >= 2 SMSS
         if conn.ts_ok:
             conn.ts_recent = k.ts_recent
             # ts_now(now) == the socket's clock now, and never below what it sent.
             conn.ts_offset = (k.ts_now - int(now * 1000)) & MASK
             conn._ts_sent = (k.ts_now - 1) & MASK
-        conn.state = ESTABLISHED
+        conn.state = CLOSE_WAIT if k.fin_received else ESTABLISHED
         conn.stats.opened_at = now
         conn._mark_rx(now)
         return conn

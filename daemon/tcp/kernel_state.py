@@ -44,3 +44,7 @@ class KernelTcpState:
     sent: int = 0
     srtt: float | None = None  # the socket's RTT estimate (tcpi_rtt), seconds
     rttvar: float = 0.0
+    # The socket's congestion state (tcpi_snd_cwnd, tcpi_snd_ssthresh), in
+    # segments: 0 / None when unknown or, for ssthresh, never set (infinite).
+    snd_cwnd: int = 0
+    snd_ssthresh: int | None = None
