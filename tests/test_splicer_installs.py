@@ -24,6 +24,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.log: list[tuple[Any, ...]] = []
+        self.refuse_installs = False
 
     # the daemon
     def drain_tun(self) -> None:
@@ -32,19 +33,24 @@ class Recorder:
     # the fast path
     def install(self, key: Any, t: Any, ifindex: int, limit: Any, fin_ack: Any, *rest: Any) -> None:
         self.log.append(("install", key, fin_ack, limit))
+        if self.refuse_installs:
+            raise OSError(28, "No space left on device")
+
+    def hold(self, key: Any, punt_ifindex: int) -> None:
+        self.log.append(("hold", key, punt_ifindex))
 
     def remove(self, key: Any) -> tuple[int, int]:
         self.log.append(("remove", key))
         return 0, 0
 
 
-def _splicer() -> tuple[Splicer, Recorder, Splice, InstallFastPath]:
+def _splicer(punt_ifindex: int = 0) -> tuple[Splicer, Recorder, Splice, InstallFastPath]:
     bed, actions = bounded(300)
     (install,) = of(actions, InstallFastPath)
     assert isinstance(install, InstallFastPath)
     rec = Recorder()
     splicer = Splicer(rec, rec, lambda addr: 7)  # type: ignore[arg-type]
-    sp = Splice(bed.relay, None)
+    sp = Splice(bed.relay, None, punt_ifindex=punt_ifindex)
     splicer.splices.add(sp)
     return splicer, rec, sp, install
 
@@ -77,3 +83,27 @@ def test_a_splice_torn_down_before_the_end_of_the_pass_is_never_installed() -> N
     splicer.run_installs()
     assert not any(e[0] == "install" for e in rec.log)
     assert sp not in splicer.splices and splicer.installs == {}
+
+
+def test_a_kernel_socket_splice_whose_install_fails_keeps_its_segments_coming() -> None:
+    """A splice of two taken-over kernel connections (punt_ifindex set) whose install
+    fails stays in the daemon: its 4-tuples are the host's own, so without an entry the
+    kernel would answer their segments with RSTs; hold entries send them to the TUN
+    instead, and go with the splice.  Any other splice just loses its entries."""
+    splicer, rec, sp, install = _splicer(punt_ifindex=9)
+    rec.refuse_installs = True
+    splicer.execute(sp, [install])
+    splicer.run_installs()
+    keys = [install.entries[0][0], install.entries[1][0]]
+    assert [e for e in rec.log if e[0] == "hold"] == [("hold", k, 9) for k in keys]
+    assert sp.offloaded == [] and sp.held == keys
+    assert not splicer.handed_over(sp)  # nothing in the kernel to adopt or sleep on
+    rec.log.clear()
+    splicer._offload_removed(sp)  # its tear-down
+    assert rec.log == [("remove", k) for k in keys] and sp.held == []
+
+    splicer, rec, sp, install = _splicer()
+    rec.refuse_installs = True
+    splicer.execute(sp, [install])
+    splicer.run_installs()
+    assert not any(e[0] == "hold" for e in rec.log) and sp.held == []

@@ -160,6 +160,8 @@ class Splice:
     # are the host's own, so what the fast path punts must come to this
     # interface (the TUN), never to the kernel, which has no socket for them.
     punt_ifindex: int = 0
+    # Such a splice's hold entries after its fast path failed (``_fast_path_failed``).
+    held: list[RelayKey] = field(default_factory=list)
 
     def conn(self, iface: Iface) -> Conn | None:
         return self.client if iface is CLIENT else self.server
@@ -967,6 +969,19 @@ class Splicer:
         self.fast_path_errors += 1
         log.warning("fast path %s; splice %d stays in the daemon", why, sp.relay.server_id)
         self._offload_removed(sp)
+        fp, r = self.fast_path, sp.relay
+        if sp.punt_ifindex and fp is not None and r.server is not None:
+            # A kernel-socket splice's 4-tuples are the host's own: with no
+            # entry the kernel would take their segments and, having no
+            # socket, answer each with a RST.  Hold entries keep them coming
+            # to the TUN, where the relay carries on in Python.
+            for key in (r.client.key, r.server.key):
+                try:
+                    fp.hold(key, sp.punt_ifindex)
+                except OSError as exc:
+                    log.error("cannot hold splice %d's segments: %s", r.server_id, exc)
+                    continue
+                sp.held.append(key)
 
     def _offload_removed(self, sp: Splice) -> None:
         self.installs.pop(sp, None)
@@ -985,6 +1000,13 @@ class Splicer:
                 relay.packets_s2c += packets
                 relay.bytes_s2c += nbytes
         sp.offloaded.clear()
+        for key in sp.held:
+            try:
+                if fp is not None:
+                    fp.remove(key)
+            except OSError:
+                pass
+        sp.held.clear()
 
     def _hand_back(self, sp: Splice, hb: HandBack) -> None:
         """A bounded splice is over: both conns are the proxy's ordinary conns again.
