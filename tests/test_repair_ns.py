@@ -432,3 +432,35 @@ def test_a_bug_after_the_sockets_are_closed_resets_both_peers(
             peer.close()
     finally:
         d.terminate()
+
+
+def test_a_socket_closed_silently_stays_silent_while_another_descriptor_holds_it(
+    pair: Pair, probe: SockProbe, tmp_path: Path
+) -> None:
+    """The daemon closes its copy of a taken-over socket; the proxy's copy lives on until
+    the proxy closes it after the reply (milliseconds under load).  Meanwhile the socket
+    must transmit nothing: its retransmission timer fired in repair mode and resent its
+    oldest bytes (a capture: 4.7 ms after the take-over, after the connection had ended,
+    with the socket's TSval; the client answered with a RST)."""
+    pcap = tmp_path / "silent.pcap"
+    client, server = _connected(pair, 4)
+    proxys_copy = server.dup()
+    try:
+        netns.run(pair.a, ["iptables", "-A", "INPUT", "-p", "tcp", "-j", "DROP"], check=True)
+        try:
+            with Capture.start(pair.b, "eth0", pcap, snaplen=128):
+                server.sendall(b"never acknowledged")
+                assert wait_until(lambda: unacked(server) == len(b"never acknowledged"))
+                netns.call_in(pair.b, lambda: take_over(server, probe))
+                close_silently(server)
+                taken_at = len(tcp_frames(pcap))
+                time.sleep(1.5)  # Linux's RTO starts at 1 s with no RTT sample, 0.2 s after
+                frames = tcp_frames(pcap)
+        finally:
+            netns.run(pair.a, ["iptables", "-D", "INPUT", "-p", "tcp", "-j", "DROP"], check=True)
+    finally:
+        proxys_copy.close()
+        client.close()
+    sa = ipaddress.ip_address(ADDRS[4][1]).packed
+    after = [f for f in frames[taken_at:] if f.src == sa]
+    assert after == [], [(f.seq, f.payload_len, f.flags) for f in after]

@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import array
 import contextlib
+import ctypes
 import fcntl
+import os
 import socket
 import struct
 import termios
@@ -263,6 +265,32 @@ def give_back(sock: socket.socket) -> None:
 
 
 def close_silently(sock: socket.socket) -> None:
-    """Close ``sock`` without a FIN or a RST: its connection lives on elsewhere."""
+    """End ``sock``'s connection here without a FIN or a RST: it lives on elsewhere.
+
+    Closing this descriptor is not enough while another one holds the
+    socket (the proxy's, until it closes it after the reply: milliseconds
+    under load): the socket's timers keep running, and a retransmission
+    timer or loss probe that fires transmits even in repair mode
+    (tcp_retransmit_skb does not look at it).  A capture showed a segment
+    resent 4.7 ms after the take-over, when the spliced connection had
+    already ended, with the socket's TSval, and the client's RST.  So the
+    socket is disconnected first (connect() to AF_UNSPEC): in repair mode
+    tcp_disconnect sends nothing, stops the timers, drops the queues and
+    leaves the socket CLOSED, whoever closes the last descriptor.
+    """
     sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
-    sock.close()
+    try:
+        _disconnect(sock)
+    finally:
+        sock.close()
+
+
+_AF_UNSPEC_ADDR = bytes(16)  # sa_family 0 (AF_UNSPEC), the rest ignored
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _disconnect(sock: socket.socket) -> None:
+    """connect(fd, {AF_UNSPEC}): Python's connect() takes only the socket's own family."""
+    if _libc.connect(sock.fileno(), _AF_UNSPEC_ADDR, len(_AF_UNSPEC_ADDR)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"disconnect: {os.strerror(err)}")
