@@ -171,3 +171,25 @@ def test_an_ack_of_bytes_the_socket_sent_after_the_read_is_taken() -> None:
     tcb.on_segment(ack_of_all(STATE.ts_now), NOW)
     assert tcb.all_acked()
     assert not [s for s in tcb.poll_output(NOW) if s.payload]  # nothing left to send
+
+
+def test_a_draining_tcbs_small_tail_is_probed_after_two_rtts_not_the_peers_delayed_ack() -> None:
+    """A frozen TCB holds up its splice until its last byte is acknowledged; a small last
+    segment is what Linux acknowledges only when its delayed-ACK timer fires (40 ms, a
+    splice stalled meanwhile), a duplicate of it at once.  So the probe (RFC 8985 7) comes
+    2 SRTT after the tail, with no delayed-ACK allowance: an unfrozen TCB waits 200 ms more."""
+    for frozen in (True, False):
+        tcb = restored(unacked=b"", unread=b"", srtt=0.002, rttvar=0.001,
+                       snd_nxt=STATE.snd_una, snd_wnd=1 << 20)  # fmt: skip
+        if frozen:
+            tcb.freeze()
+        tcb.send(b"the last 56 bytes of what the proxy had written".ljust(56, b"."))
+        (tail,) = tcb.poll_output(NOW)
+        if not frozen:  # the probe would come after the RTO (200 ms): none
+            assert tcb.tlp_deadline is None or tcb.tlp_deadline - NOW >= 0.2
+            continue
+        assert tcb.tlp_deadline is not None
+        assert tcb.tlp_deadline - NOW == pytest.approx(0.004)
+        tcb.on_timer(tcb.tlp_deadline)
+        (probe,) = tcb.poll_output(tcb.tlp_deadline)
+        assert (probe.seq, bytes(probe.payload)) == (tail.seq, bytes(tail.payload))

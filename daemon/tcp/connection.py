@@ -113,6 +113,8 @@ _RECEIVING = frozenset({ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2})
 DEFAULT_MSS = 536  # RFC 9293 3.7.1: assumed when the peer sends no MSS option
 _TS_OPTION_LEN = 12  # NOP NOP TS, carried by every segment once negotiated
 MIN_PATH_MTU = 552  # Linux's net.ipv4.route.min_pmtu: ICMP cannot push below it
+# The earliest tail loss probe of a frozen (draining) TCB: see _arm_tlp.
+FROZEN_PTO_FLOOR = 0.001
 _MAX_WSCALE = 14  # RFC 7323 2.3
 
 
@@ -1345,7 +1347,15 @@ class TcpConnection:
         Only with SACK (what the probe's ACK says is what makes it useful),
         outside recovery, with data outstanding, one probe per tail, and
         only when it would come before the RTO.  A lone segment in flight
-        may wait for the receiver's delayed ACK first (WCDelAckT, 200 ms).
+        may wait for the receiver's delayed ACK first (WCDelAckT, 200 ms),
+        except from a frozen TCB: it drains what it owes before its splice
+        can relay (thesis 5.1, PRE_SPLICED), and a small last segment is one
+        Linux acknowledges only when its delayed-ACK timer fires (40 ms in a
+        capture of a pair handed over mid-transfer, the splice stalled
+        meanwhile), whereas a duplicate of it is acknowledged at once
+        (tcp_data_queue forces an immediate ACK for a retransmission).  So
+        its probe comes 2 SRTT after the tail, no earlier than
+        FROZEN_PTO_FLOOR: one small duplicate against a stalled splice.
         """
         self.tlp_deadline = None
         srtt = self.rto.srtt
@@ -1361,9 +1371,13 @@ class TcpConnection:
         ):
             return
         pto = 2 * srtt
-        if seq_sub(self.snd_max, self.snd_una) <= self.snd_mss:
-            pto += 0.2
-        deadline = self._tlp_ref + max(pto, 0.01)
+        if self.frozen:
+            pto = max(pto, FROZEN_PTO_FLOOR)
+        else:
+            if seq_sub(self.snd_max, self.snd_una) <= self.snd_mss:
+                pto += 0.2
+            pto = max(pto, 0.01)
+        deadline = self._tlp_ref + pto
         if deadline < self.rto_deadline:
             self.tlp_deadline = deadline
 
