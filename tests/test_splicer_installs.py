@@ -15,8 +15,10 @@ from typing import Any
 
 from daemon.io.splicer import Splice, Splicer
 from daemon.splice.relay import InstallFastPath, TearDown, WatchFinAck
+from daemon.splice.state import CLIENT
+from daemon.wire.tcp import ACK, PSH
 from tests.test_splice_bounded import bounded
-from tests.test_splice_relay import of
+from tests.test_splice_relay import C_IRS, C_ISS, T0, from_client, of, spliced
 
 
 class Recorder:
@@ -29,6 +31,9 @@ class Recorder:
     # the daemon
     def drain_tun(self) -> None:
         self.log.append(("drain",))
+
+    def tun_write(self, vnet: Any, packet: Any) -> None:
+        self.log.append(("write", bytes(packet)))
 
     # the fast path
     def install(self, key: Any, t: Any, ifindex: int, limit: Any, fin_ack: Any, *rest: Any) -> None:
@@ -107,3 +112,30 @@ def test_a_kernel_socket_splice_whose_install_fails_keeps_its_segments_coming() 
     splicer.execute(sp, [install])
     splicer.run_installs()
     assert not any(e[0] == "hold" for e in rec.log) and sp.held == []
+
+
+def test_the_clients_acks_wait_with_the_install_and_go_on_right_after_it() -> None:
+    """While an install waits for the TUN to be read, the client's pure ACKs are held:
+    relayed, each would let the server send more into the TUN, and a fast sender kept it
+    from ever running dry (a download handed over mid-transfer crossed Python whole).
+    They go on, in order, right after the install; anything else is relayed at once."""
+    bed, actions = spliced()
+    (install,) = of(actions, InstallFastPath)
+    assert isinstance(install, InstallFastPath)
+    rec = Recorder()
+    splicer = Splicer(rec, rec, lambda addr: 7)  # type: ignore[arg-type]
+    sp = Splice(bed.relay, None)
+    splicer.splices.add(sp)
+    splicer.execute(sp, [install])
+    acks = [from_client(bed, seq=C_IRS + 1, ack=C_ISS + 1, window=w) for w in (600, 700)]
+    for ack in acks:
+        assert splicer.on_packet(sp, CLIENT, None, ack, T0)
+    assert rec.log == [] and len(sp.acks_held) == 2
+    data = from_client(bed, seq=C_IRS + 1, ack=C_ISS + 1, flags=ACK | PSH, payload=b"GET /")
+    splicer.on_packet(sp, CLIENT, None, data, T0)
+    assert [e[0] for e in rec.log] == ["write"]  # not held
+    rec.log.clear()
+    splicer.run_installs()
+    assert [e[0] for e in rec.log] == ["drain", "install", "install", "write", "write"]
+    windows = [int.from_bytes(e[1][34:36], "big") for e in rec.log[3:]]
+    assert windows == sorted(windows) and sp.acks_held == []

@@ -353,8 +353,12 @@ class Daemon:
 
     # ------------------------------------------------------------ TUN input
 
-    def _on_tun(self, mask: int) -> bool:
-        """Read and handle up to TUN_BATCH packets; True if the queue ran dry."""
+    def _on_tun(self, mask: int, draining: bool = False) -> bool:
+        """Read and handle up to TUN_BATCH packets; True if the queue ran dry.
+
+        A batch ends early once a splice waits for its install (see
+        Splicer.run_installs), unless it is that wait's own read.
+        """
         now = time.monotonic()
         for _ in range(TUN_BATCH):
             try:
@@ -368,6 +372,8 @@ class Daemon:
             self.counters["bytes_in"] += len(pkt)
             try:
                 self._input(vnet, pkt, now)
+                if self.splicer.installs and not draining:
+                    return False  # to run_installs, which reads on (bounded) first
             except WireError as exc:
                 self.counters["malformed"] += 1
                 if __debug__:
@@ -382,7 +388,7 @@ class Daemon:
     def drain_tun(self, limit: int = 4 * TUN_BATCH) -> None:
         """Handle what the TUN holds now (bounded: other fds wait meanwhile)."""
         for _ in range(0, limit, TUN_BATCH):
-            if self._on_tun(selectors.EVENT_READ):
+            if self._on_tun(selectors.EVENT_READ, draining=True):
                 return
 
     def _input(self, vnet: VnetHeader | None, pkt: memoryview, now: float) -> None:

@@ -162,6 +162,8 @@ class Splice:
     punt_ifindex: int = 0
     # Such a splice's hold entries after its fast path failed (``_fast_path_failed``).
     held: list[RelayKey] = field(default_factory=list)
+    # The client's pure ACKs that came while an install waited (``Splicer.on_packet``).
+    acks_held: list[tuple[VnetHeader | None, bytearray]] = field(default_factory=list)
 
     def conn(self, iface: Iface) -> Conn | None:
         return self.client if iface is CLIENT else self.server
@@ -781,6 +783,14 @@ class Splicer:
             sp = self._wake(pkt, now)
             if sp is None:
                 return False  # its entries are gone: an unknown 4-tuple (a RST)
+        elif iface is CLIENT and sp in self.installs and _pure_ack(pkt):
+            # The install waits for what the TUN holds (run_installs); each
+            # client ACK relayed meanwhile lets the server send more into it,
+            # and a fast sender kept it from ever running dry (a 16 MB
+            # download handed over mid-transfer went wholly through Python).
+            # Held, the ACKs go on right after the install.
+            sp.acks_held.append((vnet, bytearray(pkt)))
+            return True
         keep = self.execute(sp, sp.relay.on_packet(iface, vnet, pkt, now))
         self._sleep_again(sp, now)
         return keep
@@ -935,10 +945,29 @@ class Splicer:
                 if sp not in self.splices or not sp.relay.fast_path:
                     continue
                 self._install(sp, a)
+                self._release_acks(sp)
                 # Both interfaces relay now: one of the two moments (with the
                 # proxy's close, ``released``) a splice may turn compact.
                 if sp in self.splices:
                     self._compact(sp)
+            for sp in batch:
+                if sp.acks_held and sp not in self.installs:
+                    self._release_acks(sp)  # not installed after all: relayed as they are
+
+    def _release_acks(self, sp: Splice) -> None:
+        """The client's ACKs held while the install waited, on their way in arrival order."""
+        held, sp.acks_held = sp.acks_held, []
+        now = time.monotonic()
+        for vnet, pkt in held:
+            if sp not in self.splices:
+                return
+            try:
+                self.execute(sp, sp.relay.on_packet(CLIENT, vnet, memoryview(pkt), now))
+            except Exception:
+                # As for any packet (Daemon._on_tun): a bug costs this ACK
+                # (the next one covers it), never the daemon.
+                self.d.counters["internal_errors"] += 1
+                log.exception("internal error on a held ACK")
 
     def _install(self, sp: Splice, a: InstallFastPath) -> None:
         fp = self.fast_path
@@ -1214,3 +1243,23 @@ def _unread_in(sock: socket.socket | None) -> bool:
 
 
 __all__ = ["FastPathPort", "Splice", "Splicer"]
+
+
+def _pure_ack(pkt: memoryview) -> bool:
+    """A TCP segment with only ACK set and no payload (IPv4, or IPv6 with no extension header)."""
+    if len(pkt) < 40:
+        return False
+    version = pkt[0] >> 4
+    if version == 4:
+        ihl = (pkt[0] & 0x0F) * 4
+        total = (pkt[2] << 8) | pkt[3]
+        if pkt[9] != 6 or len(pkt) < ihl + 20:
+            return False
+        tcp = ihl
+        payload = total - ihl
+    elif version == 6 and len(pkt) >= 60 and pkt[6] == 6:
+        tcp = 40
+        payload = (pkt[4] << 8) | pkt[5]
+    else:
+        return False
+    return pkt[tcp + 13] == 0x10 and payload == (pkt[tcp + 12] >> 4) * 4
