@@ -27,6 +27,8 @@ class Recorder:
     def __init__(self) -> None:
         self.log: list[tuple[Any, ...]] = []
         self.refuse_installs = False
+        self.bugs = 0  # the next installs that raise a non-OSError
+        self.counters = {"internal_errors": 0}
 
     # the daemon
     def drain_tun(self) -> None:
@@ -40,6 +42,9 @@ class Recorder:
         self.log.append(("install", key, fin_ack, limit))
         if self.refuse_installs:
             raise OSError(28, "No space left on device")
+        if self.bugs:
+            self.bugs -= 1
+            raise AttributeError("a bug")
 
     def hold(self, key: Any, punt_ifindex: int) -> None:
         self.log.append(("hold", key, punt_ifindex))
@@ -139,3 +144,21 @@ def test_the_clients_acks_wait_with_the_install_and_go_on_right_after_it() -> No
     assert [e[0] for e in rec.log] == ["drain", "install", "install", "write", "write"]
     windows = [int.from_bytes(e[1][34:36], "big") for e in rec.log[3:]]
     assert windows == sorted(windows) and sp.acks_held == []
+
+
+def test_a_bug_in_an_install_costs_that_splice_its_fast_path_not_the_daemon() -> None:
+    """An exception other than the fast path's own errors (a daemon bug) is counted and
+    logged; that splice stays on the Python path, the next in the same pass still goes in."""
+    splicer, rec, sp, install = _splicer()
+    bed, actions = spliced()
+    (other_install,) = of(actions, InstallFastPath)
+    assert isinstance(other_install, InstallFastPath)
+    other = Splice(bed.relay, None)
+    splicer.splices.add(other)
+    rec.bugs = 1
+    splicer.execute(sp, [install])
+    splicer.execute(other, [other_install])
+    splicer.run_installs()
+    assert rec.counters["internal_errors"] == 1
+    assert sp.offloaded == [] and sp in splicer.splices
+    assert other.offloaded == [other_install.entries[0][0], other_install.entries[1][0]]

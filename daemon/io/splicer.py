@@ -933,7 +933,9 @@ class Splicer:
         capture: a 14 KB segment on the wire before the 8 KB one the server
         sent first, and its TSval one older).  So the queue is read and
         relayed first; only a segment punted in the microseconds between that
-        read and the map update can still be overtaken.
+        read and the map update can still be overtaken.  Meanwhile the
+        client's ACKs wait (``on_packet``), so that the server stops at its
+        window and the queue runs dry.
         """
         rounds = 0
         while self.installs and rounds < 4:
@@ -944,12 +946,19 @@ class Splicer:
             for sp, a in batch.items():
                 if sp not in self.splices or not sp.relay.fast_path:
                     continue
-                self._install(sp, a)
-                self._release_acks(sp)
-                # Both interfaces relay now: one of the two moments (with the
-                # proxy's close, ``released``) a splice may turn compact.
-                if sp in self.splices:
-                    self._compact(sp)
+                try:
+                    self._install(sp, a)
+                    self._release_acks(sp)
+                    # Both interfaces relay now: one of the two moments (with
+                    # the proxy's close, ``released``) a splice may turn compact.
+                    if sp in self.splices:
+                        self._compact(sp)
+                except Exception:
+                    # As for a packet (Daemon._on_tun): a bug costs this
+                    # splice its fast path, never the daemon and the others.
+                    self.d.counters["internal_errors"] += 1
+                    log.exception("internal error installing splice %d", sp.relay.server_id)
+                    self._fast_path_failed(sp, "install: internal error")
             for sp in batch:
                 if sp.acks_held and sp not in self.installs:
                     self._release_acks(sp)  # not installed after all: relayed as they are
