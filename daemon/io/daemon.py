@@ -1348,11 +1348,18 @@ class Daemon:
                 for k in states
             ]
         except (RepairError, ValueError, OSError) as exc:
+            for sock in (client, server):
+                give_back(sock)
             for key in held:
                 with contextlib.suppress(OSError, KeyError):
                     fp.remove(key)
-            for sock in (client, server):
-                give_back(sock)
+            # What the holds sent to the TUN meanwhile is the kernel's again
+            # (``_tcp_input``: no owner): back now, not when the loop next
+            # reads the TUN.  Under load that was milliseconds later: the
+            # socket waited for the peer to resend what the hold had taken,
+            # or the proxy had finished and closed it and the kernel answered
+            # the segment with a RST (rounds of refused hand-overs, captured).
+            self.drain_tun()
             raise ApiError(ErrorCode.ESTATE, f"splice_sockets: {exc}") from None
         # The server side's local port stays taken while the splice lives
         # (Splicer.port_holds), by a socket bound to it (repair.hold_port).
