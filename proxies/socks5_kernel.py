@@ -192,12 +192,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: cannot attach to the splice daemon at {where}: {exc}", file=sys.stderr)
         return 1
     gone = threading.Event()
+    stopping = threading.Event()
 
     def watch_daemon() -> None:
         # The daemon going away ends the proxy (the other proxies do the same).
         with contextlib.suppress(DaemonGone):
             for _event in api.events():
                 pass
+        if stopping.is_set():
+            return  # the end of our own API connection, on the way out
         gone.set()
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -205,12 +208,15 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=watch_daemon, name=f"{PROG}-watch", daemon=True).start()
 
     with api:
-        status = run_listeners(
-            PROG,
-            args.listen,
-            lambda client, peer: serve_client(api, client, peer, config, args.splice_after),
-            start_watching,
-        )
+        try:
+            status = run_listeners(
+                PROG,
+                args.listen,
+                lambda client, peer: serve_client(api, client, peer, config, args.splice_after),
+                start_watching,
+            )
+        finally:
+            stopping.set()
     if gone.is_set():
         print(f"{PROG}: the splice daemon went away", file=sys.stderr)
         return 1

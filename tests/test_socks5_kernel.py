@@ -19,6 +19,9 @@ from collections.abc import Iterator
 from daemon.api.replies import SpliceError
 from proxies.socks5_kernel import serve_client
 from proxies.socks5_spliced import SplicedConfig
+from tests.test_socks5_spliced import FakeDaemon, daemon, sock_dir, start_process, stop_process
+
+__all__ = ["daemon", "sock_dir"]  # the fixtures, for pytest
 
 
 class RefusingApi:
@@ -127,3 +130,17 @@ def test_a_connection_past_the_budget_is_offered_after_what_crossed() -> None:
         assert api.calls == 1
         server.sendall(b"after")
         assert _read(client, 5) == b"after"
+
+
+def test_sigterm_exits_zero_without_a_traceback(daemon: FakeDaemon) -> None:
+    """Closing its API connection on the way out must not look like the daemon going
+    away: the watcher took it for that, signalled the proxy again in the middle of its
+    exit (a traceback) and made it exit 1 with "the splice daemon went away"."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = start_process("proxies.socks5_kernel", daemon.path, "--listen", f"127.0.0.1:{port}")
+    assert stop_process(process) == 0
+    assert process.stderr is not None
+    stderr = process.stderr.read()
+    assert b"Traceback" not in stderr and b"went away" not in stderr, stderr
