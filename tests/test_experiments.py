@@ -96,7 +96,8 @@ def test_bad_input_prints_one_line_and_exits_2(capsys: pytest.CaptureFixture[str
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         "python -m testbed.experiments: error: unknown mode 'ftp': choose from "
-        "router,plain,endpoint,spliced,spliced-kernel,spliced-py,dante,microsocks,tinyproxy,http11,http11-copy"
+        "router,plain,endpoint,spliced,spliced-kernel,spliced-kernel-after,spliced-py,dante,"
+        "microsocks,tinyproxy,http11,http11-copy"
     ]
 
 

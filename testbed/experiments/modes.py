@@ -8,6 +8,11 @@
 * ``spliced-kernel``: the testbed's kernel SOCKS5 (``socks5-kernel``): set-up on
   kernel sockets, then each pair handed to the same daemon
   (``splice_sockets``: taken over with TCP_REPAIR and spliced).
+* ``spliced-kernel-after``: the same kernel SOCKS5 again, started here on the
+  testbed's daemon with ``--splice-after 65536``: it copies each connection
+  and hands it over only once 64 KB have crossed, so short requests never
+  pay for a take-over (a copying proxy's cost) and long streams end up
+  spliced after a pause.
 * ``spliced-py``: the same proxy on a second daemon started here with
   ``--fastpath off`` (every spliced packet relayed in Python), on its own TUN
   and the upper half of the splice network (198.51.100.128/25, more specific
@@ -55,6 +60,8 @@ DANTE_PORT = 1090
 MICROSOCKS_PORT = 1091
 TINYPROXY_PORT = 8888  # tinyproxy's own default
 HTTP11_COPY_PORT = 3130  # beside the testbed's http11-proxy on 3129
+KERNEL_AFTER_PORT = 1083  # beside the testbed's kernel SOCKS5 on 1081
+SPLICE_AFTER = 64 * 1024
 COPY_EVERY_BODY = 1 << 62  # http11_proxy --splice-min: bodies shorter are copied
 PY_NET = "198.51.100.128/25"
 PY_SERVICE = "198.51.100.129"
@@ -277,6 +284,8 @@ def resolve(tb: Any, wanted: tuple[str, ...], work_dir: Path) -> ModeSet:
             # Not in experiment 8: that daemon's memory is measured with "spliced".
             services = ["daemon", "socks5-kernel"]
             _service_mode(tb, found, name, services, tb.kernel_socks, "daemon + socks5-kernel")
+        elif name == "spliced-kernel-after":
+            _start_kernel_after(tb, found, work_dir)
         elif name == "spliced-py":
             _start_spliced_py(tb, found, work_dir)
         elif name == "dante":
@@ -370,6 +379,45 @@ def _python_env() -> dict[str, str]:
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
+
+
+def _start_kernel_after(tb: Any, found: ModeSet, work_dir: Path) -> None:
+    """The kernel SOCKS5 again, on the testbed's daemon, splicing after 64 KB."""
+    name = "spliced-kernel-after"
+    pids, missing = _record_pids(tb.run_dir, ["daemon"])
+    if missing:
+        found.skipped[name] = "the testbed's splice daemon is not running"
+        return
+    addr = tb.kernel_socks[0]
+    argv = [
+        sys.executable,
+        "-m",
+        "proxies.socks5_kernel",
+        "--daemon",
+        str(tb.daemon_socket),
+        "--listen",
+        f"[{addr}]:{KERNEL_AFTER_PORT}" if ":" in addr else f"{addr}:{KERNEL_AFTER_PORT}",
+        "--splice-after",
+        str(SPLICE_AFTER),
+    ]
+    log = work_dir / f"{name}.log"
+    with open(log, "wb") as out:
+        proxy = tb.host("proxy").popen(
+            argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=_python_env()
+        )
+    why = _wait_port(tb, addr, KERNEL_AFTER_PORT, proxy, log)
+    if why:
+        found.skipped[name] = f"the kernel SOCKS5 {why}"
+        return
+    found.started.append(proxy)
+    found.modes.append(
+        Mode(
+            name,
+            (addr, KERNEL_AFTER_PORT),
+            (*pids, proxy.pid),
+            f"daemon + socks5_kernel --splice-after {SPLICE_AFTER}",
+        )
+    )
 
 
 def _start_http11_copy(tb: Any, found: ModeSet, work_dir: Path) -> None:

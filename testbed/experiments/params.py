@@ -27,6 +27,7 @@ SOCKS_MODES = (
     "endpoint",
     "spliced",
     "spliced-kernel",
+    "spliced-kernel-after",
     "spliced-py",
     "dante",
     "microsocks",

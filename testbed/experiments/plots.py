@@ -46,6 +46,7 @@ MARKERS = {
     "spliced": "D",
     "spliced-py": "d",
     "spliced-kernel": "h",
+    "spliced-kernel-after": "H",
     "dante": "v",
     "tinyproxy": "P",
     "http11": "*",
