@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from servers.address import format_host_port
 from testbed import process
 from testbed.topology import SPLICE_SOURCE
 
@@ -381,42 +382,58 @@ def _python_env() -> dict[str, str]:
     return env
 
 
-def _start_kernel_after(tb: Any, found: ModeSet, work_dir: Path) -> None:
-    """The kernel SOCKS5 again, on the testbed's daemon, splicing after 64 KB."""
-    name = "spliced-kernel-after"
+def _start_on_daemon(
+    tb: Any,
+    found: ModeSet,
+    work_dir: Path,
+    name: str,
+    module: str,
+    listen: tuple[str, int],
+    options: list[str],
+    note: str,
+    *,
+    http: bool = False,
+) -> None:
+    """One more proxy ``module`` on the testbed's daemon, listening on ``listen``."""
     pids, missing = _record_pids(tb.run_dir, ["daemon"])
     if missing:
         found.skipped[name] = "the testbed's splice daemon is not running"
         return
-    addr = tb.kernel_socks[0]
+    addr, port = listen
     argv = [
-        sys.executable,
-        "-m",
-        "proxies.socks5_kernel",
-        "--daemon",
-        str(tb.daemon_socket),
-        "--listen",
-        f"[{addr}]:{KERNEL_AFTER_PORT}" if ":" in addr else f"{addr}:{KERNEL_AFTER_PORT}",
-        "--splice-after",
-        str(SPLICE_AFTER),
-    ]
+        sys.executable, "-m", module,
+        "--daemon", str(tb.daemon_socket),
+        "--listen", format_host_port(addr, port),
+        *options,
+    ]  # fmt: skip
     log = work_dir / f"{name}.log"
     with open(log, "wb") as out:
         proxy = tb.host("proxy").popen(
             argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=_python_env()
         )
-    why = _wait_port(tb, addr, KERNEL_AFTER_PORT, proxy, log)
+    # A proxy refusing its options exits at once (usage error): the log says so.
+    why = _wait_port(tb, addr, port, proxy, log)
     if why:
-        found.skipped[name] = f"the kernel SOCKS5 {why}"
+        found.skipped[name] = f"{module} {why}"
         return
     found.started.append(proxy)
-    found.modes.append(
-        Mode(
-            name,
-            (addr, KERNEL_AFTER_PORT),
-            (*pids, proxy.pid),
-            f"daemon + socks5_kernel --splice-after {SPLICE_AFTER}",
-        )
+    if http:
+        found.modes.append(Mode(name, None, (*pids, proxy.pid), note, http_proxy=listen))
+    else:
+        found.modes.append(Mode(name, listen, (*pids, proxy.pid), note))
+
+
+def _start_kernel_after(tb: Any, found: ModeSet, work_dir: Path) -> None:
+    """The kernel SOCKS5 again, on the testbed's daemon, splicing after 64 KB."""
+    _start_on_daemon(
+        tb,
+        found,
+        work_dir,
+        "spliced-kernel-after",
+        "proxies.socks5_kernel",
+        (tb.kernel_socks[0], KERNEL_AFTER_PORT),
+        ["--splice-after", str(SPLICE_AFTER)],
+        f"daemon + socks5_kernel --splice-after {SPLICE_AFTER}",
     )
 
 
@@ -426,21 +443,9 @@ def _start_http11_copy(tb: Any, found: ModeSet, work_dir: Path) -> None:
     if not hasattr(tb, "http11_proxy"):
         found.skipped[name] = "the testbed has no HTTP/1.1 proxy (Testbed.http11_proxy is missing)"
         return
-    pids, missing = _record_pids(tb.run_dir, ["daemon"])
-    if missing:
-        found.skipped[name] = "the testbed's splice daemon is not running"
-        return
-    addr = tb.http11_proxy[0]
-    argv = [
-        sys.executable,
-        "-m",
-        "proxies.http11_proxy",
-        "--daemon",
-        str(tb.daemon_socket),
+    options = [
         "--source",
         SPLICE_SOURCE,
-        "--listen",
-        f"[{addr}]:{HTTP11_COPY_PORT}" if ":" in addr else f"{addr}:{HTTP11_COPY_PORT}",
         "--splice-min",
         str(COPY_EVERY_BODY),
         # The daemon's default receive buffering, as a copying proxy wants it
@@ -448,25 +453,16 @@ def _start_http11_copy(tb: Any, found: ModeSet, work_dir: Path) -> None:
         "--origin-rcvbuf",
         "0",
     ]
-    log = work_dir / "http11-copy.log"
-    with open(log, "wb") as out:
-        proxy = tb.host("proxy").popen(
-            argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=_python_env()
-        )
-    # A proxy without --splice-min exits at once (usage error): the log says so.
-    why = _wait_port(tb, addr, HTTP11_COPY_PORT, proxy, log)
-    if why:
-        found.skipped[name] = f"the copying HTTP/1.1 proxy {why}"
-        return
-    found.started.append(proxy)
-    found.modes.append(
-        Mode(
-            name,
-            None,
-            (*pids, proxy.pid),
-            "daemon + http11-proxy --splice-min (copies)",
-            http_proxy=(addr, HTTP11_COPY_PORT),
-        )
+    _start_on_daemon(
+        tb,
+        found,
+        work_dir,
+        name,
+        "proxies.http11_proxy",
+        (tb.http11_proxy[0], HTTP11_COPY_PORT),
+        options,
+        "daemon + http11-proxy --splice-min (copies)",
+        http=True,
     )
 
 
