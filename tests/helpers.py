@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from typing import Any
 
 from servers.pattern import DEFAULT_SEED, pattern_chunks
@@ -177,3 +180,27 @@ def same_port_twice(host: Any, proxy: tuple[str, int], origin: tuple[str, int]) 
         origin[0],
         str(origin[1]),
     ).strip()
+
+
+@contextlib.contextmanager
+def kernel_socks_splicing_after(tb: Any, port: int, budget: int = 65536) -> Iterator[str]:
+    """A second kernel SOCKS5 (proxies/socks5_kernel) on the testbed's daemon, on ``port``
+    of the kernel SOCKS5's address, handing pairs over after ``budget`` bytes
+    (``--splice-after``); yields its "host:port", stopped afterwards."""
+    addr = tb.kernel_socks[0]
+    proxy = tb.host("proxy").popen(
+        [
+            sys.executable, "-m", "proxies.socks5_kernel",
+            "--daemon", str(tb.daemon_socket),
+            "--listen", f"{addr}:{port}",
+            "--splice-after", str(budget),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert proxy.stdout is not None and proxy.stdout.readline().strip() == "ready"
+        yield f"{addr}:{port}"
+    finally:
+        proxy.kill()
+        proxy.wait()

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +27,7 @@ from tests.helpers import (
     concurrent_rounds,
     curl_sha256,
     daemon_stats,
+    kernel_socks_splicing_after,
     pattern_sha256,
     run_py,
     same_port_twice,
@@ -304,27 +303,12 @@ def test_pairs_handed_over_in_the_middle_of_a_transfer_lose_nothing(tb: Testbed)
     TIME-WAITs there for the ports a later test's connections may pick."""
     if tb.fastpath != "on":
         pytest.skip("only the fast path takes sockets over")
-    addr, port = tb.kernel_socks[0], 1181
-    proxy = tb.host("proxy").popen(
-        [
-            sys.executable, "-m", "proxies.socks5_kernel",
-            "--daemon", str(tb.daemon_socket),
-            "--listen", f"{addr}:{port}",
-            "--splice-after", "65536",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    try:
-        assert proxy.stdout is not None and proxy.stdout.readline().strip() == "ready"
+    with kernel_socks_splicing_after(tb, 1181) as socks:
         before = counters(tb)
         origin = format_host_port(*tb.origin)
-        concurrent_rounds(tb.host("client"), origin, f"{addr}:{port}", "1M")
-        upload_intact(tb.host("client"), origin, f"{addr}:{port}")
+        concurrent_rounds(tb.host("client"), origin, socks, "1M")
+        upload_intact(tb.host("client"), origin, socks)
         taken = counters(tb)["kernel_sockets"] - before["kernel_sockets"]
         # Most pairs are taken over; one whose queues outgrew the daemon's
         # TCB buffers is refused and copied to its end by the proxy.
         assert taken >= 250, taken
-    finally:
-        proxy.kill()
-        proxy.wait()

@@ -13,8 +13,6 @@ byte checked, no RST on either link.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +22,12 @@ from daemon.wire.tcp import RST
 from servers.address import format_host_port
 from testbed.net import Testbed
 from tests.conftest import unique_prefix
-from tests.helpers import concurrent_rounds, daemon_stats, upload_intact
+from tests.helpers import (
+    concurrent_rounds,
+    daemon_stats,
+    kernel_socks_splicing_after,
+    upload_intact,
+)
 from tests.pcap import tcp_frames
 
 pytestmark = pytest.mark.root
@@ -48,19 +51,7 @@ def tb() -> Iterator[Testbed]:
 
 
 def test_refused_hand_overs_are_copied_to_the_byte(tb: Testbed, tmp_path: Path) -> None:
-    addr = tb.kernel_socks[0]
-    proxy = tb.host("proxy").popen(
-        [
-            sys.executable, "-m", "proxies.socks5_kernel",
-            "--daemon", str(tb.daemon_socket),
-            "--listen", f"{addr}:{PORT}",
-            "--splice-after", "65536",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    try:
-        assert proxy.stdout is not None and proxy.stdout.readline().strip() == "ready"
+    with kernel_socks_splicing_after(tb, PORT) as socks:
         before = daemon_stats(tb)
         origin = format_host_port(*tb.origin)
         pcap_c, pcap_s = tmp_path / "c.pcap", tmp_path / "s.pcap"
@@ -68,12 +59,9 @@ def test_refused_hand_overs_are_copied_to_the_byte(tb: Testbed, tmp_path: Path) 
             tb.link("client-proxy").capture(pcap_c, side="client", snaplen=96),
             tb.link("proxy-server").capture(pcap_s, side="server", snaplen=96),
         ):
-            concurrent_rounds(tb.host("client"), origin, f"{addr}:{PORT}", "1M", rounds=2)
-            upload_intact(tb.host("client"), origin, f"{addr}:{PORT}")
+            concurrent_rounds(tb.host("client"), origin, socks, "1M", rounds=2)
+            upload_intact(tb.host("client"), origin, socks)
         after = daemon_stats(tb)
-    finally:
-        proxy.kill()
-        proxy.wait()
     taken = after["splice_counters"]["kernel_sockets"] - before["splice_counters"]["kernel_sockets"]
     # Refused: most of the 201 connections were handed over and copied on.
     assert taken < 100, taken
