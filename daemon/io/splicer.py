@@ -783,7 +783,7 @@ class Splicer:
             sp = self._wake(pkt, now)
             if sp is None:
                 return False  # its entries are gone: an unknown 4-tuple (a RST)
-        elif iface is CLIENT and sp in self.installs and _pure_ack(pkt):
+        elif self.installs and iface is CLIENT and sp in self.installs and _pure_ack(pkt):
             # The install waits for what the TUN holds (run_installs); each
             # client ACK relayed meanwhile lets the server send more into it,
             # and a fast sender kept it from ever running dry (a 16 MB
@@ -1038,12 +1038,10 @@ class Splicer:
                 relay.packets_s2c += packets
                 relay.bytes_s2c += nbytes
         sp.offloaded.clear()
-        for key in sp.held:
-            try:
-                if fp is not None:
+        if fp is not None:
+            for key in sp.held:
+                with contextlib.suppress(OSError):
                     fp.remove(key)
-            except OSError:
-                pass
         sp.held.clear()
 
     def _hand_back(self, sp: Splice, hb: HandBack) -> None:
@@ -1255,7 +1253,11 @@ __all__ = ["FastPathPort", "Splice", "Splicer"]
 
 
 def _pure_ack(pkt: memoryview) -> bool:
-    """A TCP segment with only ACK set and no payload (IPv4, or IPv6 with no extension header)."""
+    """A TCP segment with only ACK set and no payload (IPv4, or IPv6 with no extension header).
+
+    A few byte reads, not ``translator.peek``: that one builds a SegmentInfo the
+    relay builds again, and knows only IPv4 (the relay reshapes IPv6 first).
+    """
     if len(pkt) < 40:
         return False
     version = pkt[0] >> 4
