@@ -521,8 +521,8 @@ class Relay:
         self.server.base = Side.of(st, now)
         # Their clocks stop just short of where the relay's TSvals start (the
         # bases' ts_sent, TS_MARGIN ahead): still running for the first
-        # second, as a taken-over kernel socket's own retransmissions do
-        # until the proxy closes it.
+        # second, as a taken-over kernel socket's clock did for whatever it
+        # sent before the daemon disconnected it (session.py, TS_MARGIN).
         ct.ts_cap = (self.client.base.ts_sent - 1) & MASK
         st.ts_cap = (self.server.base.ts_sent - 1) & MASK
         self.spliced_at = now

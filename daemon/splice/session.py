@@ -50,9 +50,11 @@ MASK = 0xFFFFFFFF
 # TCB's own clock stops one tick short of them (its ``ts_cap``), so its
 # PRE_SPLICED segments stay older than the relayed ones whatever the margin;
 # the margin is how long that clock may still run, which a taken-over kernel
-# socket needs: its own retransmissions, until the proxy closes it, carry the
-# kernel's clock, and a TCB segment older than those the client's PAWS drops
-# (stopped at the splice instant, 1 in 50 mid-transfer hand-overs stalled). It
+# socket needed: its own retransmissions carry the kernel's clock, and a TCB
+# segment older than those the client's PAWS drops (stopped at the splice
+# instant, 1 in 50 mid-transfer hand-overs stalled while the socket lived on
+# until the proxy closed it; since repair.close_silently disconnects it right
+# after the read, only what it sent in between remains). It
 # must stay well under 2 MSL: once a splice is forgotten its 4-tuple is free
 # again, and a new connection on it starts from the host's own clock, which a
 # peer still in TIME-WAIT compares with the last, relayed, TSval it saw (RFC

@@ -378,11 +378,12 @@ class TcpConnection:
         conn.snd_una = k.snd_una
         conn.snd_nxt = (k.snd_una + min(k.sent, len(k.unacked))) & MASK
         # Every queued byte may reach the peer from the socket itself: until
-        # the proxy closes it, a socket in repair mode still answers its own
-        # timers (a loss probe sent the next unsent segment in a capture,
-        # after the read), and an ACK of bytes "not yet sent" would be
-        # dropped (RFC 9293 3.10.7.4) while this TCB, its window full of
-        # them, waited for it: a stall for good.  SND.NXT < SND.MAX is the
+        # it is disconnected (repair.close_silently, right after the read) a
+        # socket in repair mode still answers its own timers (a loss probe
+        # sent the next unsent segment in a capture, after the read, when the
+        # socket lived on until the proxy closed it), and an ACK of bytes
+        # "not yet sent" would be dropped (RFC 9293 3.10.7.4) while this TCB,
+        # its window full of them, waited for it: a stall for good.  SND.NXT < SND.MAX is the
         # go-back-N state (module docstring): we send from SND.NXT, the peer
         # may acknowledge up to SND.MAX.
         conn.snd_max = (k.snd_una + len(k.unacked)) & MASK
