@@ -430,6 +430,7 @@ def test_abort_resets_the_peer_and_refuses_a_spliced_conn(tb: Testbed) -> None:
     watcher = tb.host("server").popen(
         [sys.executable, "-c", RESET_WATCHER], stdout=subprocess.PIPE, text=True
     )
+    client: subprocess.Popen[str] | None = None
     try:
         assert watcher.stdout is not None and watcher.stdout.readline().strip() == "ready"
         client = tb.host("client").popen(
@@ -437,7 +438,7 @@ def test_abort_resets_the_peer_and_refuses_a_spliced_conn(tb: Testbed) -> None:
                 sys.executable,
                 "-c",
                 # Until the proxy listens, the daemon refuses (RST): retry, no fixed sleep.
-                "import socket, time\n"
+                "import socket, sys, time\n"
                 "deadline = time.monotonic() + 10\n"
                 "while True:\n"
                 "    try:\n"
@@ -447,11 +448,16 @@ def test_abort_resets_the_peer_and_refuses_a_spliced_conn(tb: Testbed) -> None:
                 "        assert time.monotonic() < deadline\n"
                 "        time.sleep(0.02)\n"
                 "s.sendall(b'GO')\n"
+                # Not before the proxy's abort was tried: a splice that has ended
+                # is forgotten, and abort on a forgotten conn is quiet, not ESTATE.
+                "sys.stdin.readline()\n"
                 # Spliced to the raw sink: our FIN reaches it, it answers and closes.
                 "s.shutdown(socket.SHUT_WR)\n"
                 "while s.recv(65536):\n"
                 "    pass\n",
-            ]
+            ],
+            stdin=subprocess.PIPE,
+            text=True,
         )
         out = run_py(
             tb.host("proxy"),
@@ -470,18 +476,25 @@ def test_abort_resets_the_peer_and_refuses_a_spliced_conn(tb: Testbed) -> None:
                     cli.abort()
                 except SpliceError as exc:
                     print(exc.code)
+                else:
+                    print("quiet")  # the daemon had forgotten the conn (or went away)
                 cli.close()
             """,
             str(tb.daemon_socket),
             tb.origin[0],
         )
+        assert client.stdin is not None
+        client.stdin.write("\n")
+        client.stdin.close()
         assert client.wait(timeout=20) == 0
         assert out.split() == ["ESTATE"]
         verdict = watcher.stdout.readline().split()
         assert verdict[0] == "reset", verdict
     finally:
-        watcher.kill()
-        watcher.wait()
+        for proc in (watcher, client):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
 
 
 SILENT_SERVER = """
