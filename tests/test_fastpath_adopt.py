@@ -246,3 +246,35 @@ def test_a_splice_of_other_addresses_or_a_lone_entry_is_left_out() -> None:
     assert adoptable(entries[:1], ours=ours, links={LINK}, offload=False) == ([], 1)
     splices, left = adoptable(entries, ours=ours, links={LINK}, offload=False)
     assert len(splices) == 1 and left == 0
+
+
+def test_a_taken_over_kernel_splice_is_adopted_by_the_hosts_addresses() -> None:
+    """A splice of two kernel connections (``splice_sockets``) lives on the host's own
+    addresses, outside the daemon's prefix; its entries punt to the TUN (punt_ifindex).
+    It is adopted when those addresses are the host's (``host``), never by the prefix,
+    and an ordinary splice never by the host's addresses."""
+    _, m = offloaded()
+    kernel = _mutated_all(m.entries(), punt_ifindex=9)
+    assert adoptable(kernel, ours=ours, links={LINK}, offload=False) == ([], 2)
+    splices, left = adoptable(kernel, ours=ours, links={LINK}, offload=False, host=ours)
+    assert len(splices) == 1 and left == 0 and splices[0].client_value.punt_ifindex == 9
+    none = lambda _a: False  # noqa: E731
+    assert adoptable(kernel, ours=ours, links={LINK}, offload=False, host=none) == ([], 2)
+    # One entry punting to the TUN and one not: not one splice.
+    assert adoptable(
+        _mutated(m, 1, punt_ifindex=9), ours=ours, links={LINK}, offload=False, host=ours
+    ) == ([], 2)
+    # An ordinary splice is not adopted for being on the host's addresses.
+    assert adoptable(m.entries(), ours=none, links={LINK}, offload=False, host=ours) == ([], 2)
+
+
+def _mutated_all(
+    entries: list[tuple[FlowKey, SpliceXlate]], **fields: int
+) -> list[tuple[FlowKey, SpliceXlate]]:
+    out = []
+    for k, v in entries:
+        v2 = SpliceXlate.from_buffer_copy(bytes(v))
+        for name, value in fields.items():
+            setattr(v2, name, value)
+        out.append((k, v2))
+    return out

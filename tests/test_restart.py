@@ -68,6 +68,32 @@ def _wait(cond: object, seconds: float) -> bool:
 FIN_TAIL = 64 << 10
 
 
+def _origin_peer_port(tb: Testbed) -> int:
+    """The proxy-side port of the one connection the origin has established."""
+    out = tb.host("server").cmd(
+        ["ss", "-Htn", "state", "established", f"sport = :{tb.origin[1]}"], check=True
+    )
+    (line,) = out.stdout.strip().splitlines()
+    return int(line.split()[-1].rsplit(":", 1)[1])
+
+
+def _can_bind(tb: Testbed, port: int) -> bool:
+    """Could a new socket in the proxy namespace take the server-side address and ``port``?"""
+    code = (
+        "import socket, sys\n"
+        "s = socket.socket()\n"
+        "try:\n"
+        "    s.bind((sys.argv[1], int(sys.argv[2])))\n"
+        "except OSError:\n"
+        "    print('in use')\n"
+        "else:\n"
+        "    print('free')\n"
+    )
+    gateway = tb.topology.gateways["server"]
+    out = tb.host("proxy").cmd([sys.executable, "-c", code, gateway, str(port)], check=True)
+    return str(out.stdout).strip() == "free"
+
+
 def _fin_wait_1(tb: Testbed) -> bool:
     """Does the origin hold a connection whose FIN is sent and not acknowledged?"""
     port = f"sport = :{tb.origin[1]}"
@@ -173,6 +199,10 @@ except OSError as e:
     ("size", "dead_upto", "how", "families"),
     [
         pytest.param(64 << 20, 17 << 20, signal.SIGKILL, (4, 4), id="16MB-while-dead"),
+        # The kernel SOCKS5's splices (splice_sockets): two kernel connections
+        # the daemon took over, on the host's own addresses.
+        pytest.param(64 << 20, 17 << 20, signal.SIGKILL, (4, 4), id="kernel-socks-16MB-while-dead"),
+        pytest.param(64 << 20, 17 << 20, signal.SIGUSR1, (4, 4), id="kernel-socks-handover"),
         # The planned restart: SIGUSR1 stops the daemon but leaves its
         # kernel splices for the next one, as a crash would.
         pytest.param(64 << 20, 17 << 20, signal.SIGUSR1, (4, 4), id="handover-SIGUSR1"),
@@ -187,7 +217,12 @@ except OSError as e:
     ],
 )
 def test_spliced_flows_in_the_fast_path_survive_a_daemon_restart(
-    size: int, dead_upto: int, how: signal.Signals, families: tuple[int, int], tmp_path: Path
+    size: int,
+    dead_upto: int,
+    how: signal.Signals,
+    families: tuple[int, int],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     """The kernel carries a splice while no daemon runs; the next daemon adopts it.
 
@@ -198,8 +233,14 @@ def test_spliced_flows_in_the_fast_path_survive_a_daemon_restart(
     ends with every byte (content-checked) and a clean EOF, and the splice
     goes through TIMEWAIT and is forgotten like any other.  An IPv6 client's
     connection keeps its flow label (RFC 6437) across the restart, in the
-    kernel's segments and the new daemon's (its FIN) alike.
+    kernel's segments and the new daemon's (its FIN) alike.  A splice of
+    the kernel SOCKS5 (two kernel connections taken over, on the host's own
+    addresses) is adopted too, pointed at the new daemon's TUN, and the new
+    daemon holds its server-side port again, until the splice is gone:
+    without the hold, the kernel could give the port to a new connection
+    to the same server, whose segments the splice would take.
     """
+    kernel = request.node.callspec.id.startswith("kernel-socks")
     tb = Testbed(unique_prefix(), msl=1.0)
     client = None
     capture = contextlib.ExitStack()
@@ -216,7 +257,14 @@ def test_spliced_flows_in_the_fast_path_survive_a_daemon_restart(
                 sys.executable,
                 "-c",
                 PHASED_CLIENT,
-                *map(str, tb.spliced_socks6 if families[0] == 6 else tb.spliced_socks),
+                *map(
+                    str,
+                    tb.kernel_socks
+                    if kernel
+                    else tb.spliced_socks6
+                    if families[0] == 6
+                    else tb.spliced_socks,
+                ),
                 *map(str, tb.origin6 if families[1] == 6 else tb.origin),
                 str(size),
                 str(dead_upto),
@@ -248,6 +296,10 @@ def test_spliced_flows_in_the_fast_path_survive_a_daemon_restart(
         tb.up()
         st = daemon_stats(tb)
         assert st["splice_counters"]["adopted"] == 1, st["splice_counters"]
+        if kernel:
+            port = _origin_peer_port(tb)
+            assert st["splice_counters"]["port_holds"] == 1, st["splice_counters"]
+            assert not _can_bind(tb, port), port
         client.stdin.write("go\n")
         client.stdin.flush()
         line = client.stdout.readline().split()
@@ -256,6 +308,9 @@ def test_spliced_flows_in_the_fast_path_survive_a_daemon_restart(
         # Both FINs went through the new daemon: TIMEWAIT (2 MSL = 2 s), then gone.
         assert _wait(lambda: daemon_stats(tb)["splice_counters"]["torn_down"] >= 1, 10.0)
         assert daemon_stats(tb)["splices"] == []
+        if kernel:
+            assert daemon_stats(tb)["splice_counters"]["port_holds"] == 0
+            assert _can_bind(tb, port)
         capture.close()
         if families[0] == 6:
             proxy_ip = ipaddress.ip_address(tb.spliced_socks6[0]).packed

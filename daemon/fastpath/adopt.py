@@ -16,8 +16,11 @@ there and agree:
 
 * one CLIENT and one SERVER entry, each the other's reverse: the output
   4-tuple of one is the input 4-tuple of the other, reversed;
-* both local addresses are the new daemon's (its splice prefix): a map
-  entry for addresses it does not route would only misdirect traffic;
+* both local addresses are the new daemon's: in its splice prefix, or,
+  for a splice of two kernel connections the daemon took over (entries
+  that punt to the daemon's TUN, ``punt_ifindex``), addresses of the host
+  itself; a map entry for addresses it does not own would only misdirect
+  traffic;
 * the state is one of the three above, a FIN watch exactly in
   FIN_RELAYED, no byte limit (a bounded splice hands its connections back
   to a proxy, whose TCBs died with the daemon), and the egress link is one
@@ -75,16 +78,23 @@ def _usable(value: SpliceXlate, links: set[int] | None) -> bool:
     )
 
 
+def _none(_addr: bytes) -> bool:
+    return False
+
+
 def adoptable(
     entries: Iterable[tuple[FlowKey, SpliceXlate]],
     *,
     ours: Callable[[bytes], bool],
     links: set[int] | None,
     offload: bool,
+    host: Callable[[bytes], bool] | None = None,
 ) -> tuple[list[InheritedSplice], int]:
     """The splices among ``entries``, and how many entries were left out.
 
-    ``ours``: is this address one of the daemon's; ``links``: the ifindexes
+    ``ours``: is this address one of the daemon's; ``host``: one of the
+    host's own, where a taken-over kernel connection's entries live (None:
+    such splices are left out); ``links``: the ifindexes
     the new program runs on (None: the daemon's own map, any); ``offload``:
     the daemon's TUN mode (the translators' output format).
     """
@@ -98,7 +108,14 @@ def adoptable(
         w = table.get(server_key)
         if w is None or SIDE_OF_CODE.get(w.side) is not Iface.SERVER or not _usable(w, links):
             continue
-        if reverse_key(w) != key or not (ours(key[2]) and ours(server_key[2])):
+        if reverse_key(w) != key:
+            continue
+        # A taken-over kernel connection's addresses are the host's (its
+        # entries punt to the TUN: the kernel has no socket for them).
+        if bool(v.punt_ifindex) != bool(w.punt_ifindex):
+            continue
+        local = (host or _none) if v.punt_ifindex else ours
+        if not (local(key[2]) and local(server_key[2])):
             continue
         splices.append(
             InheritedSplice(

@@ -282,6 +282,8 @@ class Daemon:
         fp = self.fast_path
         self.splicer = Splicer(self, fp, fp.egress if fp is not None else None)
         if fp is not None and fp.inherited:
+            if any(inh.client_value.punt_ifindex for inh in fp.inherited):
+                self._let_host_sources_out()  # adopted kernel-socket splices
             self.splicer.adopt(fp.inherited, time.monotonic())
             fp.inherited = []
         self.stopping = False
@@ -1422,15 +1424,22 @@ class Daemon:
                 self._sock_probe = SockProbe.load()
             except FastPathUnavailable as exc:
                 raise ApiError(ErrorCode.EOPNOTSUPP, f"splice_sockets: {exc}") from None
-            # The taken-over connections' segments leave through the TUN with the
-            # host's own addresses as source: IPv4 drops those as martians unless
-            # told (IPv6 forwards them).
-            path = Path(f"/proc/sys/net/ipv4/conf/{self.tun.name}/accept_local")
-            try:
-                path.write_text("1")
-            except OSError as exc:
-                log.warning("cannot set %s: %s (IPv4 splice_sockets will not flow)", path, exc)
+            self._let_host_sources_out()
         return self._sock_probe
+
+    def _let_host_sources_out(self) -> None:
+        """IPv4's accept_local on the TUN, for the segments of taken-over connections.
+
+        They leave through the TUN with the host's own addresses as source:
+        IPv4 drops those as martians unless told (IPv6 forwards them).  Set
+        at the first ``splice_sockets``, or at start when splices of a dead
+        daemon's are adopted (their FINs were lost without it, captured).
+        """
+        path = Path(f"/proc/sys/net/ipv4/conf/{self.tun.name}/accept_local")
+        try:
+            path.write_text("1")
+        except OSError as exc:
+            log.warning("cannot set %s: %s (IPv4 splice_sockets will not flow)", path, exc)
 
     def client_gone(self, owner: int) -> None:
         self.splicer.client_gone(owner)

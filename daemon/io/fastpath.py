@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -168,7 +169,7 @@ def start_fast_path(
                 stale += find_stale(ifindex)
             except Exception as exc:  # a dump that fails must not keep the daemon down
                 log.warning("could not look for a stale fast path on %s: %s", links[ifindex], exc)
-        inherited = _inherit(stale, links, prefixes or [], offload)
+        inherited = _inherit(stale, links, prefixes or [], offload, tun_name)
         preload: list[tuple[FlowKey, SpliceXlate]] = []
         for inh in inherited:
             preload += [(inh.client_key, inh.client_value), (inh.server_key, inh.server_value)]
@@ -188,13 +189,32 @@ def start_fast_path(
     return KernelFastPath(fp, links, inherited), "on"
 
 
+def host_addresses() -> set[bytes]:
+    """Every address configured in this namespace, packed."""
+    out: set[bytes] = set()
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr():
+            addr = msg.get_attr("IFA_ADDRESS")
+            if addr is not None:
+                out.add(ipaddress.ip_address(addr).packed)
+    return out
+
+
 def _inherit(
     stale: list[StaleFilter],
     links: dict[int, str],
     prefixes: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
     offload: bool,
+    tun_name: str,
 ) -> list[InheritedSplice]:
-    """The adoptable splices in the maps of stale filters (one log line on what is not)."""
+    """The adoptable splices in the maps of stale filters (one log line on what is not).
+
+    A splice of two kernel connections the dead daemon took over
+    (``splice_sockets``) is on the host's own addresses, and its entries
+    send what they punt to that daemon's TUN; they are carried over
+    pointing at this daemon's TUN instead (its ifindex is new when the
+    device is).
+    """
     if not prefixes:
         return []
     entries: dict[FlowKey, SpliceXlate] = {}
@@ -210,7 +230,18 @@ def _inherit(
         ip = ipaddress.ip_address(addr)
         return any(ip.version == net.version and ip in net for net in prefixes)
 
-    splices, left_out = adoptable(entries.items(), ours=ours, links=set(links), offload=offload)
+    try:
+        host = host_addresses()
+        tun_index = socket.if_nametoindex(tun_name)
+    except OSError as exc:
+        log.warning("kernel-socket splices cannot be adopted: %s", exc)
+        host, tun_index = set(), 0
+    splices, left_out = adoptable(
+        entries.items(), ours=ours, links=set(links), offload=offload, host=host.__contains__
+    )
+    for inh in splices:
+        if inh.client_value.punt_ifindex:
+            inh.client_value.punt_ifindex = inh.server_value.punt_ifindex = tun_index
     log.warning(
         "adopting %d splice(s) a dead daemon left in the kernel; %d map entr%s left out"
         " (their segments get a RST)",

@@ -677,6 +677,7 @@ class Splicer:
                     ours=lambda _a: True,
                     links=None,
                     offload=self.d.offload,
+                    host=lambda _a: True,
                 )
         if not found:
             # Cannot happen unless the map was changed behind our back: its
@@ -1200,12 +1201,40 @@ class Splicer:
         """
         for inh in inherited:
             self.counters.adopted += 1
+            if inh.client_value.punt_ifindex:
+                self._hold_port_again(inh.server_key)
             if inh.states == (SpliceState.SHUTDOWN,) * 2:
                 self._revive(inh, now)  # TIMEWAIT: its 2MSL timer needs the relay
                 continue
             # Dormant until the kernel punts a segment of it (``_wake``).
             for key, iface in ((inh.client_key, CLIENT), (inh.server_key, SERVER)):
                 self.flows[(key[2], key[3], key[0], key[1])] = _DORMANT[iface]
+
+    def _hold_port_again(self, server_key: RelayKey) -> None:
+        """An adopted kernel-socket splice's server-side port, held again (``port_holds``).
+
+        The dead daemon's hold died with it: from then until now the
+        kernel could have given the port to a new connection to the same
+        server, and its segments would have been the splice's.  If it did,
+        the bind fails: logged, and the splice goes on without a hold.
+        """
+        local: LocalKey = (server_key[2], server_key[3], server_key[0], server_key[1])
+        family = socket.AF_INET6 if len(local[0]) == 16 else socket.AF_INET
+        hold = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            # No SO_REUSEADDR: such a bind keeps connect() off the port
+            # (daemon/io/repair.py ``hold_port``).
+            hold.bind((socket.inet_ntop(family, local[0]), local[1]))
+        except OSError as exc:
+            hold.close()
+            log.warning(
+                "adopted splice: cannot hold port %d of %s again: %s",
+                local[1],
+                socket.inet_ntop(family, local[0]),
+                exc,
+            )
+            return
+        self.port_holds[local] = hold
 
     def terminate(self, now: float, handover: bool = False) -> None:
         """The daemon stops: reset every splice (RST to both peers, thesis 5.1).
