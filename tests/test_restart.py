@@ -121,7 +121,9 @@ def test_a_killed_daemon_is_noticed_and_up_repairs_it() -> None:
         os.kill(tb.status()["services"]["daemon"]["pid"], signal.SIGKILL)
         proxies = ("socks5-spliced", "socks5-endpoint", "http-proxy", "socks5-kernel")
         assert _wait(lambda: not any(_alive(tb, p) for p in proxies), 5.0), tb.status()
-        assert not _alive(tb, "daemon")
+        # The proxies can see the API socket close before the killed daemon's exit
+        # has finished (3 of 8 runs here asserted it dead at once and failed).
+        assert _wait(lambda: not _alive(tb, "daemon"), 5.0), tb.status()
         for name in ("socks5-spliced", "socks5-kernel"):
             log = (tb.run_dir / f"{name}.log").read_text()
             assert "the splice daemon went away" in log, log[-2000:]
