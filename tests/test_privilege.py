@@ -7,6 +7,11 @@ fast path, and splices a transfer whose bytes the kernel carries.  Without
 CAP_BPF, ``--fastpath auto`` falls back to the Python relay with one log
 line and ``--fastpath on`` refuses to start with a clear message.
 
+splice_sockets (the kernel SOCKS5's op) takes CAP_PERFMON too, for its
+socket probe: without it the proxy is told so; with it a proxy running as
+another user than the daemon has its pair taken over and the server side's
+port held.
+
 The API socket's group is the access control (docs/operations.md): a
 process outside it is refused by the kernel, one in it can attach.  Those
 clients are forked children that drop to an unprivileged uid (no exec, so
@@ -15,6 +20,8 @@ no interpreter path permissions matter).
 
 from __future__ import annotations
 
+import encodings.idna  # noqa: F401  (socket's host names; a child dropped to another uid cannot load it)
+import errno
 import os
 import socket
 import subprocess
@@ -24,9 +31,12 @@ from pathlib import Path
 
 import pytest
 
+from daemon.api.client import SpliceClient
+from testbed import netns
 from testbed.net import Testbed
 from tests.conftest import unique_prefix
-from tests.helpers import curl_sha256, daemon_stats, pattern_sha256
+from tests.helpers import curl_sha256, daemon_stats, pattern_sha256, run_py
+from tests.sockutil import wait_until
 
 pytestmark = pytest.mark.root
 
@@ -36,15 +46,21 @@ API_GID = 64002  # a group that owns the API socket; no /etc/group entry needed
 # The daemon is in the socket's group (as a systemd unit's Group= makes it):
 # without CAP_CHOWN it can give its socket only to a group of its own.
 WRAPPER = ("setpriv", f"--groups={API_GID}", "--bounding-set=-all,+net_admin,+bpf", "--")
+WRAPPER_PERFMON = (
+    "setpriv",
+    f"--groups={API_GID}",
+    "--bounding-set=-all,+net_admin,+bpf,+perfmon",
+    "--",
+)
+CAP_PERFMON = 38
 
 
-@pytest.fixture(scope="module")
-def capped() -> Iterator[Testbed]:
+def _capped_testbed(wrapper: tuple[str, ...]) -> Iterator[Testbed]:
     bed = Testbed(
         unique_prefix(),
         msl=1.0,
         fastpath="on",
-        daemon_wrapper=WRAPPER,
+        daemon_wrapper=wrapper,
         daemon_args=("--socket-group", str(API_GID), "--socket-mode", "0660"),
     )
     try:
@@ -52,6 +68,17 @@ def capped() -> Iterator[Testbed]:
         yield bed
     finally:
         bed.down()
+
+
+@pytest.fixture(scope="module")
+def capped() -> Iterator[Testbed]:
+    yield from _capped_testbed(WRAPPER)
+
+
+@pytest.fixture(scope="module")
+def capped_perfmon() -> Iterator[Testbed]:
+    """The daemon with CAP_PERFMON too: what kernel-socket splices need (the socket probe)."""
+    yield from _capped_testbed(WRAPPER_PERFMON)
 
 
 def _caps(pid: int, field: str) -> int:
@@ -119,6 +146,123 @@ def test_the_api_socket_admits_its_group_and_refuses_others(capped: Testbed) -> 
     assert (st.st_gid, st.st_mode & 0o777) == (API_GID, 0o660)
     assert _connect_as(capped.daemon_socket, 64003, [API_GID]) == "ok"
     assert _connect_as(capped.daemon_socket, 64004, []) == "PermissionError"
+
+
+PROXY_UID = 64005
+KERNEL_PROXY_PORT = 7081
+CONNECT_ORIGIN = """
+import socket, sys
+s = socket.socket()
+try:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    print("port", s.getsockname()[1])
+except OSError as exc:
+    print("errno", exc.errno)
+"""
+
+
+def _kernel_proxy_as(tb: Testbed, uid: int) -> tuple[int, int]:
+    """A one-connection kernel-socket proxy in a forked child running as ``uid``.
+
+    It listens on the proxy host, accepts one client, connects to the origin
+    and hands both kernel sockets to the daemon (``splice_sockets``), as the
+    kernel SOCKS5 does after its reply; it reports on the pipe it returns
+    ('ready', then 'spliced' or the error).  No exec: nothing of the
+    checkout need be readable by ``uid``.  Returns (pid, read end).
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            fd = os.open(str(netns.NETNS_RUN_DIR / tb.host("proxy").ns), os.O_RDONLY)
+            netns._setns(fd)
+            lst = socket.socket()
+            lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            lst.bind((tb.topology.gateways["client"], KERNEL_PROXY_PORT))
+            lst.listen()
+            os.setgroups([API_GID])
+            os.setgid(uid)
+            os.setuid(uid)
+            os.write(w, b"ready\n")
+            lst.settimeout(20)
+            client, _ = lst.accept()
+            server = socket.create_connection(tb.origin, timeout=10)
+            with SpliceClient(str(tb.daemon_socket)) as api:
+                api.splice_sockets(client, server)
+            client.close()
+            server.close()
+            os.write(w, b"spliced\n")
+        except BaseException as exc:
+            os.write(w, f"{type(exc).__name__}: {exc}\n".encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    return pid, r
+
+
+def test_kernel_socket_splices_need_perfmon_and_say_so(capped: Testbed) -> None:
+    """splice_sockets reads each socket's kernel state with a BPF probe that the
+    verifier accepts only with CAP_PERFMON; without it the proxy is told which
+    capability is missing (EOPNOTSUPP), not only the verifier's log."""
+    pid, r = _kernel_proxy_as(capped, PROXY_UID)
+    try:
+        with os.fdopen(r, "r") as report:
+            assert report.readline().strip() == "ready"
+            url = "http://{}:{}/bytes/1024".format(
+                capped.topology.gateways["client"], KERNEL_PROXY_PORT
+            )
+            curl_sha256(capped.host("client"), url, timeout=10)  # the proxy closes: no body
+            said = report.readline().strip()
+        assert said.startswith("SpliceError: EOPNOTSUPP"), said
+        assert "needs CAP_PERFMON" in said, said
+    finally:
+        os.waitpid(pid, 0)
+
+
+def test_a_proxy_of_another_user_has_its_spliced_ports_held(capped_perfmon: Testbed) -> None:
+    """The daemon keeps a taken-over connection's local port bound while the splice
+    lives (repair.hold_port), so that connect() does not hand it out again.  Beside
+    the live socket that takes SO_REUSEPORT, which Linux grants only to the socket's
+    own user; a proxy of another user (the deployment docs/operations.md describes)
+    got no hold at all.  Now the daemon binds the port once it has disconnected the
+    socket.  With one ephemeral port, a second connect() finds none while the hold
+    lives."""
+    proxy = capped_perfmon.host("proxy")
+    key = "net.ipv4.ip_local_port_range"
+    old = proxy.cmd(["sysctl", "-n", key], check=True).stdout.split()
+
+    def holds() -> int:
+        return int(daemon_stats(capped_perfmon)["splice_counters"]["port_holds"])
+
+    assert wait_until(lambda: holds() == 0), holds()
+    proxy.cmd(["sysctl", "-w", f"{key}=40000 40000"], check=True)
+    pid = None
+    try:
+        pid, r = _kernel_proxy_as(capped_perfmon, PROXY_UID)
+        with os.fdopen(r, "r") as report:
+            assert report.readline().strip() == "ready"
+            url = "http://{}:{}/bytes/1024".format(
+                capped_perfmon.topology.gateways["client"], KERNEL_PROXY_PORT
+            )
+            rc, digest = curl_sha256(capped_perfmon.host("client"), url)
+            said = report.readline().strip()
+            assert said == "spliced", said
+            assert rc == 0 and digest == pattern_sha256(1024)
+        os.waitpid(pid, 0)
+        pid = None
+        assert holds() == 1
+        connect = run_py(proxy, CONNECT_ORIGIN, *map(str, capped_perfmon.origin)).strip()
+        assert connect == f"errno {errno.EADDRNOTAVAIL}"
+        assert wait_until(lambda: holds() == 0), holds()
+        assert (
+            run_py(proxy, CONNECT_ORIGIN, *map(str, capped_perfmon.origin)).strip() == "port 40000"
+        )
+    finally:
+        if pid is not None:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        proxy.cmd(["sysctl", "-w", f"{key}={old[0]} {old[1]}"], check=True)
 
 
 def _start_daemon(tb: Testbed, wrapper: tuple[str, ...], fastpath: str) -> tuple[int | None, str]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 
 from daemon.fastpath import libbpf
-from daemon.fastpath.loader import load_object
+from daemon.fastpath.loader import FastPathUnavailable, load_object
 
 __all__ = ["DEFAULT_PROBE_OBJECT", "ProbedSocket", "SockProbe", "probe_frame"]
 
@@ -97,8 +97,21 @@ class SockProbe:
 
     @classmethod
     def load(cls, obj_path: Path = DEFAULT_PROBE_OBJECT) -> SockProbe:
-        """Load the probe (FastPathUnavailable with the reason if it cannot be)."""
-        return cls(*load_object(obj_path, PROGRAM))
+        """Load the probe (FastPathUnavailable with the reason if it cannot be).
+
+        Reading a kernel ``tcp_sock`` (``bpf_skc_to_tcp_sock`` and its
+        fields) takes CAP_PERFMON beside CAP_BPF: without it the verifier
+        refuses the program, which is said first, before its log.
+        """
+        try:
+            return cls(*load_object(obj_path, PROGRAM))
+        except FastPathUnavailable as exc:
+            if not _capable(CAP_PERFMON) and not _capable(CAP_SYS_ADMIN):
+                raise FastPathUnavailable(
+                    f"the socket probe needs CAP_PERFMON (beside CAP_BPF), "
+                    f"which this process lacks: {exc}"
+                ) from exc
+            raise
 
     def read(self, local: tuple[bytes, int], remote: tuple[bytes, int]) -> ProbedSocket | None:
         """The connection local <-> remote in this thread's namespace; None if there is none."""
@@ -147,3 +160,18 @@ class SockProbe:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+CAP_SYS_ADMIN = 21
+CAP_PERFMON = 38
+
+
+def _capable(cap: int) -> bool:
+    """Is ``cap`` in this process's effective set (/proc/self/status CapEff)?"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> cap & 1)
+    except (OSError, ValueError):
+        pass
+    return True  # cannot tell: do not blame a capability

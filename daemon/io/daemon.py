@@ -52,6 +52,7 @@ from daemon.fastpath.sockprobe import SockProbe
 from daemon.io.fastpath import FastPathMode, start_fast_path
 from daemon.io.repair import (
     RepairError,
+    bind_port,
     close_silently,
     endpoints,
     forward_unread,
@@ -1367,12 +1368,20 @@ class Daemon:
         # (Splicer.port_holds), by a socket bound to it (repair.hold_port).
         try:
             port_hold: socket.socket | None = hold_port(server)
-        except OSError as exc:  # out of descriptors, say: the splice works, the port is free
-            log.warning("splice_sockets: cannot hold the server side's port: %s", exc)
-            port_hold = None
+        except OSError:
+            port_hold = None  # another user's socket, say: bound after it lets go, below
         try:
             for sock in (client, server):
                 close_silently(sock)
+            if port_hold is None:
+                # SO_REUSEPORT beside a live socket is its own user's only (a
+                # proxy running as another user than the daemon, as in
+                # docs/operations.md); disconnected, the socket no longer has
+                # the port, and a plain bind takes it.
+                try:
+                    port_hold = bind_port(sides[1][0])
+                except OSError as exc:  # out of descriptors: the splice works, the port is free
+                    log.warning("splice_sockets: cannot hold the server side's port: %s", exc)
             c, s = (Conn(tcb, owner, want_fd=False) for tcb in tcbs)
             self.splicer.splice_sockets(owner, c, s, tun_index, held, port_hold)
         except Exception:

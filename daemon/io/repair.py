@@ -258,6 +258,24 @@ def hold_port(sock: socket.socket) -> socket.socket:
     return hold
 
 
+def bind_port(local: Endpoint) -> socket.socket:
+    """A socket bound to ``local`` (address, port), without SO_REUSEADDR: a port hold.
+
+    For a port no socket has any more: a taken-over connection's after
+    ``close_silently`` (its bind bucket went with the disconnect), or an
+    adopted splice's, whose hold died with the daemon that made it.  Such
+    a bind keeps connect() off the port, as ``hold_port``'s does.
+    """
+    family = socket.AF_INET6 if len(local[0]) == 16 else socket.AF_INET
+    hold = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        hold.bind((socket.inet_ntop(family, local[0]), local[1]))
+    except OSError:
+        hold.close()
+        raise
+    return hold
+
+
 def give_back(sock: socket.socket) -> None:
     """Leave repair mode: the socket is an ordinary one again (a take-over that failed)."""
     with contextlib.suppress(OSError):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import array
 import contextlib
 import fcntl
+import ipaddress
 import logging
 import selectors
 import socket
@@ -38,6 +39,7 @@ from daemon.api.core import TAP_SOCK, ApiError, Done, Result
 from daemon.api.protocol import LOCAL_AT_LEN, Address, ErrorCode, Inline
 from daemon.fastpath.adopt import InheritedSplice, adoptable
 from daemon.fastpath.layout import STATE_OF_CODE, SpliceXlate, reverse_key
+from daemon.io.repair import bind_port
 from daemon.io.timers import Timer
 from daemon.splice.relay import (
     Action,
@@ -1219,20 +1221,11 @@ class Splicer:
         the bind fails: logged, and the splice goes on without a hold.
         """
         local: LocalKey = (server_key[2], server_key[3], server_key[0], server_key[1])
-        family = socket.AF_INET6 if len(local[0]) == 16 else socket.AF_INET
-        hold = socket.socket(family, socket.SOCK_STREAM)
         try:
-            # No SO_REUSEADDR: such a bind keeps connect() off the port
-            # (daemon/io/repair.py ``hold_port``).
-            hold.bind((socket.inet_ntop(family, local[0]), local[1]))
+            hold = bind_port((local[0], local[1]))
         except OSError as exc:
-            hold.close()
-            log.warning(
-                "adopted splice: cannot hold port %d of %s again: %s",
-                local[1],
-                socket.inet_ntop(family, local[0]),
-                exc,
-            )
+            addr = ipaddress.ip_address(local[0])
+            log.warning("adopted splice: cannot hold port %d of %s again: %s", local[1], addr, exc)
             return
         self.port_holds[local] = hold
 
