@@ -319,6 +319,55 @@ def test_what_the_program_does_not_handle_in_ipv6_is_punted_untouched(
     assert fp.counters(key) == (0, 0)
 
 
+def _chain(packet6: bytes, headers: list[tuple[int, bytes]]) -> bytes:
+    """``packet6`` with extension headers (type, whole header) before its TCP header."""
+    tcp = packet6[40:]
+    body = b""
+    nexts = [t for t, _ in headers[1:]] + [6]
+    for (_t, header), nxt in zip(headers, nexts, strict=True):
+        body += bytes([nxt]) + header[1:]
+    head = bytearray(packet6[:40])
+    struct.pack_into("!H", head, 4, len(body) + len(tcp))
+    head[6] = headers[0][0]
+    return bytes(head) + body + tcp
+
+
+@pytest.mark.parametrize(
+    ("case", "headers", "looked_up"),
+    [
+        ("hop-by-hop", [(0, bytes(8))], True),
+        ("16-byte destination options", [(60, bytes([0, 1]) + bytes(14))], True),
+        (
+            "hop-by-hop, routing, first fragment",
+            [(0, bytes(8)), (43, bytes(8)), (44, bytes(8))],
+            True,
+        ),
+        ("a later fragment", [(44, bytes([0, 0, 0, 0x08]) + bytes(4))], False),
+        ("five headers", [(60, bytes(8))] * 5, False),
+    ],
+)
+def test_extension_headers_of_a_kernel_connection_go_to_its_punt_interface(
+    fp: FastPath, case: str, headers: list[tuple[int, bytes]], looked_up: bool
+) -> None:
+    """A taken-over kernel connection's entry (a punt interface) gets its segments with
+    IPv6 extension headers too: the program finds the TCP header behind them (up to
+    four, RFC 8200 4.1) and redirects the packet, untouched, to the daemon.  Left to
+    the kernel, which has no socket for the connection, it would be answered with a
+    RST.  A later fragment carries no ports and stays the kernel's."""
+    packet = _chain(packet_in("6to4"), headers)
+    key, out = addresses("6to4")
+    fp.install(key, relay_translator("6to4", out_mss=1440), EGRESS, out=out, punt_ifindex=1)
+    before = fp.global_stats()
+    verdict, got = fp.test_run(frame(packet))
+    after = fp.global_stats()
+    assert got == frame(packet), case
+    moved = {name: after[name] - before[name] for name in after if after[name] != before[name]}
+    if looked_up:
+        assert (verdict, moved) == (TC_ACT_REDIRECT, {EXT: 1, "punt_redirected": 1}), case
+    else:
+        assert (verdict, moved) == (TC_ACT_OK, {EXT: 1}), case
+
+
 def test_ipv6_that_is_not_tcp_passes_without_a_trace(fp: FastPath) -> None:
     icmp6 = bytearray(packet_in("6to4"))
     icmp6[6] = 58  # ICMPv6: the kernel's, never a splice's

@@ -209,6 +209,64 @@ static __always_inline int ipv6_ext_header(__u8 nexthdr)
 }
 
 /*
+ * Where a packet the program punts before its usual lookup (IPv4 options
+ * or a fragment, IPv6 extension headers) goes: an entry with a punt
+ * interface is a taken-over kernel connection's, on the host's own
+ * addresses, and left to the kernel such a packet would find no socket
+ * and be answered with a RST.  So the ports are read where the TCP header
+ * really starts (`l4_off`) and the entry looked up for its punt_ifindex.
+ * A fragment other than the first carries no ports: it stays the kernel's
+ * (whose reassembly never completes without the first: dropped, as the
+ * daemon drops every fragment).
+ */
+static __always_inline void punt_target(struct __sk_buff *skb, struct splice_key *key,
+					__u32 l4_off, __u32 *punt_to)
+{
+	struct splice_xlate *v;
+	__be16 ports[2];
+
+	if (bpf_skb_load_bytes(skb, l4_off, ports, sizeof(ports)) < 0)
+		return;
+	key->sport = ports[0];
+	key->dport = ports[1];
+	v = bpf_map_lookup_elem(&splice_flows, key);
+	if (v)
+		*punt_to = v->punt_ifindex;
+}
+
+/* The TCP header's offset behind an IPv6 packet's extension headers (RFC
+ * 8200 4.1: hop-by-hop, routing, destination options, each (len + 1) * 8
+ * bytes; a fragment header, 8), or 0 if it is not TCP, not the first
+ * fragment, or behind more of them than this looks at. */
+static __always_inline __u32 ipv6_tcp_offset(struct __sk_buff *skb, __u8 nexthdr)
+{
+	__u32 off = IP_OFF + IP6_HLEN;
+	__u8 ext[2];
+	__be16 frag;
+	int i;
+
+#pragma unroll
+	for (i = 0; i < 4; i++) {
+		if (nexthdr == IPPROTO_TCP)
+			return off;
+		if (!ipv6_ext_header(nexthdr))
+			return 0;
+		if (bpf_skb_load_bytes(skb, off, ext, sizeof(ext)) < 0)
+			return 0;
+		if (nexthdr == 44) {
+			if (bpf_skb_load_bytes(skb, off + 2, &frag, sizeof(frag)) < 0 ||
+			    (frag & bpf_htons(0xfff8)))
+				return 0; /* a later fragment: no TCP header */
+			off += 8;
+		} else {
+			off += ((__u32)ext[1] + 1) * 8;
+		}
+		nexthdr = ext[0];
+	}
+	return nexthdr == IPPROTO_TCP ? off : 0;
+}
+
+/*
  * One packet of family `fam` (4 or 6, a constant once inlined: each family
  * gets its own copy with every offset fixed, which is what the verifier
  * and the fixed-layout design want).
@@ -241,29 +299,42 @@ static __always_inline int splice(struct __sk_buff *skb, int pulled, const int f
 			goto not_linear;
 		if (ip->protocol != IPPROTO_TCP)
 			return TC_ACT_OK;
-		if (*(__u8 *)ip != 0x45 || (ip->frag_off & bpf_htons(FRAG_BITS)))
-			return PUNT(punt_ip_options_or_fragment);
-		ip_total = bpf_ntohs(ip->tot_len);
-		tos = ip->tos;
 		key.saddr[0] = ip->saddr;
 		key.daddr[0] = ip->daddr;
 		key.family = SPLICE_AF_INET;
+		if (*(__u8 *)ip != 0x45 || (ip->frag_off & bpf_htons(FRAG_BITS))) {
+			__u32 ihl = (*(__u8 *)ip & 0x0f) * 4;
+
+			/* Not a later fragment (offset 0): the ports are there. */
+			if (ihl >= IP4_HLEN && !(ip->frag_off & bpf_htons(0x1fff)))
+				punt_target(skb, &key, IP_OFF + ihl, punt_to);
+			return PUNT(punt_ip_options_or_fragment);
+		}
+		ip_total = bpf_ntohs(ip->tot_len);
+		tos = ip->tos;
 	} else {
 		if ((void *)(ip6 + 1) > data_end)
 			goto not_linear;
-		if (ip6->nexthdr != IPPROTO_TCP)
-			return ipv6_ext_header(ip6->nexthdr) ? PUNT(punt_ip_options_or_fragment)
-							     : TC_ACT_OK;
-		/* A jumbogram's payload length is 0 (RFC 2675): malformed below. */
-		ip_total = IP6_HLEN + bpf_ntohs(ip6->payload_len);
-		/* Traffic class: the low nibble of byte 0, the high one of byte 1. */
-		tos = (((__u8 *)ip6)[0] << 4) | (((__u8 *)ip6)[1] >> 4);
 #pragma unroll
 		for (i = 0; i < 4; i++) {
 			key.saddr[i] = ip6->saddr.in6_u.u6_addr32[i];
 			key.daddr[i] = ip6->daddr.in6_u.u6_addr32[i];
 		}
 		key.family = SPLICE_AF_INET6;
+		if (ip6->nexthdr != IPPROTO_TCP) {
+			__u32 l4_off;
+
+			if (!ipv6_ext_header(ip6->nexthdr))
+				return TC_ACT_OK;
+			l4_off = ipv6_tcp_offset(skb, ip6->nexthdr);
+			if (l4_off)
+				punt_target(skb, &key, l4_off, punt_to);
+			return PUNT(punt_ip_options_or_fragment);
+		}
+		/* A jumbogram's payload length is 0 (RFC 2675): malformed below. */
+		ip_total = IP6_HLEN + bpf_ntohs(ip6->payload_len);
+		/* Traffic class: the low nibble of byte 0, the high one of byte 1. */
+		tos = (((__u8 *)ip6)[0] << 4) | (((__u8 *)ip6)[1] >> 4);
 	}
 	if ((void *)(tcp + 1) > data_end)
 		goto not_linear;
