@@ -77,11 +77,11 @@ def _origin_peer_port(tb: Testbed) -> int:
     return int(line.split()[-1].rsplit(":", 1)[1])
 
 
-def _can_bind(tb: Testbed, port: int) -> bool:
+def _can_bind(tb: Testbed, port: int, family: int = 4) -> bool:
     """Could a new socket in the proxy namespace take the server-side address and ``port``?"""
     code = (
         "import socket, sys\n"
-        "s = socket.socket()\n"
+        "s = socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET)\n"
         "try:\n"
         "    s.bind((sys.argv[1], int(sys.argv[2])))\n"
         "except OSError:\n"
@@ -89,7 +89,7 @@ def _can_bind(tb: Testbed, port: int) -> bool:
         "else:\n"
         "    print('free')\n"
     )
-    gateway = tb.topology.gateways["server"]
+    gateway = (tb.topology.gateways6 if family == 6 else tb.topology.gateways)["server"]
     out = tb.host("proxy").cmd([sys.executable, "-c", code, gateway, str(port)], check=True)
     return str(out.stdout).strip() == "free"
 
@@ -205,6 +205,7 @@ except OSError as e:
         # the daemon took over, on the host's own addresses.
         pytest.param(64 << 20, 17 << 20, signal.SIGKILL, (4, 4), id="kernel-socks-16MB-while-dead"),
         pytest.param(64 << 20, 17 << 20, signal.SIGUSR1, (4, 4), id="kernel-socks-handover"),
+        pytest.param(64 << 20, 17 << 20, signal.SIGKILL, (6, 6), id="kernel-socks-ipv6"),
         # The planned restart: SIGUSR1 stops the daemon but leaves its
         # kernel splices for the next one, as a crash would.
         pytest.param(64 << 20, 17 << 20, signal.SIGUSR1, (4, 4), id="handover-SIGUSR1"),
@@ -261,7 +262,7 @@ def test_spliced_flows_in_the_fast_path_survive_a_daemon_restart(
                 PHASED_CLIENT,
                 *map(
                     str,
-                    tb.kernel_socks
+                    (tb.kernel_socks6 if families[0] == 6 else tb.kernel_socks)
                     if kernel
                     else tb.spliced_socks6
                     if families[0] == 6
@@ -301,7 +302,7 @@ def test_spliced_flows_in_the_fast_path_survive_a_daemon_restart(
         if kernel:
             port = _origin_peer_port(tb)
             assert st["splice_counters"]["port_holds"] == 1, st["splice_counters"]
-            assert not _can_bind(tb, port), port
+            assert not _can_bind(tb, port, families[1]), port
         client.stdin.write("go\n")
         client.stdin.flush()
         line = client.stdout.readline().split()
@@ -312,12 +313,20 @@ def test_spliced_flows_in_the_fast_path_survive_a_daemon_restart(
         assert daemon_stats(tb)["splices"] == []
         if kernel:
             assert daemon_stats(tb)["splice_counters"]["port_holds"] == 0
-            assert _can_bind(tb, port)
+            assert _can_bind(tb, port, families[1])
         capture.close()
         if families[0] == 6:
-            proxy_ip = ipaddress.ip_address(tb.spliced_socks6[0]).packed
+            proxy_ip = ipaddress.ip_address(
+                (tb.kernel_socks6 if kernel else tb.spliced_socks6)[0]
+            ).packed
             to_client = [f for f in tcp_frames(pcap) if f.version == 6 and f.src == proxy_ip]
             assert any(f.flags & FIN for f in to_client), "no FIN to the client captured"
+            if kernel:
+                # The proxy's own socket sent the handshake and the SOCKS reply (22
+                # bytes for IPv6) with the kernel's label; the daemon's starts at the
+                # take-over (a known change, docs/architecture.md).  Across the
+                # restart: one.
+                to_client = [f for f in to_client if f.payload_len > 22 or f.flags & FIN]
             assert len({f.flow_label for f in to_client}) == 1, {f.flow_label for f in to_client}
     finally:
         capture.close()
