@@ -233,7 +233,7 @@ def _inherit(
     try:
         host = host_addresses()
         tun_index = socket.if_nametoindex(tun_name)
-    except OSError as exc:
+    except Exception as exc:  # netlink errors too: the others are still adopted
         log.warning("kernel-socket splices cannot be adopted: %s", exc)
         host, tun_index = set(), 0
     splices, left_out = adoptable(
