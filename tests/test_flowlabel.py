@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from daemon.splice.family import to_ipv6
+from daemon.wire import flowlabel
 from daemon.wire.flowlabel import MASK, SECRET, flow_label, flow_label_with
 from daemon.wire.ipv6 import Ipv6Packet
 
@@ -45,3 +48,31 @@ def test_the_relay_writes_the_label_it_is_given() -> None:
     _hdr, packet = to_ipv6(None, shaped, A, B, 0x12345)
     ip = Ipv6Packet(memoryview(packet))
     assert ip.flow_label == 0x12345 and ip.traffic_class == 0xB8
+
+
+def test_a_taken_over_connection_keeps_the_kernels_label_until_forgotten() -> None:
+    """RFC 6437: a flow keeps its label.  A connection the daemon takes over from the
+    kernel was labelled by the kernel already; ``keep`` makes ``flow_label`` answer that
+    label for its 4-tuple (both of the daemon's writers ask it), ``forget`` ends it."""
+    src, dst = bytes(15) + b"\1", bytes(15) + b"\2"
+    ours = flowlabel.flow_label(src, 40000, dst, 80)
+    flowlabel.keep(src, 40000, dst, 80, 0xA094F)
+    try:
+        assert flowlabel.flow_label(src, 40000, dst, 80) == 0xA094F
+        assert flowlabel.flow_label(dst, 80, src, 40000) != 0xA094F  # one direction only
+    finally:
+        flowlabel.forget(src, 40000, dst, 80)
+    assert flowlabel.flow_label(src, 40000, dst, 80) == ours
+    with pytest.raises(ValueError):
+        flowlabel.keep(src, 1, dst, 2, 1 << 20)
+
+
+def test_the_kernels_automatic_label_is_made_from_the_sockets_txhash() -> None:
+    """Linux's ip6_make_flowlabel: the hash rotated by 16 bits, read as the header's
+    big-endian word, its low 20 bits (and the stateless bit where the namespace asks
+    for it).  The pair below is from the wire: sk_txhash 0x9a0c4f09, label 0xa094f."""
+    if sys.byteorder != "little":
+        pytest.skip("the pair was captured on a little-endian host")
+    assert flowlabel.kernel_flow_label(0x9A0C4F09, False) == 0xA094F
+    assert flowlabel.kernel_flow_label(0x5605A114, False) == 0x614A1
+    assert flowlabel.kernel_flow_label(0x5605A114, True) == 0x614A1 | 0x80000

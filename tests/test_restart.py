@@ -321,12 +321,6 @@ def test_spliced_flows_in_the_fast_path_survive_a_daemon_restart(
             ).packed
             to_client = [f for f in tcp_frames(pcap) if f.version == 6 and f.src == proxy_ip]
             assert any(f.flags & FIN for f in to_client), "no FIN to the client captured"
-            if kernel:
-                # The proxy's own socket sent the handshake and the SOCKS reply (22
-                # bytes for IPv6) with the kernel's label; the daemon's starts at the
-                # take-over (a known change, docs/architecture.md).  Across the
-                # restart: one.
-                to_client = [f for f in to_client if f.payload_len > 22 or f.flags & FIN]
             assert len({f.flow_label for f in to_client}) == 1, {f.flow_label for f in to_client}
     finally:
         capture.close()

@@ -179,6 +179,36 @@ def test_a_client_sending_ip_options_is_carried_not_reset(tb: Testbed, tmp_path:
     assert not [f for f in frames if f.flags & RST], [(f.sport, f.dport) for f in frames]
 
 
+def test_an_ipv6_connection_keeps_its_flow_label_across_the_take_over(
+    tb: Testbed, tmp_path: Path
+) -> None:
+    """RFC 6437: a flow keeps its label.  The proxy's sockets sent the handshake and the
+    SOCKS reply with the kernel's automatic labels; the daemon reads each socket's
+    sk_txhash with its probe and goes on with the label the kernel made of it, in its
+    own segments, the relay's and the fast path's alike: one label per direction on
+    both links, from the SYN-ACK to the last FIN (two before)."""
+    if tb.fastpath != "on":
+        pytest.skip("only the fast path takes sockets over")
+    socks, origin = ends(tb, 6)
+    cp, ps = tmp_path / "cp.pcap", tmp_path / "ps.pcap"
+    with (
+        tb.link("client-proxy").capture(cp, side="client", snaplen=96),
+        tb.link("proxy-server").capture(ps, side="server", snaplen=96),
+    ):
+        for size in (1024, 1 << 20):
+            rc, digest = curl_sha256(tb.host("client"), f"{origin}/bytes/{size}", "--socks5", socks)
+            assert rc == 0 and digest == pattern_sha256(size)
+    client_side = ipaddress.ip_address(tb.kernel_socks6[0]).packed
+    server_side = ipaddress.ip_address(tb.topology.gateways6["server"]).packed
+    for path, proxy in ((cp, client_side), (ps, server_side)):
+        labels: dict[tuple[int, int], set[int]] = {}
+        for f in tcp_frames(path):
+            if f.version == 6 and f.src == proxy:
+                labels.setdefault((f.sport, f.dport), set()).add(f.flow_label)
+        assert len(labels) == 2, (path.name, labels)
+        assert all(len(v) == 1 and 0 not in v for v in labels.values()), (path.name, labels)
+
+
 def test_rounds_of_100_concurrent_transfers(tb: Testbed) -> None:
     socks, origin = ends(tb, 4)
     concurrent_rounds(tb.host("client"), origin.removeprefix("http://"), socks, "64K")

@@ -35,6 +35,10 @@ struct tcp_options_received {
 	__u16 mss_clamp;
 } __attribute__((preserve_access_index));
 
+struct sock {
+	__u32 sk_txhash;
+} __attribute__((preserve_access_index));
+
 struct tcp_sock {
 	struct tcp_options_received rx_opt;
 	__u32 rcv_nxt;
@@ -106,6 +110,8 @@ int sock_probe(struct __sk_buff *skb)
 	out.snd_una = tp->snd_una;
 	out.write_seq = tp->write_seq;
 	out.snd_nxt = tp->snd_nxt;
+	/* A tcp_sock begins with its struct sock. */
+	out.txhash = ((struct sock *)tp)->sk_txhash;
 	bpf_sk_release(sk);
 	bpf_skb_store_bytes(skb, (void *)(th + 1) - data, &out, sizeof(out), 0);
 	return SOCK_PROBE_FOUND;

@@ -20,6 +20,7 @@ struct sock_probe {
 	__u32 snd_nxt;   /* the next byte the socket sends */
 	__u16 mss_clamp; /* the MSS the peer offered (or the user's clamp) */
 	__u16 _pad;
+	__u32 txhash;    /* sk_txhash: what an IPv6 socket's automatic flow label comes from */
 };
 
 #endif

@@ -54,6 +54,7 @@ class _SockProbeOut(ctypes.Structure):
         ("snd_nxt", ctypes.c_uint32),
         ("mss_clamp", ctypes.c_uint16),
         ("_pad", ctypes.c_uint16),
+        ("txhash", ctypes.c_uint32),
     ]
 
 
@@ -68,6 +69,7 @@ class ProbedSocket:
     snd_una: int
     write_seq: int
     snd_nxt: int
+    txhash: int = 0  # sk_txhash (an IPv6 socket's automatic flow label is made from it)
 
 
 def probe_frame(local: tuple[bytes, int], remote: tuple[bytes, int]) -> bytes:
@@ -143,6 +145,7 @@ class SockProbe:
             out.snd_una,
             out.write_seq,
             out.snd_nxt,
+            out.txhash,
         )
 
     def close(self) -> None:

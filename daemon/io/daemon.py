@@ -74,6 +74,8 @@ from daemon.tcp.state import TcpState
 from daemon.wire.checksum import internet_checksum, pseudo_header_sum
 from daemon.wire.error import WireError
 from daemon.wire.flowlabel import flow_label
+from daemon.wire.flowlabel import forget as forget_flow_label
+from daemon.wire.flowlabel import keep as keep_flow_label
 from daemon.wire.icmp import FRAG_NEEDED, Unreachable, parse_unreachable, parse_unreachable6
 from daemon.wire.ipv4 import Ipv4Packet
 from daemon.wire.ipv6 import HEADER_LEN as IPV6_HEADER_LEN
@@ -1382,6 +1384,10 @@ class Daemon:
                     port_hold = bind_port(sides[1][0])
                 except OSError as exc:  # out of descriptors: the splice works, the port is free
                     log.warning("splice_sockets: cannot hold the server side's port: %s", exc)
+            for k in states:
+                if k.flow_label is not None:
+                    # RFC 6437: the connection goes on with the kernel's label.
+                    keep_flow_label(*k.local, *k.remote, k.flow_label)
             c, s = (Conn(tcb, owner, want_fd=False) for tcb in tcbs)
             self.splicer.splice_sockets(owner, c, s, tun_index, held, port_hold)
         except Exception:
@@ -1413,6 +1419,8 @@ class Daemon:
                 tcb.abort()
                 for seg in tcb.poll_output(now):
                     self._write_segment(tcb.local, tcb.remote, seg, tcb.snd_mss)
+        for tcb in tcbs:
+            forget_flow_label(*tcb.local, *tcb.remote)
         fp = self.splicer.fast_path
         assert fp is not None  # splice_sockets refuses to start without it
         for key in held:  # gone already if the splice was torn down

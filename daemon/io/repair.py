@@ -46,14 +46,17 @@ import os
 import socket
 import struct
 import termios
+from pathlib import Path
 
 from daemon.fastpath.sockprobe import SockProbe
 from daemon.tcp.config import Endpoint
 from daemon.tcp.kernel_state import KernelTcpState
+from daemon.wire.flowlabel import kernel_flow_label
 
 __all__ = [
     "KernelTcpState",
     "RepairError",
+    "bind_port",
     "close_silently",
     "endpoints",
     "forward_unread",
@@ -72,6 +75,7 @@ FORWARD_CHUNK = 256 * 1024
 TCP_RECV_QUEUE, TCP_SEND_QUEUE = 1, 2
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE, TCPI_OPT_ECN = 1, 2, 4, 8
 TCP_ESTABLISHED, TCP_CLOSE_WAIT = 1, 8
+IPV6_AUTOFLOWLABEL = 70  # linux/in6.h
 
 _TCP_INFO_HEAD = struct.Struct("BBBBBBBB")  # state .. snd/rcv_wscale, then u32s
 # tcpi_rtt, tcpi_rttvar (us), tcpi_snd_ssthresh, tcpi_snd_cwnd (segments):
@@ -190,7 +194,29 @@ def take_over(
         rttvar=rttvar_us / 1e6,
         snd_cwnd=cwnd,
         snd_ssthresh=None if ssthresh >= TCP_INFINITE_SSTHRESH else ssthresh,
+        flow_label=_flow_label(sock, probed.txhash) if len(local[0]) == 16 else None,
     )
+
+
+def _flow_label(sock: socket.socket, txhash: int) -> int:
+    """The flow label Linux puts on this IPv6 socket's packets (0: none).
+
+    Automatic labels (``IPV6_AUTOFLOWLABEL``, the namespace's default) come
+    from the socket's ``sk_txhash`` (``flowlabel.kernel_flow_label``); a
+    socket without them sends 0.  (A label the application set itself with
+    ``IPV6_FLOWINFO_SEND`` is not read: the daemon's own then replaces it.)
+    """
+    try:
+        auto = sock.getsockopt(socket.IPPROTO_IPV6, IPV6_AUTOFLOWLABEL)
+    except OSError:
+        auto = 1
+    if not auto:
+        return 0
+    try:
+        state_ranges = Path("/proc/sys/net/ipv6/flowlabel_state_ranges").read_text().strip() == "1"
+    except OSError:
+        state_ranges = False
+    return kernel_flow_label(txhash, state_ranges)
 
 
 def endpoints(sock: socket.socket) -> tuple[Endpoint, Endpoint]:

@@ -48,3 +48,6 @@ class KernelTcpState:
     # segments: 0 / None when unknown or, for ssthresh, never set (infinite).
     snd_cwnd: int = 0
     snd_ssthresh: int | None = None
+    # An IPv6 socket's flow label as the kernel sent it (RFC 6437: the
+    # connection keeps it); None for IPv4.
+    flow_label: int | None = None
