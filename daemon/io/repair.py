@@ -241,12 +241,17 @@ def forward_unread(client: socket.socket, server: socket.socket) -> int:
     server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     moved = 0
     while True:
+        # Asked first: a peek of FORWARD_CHUNK allocates that much whatever is
+        # queued (15 us against 3 for the ~80 bytes of a request, measured).
+        queued = _ioctl_int(client, termios.FIONREAD)
+        if queued == 0:
+            return moved  # nothing, or only a FIN: the take-over reads CLOSE_WAIT
         try:
-            data = client.recv(FORWARD_CHUNK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            data = client.recv(min(queued, FORWARD_CHUNK), socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return moved
         if not data:
-            return moved  # end of stream: the take-over reads CLOSE_WAIT
+            return moved
         try:
             sent = server.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
         except BlockingIOError:
