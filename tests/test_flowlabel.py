@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from daemon.io.daemon import _build
 from daemon.splice.family import to_ipv6
+from daemon.splice.session import Side, _translator
+from daemon.tcp.config import TcpConfig
+from daemon.tcp.connection import TcpConnection
 from daemon.wire import flowlabel
+from daemon.wire.error import WireError
 from daemon.wire.flowlabel import MASK, SECRET, flow_label, flow_label_with
 from daemon.wire.ipv6 import Ipv6Packet
+from daemon.wire.tcp import ACK, TcpSegment
+from tests.test_tcp_restore import STATE
 
 A = bytes.fromhex("20010db8000d00000000000000000002")
 B = bytes.fromhex("20010db8000500000000000000000002")
@@ -50,21 +58,31 @@ def test_the_relay_writes_the_label_it_is_given() -> None:
     assert ip.flow_label == 0x12345 and ip.traffic_class == 0xB8
 
 
-def test_a_taken_over_connection_keeps_the_kernels_label_until_forgotten() -> None:
+def test_a_taken_over_connection_keeps_the_kernels_label_in_all_it_sends() -> None:
     """RFC 6437: a flow keeps its label.  A connection the daemon takes over from the
-    kernel was labelled by the kernel already; ``keep`` makes ``flow_label`` answer that
-    label for its 4-tuple (both of the daemon's writers ask it), ``forget`` ends it."""
-    src, dst = bytes(15) + b"\1", bytes(15) + b"\2"
-    ours = flowlabel.flow_label(src, 40000, dst, 80)
-    flowlabel.keep(src, 40000, dst, 80, 0xA094F)
-    try:
-        assert flowlabel.flow_label(src, 40000, dst, 80) == 0xA094F
-        assert flowlabel.flow_label(dst, 80, src, 40000) != 0xA094F  # one direction only
-    finally:
-        flowlabel.forget(src, 40000, dst, 80)
-    assert flowlabel.flow_label(src, 40000, dst, 80) == ours
-    with pytest.raises(ValueError):
-        flowlabel.keep(src, 1, dst, 2, 1 << 20)
+    kernel was labelled by the kernel already: the restored TCB carries that label, its
+    own segments go out with it, and so does what the splice relays toward that
+    connection (the translator built from its base points); a connection of the
+    daemon's own, or the other direction, gets the daemon's hash."""
+    local, remote = (A, 40000), (B, 80)
+    k = replace(STATE, local=local, remote=remote, flow_label=0xA094F)
+    tcb = TcpConnection.restore(TcpConfig(), k, 1000.0)
+    assert tcb.flow_label == 0xA094F
+    seg = TcpSegment(40000, 80, 1, 1, ACK, 100)
+    sent = Ipv6Packet(
+        memoryview(_build(seg, local, remote, partial_checksum=False, label=tcb.flow_label))
+    )
+    assert sent.flow_label == 0xA094F
+    ours = Ipv6Packet(memoryview(_build(seg, local, remote, partial_checksum=False)))
+    assert ours.flow_label == flow_label(A, 40000, B, 80) != 0xA094F
+    dst = Side.of(tcb, 1000.0)
+    dst.iss = 1
+    src = Side(local=(A, 1080), remote=(B, 50000), iss=7)
+    assert _translator(src, dst, False).flow_label == 0xA094F  # toward the taken-over one
+    dst.flow_label = None
+    assert _translator(src, dst, False).flow_label == flow_label(A, 40000, B, 80)
+    with pytest.raises(WireError, match="20 bits"):  # a label is 20 bits
+        _build(seg, local, remote, partial_checksum=False, label=1 << 20)
 
 
 def test_the_kernels_automatic_label_is_made_from_the_sockets_txhash() -> None:

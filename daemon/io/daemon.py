@@ -74,8 +74,6 @@ from daemon.tcp.state import TcpState
 from daemon.wire.checksum import internet_checksum, pseudo_header_sum
 from daemon.wire.error import WireError
 from daemon.wire.flowlabel import flow_label
-from daemon.wire.flowlabel import forget as forget_flow_label
-from daemon.wire.flowlabel import keep as keep_flow_label
 from daemon.wire.icmp import FRAG_NEEDED, Unreachable, parse_unreachable, parse_unreachable6
 from daemon.wire.ipv4 import Ipv4Packet
 from daemon.wire.ipv6 import HEADER_LEN as IPV6_HEADER_LEN
@@ -105,12 +103,22 @@ FlowKey = tuple[bytes, int, bytes, int]  # local addr, local port, remote addr, 
 
 
 def _build(
-    seg: TcpSegment, local: Endpoint, remote: Endpoint, *, partial_checksum: bool
+    seg: TcpSegment,
+    local: Endpoint,
+    remote: Endpoint,
+    *,
+    partial_checksum: bool,
+    label: int | None = None,
 ) -> bytearray:
-    """One segment of the connection local -> remote as an IP packet of its family."""
+    """One segment of the connection local -> remote as an IP packet of its family.
+
+    ``label``: the connection's own IPv6 flow label (``TcpConnection.flow_label``);
+    None: the daemon's hash of the 4-tuple.
+    """
     if len(local[0]) == 16:
         # RFC 6437: every segment of a connection carries its own flow label.
-        label = flow_label(local[0], local[1], remote[0], remote[1])
+        if label is None:
+            label = flow_label(local[0], local[1], remote[0], remote[1])
         return build_ipv6_tcp(
             seg, local[0], remote[0], dscp_ecn=seg.ecn, flow_label=label,
             partial_checksum=partial_checksum,
@@ -575,12 +583,20 @@ class Daemon:
 
     # ----------------------------------------------------------- TUN output
 
-    def _write_segment(self, local: Endpoint, remote: Endpoint, seg: TcpSegment, mss: int) -> None:
+    def _write_segment(
+        self,
+        local: Endpoint,
+        remote: Endpoint,
+        seg: TcpSegment,
+        mss: int,
+        label: int | None = None,
+    ) -> None:
+        """One segment out; ``label``: its connection's own flow label (``_build``)."""
         payload_len = len(seg.payload)
         six = len(local[0]) == 16
         ip_hlen = IPV6_HEADER_LEN if six else IPV4_HEADER_LEN
         if self.offload:
-            pkt = _build(seg, local, remote, partial_checksum=True)
+            pkt = _build(seg, local, remote, partial_checksum=True, label=label)
             tcp_hlen = len(pkt) - ip_hlen - payload_len
             hdr = vnet_header_for_tcp(
                 ip_hlen,
@@ -593,7 +609,7 @@ class Daemon:
             if mss and payload_len > mss:
                 self.counters["gso_out"] += 1
         else:
-            pkt = _build(seg, local, remote, partial_checksum=False)
+            pkt = _build(seg, local, remote, partial_checksum=False, label=label)
             hdr = None
         try:
             self.tun.write(hdr, pkt)
@@ -616,7 +632,7 @@ class Daemon:
     def _emit_output(self, conn: Conn, now: float) -> None:
         tcp = conn.tcp
         for seg in tcp.poll_output(now):
-            self._write_segment(tcp.local, tcp.remote, seg, tcp.snd_mss)
+            self._write_segment(tcp.local, tcp.remote, seg, tcp.snd_mss, tcp.flow_label)
 
     # -------------------------------------------------------------- service
 
@@ -676,7 +692,9 @@ class Daemon:
             if not conn.tcp_gone:
                 conn.tcp.abort()
                 for seg in conn.tcp.poll_output(now):
-                    self._write_segment(conn.tcp.local, conn.tcp.remote, seg, 0)
+                    self._write_segment(
+                        conn.tcp.local, conn.tcp.remote, seg, 0, conn.tcp.flow_label
+                    )
             self._free(conn)
         except Exception:
             log.exception("could not abort the connection either")
@@ -1384,10 +1402,6 @@ class Daemon:
                     port_hold = bind_port(sides[1][0])
                 except OSError as exc:  # out of descriptors: the splice works, the port is free
                     log.warning("splice_sockets: cannot hold the server side's port: %s", exc)
-            for k in states:
-                if k.flow_label is not None:
-                    # RFC 6437: the connection goes on with the kernel's label.
-                    keep_flow_label(*k.local, *k.remote, k.flow_label)
             c, s = (Conn(tcb, owner, want_fd=False) for tcb in tcbs)
             self.splicer.splice_sockets(owner, c, s, tun_index, held, port_hold)
         except Exception:
@@ -1418,9 +1432,7 @@ class Daemon:
             for tcb in tcbs:
                 tcb.abort()
                 for seg in tcb.poll_output(now):
-                    self._write_segment(tcb.local, tcb.remote, seg, tcb.snd_mss)
-        for tcb in tcbs:
-            forget_flow_label(*tcb.local, *tcb.remote)
+                    self._write_segment(tcb.local, tcb.remote, seg, tcb.snd_mss, tcb.flow_label)
         fp = self.splicer.fast_path
         assert fp is not None  # splice_sockets refuses to start without it
         for key in held:  # gone already if the splice was torn down

@@ -61,7 +61,6 @@ from daemon.splice.relay import (
 from daemon.splice.state import Iface, SpliceState
 from daemon.splice.translator import Translator
 from daemon.tcp.state import TcpState
-from daemon.wire.flowlabel import forget as forget_flow_label
 from daemon.wire.icmp import Unreachable
 from daemon.wire.ipv6 import Ipv6Packet
 from daemon.wire.vnet import VnetHeader
@@ -871,7 +870,7 @@ class Splicer:
                     d.tun_write(vnet, packet)
                 case Emit(_, tcb, segments):
                     for seg in segments:
-                        d._write_segment(tcb.local, tcb.remote, seg, tcb.snd_mss)
+                        d._write_segment(tcb.local, tcb.remote, seg, tcb.snd_mss, tcb.flow_label)
                 case ArmTimer(iface, deadline):
                     conn = sp.conn(iface)
                     if conn is None:
@@ -1175,7 +1174,6 @@ class Splicer:
                 hold = self.port_holds.pop(key, None)
                 if hold is not None:
                     hold.close()  # the port is the kernel's to give again
-                forget_flow_label(*side.local, *side.remote)  # a taken-over one kept its own
         for conn in (sp.client, sp.server):
             if conn is not None:
                 if sp.relay.bounded and conn.id is not None:

@@ -80,6 +80,7 @@ class Side:
     our_wscale: int = 0  # the shift the peer applies to *our* window fields
     snd_mss: int = 536  # the largest payload this side's peer accepts
     ecn_ok: bool = False  # this side's handshake negotiated ECN (RFC 3168 6.1.1)
+    flow_label: int | None = None  # its TCB's own IPv6 label, if it has one (not our hash)
 
     @classmethod
     def of(cls, tcb: TcpConnection, now: float) -> Side:
@@ -97,6 +98,7 @@ class Side:
             our_wscale=tcb.rcv_wscale,
             snd_mss=tcb.snd_mss,
             ecn_ok=tcb.ecn_ok,
+            flow_label=tcb.flow_label,
         )
 
 
@@ -160,5 +162,9 @@ def _translator(src: Side, dst: Side, offload: bool) -> Translator:
         # RFC 3168 across the splice: the marks mean something on the other
         # connection only if it negotiated ECN too (see the translator).
         ecn=src.ecn_ok and dst.ecn_ok,
-        flow_label=flow_label(*dst.local, *dst.remote) if six else 0,
+        flow_label=(
+            (flow_label(*dst.local, *dst.remote) if dst.flow_label is None else dst.flow_label)
+            if six
+            else 0
+        ),
     )

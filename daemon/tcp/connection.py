@@ -232,6 +232,10 @@ class TcpConnection:
     # on every ACK until the peer's CWR (6.1.3); our window halved for an
     # ECE, CWR to set on the next new data (6.1.2).
     ecn_ok: bool = False
+    # RFC 6437: the IPv6 flow label this connection's packets carry; None:
+    # the daemon's hash of the 4-tuple (daemon/wire/flowlabel.py).  A TCB
+    # restored from a kernel socket keeps the label the kernel gave it.
+    flow_label: int | None = None
     _ece_pending: bool = field(init=False, default=False)
     _ecn_requested: bool = field(init=False, default=False)
     _cwr_pending: bool = field(init=False, default=False)
@@ -408,6 +412,7 @@ class TcpConnection:
         if seq_gt(edge, conn.rcv_adv):
             conn.rcv_accept = edge
         conn.sack_ok, conn.ts_ok, conn.ecn_ok = k.sack_ok, k.ts_ok, k.ecn_ok
+        conn.flow_label = k.flow_label
         conn.snd_wnd = k.snd_wnd
         conn.max_snd_wnd = max(k.max_window, k.snd_wnd)
         conn.snd_wl1, conn.snd_wl2 = k.snd_wl1, k.snd_una

@@ -15,7 +15,7 @@ labels need only be stable for its own connections' lifetimes.
 
 A connection the daemon took over from the kernel (daemon/io/repair.py)
 already has a label, the kernel's automatic one (``kernel_flow_label``):
-it keeps it (``keep``, until ``forget``), as RFC 6437 asks of a flow.
+its TCB keeps it (``TcpConnection.flow_label``), as RFC 6437 asks of a flow.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import os
 import sys
 from functools import lru_cache
 
-__all__ = ["MASK", "SECRET", "flow_label", "flow_label_with", "forget", "keep", "kernel_flow_label"]
+__all__ = ["MASK", "SECRET", "flow_label", "flow_label_with", "kernel_flow_label"]
 
 MASK = 0xFFFFF  # 20 bits
 SECRET = os.urandom(16)
@@ -39,36 +39,13 @@ def flow_label_with(secret: bytes, src: bytes, sport: int, dst: bytes, dport: in
     return label or 1
 
 
-# Labels that connections taken over from the kernel keep (``keep``).
-_KEPT: dict[tuple[bytes, int, bytes, int], int] = {}
 STATELESS_FLAG = 0x80000  # RFC 6437's old "stateless" range bit, Linux's flowlabel_state_ranges
 
 
-def flow_label(src: bytes, sport: int, dst: bytes, dport: int) -> int:
-    """The label of the flow src:sport -> dst:dport: the one it keeps, else our hash."""
-    if _KEPT:
-        kept = _KEPT.get((src, sport, dst, dport))
-        if kept is not None:
-            return kept
-    return _hashed(src, sport, dst, dport)
-
-
 @lru_cache(maxsize=1 << 16)
-def _hashed(src: bytes, sport: int, dst: bytes, dport: int) -> int:
+def flow_label(src: bytes, sport: int, dst: bytes, dport: int) -> int:
     """``flow_label_with`` this process's secret (cached: one hash per connection)."""
     return flow_label_with(SECRET, src, sport, dst, dport)
-
-
-def keep(src: bytes, sport: int, dst: bytes, dport: int, label: int) -> None:
-    """From now on the flow src:sport -> dst:dport is labelled ``label`` (0: none)."""
-    if not 0 <= label <= MASK:
-        raise ValueError(f"flow label {label:#x} is not 20 bits")
-    _KEPT[(src, sport, dst, dport)] = label
-
-
-def forget(src: bytes, sport: int, dst: bytes, dport: int) -> None:
-    """The flow is gone: its 4-tuple gets our hash again."""
-    _KEPT.pop((src, sport, dst, dport), None)
 
 
 def kernel_flow_label(txhash: int, state_ranges: bool) -> int:
