@@ -37,6 +37,7 @@ from testbed.net import Testbed
 from tests.conftest import unique_prefix
 from tests.helpers import curl_sha256, daemon_stats, pattern_sha256, run_py
 from tests.sockutil import wait_until
+from tests.test_splice_sockets import CONNECT_ORIGIN
 
 pytestmark = pytest.mark.root
 
@@ -150,15 +151,6 @@ def test_the_api_socket_admits_its_group_and_refuses_others(capped: Testbed) -> 
 
 PROXY_UID = 64005
 KERNEL_PROXY_PORT = 7081
-CONNECT_ORIGIN = """
-import socket, sys
-s = socket.socket()
-try:
-    s.connect((sys.argv[1], int(sys.argv[2])))
-    print("port", s.getsockname()[1])
-except OSError as exc:
-    print("errno", exc.errno)
-"""
 
 
 def _kernel_proxy_as(tb: Testbed, uid: int) -> tuple[int, int]:

@@ -51,6 +51,23 @@ def ends(tb: Testbed, family: int) -> tuple[str, str]:
     return format_host_port(*socks), f"http://{format_host_port(*origin)}"
 
 
+def downloads_captured(
+    tb: Testbed, tmp_path: Path, family: int, sizes: tuple[int, ...]
+) -> tuple[Path, Path]:
+    """Content-checked curl downloads through the kernel SOCKS5, captured on both links:
+    the pcaps (client link at the client's end, server link at the server's)."""
+    socks, origin = ends(tb, family)
+    cp, ps = tmp_path / "cp.pcap", tmp_path / "ps.pcap"
+    with (
+        tb.link("client-proxy").capture(cp, side="client", snaplen=96),
+        tb.link("proxy-server").capture(ps, side="server", snaplen=96),
+    ):
+        for size in sizes:
+            rc, digest = curl_sha256(tb.host("client"), f"{origin}/bytes/{size}", "--socks5", socks)
+            assert rc == 0 and digest == pattern_sha256(size)
+    return cp, ps
+
+
 def counters(tb: Testbed) -> dict[str, int]:
     """The splice counters, the daemon's (``daemon_``) and the fast path's (``kernel_``)."""
     stats = daemon_stats(tb)
@@ -189,15 +206,7 @@ def test_an_ipv6_connection_keeps_its_flow_label_across_the_take_over(
     both links, from the SYN-ACK to the last FIN (two before)."""
     if tb.fastpath != "on":
         pytest.skip("only the fast path takes sockets over")
-    socks, origin = ends(tb, 6)
-    cp, ps = tmp_path / "cp.pcap", tmp_path / "ps.pcap"
-    with (
-        tb.link("client-proxy").capture(cp, side="client", snaplen=96),
-        tb.link("proxy-server").capture(ps, side="server", snaplen=96),
-    ):
-        for size in (1024, 1 << 20):
-            rc, digest = curl_sha256(tb.host("client"), f"{origin}/bytes/{size}", "--socks5", socks)
-            assert rc == 0 and digest == pattern_sha256(size)
+    cp, ps = downloads_captured(tb, tmp_path, 6, (1024, 1 << 20))
     client_side = ipaddress.ip_address(tb.kernel_socks6[0]).packed
     server_side = ipaddress.ip_address(tb.topology.gateways6["server"]).packed
     for path, proxy in ((cp, client_side), (ps, server_side)):
@@ -280,15 +289,7 @@ def test_neither_link_sees_a_reset(tb: Testbed, tmp_path: Path) -> None:
     """A taken-over connection's socket is closed in repair mode and its segments never
     reach the kernel's stack again: no RST on either link, from anyone, all the way
     through both FINs."""
-    socks, origin = ends(tb, 4)
-    cp, ps = tmp_path / "cp.pcap", tmp_path / "ps.pcap"
-    with (
-        tb.link("client-proxy").capture(cp, side="client", snaplen=96),
-        tb.link("proxy-server").capture(ps, side="server", snaplen=96),
-    ):
-        for size in (1024, 8 << 20):
-            rc, digest = curl_sha256(tb.host("client"), f"{origin}/bytes/{size}", "--socks5", socks)
-            assert rc == 0 and digest == pattern_sha256(size)
+    cp, ps = downloads_captured(tb, tmp_path, 4, (1024, 8 << 20))
     proxy = ipaddress.ip_address(tb.kernel_socks[0]).packed
     for path in (cp, ps):
         frames = tcp_frames(path)

@@ -359,19 +359,31 @@ def _start(
     *,
     http: bool = False,
     note: str = "with its child processes",
+    env: dict[str, str] | None = None,
+    pids: tuple[int, ...] = (),
+    what: str | None = None,
 ) -> None:
+    """Start ``argv`` in the proxy host and record it as mode ``name`` once it listens.
+
+    ``pids``: processes the mode also counts (its daemon); ``what``: how a
+    failure names it (default: the program's file name).  A proxy refusing
+    its options exits at once (usage error): its log says so.
+    """
     log = work_dir / f"{name}.log"
     with open(log, "wb") as out:
-        proc = tb.host("proxy").popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+        proc = tb.host("proxy").popen(
+            argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env
+        )
     why = _wait_port(tb, addr, port, proc, log)
     if why:
-        found.skipped[name] = f"{Path(argv[0]).name} {why}"
+        found.skipped[name] = f"{what or Path(argv[0]).name} {why}"
         return
     found.started.append(proc)
+    counted = (*pids, proc.pid)
     if http:
-        found.modes.append(Mode(name, None, (proc.pid,), note, http_proxy=(addr, port)))
+        found.modes.append(Mode(name, None, counted, note, http_proxy=(addr, port)))
     else:
-        found.modes.append(Mode(name, (addr, port), (proc.pid,), note))
+        found.modes.append(Mode(name, (addr, port), counted, note))
 
 
 def _python_env() -> dict[str, str]:
@@ -406,21 +418,10 @@ def _start_on_daemon(
         "--listen", format_host_port(addr, port),
         *options,
     ]  # fmt: skip
-    log = work_dir / f"{name}.log"
-    with open(log, "wb") as out:
-        proxy = tb.host("proxy").popen(
-            argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=_python_env()
-        )
-    # A proxy refusing its options exits at once (usage error): the log says so.
-    why = _wait_port(tb, addr, port, proxy, log)
-    if why:
-        found.skipped[name] = f"{module} {why}"
-        return
-    found.started.append(proxy)
-    if http:
-        found.modes.append(Mode(name, None, (*pids, proxy.pid), note, http_proxy=listen))
-    else:
-        found.modes.append(Mode(name, listen, (*pids, proxy.pid), note))
+    _start(
+        tb, found, name, argv, work_dir, addr, port,
+        http=http, note=note, env=_python_env(), pids=tuple(pids), what=module,
+    )  # fmt: skip
 
 
 def _start_kernel_after(tb: Any, found: ModeSet, work_dir: Path) -> None:
