@@ -18,8 +18,8 @@ import pytest
 
 from servers.address import format_host_port
 from testbed.net import Testbed
+from testbed.pcap import tcp_frames
 from tests.helpers import curl_sha256, loadgen, pattern_sha256, run_py
-from tests.pcap import tcp_frames
 from tests.test_daemon_endpoint import upload_over_shrinking_link
 
 pytestmark = pytest.mark.root

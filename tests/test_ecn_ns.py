@@ -31,8 +31,8 @@ from typing import Any
 import pytest
 
 from testbed.net import Link, Testbed
+from testbed.pcap import Frame, tcp_frames
 from tests.helpers import curl_sha256, pattern_sha256
-from tests.pcap import Frame, tcp_frames
 
 pytestmark = pytest.mark.root
 

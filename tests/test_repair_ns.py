@@ -40,7 +40,7 @@ from daemon.wire.tcp import FIN, RST, SYN, build_ipv4_tcp, build_ipv6_tcp
 from daemon.wire.tcp_options import parse_options
 from testbed import netns
 from testbed.net import Capture
-from tests.pcap import Frame, tcp_frames
+from testbed.pcap import Frame, tcp_frames
 from tests.sockutil import wait_until
 
 pytestmark = pytest.mark.root

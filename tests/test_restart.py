@@ -25,9 +25,9 @@ import pytest
 
 from daemon.wire.tcp import FIN
 from testbed.net import Testbed
+from testbed.pcap import tcp_frames
 from tests.conftest import unique_prefix
 from tests.helpers import curl_sha256, daemon_stats, pattern_sha256
-from tests.pcap import tcp_frames
 
 pytestmark = pytest.mark.root
 

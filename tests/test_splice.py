@@ -22,6 +22,7 @@ import pytest
 
 from testbed import process
 from testbed.net import Testbed
+from testbed.pcap import tcp_frames
 from tests.helpers import (
     connect_request,
     curl_sha256,
@@ -33,7 +34,6 @@ from tests.helpers import (
     same_port_twice,
     socks_reply_code,
 )
-from tests.pcap import tcp_frames
 
 pytestmark = pytest.mark.root
 

@@ -20,6 +20,7 @@ import pytest
 
 from servers.address import format_host_port
 from testbed.net import Testbed
+from testbed.pcap import tcp_frames
 from tests.helpers import (
     concurrent_rounds,
     curl_sha256,
@@ -28,7 +29,6 @@ from tests.helpers import (
     pattern_sha256,
     upload_intact,
 )
-from tests.pcap import tcp_frames
 from tests.test_pmtu_ns import UPLOAD, run_shrinking
 
 pytestmark = pytest.mark.root

@@ -23,6 +23,7 @@ import pytest
 from daemon.wire.tcp import ACK, RST, SYN
 from servers.address import format_host_port
 from testbed.net import Testbed
+from testbed.pcap import tcp_frames
 from tests.helpers import (
     concurrent_rounds,
     curl_sha256,
@@ -33,7 +34,6 @@ from tests.helpers import (
     same_port_twice,
     upload_intact,
 )
-from tests.pcap import tcp_frames
 from tests.sockutil import wait_until
 
 pytestmark = pytest.mark.root

@@ -21,6 +21,7 @@ import pytest
 from daemon.wire.tcp import RST
 from servers.address import format_host_port
 from testbed.net import Testbed
+from testbed.pcap import tcp_frames
 from tests.conftest import unique_prefix
 from tests.helpers import (
     concurrent_rounds,
@@ -28,7 +29,6 @@ from tests.helpers import (
     kernel_socks_splicing_after,
     upload_intact,
 )
-from tests.pcap import tcp_frames
 
 pytestmark = pytest.mark.root
 

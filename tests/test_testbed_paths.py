@@ -17,6 +17,7 @@ import pytest
 
 from servers.address import format_host_port
 from testbed.net import Testbed
+from testbed.pcap import tcp_frames
 from tests.helpers import (
     connect_request,
     curl_sha256,
@@ -26,7 +27,6 @@ from tests.helpers import (
     run_py,
     socks_reply_code,
 )
-from tests.pcap import tcp_frames
 
 pytestmark = pytest.mark.root
 

@@ -1,4 +1,5 @@
-"""The TCP frames of a classic Ethernet pcap, IPv4 or IPv6, for tests that read captures."""
+"""The TCP frames of a classic Ethernet pcap, IPv4 or IPv6: for the tests and benchmarks that
+read captures (``Link.capture`` writes them)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class Frame:
     seq: int
     ack: int
     flow_label: int  # IPv6's (RFC 6437); 0 for IPv4
+    time: float = 0.0  # the capture's timestamp, seconds since the epoch
 
     @property
     def mss(self) -> int | None:
@@ -42,7 +44,7 @@ def tcp_frames(path: Path) -> list[Frame]:
     assert struct.unpack("<I", data[:4])[0] == 0xA1B2C3D4, "expected a microsecond pcap"
     out, off = [], 24
     while off + 16 <= len(data):
-        incl = struct.unpack("<I", data[off + 8 : off + 12])[0]
+        sec, usec, incl = struct.unpack("<III", data[off : off + 12])
         frame = data[off + 16 : off + 16 + incl]
         off += 16 + incl
         if frame[12:14] == b"\x08\x00" and len(frame) >= 34 and frame[23] == 6:
@@ -63,5 +65,5 @@ def tcp_frames(path: Path) -> list[Frame]:
         sport, dport, seq, ack = struct.unpack("!HHII", tcp[:12])
         hlen = (tcp[12] >> 4) * 4
         fields = (tcp[13], ecn, ip_payload - hlen, tcp[20:hlen], seq, ack, label)
-        out.append(Frame(version, src, sport, dst, dport, *fields))
+        out.append(Frame(version, src, sport, dst, dport, *fields, sec + usec / 1e6))
     return out
