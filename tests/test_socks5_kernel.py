@@ -16,8 +16,10 @@ import struct
 import threading
 from collections.abc import Iterator
 
+import pytest
+
 from daemon.api.replies import SpliceError
-from proxies.socks5_kernel import serve_client
+from proxies.socks5_kernel import copy_budget, serve_client, smoothed_rtt_us
 from proxies.socks5_spliced import SplicedConfig
 from tests.test_socks5_spliced import FakeDaemon, daemon, sock_dir, start_process, stop_process
 
@@ -144,3 +146,34 @@ def test_sigterm_exits_zero_without_a_traceback(daemon: FakeDaemon) -> None:
     assert process.stderr is not None
     stderr = process.stderr.read()
     assert b"Traceback" not in stderr and b"went away" not in stderr, stderr
+
+
+@pytest.mark.parametrize(
+    ("client_rtt_us", "server_rtt_us", "budget", "want"),
+    [
+        (80, 60, 65536, 65536),  # a LAN both ways: copy first
+        (900, 50, 65536, 65536),  # far longer, but under a millisecond: copy first
+        (20_000, 4_000, 65536, 0),  # 5x and over a millisecond: at once
+        (20_000, 5_000, 65536, 65536),  # 4x exactly: copy first
+        (20_000, 20, 65536, 0),  # the 10 ms client link that cost 23 Mbit/s: at once
+        (20_000, 100, 0, 0),  # at once already
+        (20_000, 0, 65536, 0),  # the server socket has no sample yet: at once
+    ],
+)
+def test_a_client_far_away_is_handed_over_before_anything_is_copied(
+    client_rtt_us: int, server_rtt_us: int, budget: int, want: int
+) -> None:
+    assert copy_budget(budget, client_rtt_us, server_rtt_us) == want
+
+
+def test_the_smoothed_rtt_is_read_from_the_kernel() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+        with client, accepted:
+            accepted.sendall(b"x")
+            assert client.recv(1) == b"x"
+            client.sendall(b"y")
+            assert accepted.recv(1) == b"y"
+            rtt = smoothed_rtt_us(client)
+            assert 0 < rtt < 1_000_000  # loopback: a sample, and a small one

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -373,6 +376,111 @@ def test_bad_requests_get_clear_errors_and_leave_the_sockets_alone(tb: Testbed) 
     refused = "ESTATE" if tb.fastpath == "on" else "EOPNOTSUPP"
     want = ["EBADREQ", refused, "still mine", "True", refused, "mine too"]
     assert out.split("\n")[:6] == want, out
+
+
+def test_the_origin_hears_the_handshakes_last_ack_with_the_first_request(
+    tb: Testbed, tmp_path: Path
+) -> None:
+    """The kernel SOCKS5 connects with TCP_DEFER_ACCEPT: no pure ACK answers the origin's
+    SYN-ACK, the request carries it, so the origin's first RTT sample spans the client's
+    path.  (Acknowledged at once, the origin's BBR kept the proxy host's 20 us as its
+    minimum and a spliced download over a 10 ms client link ran at 23 Mbit/s.)"""
+    socks, origin = ends(tb, 4)
+    ps = tmp_path / "ps.pcap"
+    with tb.link("proxy-server").capture(ps, side="server", snaplen=96):
+        for _ in range(5):
+            rc, digest = curl_sha256(tb.host("client"), f"{origin}/bytes/1024", "--socks5", socks)
+            assert rc == 0 and digest == pattern_sha256(1024)
+    server = ipaddress.ip_address(tb.origin[0]).packed
+    from_proxy: dict[int, list[tuple[int, int]]] = {}
+    for f in tcp_frames(ps):
+        if f.dst == server:
+            from_proxy.setdefault(f.sport, []).append((f.flags, f.payload_len))
+    assert len(from_proxy) == 5, from_proxy
+    for port, frames in from_proxy.items():
+        assert frames[0][0] & SYN, (port, frames)
+        # After the SYN, the first segment is the request, with the handshake's ACK.
+        assert frames[1][0] & ACK and frames[1][1] > 0, (port, frames[:3])
+
+
+def test_a_budget_is_not_spent_on_a_client_far_away(tb: Testbed) -> None:
+    """``--splice-after``: a client on a LAN is copied within the budget (a 1 KB download
+    is never offered), one behind a 10 ms link is handed over at once (a copy phase would
+    teach the origin the proxy's short RTT: 23 Mbit/s after the hand-over)."""
+    if tb.fastpath != "on":
+        pytest.skip("only the fast path takes sockets over")
+    origin = format_host_port(*tb.origin)
+    link = tb.link("client-proxy")
+    with kernel_socks_splicing_after(tb, 1182) as socks:
+
+        def taken_for_one_download() -> int:
+            before = counters(tb)["kernel_sockets"]
+            rc, digest = curl_sha256(tb.host("client"), f"{origin}/bytes/1024", "--socks5", socks)
+            assert rc == 0 and digest == pattern_sha256(1024)
+            return counters(tb)["kernel_sockets"] - before
+
+        assert taken_for_one_download() == 0
+        link.shape("delay=10ms")
+        try:
+            assert taken_for_one_download() == 1
+        finally:
+            link.clear()
+        assert taken_for_one_download() == 0
+
+
+BANNER_SERVER = """
+    import socket, sys
+    s = socket.create_server((sys.argv[1], int(sys.argv[2])))
+    print("ready", flush=True)
+    while True:
+        c, _ = s.accept()
+        with c:
+            c.sendall(b"220 hello\\r\\n")
+            c.recv(100)
+"""
+
+BANNER_CLIENT = """
+    import socket, sys, time
+    host, port, dst, dport = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    for _ in range(3):
+        s = socket.create_connection((host, port), timeout=5)
+        s.sendall(b"\\x05\\x01\\x00")
+        assert s.recv(2) == b"\\x05\\x00"
+        s.sendall(bytes([5, 1, 0, 1, *map(int, dst.split("."))]) + dport.to_bytes(2, "big"))
+        assert s.recv(10)[:2] == b"\\x05\\x00"
+        t = time.monotonic()
+        banner = s.recv(100)
+        print(banner.decode().strip(), round((time.monotonic() - t) * 1000, 1))
+        s.sendall(b"QUIT\\r\\n")
+        s.close()
+"""
+
+
+def test_a_server_that_speaks_first_is_not_kept_waiting(tb: Testbed) -> None:
+    """The server socket holds back the handshake's last ACK for the client's request
+    (above); a server that speaks first (SMTP, SSH) gets it from the take-over, or, with a
+    budget, at once, before the copy.  It waited for the delayed-ACK timer, 200 ms, in
+    front of a budget."""
+    if tb.fastpath != "on":
+        pytest.skip("only the fast path takes sockets over")
+    host, port = tb.origin[0], 9101
+    server = tb.host("server").popen(
+        [sys.executable, "-c", textwrap.dedent(BANNER_SERVER), host, str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        with kernel_socks_splicing_after(tb, 1183) as budgeted:
+            for socks in (f"{tb.kernel_socks[0]}:{tb.kernel_socks[1]}", budgeted):
+                addr, sport = socks.rsplit(":", 1)
+                out = run_py(tb.host("client"), BANNER_CLIENT, addr, sport, host, str(port))
+                for line in out.splitlines():
+                    banner, ms = line.rsplit(" ", 1)
+                    assert banner == "220 hello" and float(ms) < 100, (socks, out)
+    finally:
+        server.kill()
+        server.wait()
 
 
 def test_pairs_handed_over_in_the_middle_of_a_transfer_lose_nothing(tb: Testbed) -> None:
