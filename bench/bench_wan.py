@@ -8,7 +8,8 @@ ends' test sockets), rounds interleaved.  Prints medians in Mbit/s and
 ratios to the router.
 
     sudo .venv/bin/python -m bench.bench_wan [--link client-proxy] [--delay 10ms]
-        [--seconds 8] [--repeat 3] [--cc bbr,cubic] [--modes router,plain,spliced,spliced-kernel,spliced-py]
+        [--seconds 8] [--repeat 3] [--cc bbr,cubic]
+        [--modes router,plain,spliced,spliced-kernel,spliced-py]
 
 A benchmark, not a test.  The delay is the testbed's NFQUEUE impairment
 (docs/testbed.md), which itself tops out near 400 Mbit/s on this machine:
