@@ -40,12 +40,12 @@ import os
 import select
 import signal
 import socket
-import struct
 import sys
 import threading
 
 from daemon.api.client import DaemonGone, SpliceClient, SpliceError
 from daemon.api.protocol import ErrorCode
+from daemon.io.tcp_info import smoothed_rtt_us
 from proxies.daemon_shell import destinations, local_for
 from proxies.http_proxy import byte_count
 from proxies.socks5 import (
@@ -99,13 +99,6 @@ def connect_first(host: str, port: int, source: str | None, timeout: float) -> s
 # phase is too costly to the origin's congestion control (``copy_budget``).
 LONG_PATH_RATIO = 4
 LONG_PATH_US = 1000
-_TCP_INFO_RTT_AT = 8 + 15 * 4  # tcpi_rtt, microseconds (linux/tcp.h struct tcp_info)
-
-
-def smoothed_rtt_us(sock: socket.socket) -> int:
-    """The kernel's smoothed RTT of ``sock``'s connection (0 before any sample)."""
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_RTT_AT + 4)
-    return int(struct.unpack_from("I", info, _TCP_INFO_RTT_AT)[0])
 
 
 def copy_budget(budget: int, client_rtt_us: int, server_rtt_us: int) -> int:

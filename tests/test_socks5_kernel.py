@@ -19,7 +19,8 @@ from collections.abc import Iterator
 import pytest
 
 from daemon.api.replies import SpliceError
-from proxies.socks5_kernel import copy_budget, serve_client, smoothed_rtt_us
+from daemon.io.tcp_info import smoothed_rtt_us
+from proxies.socks5_kernel import copy_budget, serve_client
 from proxies.socks5_spliced import SplicedConfig
 from tests.test_socks5_spliced import FakeDaemon, daemon, sock_dir, start_process, stop_process
 
@@ -177,3 +178,6 @@ def test_the_smoothed_rtt_is_read_from_the_kernel() -> None:
             assert accepted.recv(1) == b"y"
             rtt = smoothed_rtt_us(client)
             assert 0 < rtt < 1_000_000  # loopback: a sample, and a small one
+            # Under 10 ms: not a neighbouring field (tcpi_ato ~40 ms, tcpi_rto 200 ms,
+            # tcpi_snd_mss and tcpi_rcv_ssthresh ~65 K on loopback).
+            assert rtt < 10_000, rtt

@@ -49,6 +49,7 @@ import termios
 from pathlib import Path
 
 from daemon.fastpath.sockprobe import SockProbe
+from daemon.io import tcp_info
 from daemon.tcp.config import Endpoint
 from daemon.tcp.kernel_state import KernelTcpState
 from daemon.wire.flowlabel import kernel_flow_label
@@ -77,11 +78,6 @@ TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE, TCPI_OPT_ECN = 1, 2, 4, 8
 TCP_ESTABLISHED, TCP_CLOSE_WAIT = 1, 8
 IPV6_AUTOFLOWLABEL = 70  # linux/in6.h
 
-_TCP_INFO_HEAD = struct.Struct("BBBBBBBB")  # state .. snd/rcv_wscale, then u32s
-# tcpi_rtt, tcpi_rttvar (us), tcpi_snd_ssthresh, tcpi_snd_cwnd (segments):
-# the 16th to 19th u32 of struct tcp_info (linux/tcp.h).
-_TCP_INFO_METRICS = struct.Struct("IIII")
-_TCP_INFO_METRICS_AT = 8 + 15 * 4
 TCP_INFINITE_SSTHRESH = 0x7FFFFFFF
 
 
@@ -135,13 +131,11 @@ def take_over(
     ``ends``: ``endpoints(sock)`` if the caller has it already.
     """
     local, remote = ends if ends is not None else endpoints(sock)
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    state, _ca, _retr, _probes, _backoff, options, wscales, _flags = _TCP_INFO_HEAD.unpack_from(
-        info
-    )
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, tcp_info.SIZE)
+    state, _ca, _retr, _probes, _backoff, options, wscales, _flags = tcp_info.HEAD.unpack_from(info)
     if state not in (TCP_ESTABLISHED, TCP_CLOSE_WAIT):
         raise RepairError(0, f"connection in TCP state {state}: only ESTABLISHED or CLOSE_WAIT")
-    rtt_us, rttvar_us, ssthresh, cwnd = _TCP_INFO_METRICS.unpack_from(info, _TCP_INFO_METRICS_AT)
+    rtt_us, rttvar_us, ssthresh, cwnd = tcp_info.METRICS.unpack_from(info, tcp_info.METRICS_AT)
     sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
     outq = _ioctl_int(sock, termios.TIOCOUTQ)
     inq = _ioctl_int(sock, termios.FIONREAD)
