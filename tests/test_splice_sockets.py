@@ -26,7 +26,7 @@ import pytest
 from daemon.wire.tcp import ACK, RST, SYN
 from servers.address import format_host_port
 from testbed.net import Testbed
-from testbed.pcap import tcp_frames
+from testbed.pcap import Frame, tcp_frames
 from tests.helpers import (
     concurrent_rounds,
     curl_sha256,
@@ -302,19 +302,25 @@ def test_neither_link_sees_a_reset(tb: Testbed, tmp_path: Path) -> None:
     assert any(f.src == proxy for f in tcp_frames(cp))
 
 
+def toward_origin(tb: Testbed, tmp_path: Path, downloads: int) -> list[Frame]:
+    """What the proxy host sent the origin during ``downloads`` content-checked 1 KB
+    downloads through the kernel SOCKS5, captured at the origin's end of its link."""
+    socks, origin = ends(tb, 4)
+    ps = tmp_path / "ps.pcap"
+    with tb.link("proxy-server").capture(ps, side="server", snaplen=96):
+        for _ in range(downloads):
+            rc, digest = curl_sha256(tb.host("client"), f"{origin}/bytes/1024", "--socks5", socks)
+            assert rc == 0 and digest == pattern_sha256(1024)
+    server = ipaddress.ip_address(tb.origin[0]).packed
+    return [f for f in tcp_frames(ps) if f.dst == server]
+
+
 def test_the_first_request_crosses_once(tb: Testbed, tmp_path: Path) -> None:
     """curl sends its GET the moment it has the SOCKS5 reply, so it waits in the client
     socket when the daemon takes over: the server socket sends it before the take-over
     (repair.forward_unread), and the restored TCB, which finds it unacknowledged, waits
     for its ACK instead of sending it again.  One transmission on the server's link."""
-    socks, origin = ends(tb, 4)
-    ps = tmp_path / "ps.pcap"
-    with tb.link("proxy-server").capture(ps, side="server", snaplen=96):
-        for _ in range(5):
-            rc, digest = curl_sha256(tb.host("client"), f"{origin}/bytes/1024", "--socks5", socks)
-            assert rc == 0 and digest == pattern_sha256(1024)
-    server = ipaddress.ip_address(tb.origin[0]).packed
-    requests = [f for f in tcp_frames(ps) if f.dst == server and f.payload_len]
+    requests = [f for f in toward_origin(tb, tmp_path, 5) if f.payload_len]
     assert len(requests) == 5, [(f.sport, f.seq, f.payload_len) for f in requests]
 
 
@@ -385,17 +391,9 @@ def test_the_origin_hears_the_handshakes_last_ack_with_the_first_request(
     SYN-ACK, the request carries it, so the origin's first RTT sample spans the client's
     path.  (Acknowledged at once, the origin's BBR kept the proxy host's 20 us as its
     minimum and a spliced download over a 10 ms client link ran at 23 Mbit/s.)"""
-    socks, origin = ends(tb, 4)
-    ps = tmp_path / "ps.pcap"
-    with tb.link("proxy-server").capture(ps, side="server", snaplen=96):
-        for _ in range(5):
-            rc, digest = curl_sha256(tb.host("client"), f"{origin}/bytes/1024", "--socks5", socks)
-            assert rc == 0 and digest == pattern_sha256(1024)
-    server = ipaddress.ip_address(tb.origin[0]).packed
     from_proxy: dict[int, list[tuple[int, int]]] = {}
-    for f in tcp_frames(ps):
-        if f.dst == server:
-            from_proxy.setdefault(f.sport, []).append((f.flags, f.payload_len))
+    for f in toward_origin(tb, tmp_path, 5):
+        from_proxy.setdefault(f.sport, []).append((f.flags, f.payload_len))
     assert len(from_proxy) == 5, from_proxy
     for port, frames in from_proxy.items():
         assert frames[0][0] & SYN, (port, frames)
