@@ -43,7 +43,7 @@ class Phases:
         return self.request_in <= self.request_out <= self.answer_in <= self.answer_out
 
 
-def _by_connection(frames: list[Frame], local_port: int | None) -> list[list[Frame]]:
+def _by_connection(frames: list[Frame], local_port: int) -> list[list[Frame]]:
     """The frames of each connection, in the order their SYNs were captured.
 
     A connection is named by its port on the side that is not ``local_port``
